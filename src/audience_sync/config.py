@@ -1,0 +1,235 @@
+"""TOML configuration with ``${ENV}`` interpolation → frozen, validated settings."""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from apscheduler.triggers.cron import CronTrigger
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError
+
+from audience_sync.errors import ConfigError
+from audience_sync.naming import check_unique_keys, is_valid_key, property_key
+
+DEFAULT_CONFIG = "audience_sync.toml"
+CONFIG_ENV = "AUDIENCE_SYNC_CONFIG"
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class StateConfig(_Frozen):
+    """Where audience-sync keeps what Gist acknowledged (any SQLAlchemy URL)."""
+
+    url: str = "sqlite:///audience_sync.db"
+
+
+class GistConfig(_Frozen):
+    """How to reach Gist and how hard to push it."""
+
+    api_key: SecretStr
+    base_url: str = "https://api.getgist.com"
+    requests_per_second: float = Field(10.0, gt=0)
+    max_concurrency: int = Field(8, ge=1, le=256)
+    timeout_seconds: float = Field(30.0, gt=0)
+    max_retries: int = Field(5, ge=0, le=20)
+    retry_backoff_seconds: float = Field(1.0, gt=0, le=300)
+
+
+class SourceConfig(_Frozen):
+    """A database that audience queries run against (read-only)."""
+
+    url: str
+
+
+class AudienceConfig(_Frozen):
+    """One audience: where its members come from and which Gist property it drives."""
+
+    name: str = Field(min_length=1)
+    key: str | None = None
+    source: str | None = None
+    query: str | None = None
+    file: Path | None = None
+    schedule: str | None = None
+    mass_exit_threshold: float = Field(0.5, gt=0, le=1)
+    mass_exit_min_members: int = Field(100, ge=0)
+
+    @property
+    def property_key(self) -> str:
+        """The Gist custom property this audience sets: explicit ``key``, else snake_case(name)."""
+        return self.key if self.key is not None else property_key(self.name)
+
+    @model_validator(mode="after")
+    def _check(self) -> AudienceConfig:
+        if self.key is not None and not is_valid_key(self.key):
+            raise ValueError(f"key {self.key!r} must match ^[a-z0-9_]+$")
+        if not self.property_key:
+            raise ValueError(
+                f"name {self.name!r} gives an empty property key; set `key` explicitly"
+            )
+        has_query = self.source is not None or self.query is not None
+        if has_query and self.file is not None:
+            raise ValueError("give either `source` + `query` or `file`, not both")
+        if not has_query and self.file is None:
+            raise ValueError("needs `source` + `query` or `file`")
+        if has_query and (self.source is None or self.query is None):
+            raise ValueError("`source` and `query` go together")
+        if self.schedule is not None:
+            try:
+                CronTrigger.from_crontab(self.schedule)
+            except ValueError as exc:
+                raise ValueError(
+                    f"schedule {self.schedule!r} is not a cron expression: {exc}"
+                ) from None
+        return self
+
+
+class Settings(_Frozen):
+    """The whole validated configuration; ``path`` is the file it came from."""
+
+    path: Path
+    state: StateConfig = StateConfig()
+    gist: GistConfig
+    sources: dict[str, SourceConfig] = {}
+    audiences: list[AudienceConfig] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        for audience in self.audiences:
+            if audience.source is not None and audience.source not in self.sources:
+                known = ", ".join(sorted(self.sources)) or "none"
+                raise ValueError(
+                    f"audience {audience.name!r}: source {audience.source!r} is not defined "
+                    f"under [sources] (defined: {known})"
+                )
+            if audience.file is not None and not audience.file.is_file():
+                raise ValueError(f"audience {audience.name!r}: file {audience.file} not found")
+        try:
+            check_unique_keys((a.name, a.property_key) for a in self.audiences)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from exc
+        return self
+
+    def audience(self, key: str) -> AudienceConfig:
+        """The configured audience with property key ``key``."""
+        for audience in self.audiences:
+            if audience.property_key == key:
+                return audience
+        known = ", ".join(a.property_key for a in self.audiences)
+        raise ConfigError(f"{self.path}: no audience with key {key!r} (configured: {known})")
+
+
+def resolve_config_path(cli_path: str | None, environ: Mapping[str, str]) -> Path:
+    """``--config`` beats ``$AUDIENCE_SYNC_CONFIG`` beats ``./audience_sync.toml``."""
+    return Path(cli_path or environ.get(CONFIG_ENV) or DEFAULT_CONFIG)
+
+
+def load_settings(path: Path, environ: Mapping[str, str] | None = None) -> Settings:
+    """Read, interpolate and validate the config file; errors name the file and key."""
+    env = os.environ if environ is None else environ
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read config file: {exc}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from exc
+    data = _interpolate(raw, env, path, "")
+    base = path.resolve().parent
+    _resolve_paths(data, base, path)
+    try:
+        return Settings.model_validate({**data, "path": path})
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, path, data)) from None
+
+
+def redact_url(url: str) -> str:
+    """The URL with any password replaced by ``***``, for display."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except (ArgumentError, ValueError):
+        return "<unparseable URL>"
+
+
+def _interpolate(value: Any, env: Mapping[str, str], path: Path, where: str) -> Any:
+    if isinstance(value, str):
+
+        def replace(match: re.Match[str]) -> str:
+            name = match.group(1)
+            if name not in env:
+                raise ConfigError(f"{path}: {where}: environment variable ${{{name}}} is not set")
+            return env[name]
+
+        return _ENV_REF.sub(replace, value)
+    if isinstance(value, dict):
+        return {
+            k: _interpolate(v, env, path, f"{where}.{k}" if where else k) for k, v in value.items()
+        }
+    if isinstance(value, list):
+        return [_interpolate(v, env, path, f"{where}[{i}]") for i, v in enumerate(value)]
+    return value
+
+
+def _resolve_paths(data: dict[str, Any], base: Path, path: Path) -> None:
+    """Make relative SQLite paths and audience files relative to the config file's folder."""
+    state = data.setdefault("state", {})
+    if isinstance(state, dict):
+        # The default SQLite file, too, lives beside the config file, not the working folder.
+        url = state.get("url", StateConfig.model_fields["url"].default)
+        if isinstance(url, str):
+            state["url"] = _absolute_sqlite(url, base, path, "state.url")
+    sources = data.get("sources")
+    if isinstance(sources, dict):
+        for name, source in sources.items():
+            if isinstance(source, dict) and isinstance(source.get("url"), str):
+                source["url"] = _absolute_sqlite(source["url"], base, path, f"sources.{name}.url")
+    audiences = data.get("audiences")
+    if isinstance(audiences, list):
+        for audience in audiences:
+            if isinstance(audience, dict) and isinstance(audience.get("file"), str):
+                audience["file"] = str(base / audience["file"])
+
+
+def _absolute_sqlite(url: str, base: Path, path: Path, where: str) -> str:
+    try:
+        parsed: URL = make_url(url)
+    except (ArgumentError, ValueError):
+        raise ConfigError(f"{path}: {where}: {redact_url(url)!r} is not a SQLAlchemy URL") from None
+    database = parsed.database
+    if (
+        parsed.get_backend_name() != "sqlite"
+        or not database
+        or database == ":memory:"
+        or database.startswith("file:")
+        or Path(database).is_absolute()
+    ):
+        return url
+    return parsed.set(database=str(base / database)).render_as_string(hide_password=False)
+
+
+def _describe(exc: ValidationError, path: Path, data: dict[str, Any]) -> str:
+    lines = []
+    for error in exc.errors():
+        loc = list(error["loc"])
+        where = ""
+        if len(loc) >= 2 and loc[0] == "audiences" and isinstance(loc[1], int):
+            audiences = data.get("audiences") or []
+            name = audiences[loc[1]].get("name") if loc[1] < len(audiences) else None
+            where = f"audiences[{loc[1]}]" + (f" ({name!r})" if name else "")
+            loc = loc[2:]
+        rest = ".".join(str(part) for part in loc)
+        where = ".".join(part for part in (where, rest) if part) or "config"
+        message = str(error["msg"]).removeprefix("Value error, ")
+        if error["type"] == "extra_forbidden":
+            message = "unknown key"
+        lines.append(f"{path}: {where}: {message}")
+    return "\n".join(lines)

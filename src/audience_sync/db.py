@@ -1,0 +1,108 @@
+"""State database: engine creation (SQLite pragmas), migrations to head, the at-head check."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import SQLAlchemyError
+
+from audience_sync.config import redact_url
+from audience_sync.errors import StateError
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+
+
+def normalize_url(url: str) -> str:
+    """Use psycopg 3 for plain ``postgresql://`` URLs (the driver audience-sync ships with)."""
+    parsed = make_url(url)
+    if parsed.drivername == "postgresql":
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    return parsed.render_as_string(hide_password=False)
+
+
+def make_engine(url: str) -> Engine:
+    """An engine for the state database; SQLite gets WAL, a busy timeout and foreign keys."""
+    url = normalize_url(url)
+    if make_url(url).get_backend_name() != "sqlite":
+        return create_engine(url, pool_pre_ping=True)
+    engine = create_engine(url, connect_args={"timeout": 60})
+
+    @event.listens_for(engine, "connect")
+    def _pragmas(dbapi_connection: Any, _record: Any) -> None:
+        cursor = dbapi_connection.cursor()
+        # WAL lets history readers and the lease heartbeat work beside a running sync.
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.close()
+
+    return engine
+
+
+def is_sqlite(engine: Engine) -> bool:
+    """True when the state database is SQLite."""
+    return engine.dialect.name == "sqlite"
+
+
+def alembic_config(engine: Engine | None = None) -> Config:
+    """An Alembic config for our migrations, run on ``engine`` when given."""
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    if engine is not None:
+        config.attributes["engine"] = engine
+    return config
+
+
+def upgrade(engine: Engine, revision: str = "head") -> None:
+    """Migrate the state database to ``revision``."""
+    try:
+        command.upgrade(alembic_config(engine), revision)
+    except SQLAlchemyError as exc:
+        raise StateError(f"cannot migrate {redact_url(str(engine.url))}: {exc}") from exc
+
+
+def downgrade(engine: Engine, revision: str) -> None:
+    """Migrate the state database down to ``revision``."""
+    command.downgrade(alembic_config(engine), revision)
+
+
+def head_revision() -> str | None:
+    """The newest migration shipped with this version."""
+    return ScriptDirectory.from_config(alembic_config()).get_current_head()
+
+
+def current_revision(engine: Engine) -> str | None:
+    """The revision the state database is at, or None when it was never migrated."""
+    with engine.connect() as connection:
+        return MigrationContext.configure(connection).get_current_revision()
+
+
+def ensure_schema(engine: Engine) -> None:
+    """Migrate SQLite to head on the fly; refuse to touch any other store that is behind.
+
+    The embedded SQLite file belongs to this tool alone, so upgrading it is safe. A shared
+    production database (PostgreSQL) is migrated only on purpose, with ``db upgrade``.
+    """
+    try:
+        current = current_revision(engine)
+    except SQLAlchemyError as exc:
+        raise StateError(
+            f"cannot open state database {redact_url(str(engine.url))}: {exc}"
+        ) from exc
+    head = head_revision()
+    if current == head:
+        return
+    if is_sqlite(engine):
+        upgrade(engine)
+        return
+    raise StateError(
+        f"state database {redact_url(str(engine.url))} is at revision {current or 'none'}, "
+        f"this version needs {head}: run `audience-sync db upgrade`"
+    )

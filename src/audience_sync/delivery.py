@@ -1,0 +1,298 @@
+"""Sending a run's plan to Gist: one request per user, bounded concurrency, rate limit,
+retries with back-off, and acknowledgements saved into ``memberships`` in batches."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from aiolimiter import AsyncLimiter
+from sqlalchemy import Engine, bindparam, delete, select
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception_type,
+    stop_after_attempt,
+)
+
+from audience_sync.config import GistConfig
+from audience_sync.errors import AuthError, FatalApiError, RetriableApiError
+from audience_sync.gist import GistClient
+from audience_sync.models import member_changes as changes
+from audience_sync.models import memberships
+
+log = logging.getLogger(__name__)
+
+PAGE_ROWS = 2000  # pending changes read per page, ordered by user
+ACK_BATCH = 500  # results saved per transaction
+MAX_BACKOFF = 60.0
+MAX_RETRY_AFTER = 600.0
+
+
+@dataclass(frozen=True)
+class Change:
+    """One pending row of ``member_changes``."""
+
+    id: int
+    run_id: int
+    audience_key: str
+    value: bool
+    email: str
+
+
+@dataclass
+class UserUpdate:
+    """Every pending change of one user, sent as one request."""
+
+    user_id: str
+    changes: list[Change] = field(default_factory=list)
+
+    @property
+    def email(self) -> str:
+        # An entry carries the source's current email; an exit only the acknowledged one.
+        entries = [c.email for c in self.changes if c.value]
+        return entries[0] if entries else self.changes[0].email
+
+    @property
+    def properties(self) -> dict[str, Any]:
+        return {c.audience_key: c.value for c in self.changes}
+
+
+@dataclass(frozen=True)
+class Result:
+    """What became of one user's update."""
+
+    update: UserUpdate
+    delivered: bool
+    attempts: int
+    http_status: int | None
+    error: str | None
+
+
+@dataclass
+class DeliveryReport:
+    """How delivery ended: ``error`` is set when it stopped before sending everything."""
+
+    requests: int = 0
+    error: str | None = None
+
+
+def iter_updates(engine: Engine, run_ids: Sequence[int]) -> Iterator[UserUpdate]:
+    """Pending changes of ``run_ids`` grouped by user, read page by page (never all at once)."""
+    after: str | None = None
+    while True:
+        query = (
+            select(
+                changes.c.id,
+                changes.c.run_id,
+                changes.c.audience_key,
+                changes.c.user_id,
+                changes.c.email,
+                changes.c.value,
+            )
+            .where(changes.c.run_id.in_(run_ids), changes.c.status == "pending")
+            .order_by(changes.c.user_id, changes.c.id)
+            .limit(PAGE_ROWS)
+        )
+        if after is not None:
+            query = query.where(changes.c.user_id > after)
+        with engine.connect() as connection:
+            rows = connection.execute(query).all()
+        if not rows:
+            return
+        full_page = len(rows) == PAGE_ROWS
+        if full_page and rows[0].user_id != rows[-1].user_id:
+            # The last user's changes may continue on the next page: leave them for it.
+            last = rows[-1].user_id
+            rows = [r for r in rows if r.user_id != last]
+        current: UserUpdate | None = None
+        for row in rows:
+            if current is None or current.user_id != row.user_id:
+                if current is not None:
+                    yield current
+                current = UserUpdate(row.user_id)
+            current.changes.append(
+                Change(row.id, row.run_id, row.audience_key, bool(row.value), row.email)
+            )
+        assert current is not None
+        yield current
+        after = current.user_id
+        if not full_page:
+            return
+
+
+def save_results(engine: Engine, results: Sequence[Result], now: datetime) -> None:
+    """Record results in one transaction: acknowledged changes move ``memberships``."""
+    delivered = [r for r in results if r.delivered]
+    entries = [
+        {
+            "audience_key": c.audience_key,
+            "user_id": r.update.user_id,
+            "email": c.email,
+            "since": now,
+            "last_run_id": c.run_id,
+        }
+        for r in delivered
+        for c in r.update.changes
+        if c.value
+    ]
+    exits = [
+        {"k": c.audience_key, "u": r.update.user_id}
+        for r in delivered
+        for c in r.update.changes
+        if not c.value
+    ]
+    statuses = [
+        {
+            "change_id": c.id,
+            "status": "delivered" if r.delivered else "failed",
+            "attempts": r.attempts,
+            "http_status": r.http_status,
+            "last_error": r.error,
+            "delivered_at": now if r.delivered else None,
+        }
+        for r in results
+        for c in r.update.changes
+    ]
+    with engine.begin() as connection:
+        if entries:
+            connection.execute(_upsert_membership(engine), entries)
+        if exits:
+            connection.execute(
+                delete(memberships).where(
+                    memberships.c.audience_key == bindparam("k"),
+                    memberships.c.user_id == bindparam("u"),
+                ),
+                exits,
+            )
+        if statuses:
+            connection.execute(
+                changes.update()
+                .where(changes.c.id == bindparam("change_id"))
+                .values(
+                    status=bindparam("status"),
+                    attempts=bindparam("attempts"),
+                    http_status=bindparam("http_status"),
+                    last_error=bindparam("last_error"),
+                    delivered_at=bindparam("delivered_at"),
+                ),
+                statuses,
+            )
+
+
+class Deliverer:
+    """Sends the pending updates of a set of runs and records every outcome."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        client: GistClient,
+        config: GistConfig,
+        clock: Callable[[], datetime],
+        should_stop: Callable[[], str | None] = lambda: None,
+    ) -> None:
+        self._engine = engine
+        self._client = client
+        self._config = config
+        self._clock = clock
+        self._should_stop = should_stop
+        # One token per 1/rps seconds and a bucket of one: a steady pace, never a burst.
+        self._limiter = AsyncLimiter(1, 1 / config.requests_per_second)
+        self._results: list[Result] = []
+        self._report = DeliveryReport()
+        self._crash: Exception | None = None
+
+    async def run(self, run_ids: Sequence[int]) -> DeliveryReport:
+        """Deliver every pending change of ``run_ids``; stop early on auth or outage."""
+        slots = asyncio.Semaphore(self._config.max_concurrency)
+        in_flight: set[asyncio.Task[None]] = set()
+        for update in iter_updates(self._engine, run_ids):
+            await slots.acquire()
+            if self._report.error is None:
+                self._report.error = self._should_stop()
+            if self._report.error is not None:
+                slots.release()
+                break
+            task = asyncio.create_task(self._send(update, slots))
+            in_flight.add(task)
+            task.add_done_callback(in_flight.discard)
+            if len(self._results) >= ACK_BATCH:
+                self._flush()
+        if self._report.error is not None:
+            for task in in_flight:
+                task.cancel()
+        await asyncio.gather(*in_flight, return_exceptions=True)
+        self._flush()
+        if self._crash is not None:
+            raise self._crash
+        return self._report
+
+    async def _send(self, update: UserUpdate, slots: asyncio.Semaphore) -> None:
+        attempts = 0
+        try:
+            retrying = AsyncRetrying(
+                stop=stop_after_attempt(self._config.max_retries + 1),
+                wait=self._wait,
+                retry=retry_if_exception_type(RetriableApiError),
+                reraise=True,
+            )
+            async for attempt in retrying:
+                with attempt:
+                    attempts = attempt.retry_state.attempt_number
+                    await self._limiter.acquire()
+                    self._report.requests += 1
+                    status = await self._client.push_contact(
+                        update.user_id, update.email, update.properties
+                    )
+            self._results.append(Result(update, True, attempts, status, None))
+        except AuthError as exc:
+            # The key is refused: every later request would be too. Nothing here is acked.
+            self._stop(f"Gist refused the API key ({exc}); nothing more was sent")
+        except FatalApiError as exc:
+            self._results.append(Result(update, False, attempts, exc.status, str(exc)))
+        except RetriableApiError as exc:
+            # Still failing after every retry: Gist is down or overloaded. Stop; the next
+            # run re-plans whatever was not acknowledged.
+            self._results.append(Result(update, False, attempts, exc.status, str(exc)))
+            self._stop(f"Gist unavailable after {attempts} attempts: {exc}")
+        except Exception as exc:
+            # A bug or a broken database, not Gist: stop and let run() re-raise it.
+            self._crash = exc
+            self._stop(f"internal error: {type(exc).__name__}: {exc}")
+        finally:
+            slots.release()
+
+    def _wait(self, state: RetryCallState) -> float:
+        error = state.outcome.exception() if state.outcome else None
+        if isinstance(error, RetriableApiError) and error.retry_after is not None:
+            return min(error.retry_after, MAX_RETRY_AFTER)
+        # Exponential back-off with full-size jitter, so retrying workers do not move in step.
+        base = self._config.retry_backoff_seconds
+        backoff: float = min(MAX_BACKOFF, base * 2 ** (state.attempt_number - 1))
+        return backoff + random.uniform(0, base)
+
+    def _stop(self, reason: str) -> None:
+        if self._report.error is None:
+            log.error(reason)
+            self._report.error = reason
+
+    def _flush(self) -> None:
+        results, self._results = self._results, []
+        if results:
+            save_results(self._engine, results, self._clock())
+
+
+def _upsert_membership(engine: Engine) -> Any:
+    insert = pg_insert if engine.dialect.name == "postgresql" else sqlite_insert
+    statement = insert(memberships)
+    return statement.on_conflict_do_update(
+        index_elements=[memberships.c.audience_key, memberships.c.user_id],
+        set_={"email": statement.excluded.email, "last_run_id": statement.excluded.last_run_id},
+    )

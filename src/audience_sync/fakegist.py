@@ -1,0 +1,503 @@
+"""Fake Gist API: a real HTTP server on loopback with latency, rate-limit and fault knobs."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import signal
+import socket
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import FrameType, TracebackType
+from typing import Any, cast
+from urllib.parse import parse_qs, urlsplit
+
+__all__ = ["FakeGist", "RecordedRequest", "main"]
+
+_Headers = dict[str, str]
+_Answer = tuple[int, Any, _Headers]
+
+
+@dataclass(frozen=True)
+class RecordedRequest:
+    """One request the fake answered (status 0 when the connection was dropped)."""
+
+    method: str
+    path: str
+    body: Any
+    status: int
+    at: float
+
+
+class _ApiError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def _errors(message: str) -> dict[str, Any]:
+    return {"errors": [{"message": message}]}
+
+
+class _Server(ThreadingHTTPServer):
+    """Threading server that joins its handler threads and can cut live keep-alive connections."""
+
+    daemon_threads = False
+    block_on_close = True
+    request_queue_size = 128
+
+    def __init__(self, address: tuple[str, int], gist: FakeGist) -> None:
+        self.gist = gist
+        self._conn_lock = threading.Lock()
+        self._connections: set[socket.socket] = set()
+        super().__init__(address, _Handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self._conn_lock:
+            self._connections.add(request)
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request: Any) -> None:
+        with self._conn_lock:
+            self._connections.discard(request)
+        super().shutdown_request(request)
+
+    def cut_connections(self) -> None:
+        with self._conn_lock:
+            live = list(self._connections)
+        for sock in live:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """Broken pipes and resets from clients are expected; stay quiet."""
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "FakeGist/1.0"
+    disable_nagle_algorithm = True
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """Silence per-request logging."""
+
+    def do_GET(self) -> None:
+        self._handle()
+
+    def do_POST(self) -> None:
+        self._handle()
+
+    def do_PUT(self) -> None:
+        self._handle()
+
+    def do_PATCH(self) -> None:
+        self._handle()
+
+    def do_DELETE(self) -> None:
+        self._handle()
+
+    def _read_body(self) -> bytes:
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            chunks: list[bytes] = []
+            while True:
+                size_line = self.rfile.readline(65537)
+                size = int(size_line.split(b";", 1)[0].strip() or b"0", 16)
+                if size == 0:
+                    while self.rfile.readline(65537) not in (b"\r\n", b"\n", b""):
+                        pass
+                    return b"".join(chunks)
+                chunks.append(self.rfile.read(size))
+                self.rfile.readline(65537)
+        length = int(self.headers.get("Content-Length") or 0)
+        return self.rfile.read(length) if length > 0 else b""
+
+    def _handle(self) -> None:
+        gist = cast(_Server, self.server).gist
+        try:
+            raw = self._read_body()
+        except (ValueError, OSError):
+            self.close_connection = True
+            return
+        split = urlsplit(self.path)
+        answer = gist._answer(
+            method=self.command,
+            path=split.path,
+            query=split.query,
+            raw=raw,
+            authorization=self.headers.get("Authorization"),
+        )
+        if answer is None:  # dropped: close without a response
+            self.close_connection = True
+            return
+        status, body, headers = answer
+        payload = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        for name, value in headers.items():
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(payload)
+
+
+class FakeGist:
+    """In-memory Gist `/contacts` and `/events` API served over real HTTP on 127.0.0.1."""
+
+    def __init__(
+        self, api_key: str = "test-key", *, host: str = "127.0.0.1", port: int = 0
+    ) -> None:
+        self.api_key = api_key
+        self._host = host
+        self._port = port
+        self._lock = threading.RLock()
+        self._server: _Server | None = None
+        self._thread: threading.Thread | None = None
+        self._contacts: dict[int, dict[str, Any]] = {}
+        self._next_id = 1
+        self._events: list[dict[str, Any]] = []
+        self._log: list[RecordedRequest] = []
+        self._latency = 0.0
+        self._rate_limit: float | None = None
+        self._window: deque[float] = deque()
+        self._fail_next = 0
+        self._fail_next_status = 503
+        self._fail_next_retry_after: str | None = None
+        self._fail_next_message = "Service unavailable"
+        self._drop_next = 0
+        self._fail_users: dict[str, tuple[int, str]] = {}
+        self._fail_after: int | None = None
+        self._fail_after_status = 503
+        self._fail_after_message = ""
+
+    # ----------------------------------------------------------------- lifecycle
+
+    @property
+    def url(self) -> str:
+        if self._server is None:
+            raise RuntimeError("FakeGist is not started")
+        host, port = self._server.server_address[:2]
+        return f"http://{host!s}:{port}"
+
+    def start(self) -> FakeGist:
+        if self._server is not None:
+            raise RuntimeError("FakeGist is already started")
+        self._server = _Server((self._host, self._port), self)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever,
+            kwargs={"poll_interval": 0.05},
+            name="fakegist",
+            daemon=True,
+        )
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        server, thread = self._server, self._thread
+        if server is None:
+            return
+        server.shutdown()
+        server.cut_connections()
+        server.server_close()  # joins handler threads
+        if thread is not None:
+            thread.join()
+        self._server = None
+        self._thread = None
+
+    def __enter__(self) -> FakeGist:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    # ------------------------------------------------------------------- state
+
+    def contacts(self) -> dict[str, dict[str, Any]]:
+        """Contacts keyed by user_id (by email for contacts that have no user_id)."""
+        with self._lock:
+            out: dict[str, dict[str, Any]] = {}
+            for contact in self._contacts.values():
+                key = contact["user_id"] if contact["user_id"] is not None else contact["email"]
+                out[str(key)] = {
+                    "user_id": contact["user_id"],
+                    "email": contact["email"],
+                    "custom_properties": dict(contact["custom_properties"]),
+                }
+            return out
+
+    def properties(self, key: str) -> dict[str, Any]:
+        return {
+            uid: c["custom_properties"][key]
+            for uid, c in self.contacts().items()
+            if key in c["custom_properties"]
+        }
+
+    def requests(self, path: str | None = None) -> list[RecordedRequest]:
+        with self._lock:
+            return [r for r in self._log if path is None or r.path == path]
+
+    def events(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return [dict(e) for e in self._events]
+
+    def clear_log(self) -> None:
+        with self._lock:
+            self._log.clear()
+
+    # ------------------------------------------------------------------ faults
+
+    @property
+    def latency(self) -> float:
+        with self._lock:
+            return self._latency
+
+    @latency.setter
+    def latency(self, seconds: float) -> None:
+        with self._lock:
+            self._latency = max(0.0, float(seconds))
+
+    @property
+    def rate_limit(self) -> float | None:
+        with self._lock:
+            return self._rate_limit
+
+    @rate_limit.setter
+    def rate_limit(self, per_second: float | None) -> None:
+        with self._lock:
+            self._rate_limit = None if per_second is None else float(per_second)
+            self._window.clear()
+
+    def fail_next(
+        self,
+        n: int,
+        status: int = 503,
+        *,
+        retry_after: str | None = None,
+        message: str = "Service unavailable",
+    ) -> None:
+        with self._lock:
+            self._fail_next = n
+            self._fail_next_status = status
+            self._fail_next_retry_after = retry_after
+            self._fail_next_message = message
+
+    def drop_next(self, n: int) -> None:
+        with self._lock:
+            self._drop_next = n
+
+    def fail_user(self, user_id: str, status: int = 422, message: str = "Email is invalid") -> None:
+        with self._lock:
+            self._fail_users[str(user_id)] = (status, message)
+
+    def fail_after(self, n: int, status: int, *, message: str = "Service unavailable") -> None:
+        with self._lock:
+            self._fail_after = n
+            self._fail_after_status = status
+            self._fail_after_message = message
+
+    def reset_faults(self) -> None:
+        with self._lock:
+            self._fail_next = 0
+            self._drop_next = 0
+            self._fail_users.clear()
+            self._fail_after = None
+            self._latency = 0.0
+            self._rate_limit = None
+            self._window.clear()
+
+    # ---------------------------------------------------------------- handling
+
+    def _answer(
+        self, *, method: str, path: str, query: str, raw: bytes, authorization: str | None
+    ) -> _Answer | None:
+        """Decide the response for one request; None means drop the connection."""
+        at = time.monotonic()
+        body: Any = None
+        bad_json = False
+        if raw.strip():
+            try:
+                body = json.loads(raw)
+            except ValueError:
+                bad_json = True
+
+        with self._lock:
+            if self._drop_next > 0:
+                self._drop_next -= 1
+                self._log.append(RecordedRequest(method, path, body, 0, at))
+                return None
+            latency = self._latency
+        if latency > 0:
+            time.sleep(latency)
+
+        with self._lock:
+            answer = self._decide(method, path, query, body, bad_json, authorization)
+            self._log.append(RecordedRequest(method, path, body, answer[0], at))
+            return answer
+
+    def _decide(
+        self,
+        method: str,
+        path: str,
+        query: str,
+        body: Any,
+        bad_json: bool,
+        authorization: str | None,
+    ) -> _Answer:
+        if authorization != f"Bearer {self.api_key}":
+            return 401, _errors("Unauthorized"), {}
+        if self._fail_next > 0:
+            self._fail_next -= 1
+            headers: _Headers = {}
+            if self._fail_next_retry_after is not None:
+                headers["Retry-After"] = self._fail_next_retry_after
+            return self._fail_next_status, _errors(self._fail_next_message), headers
+        if self._rate_limit is not None:
+            now = time.monotonic()
+            while self._window and self._window[0] <= now - 1.0:
+                self._window.popleft()
+            if len(self._window) >= max(1, math.floor(self._rate_limit)):
+                wait = max(1, math.ceil(self._window[0] + 1.0 - now))
+                return 429, _errors("Too many requests"), {"Retry-After": str(wait)}
+            self._window.append(now)
+        if self._fail_after is not None and self._fail_after <= 0:
+            return self._fail_after_status, _errors(self._fail_after_message), {}
+        for uid in self._user_ids(body, query):
+            if uid in self._fail_users:
+                status, message = self._fail_users[uid]
+                return status, _errors(message), {}
+        if bad_json:
+            return 400, _errors("Invalid JSON"), {}
+        try:
+            result = self._route(method, path, query, body)
+        except _ApiError as err:
+            return err.status, _errors(err.message), {}
+        if self._fail_after is not None:
+            self._fail_after -= 1
+        return 200, result, {}
+
+    @staticmethod
+    def _user_ids(body: Any, query: str) -> list[str]:
+        ids = [str(v) for v in parse_qs(query).get("user_id", [])]
+        items: list[Any] = [body]
+        if isinstance(body, dict) and isinstance(body.get("contacts"), list):
+            items.extend(body["contacts"])
+        for item in items:
+            if isinstance(item, dict) and item.get("user_id") is not None:
+                ids.append(str(item["user_id"]))
+        return ids
+
+    def _route(self, method: str, path: str, query: str, body: Any) -> Any:
+        path = path.rstrip("/") or "/"
+        if path == "/contacts" and method == "POST":
+            return {"contact": self._upsert(self._validate_contact(body))}
+        if path == "/contacts/batch" and method == "POST":
+            items = body.get("contacts") if isinstance(body, dict) else None
+            if not isinstance(items, list):
+                raise _ApiError(400, "contacts must be a list")
+            valid = [self._validate_contact(item) for item in items]
+            return {"contacts": [self._upsert(item) for item in valid]}
+        if path == "/contacts" and method == "GET":
+            params = parse_qs(query)
+            user_id = params.get("user_id", [None])[0]
+            email = params.get("email", [None])[0]
+            if user_id is None and email is None:
+                return {"contacts": [self._public(c) for c in self._contacts.values()]}
+            found = self._find(user_id, email)
+            if found is None:
+                raise _ApiError(404, "Not found")
+            return {"contact": self._public(found)}
+        if path == "/events" and method == "POST":
+            if not isinstance(body, dict) or not body.get("event_name"):
+                raise _ApiError(400, "event_name is required")
+            event = {"id": len(self._events) + 1, **body}
+            self._events.append(event)
+            return {"event": dict(event)}
+        raise _ApiError(404, "Not found")
+
+    @staticmethod
+    def _validate_contact(body: Any) -> dict[str, Any]:
+        if not isinstance(body, dict):
+            raise _ApiError(400, "Body must be a JSON object")
+        user_id = body.get("user_id")
+        email = body.get("email")
+        if (user_id is None or user_id == "") and not email:
+            raise _ApiError(400, "user_id or email is required")
+        props = body.get("custom_properties", {})
+        if props is None:
+            props = {}
+        if not isinstance(props, dict):
+            raise _ApiError(400, "custom_properties must be an object")
+        return {
+            "user_id": None if user_id is None or user_id == "" else str(user_id),
+            "email": email or None,
+            "custom_properties": props,
+        }
+
+    def _find(self, user_id: str | None, email: str | None) -> dict[str, Any] | None:
+        if user_id is not None:
+            for contact in self._contacts.values():
+                if contact["user_id"] == user_id:
+                    return contact
+        if email:
+            for contact in self._contacts.values():
+                if contact["email"] == email and (user_id is None or contact["user_id"] is None):
+                    return contact
+        return None
+
+    def _upsert(self, item: dict[str, Any]) -> dict[str, Any]:
+        contact = self._find(item["user_id"], item["email"])
+        if contact is None:
+            contact = {"id": self._next_id, "user_id": None, "email": None, "custom_properties": {}}
+            self._contacts[self._next_id] = contact
+            self._next_id += 1
+        if item["user_id"] is not None:
+            contact["user_id"] = item["user_id"]
+        if item["email"]:
+            contact["email"] = item["email"]
+        contact["custom_properties"].update(item["custom_properties"])
+        return self._public(contact)
+
+    @staticmethod
+    def _public(contact: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "id": contact["id"],
+            "user_id": contact["user_id"],
+            "email": contact["email"],
+            "custom_properties": dict(contact["custom_properties"]),
+        }
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Serve a fake Gist API on 127.0.0.1.")
+    parser.add_argument("--port", type=int, default=8099)
+    parser.add_argument("--api-key", default="test-key")
+    parser.add_argument("--latency", type=float, default=0.0, help="seconds per request")
+    parser.add_argument("--rate-limit", type=float, default=None, help="requests per second")
+    args = parser.parse_args(argv)
+    gist = FakeGist(args.api_key, port=args.port)
+    gist.latency = args.latency
+    gist.rate_limit = args.rate_limit
+    signal.signal(signal.SIGTERM, _interrupt)  # stop as cleanly on SIGTERM as on Ctrl-C
+    with gist:
+        print(gist.url, flush=True)
+        with contextlib.suppress(KeyboardInterrupt):
+            threading.Event().wait()
+    print("stopped", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,114 @@
+"""The Gist API client: builds contact payloads and classifies every answer once, here."""
+
+from __future__ import annotations
+
+import email.utils
+import json
+from datetime import UTC, datetime
+from typing import Any
+
+import httpx
+
+from audience_sync.config import GistConfig
+from audience_sync.errors import AuthError, FatalApiError, RetriableApiError
+
+USER_AGENT = "audience-sync"
+MAX_MESSAGE = 500
+
+
+def make_http_client(
+    config: GistConfig, transport: httpx.AsyncBaseTransport | None = None
+) -> httpx.AsyncClient:
+    """An async client with keep-alive, sized for ``max_concurrency`` connections."""
+    return httpx.AsyncClient(
+        base_url=config.base_url.rstrip("/"),
+        headers={
+            "Authorization": f"Bearer {config.api_key.get_secret_value()}",
+            "Accept": "application/json",
+            "User-Agent": USER_AGENT,
+        },
+        timeout=httpx.Timeout(config.timeout_seconds),
+        limits=httpx.Limits(
+            max_connections=config.max_concurrency,
+            max_keepalive_connections=config.max_concurrency,
+        ),
+        transport=transport,
+    )
+
+
+def build_contact(user_id: str, email: str, properties: dict[str, Any]) -> dict[str, Any]:
+    """The ``POST /contacts`` body that sets ``properties`` on one contact."""
+    return {"user_id": user_id, "email": email, "custom_properties": properties}
+
+
+class GistClient:
+    """Calls Gist over an injected ``httpx.AsyncClient``; raises the errors of ``errors.py``."""
+
+    def __init__(self, http: httpx.AsyncClient) -> None:
+        self._http = http
+
+    async def push_contact(self, user_id: str, email: str, properties: dict[str, Any]) -> int:
+        """Create or update a contact; returns Gist's 2xx status or raises an ApiError."""
+        try:
+            response = await self._http.post(
+                "/contacts", json=build_contact(user_id, email, properties)
+            )
+        except httpx.TimeoutException as exc:
+            raise RetriableApiError(f"timed out: {type(exc).__name__}") from exc
+        except httpx.TransportError as exc:
+            raise RetriableApiError(f"connection failed: {type(exc).__name__}: {exc}") from exc
+        check_response(response)
+        return response.status_code
+
+
+def check_response(response: httpx.Response) -> None:
+    """Return for 2xx; otherwise raise the error class that says what to do next."""
+    status = response.status_code
+    if 200 <= status < 300:
+        return
+    message = f"HTTP {status}: {error_message(response)}"
+    if status in (401, 403):
+        raise AuthError(message, status=status)
+    if status == 429 or status == 408 or status >= 500:
+        raise RetriableApiError(
+            message,
+            status=status,
+            retry_after=parse_retry_after(response.headers.get("Retry-After")),
+        )
+    raise FatalApiError(message, status=status)
+
+
+def error_message(response: httpx.Response) -> str:
+    """Gist's own words for an error (``{"errors": [{"message": ...}]}``), else the body."""
+    try:
+        body = response.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        body = None
+    if isinstance(body, dict):
+        errors = body.get("errors")
+        if isinstance(errors, list):
+            messages = [str(e.get("message", e)) if isinstance(e, dict) else str(e) for e in errors]
+            if messages:
+                return "; ".join(messages)[:MAX_MESSAGE]
+        if "message" in body:
+            return str(body["message"])[:MAX_MESSAGE]
+    text = response.text.strip()
+    return (text[:MAX_MESSAGE] or response.reason_phrase) if text else response.reason_phrase
+
+
+def parse_retry_after(value: str | None, now: datetime | None = None) -> float | None:
+    """Seconds to wait from a Retry-After header (delta-seconds or HTTP-date), or None."""
+    if value is None or not value.strip():
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())

@@ -1,0 +1,150 @@
+"""SQLAlchemy models of the state database (the README's "State tables" documents them)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import cast
+
+from sqlalchemy import (
+    Boolean,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+KEY = String(255)
+USER_ID = String(255)
+EMAIL = String(320)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class Audience(Base):
+    """An audience this state database has seen, by property key."""
+
+    __tablename__ = "audiences"
+
+    key: Mapped[str] = mapped_column(KEY, primary_key=True)
+    name: Mapped[str] = mapped_column(Text)
+    source: Mapped[str] = mapped_column(Text)
+    first_synced_at: Mapped[datetime | None] = mapped_column(DateTime)
+    last_synced_at: Mapped[datetime | None] = mapped_column(DateTime)
+
+
+class SyncRun(Base):
+    """One run of one audience: what it planned, sent and how it ended."""
+
+    __tablename__ = "sync_runs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    audience_key: Mapped[str] = mapped_column(KEY, ForeignKey("audiences.key"), index=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    status: Mapped[str] = mapped_column(String(16))
+    started_at: Mapped[datetime] = mapped_column(DateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime)
+    source_rows: Mapped[int] = mapped_column(Integer, default=0)
+    members: Mapped[int] = mapped_column(Integer, default=0)
+    entered: Mapped[int] = mapped_column(Integer, default=0)
+    exited: Mapped[int] = mapped_column(Integer, default=0)
+    delivered: Mapped[int] = mapped_column(Integer, default=0)
+    failed: Mapped[int] = mapped_column(Integer, default=0)
+    rejected: Mapped[int] = mapped_column(Integer, default=0)
+    error: Mapped[str | None] = mapped_column(Text)
+
+
+class Membership(Base):
+    """A member Gist acknowledged as in the audience; written only after a 2xx."""
+
+    __tablename__ = "memberships"
+
+    audience_key: Mapped[str] = mapped_column(KEY, primary_key=True)
+    user_id: Mapped[str] = mapped_column(USER_ID, primary_key=True)
+    email: Mapped[str] = mapped_column(EMAIL)
+    since: Mapped[datetime] = mapped_column(DateTime)
+    last_run_id: Mapped[int] = mapped_column(Integer)
+
+
+class MemberChange(Base):
+    """One planned property change for one member in one run, and what became of it."""
+
+    __tablename__ = "member_changes"
+    __table_args__ = (
+        Index("ix_member_changes_run_id_status_user_id", "run_id", "status", "user_id"),
+        Index("ix_member_changes_audience_key_user_id", "audience_key", "user_id"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    run_id: Mapped[int] = mapped_column(Integer, ForeignKey("sync_runs.id"))
+    audience_key: Mapped[str] = mapped_column(KEY)
+    user_id: Mapped[str] = mapped_column(USER_ID)
+    email: Mapped[str] = mapped_column(EMAIL)
+    value: Mapped[bool] = mapped_column(Boolean)
+    status: Mapped[str] = mapped_column(String(16))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    http_status: Mapped[int | None] = mapped_column(Integer)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    delivered_at: Mapped[datetime | None] = mapped_column(DateTime)
+
+
+class RejectedRow(Base):
+    """A source row that could not be used, with the reason."""
+
+    __tablename__ = "rejected_rows"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    run_id: Mapped[int] = mapped_column(Integer, ForeignKey("sync_runs.id"), index=True)
+    row_number: Mapped[int] = mapped_column(Integer)
+    user_id: Mapped[str | None] = mapped_column(Text)
+    email: Mapped[str | None] = mapped_column(Text)
+    reason: Mapped[str] = mapped_column(Text)
+
+
+class StagedMember(Base):
+    """A run's snapshot of the source, deduplicated by user; emptied when the run ends."""
+
+    __tablename__ = "staged_members"
+
+    run_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    user_id: Mapped[str] = mapped_column(USER_ID, primary_key=True)
+    email: Mapped[str] = mapped_column(EMAIL)
+
+
+class Lease(Base):
+    """Who may sync an audience right now; renewed by a heartbeat, free once expired."""
+
+    __tablename__ = "leases"
+
+    audience_key: Mapped[str] = mapped_column(KEY, primary_key=True)
+    owner: Mapped[str] = mapped_column(String(255))
+    acquired_at: Mapped[datetime] = mapped_column(DateTime)
+    expires_at: Mapped[datetime] = mapped_column(DateTime)
+
+
+def _table(model: type[Base]) -> Table:
+    return cast(Table, model.__table__)
+
+
+# Core tables, for the set-based statements of plan, delivery and sync.
+audiences = _table(Audience)
+sync_runs = _table(SyncRun)
+memberships = _table(Membership)
+member_changes = _table(MemberChange)
+rejected_rows = _table(RejectedRow)
+staged_members = _table(StagedMember)
+leases = _table(Lease)

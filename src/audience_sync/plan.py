@@ -1,0 +1,201 @@
+"""Staging a source snapshot, the set-based diff against acknowledged state, and the plan."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import (
+    Engine,
+    Insert,
+    Table,
+    and_,
+    delete,
+    exists,
+    false,
+    func,
+    literal,
+    select,
+    true,
+)
+from sqlalchemy import insert as generic_insert
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+from audience_sync.models import member_changes as changes
+from audience_sync.models import memberships, rejected_rows, staged_members
+from audience_sync.sources import Source, SourceRow
+
+EMAIL_PATTERN = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s.]+$")
+MAX_USER_ID = 255
+MAX_EMAIL = 320
+
+staged = staged_members
+
+
+@dataclass(frozen=True)
+class StageResult:
+    """What loading a source into staging saw."""
+
+    source_rows: int
+    rejected: int
+
+
+@dataclass(frozen=True)
+class Diff:
+    """How the staged snapshot differs from what Gist acknowledged."""
+
+    members: int
+    acknowledged: int
+    entered: int
+    exited: int
+
+    def is_mass_exit(self, threshold: float, min_members: int) -> bool:
+        """True when the exits exceed ``threshold`` of an audience of ``min_members``+."""
+        return (
+            self.acknowledged >= min_members
+            and self.acknowledged > 0
+            and self.exited / self.acknowledged > threshold
+        )
+
+
+def check_row(row: SourceRow) -> tuple[str, str] | str:
+    """``(user_id, email)`` cleaned, or the reason the row cannot be used."""
+    user_id, email = row.user_id, row.email
+    if isinstance(user_id, bool) or not isinstance(user_id, str | int):
+        return (
+            "missing user_id" if user_id is None else f"user_id has type {type(user_id).__name__}"
+        )
+    user_id = str(user_id).strip()
+    if not user_id:
+        return "missing user_id"
+    if len(user_id) > MAX_USER_ID:
+        return f"user_id longer than {MAX_USER_ID} characters"
+    if email is None or (isinstance(email, str) and not email.strip()):
+        return "missing email"
+    if not isinstance(email, str):
+        return f"email has type {type(email).__name__}"
+    email = email.strip()
+    if len(email) > MAX_EMAIL:
+        return f"email longer than {MAX_EMAIL} characters"
+    if not EMAIL_PATTERN.match(email):
+        return "invalid email"
+    return user_id, email
+
+
+def stage_source(engine: Engine, run_id: int, source: Source) -> StageResult:
+    """Stream ``source`` into ``staged_members`` in chunks; a duplicate user keeps its first row."""
+    total = rejected = 0
+    for chunk in source.read_chunks():
+        members: dict[str, str] = {}
+        bad: list[dict[str, Any]] = []
+        for row in chunk:
+            checked = check_row(row)
+            if isinstance(checked, str):
+                bad.append(
+                    {
+                        "run_id": run_id,
+                        "row_number": row.row_number,
+                        "user_id": _clip(row.user_id),
+                        "email": _clip(row.email),
+                        "reason": checked,
+                    }
+                )
+            else:
+                members.setdefault(checked[0], checked[1])
+        total += len(chunk)
+        rejected += len(bad)
+        with engine.begin() as connection:
+            if members:
+                rows = [{"run_id": run_id, "user_id": u, "email": e} for u, e in members.items()]
+                connection.execute(_insert_ignoring_duplicates(engine, staged), rows)
+            if bad:
+                connection.execute(generic_insert(rejected_rows), bad)
+    return StageResult(source_rows=total, rejected=rejected)
+
+
+def load_diff(engine: Engine, run_id: int, audience_key: str) -> Diff:
+    """Count members, acknowledged members, entries and exits with set-based SQL."""
+    with engine.connect() as connection:
+        members = connection.scalar(
+            select(func.count()).select_from(staged).where(staged.c.run_id == run_id)
+        )
+        acknowledged = connection.scalar(
+            select(func.count())
+            .select_from(memberships)
+            .where(memberships.c.audience_key == audience_key)
+        )
+        entered = connection.scalar(
+            select(func.count()).select_from(_entered(run_id, audience_key).subquery())
+        )
+        exited = connection.scalar(
+            select(func.count()).select_from(_exited(run_id, audience_key).subquery())
+        )
+    return Diff(members or 0, acknowledged or 0, entered or 0, exited or 0)
+
+
+def save_plan(engine: Engine, run_id: int, audience_key: str) -> None:
+    """Write the run's changes as ``pending``; earlier runs' unsent changes are superseded."""
+    columns = ["run_id", "audience_key", "user_id", "email", "value", "status", "attempts"]
+    with engine.begin() as connection:
+        # The diff re-plans everything still owed, so older pending rows would only duplicate it.
+        connection.execute(
+            changes.update()
+            .where(
+                changes.c.audience_key == audience_key,
+                changes.c.status == "pending",
+                changes.c.run_id != run_id,
+            )
+            .values(status="superseded")
+        )
+        for query in (_entered(run_id, audience_key), _exited(run_id, audience_key)):
+            connection.execute(changes.insert().from_select(columns, query))
+
+
+def clear_staging(engine: Engine, run_id: int) -> None:
+    """Drop a run's snapshot once its plan is written."""
+    with engine.begin() as connection:
+        connection.execute(delete(staged).where(staged.c.run_id == run_id))
+
+
+def _entered(run_id: int, audience_key: str) -> Any:
+    acknowledged = exists().where(
+        memberships.c.audience_key == audience_key, memberships.c.user_id == staged.c.user_id
+    )
+    return select(
+        literal(run_id),
+        literal(audience_key),
+        staged.c.user_id,
+        staged.c.email,
+        true(),
+        literal("pending"),
+        literal(0),
+    ).where(and_(staged.c.run_id == run_id, ~acknowledged))
+
+
+def _exited(run_id: int, audience_key: str) -> Any:
+    present = exists().where(staged.c.run_id == run_id, staged.c.user_id == memberships.c.user_id)
+    return select(
+        literal(run_id),
+        literal(audience_key),
+        memberships.c.user_id,
+        memberships.c.email,
+        false(),
+        literal("pending"),
+        literal(0),
+    ).where(and_(memberships.c.audience_key == audience_key, ~present))
+
+
+def _insert_ignoring_duplicates(engine: Engine, table: Table) -> Insert:
+    if engine.dialect.name == "postgresql":
+        return pg_insert(table).on_conflict_do_nothing()
+    return sqlite_insert(table).on_conflict_do_nothing()
+
+
+def _clip(value: Any, limit: int = 500) -> str | None:
+    """A bounded text form of a bad value, for the rejected_rows table."""
+    if value is None:
+        return None
+    text = str(value)
+    return text if len(text) <= limit else text[:limit] + "…"

@@ -1,0 +1,161 @@
+"""Audience sources: a SQL query on any SQLAlchemy URL, or a CSV/JSONL export, read in chunks."""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from sqlalchemy import create_engine, event, text
+from sqlalchemy.engine import Connection
+from sqlalchemy.exc import SQLAlchemyError
+
+from audience_sync.config import AudienceConfig, Settings, redact_url
+from audience_sync.db import normalize_url
+from audience_sync.errors import SourceError
+
+REQUIRED_COLUMNS = ("user_id", "email")
+CHUNK_SIZE = 5000
+
+
+@dataclass(frozen=True, slots=True)
+class SourceRow:
+    """One row as the source gave it; ``row_number`` counts data rows from 1."""
+
+    row_number: int
+    user_id: Any
+    email: Any
+
+
+class Source(Protocol):
+    """Anything that yields an audience's rows in chunks."""
+
+    description: str
+
+    def read_chunks(self, chunk_size: int = CHUNK_SIZE) -> Iterator[list[SourceRow]]:
+        """Yield the rows in lists of at most ``chunk_size``; raise SourceError on failure."""
+        ...
+
+
+class SqlSource:
+    """Rows from a query, streamed with a server-side cursor inside a read-only transaction."""
+
+    def __init__(self, url: str, query: str, name: str) -> None:
+        self.url = url
+        self.query = query
+        self.description = f"{name}: {redact_url(url)}"
+
+    def read_chunks(self, chunk_size: int = CHUNK_SIZE) -> Iterator[list[SourceRow]]:
+        engine = create_engine(normalize_url(self.url))
+        event.listen(engine, "begin", _read_only)
+        try:
+            with engine.connect() as connection:
+                result = connection.execution_options(
+                    stream_results=True, yield_per=chunk_size
+                ).execute(text(self.query))
+                if not result.returns_rows:
+                    raise SourceError(f"{self.description}: the query returned no result set")
+                columns = list(result.keys())
+                missing = [c for c in REQUIRED_COLUMNS if c not in columns]
+                if missing:
+                    raise SourceError(
+                        f"{self.description}: the query must return columns user_id and email; "
+                        f"missing {', '.join(missing)} (got {', '.join(columns) or 'none'})"
+                    )
+                user_index, email_index = columns.index("user_id"), columns.index("email")
+                number = 0
+                for partition in result.partitions(chunk_size):
+                    chunk = []
+                    for row in partition:
+                        number += 1
+                        chunk.append(SourceRow(number, row[user_index], row[email_index]))
+                    yield chunk
+        except SQLAlchemyError as exc:
+            raise SourceError(f"{self.description}: query failed: {_first_line(exc)}") from exc
+        finally:
+            engine.dispose()
+
+
+class FileSource:
+    """Rows from a CSV file with a header row, or a JSON-lines file (``.jsonl``/``.ndjson``)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.description = str(path)
+
+    def read_chunks(self, chunk_size: int = CHUNK_SIZE) -> Iterator[list[SourceRow]]:
+        rows = self._json_rows() if self.path.suffix in (".jsonl", ".ndjson") else self._csv_rows()
+        chunk: list[SourceRow] = []
+        try:
+            for row in rows:
+                chunk.append(row)
+                if len(chunk) >= chunk_size:
+                    yield chunk
+                    chunk = []
+        except UnicodeDecodeError as exc:
+            near = chunk[-1].row_number + 1 if chunk else "?"
+            raise SourceError(f"{self.path}: not UTF-8 near data row {near}: {exc.reason}") from exc
+        except OSError as exc:
+            raise SourceError(f"{self.path}: cannot read: {exc}") from exc
+        if chunk:
+            yield chunk
+
+    def _csv_rows(self) -> Iterator[SourceRow]:
+        with self.path.open(encoding="utf-8-sig", newline="") as handle:
+            reader = csv.DictReader(handle)
+            header = reader.fieldnames or []
+            missing = [c for c in REQUIRED_COLUMNS if c not in header]
+            if missing:
+                raise SourceError(
+                    f"{self.path}: header must name user_id and email; missing "
+                    f"{', '.join(missing)} (got {', '.join(header) or 'no header'})"
+                )
+            try:
+                for number, record in enumerate(reader, start=1):
+                    yield SourceRow(number, record.get("user_id"), record.get("email"))
+            except csv.Error as exc:
+                raise SourceError(f"{self.path}: line {reader.line_num}: {exc}") from exc
+
+    def _json_rows(self) -> Iterator[SourceRow]:
+        with self.path.open(encoding="utf-8") as handle:
+            number = 0
+            for line_number, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                number += 1
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise SourceError(
+                        f"{self.path}: line {line_number}: invalid JSON: {exc}"
+                    ) from exc
+                if not isinstance(record, dict):
+                    raise SourceError(f"{self.path}: line {line_number}: expected a JSON object")
+                yield SourceRow(number, record.get("user_id"), record.get("email"))
+
+
+def source_for(settings: Settings, audience: AudienceConfig) -> Source:
+    """The source an audience is configured to read."""
+    if audience.file is not None:
+        return FileSource(audience.file)
+    # config validation guarantees a query audience names both
+    assert audience.source is not None
+    assert audience.query is not None
+    return SqlSource(settings.sources[audience.source].url, audience.query, audience.source)
+
+
+def _read_only(connection: Connection) -> None:
+    """Make every source transaction read-only: the user's warehouse is never written."""
+    dialect = connection.dialect.name
+    if dialect == "sqlite":
+        connection.exec_driver_sql("PRAGMA query_only = ON")
+    elif dialect in ("postgresql", "mysql", "mariadb"):
+        connection.exec_driver_sql("SET TRANSACTION READ ONLY")
+
+
+def _first_line(exc: SQLAlchemyError) -> str:
+    message = str(getattr(exc, "orig", None) or exc)
+    return message.strip().splitlines()[0] if message.strip() else type(exc).__name__

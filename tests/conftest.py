@@ -1,0 +1,156 @@
+"""Shared fixtures: state stores built by running the migrations (SQLite always, PostgreSQL
+when reachable), a loopback fake Gist, and a workspace that writes configs and sources."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import uuid
+from collections.abc import Iterable, Iterator
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine, create_engine, text
+
+from audience_sync import db
+from audience_sync.config import Settings, load_settings
+from audience_sync.fakegist import FakeGist
+
+API_KEY = "test-key-SECRET-1234"
+PG_ADMIN_URL = "postgresql+psycopg://{user}@127.0.0.1:5432/test"
+
+
+@cache
+def postgres_admin_url() -> str | None:
+    """A URL for the local PostgreSQL server, or None when it cannot be reached."""
+    for user in ("postgres", "root"):
+        url = PG_ADMIN_URL.format(user=user)
+        engine = create_engine(url, connect_args={"connect_timeout": 3})
+        try:
+            with engine.connect() as connection:
+                connection.execute(text("SELECT 1"))
+            return url
+        except Exception:  # noqa: S112 - any failure means "not reachable", try the next
+            continue
+        finally:
+            engine.dispose()
+    return None
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def state_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """An empty state database URL: a SQLite file, or a fresh schema on PostgreSQL."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'state.db'}"
+        return
+    admin = postgres_admin_url()
+    if admin is None:
+        if os.environ.get("AUDIENCE_SYNC_REQUIRE_POSTGRES"):
+            pytest.fail("AUDIENCE_SYNC_REQUIRE_POSTGRES is set but PostgreSQL is not reachable")
+        pytest.skip("PostgreSQL is not reachable at 127.0.0.1:5432 (database test)")
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    engine = create_engine(admin)
+    with engine.begin() as connection:
+        connection.execute(text(f'CREATE SCHEMA "{schema}"'))
+    try:
+        yield f"{admin}?options=-csearch_path%3D{schema}"
+    finally:
+        with engine.begin() as connection:
+            connection.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+        engine.dispose()
+
+
+@pytest.fixture
+def engine(state_url: str) -> Iterator[Engine]:
+    """A state database migrated to head by running the Alembic migrations."""
+    engine = db.make_engine(state_url)
+    db.upgrade(engine)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def gist() -> Iterator[FakeGist]:
+    """A fake Gist: a real HTTP server on 127.0.0.1."""
+    with FakeGist(api_key=API_KEY) as server:
+        yield server
+
+
+class Workspace:
+    """A folder holding a config file and the audience sources it points at."""
+
+    def __init__(self, root: Path, state_url: str, gist_url: str) -> None:
+        self.root = root
+        self.state_url = state_url
+        self.gist_url = gist_url
+        self.config_path = root / "audience_sync.toml"
+        self.env = {"GIST_API_KEY": API_KEY}
+        self.gist_options: dict[str, Any] = {
+            "requests_per_second": 1000,
+            "max_concurrency": 8,
+            "timeout_seconds": 2,
+            "max_retries": 3,
+            "retry_backoff_seconds": 0.01,
+        }
+        self.audiences: list[dict[str, Any]] = []
+        self.sources: dict[str, str] = {}
+
+    def add_file_audience(self, name: str, **options: Any) -> Path:
+        """Configure an audience read from ``<key>.jsonl``; returns that file's path."""
+        path = self.root / f"{len(self.audiences)}.jsonl"
+        path.write_text("")
+        self.audiences.append({"name": name, "file": path.name, **options})
+        self.write_config()
+        return path
+
+    def add_sql_audience(self, name: str, source_url: str, query: str, **options: Any) -> None:
+        self.sources.setdefault("warehouse", source_url)
+        self.audiences.append({"name": name, "source": "warehouse", "query": query, **options})
+        self.write_config()
+
+    def write_config(self) -> None:
+        lines = [
+            "[state]",
+            f"url = {json.dumps(self.state_url)}",
+            "[gist]",
+            'api_key = "${GIST_API_KEY}"',
+            f"base_url = {json.dumps(self.gist_url)}",
+            *(f"{k} = {json.dumps(v)}" for k, v in self.gist_options.items()),
+        ]
+        for name, url in self.sources.items():
+            lines += [f"[sources.{name}]", f"url = {json.dumps(url)}"]
+        for audience in self.audiences:
+            lines.append("[[audiences]]")
+            lines += [f"{k} = {json.dumps(v)}" for k, v in audience.items()]
+        self.config_path.write_text("\n".join(lines) + "\n")
+
+    def settings(self) -> Settings:
+        return load_settings(self.config_path, self.env)
+
+
+def write_members(path: Path, members: Iterable[int | tuple[Any, Any]]) -> None:
+    """Write a JSONL source: ints become ``{"user_id": "u<n>", "email": "u<n>@example.com"}``."""
+    rows = []
+    for member in members:
+        user_id, email = (
+            (f"u{member}", f"u{member}@example.com") if isinstance(member, int) else member
+        )
+        rows.append(json.dumps({"user_id": user_id, "email": email}))
+    path.write_text("\n".join(rows) + ("\n" if rows else ""))
+
+
+def write_csv(path: Path, rows: Iterable[dict[str, Any]]) -> None:
+    rows = list(rows)
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+@pytest.fixture
+def workspace(tmp_path: Path, state_url: str, gist: FakeGist) -> Workspace:
+    """A config over a fresh state database (both stores) and the fake Gist."""
+    return Workspace(tmp_path, state_url, gist.url)

@@ -1,0 +1,444 @@
+"""Tests for loading, interpolating and validating the TOML configuration."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import SecretStr
+
+from audience_sync.config import (
+    CONFIG_ENV,
+    DEFAULT_CONFIG,
+    Settings,
+    load_settings,
+    redact_url,
+    resolve_config_path,
+)
+from audience_sync.errors import ConfigError
+
+ENV = {"GIST_KEY": "gist-SECRET-key"}
+GIST = '[gist]\napi_key = "${GIST_KEY}"\n'
+FILE_AUDIENCE = '[[audiences]]\nname = "Newsletter Signups"\nfile = "members.jsonl"\n'
+
+
+def _write(folder: Path, text: str, name: str = "audience_sync.toml") -> Path:
+    """Write ``text`` as a config in ``folder`` next to an empty ``members.jsonl``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "members.jsonl").write_text("")
+    path = folder / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def _load_error(path: Path, env: dict[str, str] | None = None) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_settings(path, ENV if env is None else env)
+    return str(info.value)
+
+
+def test_valid_config_loads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = tmp_path / "conf"
+    path = _write(
+        folder,
+        """
+[state]
+url = "sqlite:///state.db"
+
+[gist]
+api_key = "${GIST_KEY}"
+max_concurrency = 4
+
+[sources.warehouse]
+url = "sqlite:///data/warehouse.db"
+
+[sources.pg]
+url = "postgresql://sync@db.internal/app"
+
+[[audiences]]
+name = "Order Completed Last 30days"
+source = "warehouse"
+query = "SELECT user_id, email FROM users"
+schedule = "0 */2 * * *"
+
+[[audiences]]
+name = "Newsletter Signups"
+key = "newsletter_v2"
+file = "members.jsonl"
+mass_exit_threshold = 0.25
+""",
+    )
+    # Relative paths follow the config file, not the working directory.
+    monkeypatch.chdir(tmp_path)
+    base = folder.resolve()
+
+    settings = load_settings(path, ENV)
+
+    assert settings.path == path
+    assert settings.gist.api_key.get_secret_value() == "gist-SECRET-key"
+    assert "gist-SECRET-key" not in repr(settings)
+    assert settings.gist.max_concurrency == 4
+    assert settings.state.url == f"sqlite:///{base / 'state.db'}"
+    assert settings.sources["warehouse"].url == f"sqlite:///{base / 'data' / 'warehouse.db'}"
+    assert settings.sources["pg"].url == "postgresql://sync@db.internal/app"
+    derived, explicit = settings.audiences
+    assert derived.property_key == "order_completed_last_30days"
+    assert derived.file is None
+    assert derived.mass_exit_threshold == 0.5
+    assert derived.mass_exit_min_members == 100
+    assert explicit.property_key == "newsletter_v2"
+    assert explicit.file == base / "members.jsonl"
+    assert explicit.mass_exit_threshold == 0.25
+    assert explicit.schedule is None
+    assert settings.audience("newsletter_v2") is explicit
+    assert settings.audience("order_completed_last_30days") is derived
+
+
+def test_defaults_applied(tmp_path: Path) -> None:
+    settings = load_settings(_write(tmp_path, GIST + FILE_AUDIENCE), ENV)
+
+    gist = settings.gist
+    assert gist.base_url == "https://api.getgist.com"
+    assert gist.requests_per_second == 10.0
+    assert gist.max_concurrency == 8
+    assert gist.timeout_seconds == 30.0
+    assert gist.max_retries == 5
+    assert gist.retry_backoff_seconds == 1.0
+    assert settings.sources == {}
+    assert settings.state.url.startswith("sqlite:///")
+    assert settings.state.url.endswith("audience_sync.db")
+    assert settings.audiences[0].property_key == "newsletter_signups"
+
+
+def test_default_state_url_is_relative_to_config_folder(tmp_path: Path) -> None:
+    # config.example.toml: "Relative paths are relative to this file" and SQLite is the
+    # default state, so leaving out [state] must not put the state in the working directory.
+    settings = load_settings(_write(tmp_path / "conf", GIST + FILE_AUDIENCE), ENV)
+
+    assert settings.state.url == f"sqlite:///{(tmp_path / 'conf').resolve() / 'audience_sync.db'}"
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["sqlite://", "sqlite:///:memory:", "sqlite:////abs/state.db", "postgresql://u@h/db"],
+    ids=["sqlite-no-db", "memory", "absolute", "postgresql"],
+)
+def test_state_urls_left_alone(tmp_path: Path, url: str) -> None:
+    path = _write(tmp_path, f'[state]\nurl = "{url}"\n' + GIST + FILE_AUDIENCE)
+
+    assert load_settings(path, ENV).state.url == url
+
+
+def test_interpolation_reaches_every_string(tmp_path: Path) -> None:
+    path = _write(
+        tmp_path,
+        """
+[state]
+url = "postgresql://sync:${DB_PASSWORD}@${DB_HOST}/state"
+
+[gist]
+api_key = "${GIST_KEY}"
+base_url = "https://${GIST_HOST}/v1"
+
+[sources.wh]
+url = "postgresql://reader:${DB_PASSWORD}@${DB_HOST}/wh"
+
+[[audiences]]
+name = "${PREFIX} Buyers"
+source = "wh"
+query = "SELECT user_id, email FROM t WHERE plan = '${PLAN}' -- ${PLAN}"
+""",
+    )
+    env = {
+        **ENV,
+        "DB_PASSWORD": "pw",
+        "DB_HOST": "db.internal",
+        "GIST_HOST": "gist.test",
+        "PREFIX": "Gold",
+        "PLAN": "pro",
+    }
+
+    settings = load_settings(path, env)
+
+    assert settings.state.url == "postgresql://sync:pw@db.internal/state"
+    assert settings.gist.base_url == "https://gist.test/v1"
+    assert settings.sources["wh"].url == "postgresql://reader:pw@db.internal/wh"
+    assert settings.audiences[0].name == "Gold Buyers"
+    assert settings.audiences[0].property_key == "gold_buyers"
+    assert settings.audiences[0].query == "SELECT user_id, email FROM t WHERE plan = 'pro' -- pro"
+
+
+def test_interpolation_in_nested_lists(tmp_path: Path) -> None:
+    # No setting takes a list yet; what matters is that interpolation walks lists of
+    # lists and reports the element's path, before validation rejects the key.
+    path = _write(tmp_path, GIST + 'tags = ["${A}", ["x-${B}"]]\n' + FILE_AUDIENCE)
+
+    message = _load_error(path, {**ENV, "A": "a"})
+
+    assert "${B}" in message
+    assert "gist.tags[1][0]" in message
+    assert str(path) in message
+
+
+def test_interpolation_without_variables_leaves_dollar_text(tmp_path: Path) -> None:
+    path = _write(tmp_path, GIST + '[[audiences]]\nname = "Spent $100+"\nfile = "members.jsonl"\n')
+
+    settings = load_settings(path, ENV)
+
+    assert settings.audiences[0].name == "Spent $100+"
+    assert settings.audiences[0].property_key == "spent_100"
+
+
+def test_missing_variable_names_variable_key_and_file(tmp_path: Path) -> None:
+    path = _write(tmp_path, GIST + FILE_AUDIENCE)
+
+    message = _load_error(path, {})
+
+    assert "${GIST_KEY}" in message
+    assert "gist.api_key" in message
+    assert str(path) in message
+
+
+def test_load_settings_defaults_to_process_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("GIST_KEY", "from-os-environ")
+    settings = load_settings(_write(tmp_path, GIST + FILE_AUDIENCE))
+
+    assert settings.gist.api_key == SecretStr("from-os-environ")
+
+
+@pytest.mark.parametrize(
+    ("cli", "environ", "expected"),
+    [
+        ("cli.toml", {CONFIG_ENV: "env.toml"}, "cli.toml"),
+        (None, {CONFIG_ENV: "env.toml"}, "env.toml"),
+        (None, {}, DEFAULT_CONFIG),
+        ("", {CONFIG_ENV: "env.toml"}, "env.toml"),
+        (None, {CONFIG_ENV: ""}, DEFAULT_CONFIG),
+    ],
+    ids=["cli-beats-env", "env-beats-default", "default", "empty-cli", "empty-env"],
+)
+def test_resolve_config_path(cli: str | None, environ: dict[str, str], expected: str) -> None:
+    assert resolve_config_path(cli, environ) == Path(expected)
+
+
+def test_default_config_name() -> None:
+    assert DEFAULT_CONFIG == "audience_sync.toml"
+    assert CONFIG_ENV == "AUDIENCE_SYNC_CONFIG"
+
+
+SQL_AUDIENCE = '[sources.wh]\nurl = "sqlite:///wh.db"\n' + (
+    '[[audiences]]\nname = "Buyers"\nsource = "wh"\nquery = "SELECT 1"\n'
+)
+
+BAD_CONFIGS: list[tuple[str, str, str]] = [
+    ("unknown-top-level-key", GIST + FILE_AUDIENCE + "[colour]\nx = 1\n", "colour: unknown key"),
+    (
+        "unknown-audience-key",
+        GIST + FILE_AUDIENCE + "colour = 1\n",
+        "audiences[0] ('Newsletter Signups').colour: unknown key",
+    ),
+    (
+        "unknown-gist-key",
+        '[gist]\napi_key = "k"\napi_secret = "x"\n' + FILE_AUDIENCE,
+        "gist.api_secret: unknown key",
+    ),
+    (
+        "wrong-type",
+        GIST + 'max_concurrency = "many"\n' + FILE_AUDIENCE,
+        "gist.max_concurrency: Input should be a valid integer",
+    ),
+    (
+        "out-of-range",
+        GIST + "max_concurrency = 0\n" + FILE_AUDIENCE,
+        "gist.max_concurrency: Input should be greater than or equal to 1",
+    ),
+    ("missing-gist", FILE_AUDIENCE, "gist: Field required"),
+    ("missing-api-key", '[gist]\nbase_url = "https://x"\n' + FILE_AUDIENCE, "gist.api_key: Field"),
+    ("no-audiences", GIST, "audiences: Field required"),
+    ("empty-audiences", "audiences = []\n" + GIST, "audiences: List should have at least 1 item"),
+    (
+        "query-and-file",
+        GIST + SQL_AUDIENCE + 'file = "members.jsonl"\n',
+        "audiences[0] ('Buyers'): give either `source` + `query` or `file`, not both",
+    ),
+    (
+        "neither-query-nor-file",
+        GIST + '[[audiences]]\nname = "Buyers"\n',
+        "audiences[0] ('Buyers'): needs `source` + `query` or `file`",
+    ),
+    (
+        "source-without-query",
+        GIST + '[sources.wh]\nurl = "sqlite:///wh.db"\n[[audiences]]\nname = "B"\nsource = "wh"\n',
+        "`source` and `query` go together",
+    ),
+    (
+        "query-without-source",
+        GIST + '[[audiences]]\nname = "B"\nquery = "SELECT 1"\n',
+        "`source` and `query` go together",
+    ),
+    (
+        "undefined-source",
+        GIST + '[[audiences]]\nname = "Buyers"\nsource = "nowhere"\nquery = "SELECT 1"\n',
+        "audience 'Buyers': source 'nowhere' is not defined under [sources] (defined: none)",
+    ),
+    (
+        "missing-file",
+        GIST + '[[audiences]]\nname = "Buyers"\nfile = "absent.csv"\n',
+        "absent.csv not found",
+    ),
+    (
+        "invalid-cron",
+        GIST + SQL_AUDIENCE + 'schedule = "every tuesday"\n',
+        "schedule 'every tuesday' is not a cron expression",
+    ),
+    (
+        "invalid-explicit-key",
+        GIST + FILE_AUDIENCE + 'key = "Bad-Key"\n',
+        "key 'Bad-Key' must match ^[a-z0-9_]+$",
+    ),
+    (
+        "empty-derived-key",
+        GIST + '[[audiences]]\nname = "顧客"\nfile = "members.jsonl"\n',
+        "gives an empty property key; set `key` explicitly",
+    ),
+    (
+        "empty-name",
+        GIST + '[[audiences]]\nname = ""\nfile = "members.jsonl"\n',
+        "audiences[0].name: String should have at least 1 character",
+    ),
+    (
+        "colliding-keys",
+        GIST
+        + FILE_AUDIENCE
+        + '[[audiences]]\nname = "newsletterSignups"\nfile = "members.jsonl"\n',
+        "audiences 'Newsletter Signups' and 'newsletterSignups' both use the property key",
+    ),
+    (
+        "explicit-key-collides",
+        GIST + FILE_AUDIENCE + SQL_AUDIENCE + 'key = "newsletter_signups"\n',
+        "audiences 'Newsletter Signups' and 'Buyers' both use the property key",
+    ),
+    (
+        "bad-source-url",
+        GIST + '[sources.x]\nurl = "not a url"\n' + FILE_AUDIENCE,
+        "sources.x.url: '<unparseable URL>' is not a SQLAlchemy URL",
+    ),
+    (
+        "bad-state-url",
+        '[state]\nurl = "not a url"\n' + GIST + FILE_AUDIENCE,
+        "state.url: '<unparseable URL>' is not a SQLAlchemy URL",
+    ),
+    ("invalid-toml", GIST + "[[audiences]\nname = \n", "invalid TOML"),
+]
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [(text, fragment) for _, text, fragment in BAD_CONFIGS],
+    ids=[case_id for case_id, _, _ in BAD_CONFIGS],
+)
+def test_bad_config(tmp_path: Path, text: str, fragment: str) -> None:
+    path = _write(tmp_path, text)
+
+    message = _load_error(path)
+
+    assert str(path) in message
+    assert fragment in message
+
+
+def test_config_file_not_found(tmp_path: Path) -> None:
+    path = tmp_path / "nope.toml"
+
+    message = _load_error(path)
+
+    assert str(path) in message
+    assert "config file not found" in message
+
+
+def test_config_file_not_utf8(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.toml"
+    path.write_bytes(b'[gist]\napi_key = "caf\xe9"\n')
+
+    message = _load_error(path)
+
+    assert str(path) in message
+    assert "cannot read config file" in message
+
+
+@pytest.mark.parametrize(
+    ("url", "hidden", "expected"),
+    [
+        ("postgresql://u:secret@h/db", "secret", "postgresql://u:***@h/db"),
+        (
+            "postgresql+psycopg://u:p%40ss@h:5432/db",
+            "p%40ss",
+            "postgresql+psycopg://u:***@h:5432/db",
+        ),
+        ("sqlite:///x.db", None, "sqlite:///x.db"),
+        ("u:secret@h/db", "secret", "<unparseable URL>"),
+        ("postgresql://u:secret@h:port/db", "secret", "<unparseable URL>"),
+    ],
+    ids=["password", "escaped-password", "no-password", "no-scheme", "bad-port"],
+)
+def test_redact_url(url: str, hidden: str | None, expected: str) -> None:
+    shown = redact_url(url)
+
+    assert shown == expected
+    if hidden is not None:
+        assert hidden not in shown
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["u:hunter2@db.internal/app", "postgresql://u:hunter2@db.internal:port/app"],
+    ids=["no-scheme", "bad-port"],
+)
+def test_bad_source_url_error_hides_password(tmp_path: Path, url: str) -> None:
+    path = _write(tmp_path, GIST + f'[sources.wh]\nurl = "{url}"\n' + FILE_AUDIENCE)
+
+    message = _load_error(path)
+
+    assert str(path) in message
+    assert "sources.wh.url" in message
+    assert "hunter2" not in message
+
+
+def test_interpolated_password_not_in_unrelated_error(tmp_path: Path) -> None:
+    path = _write(
+        tmp_path,
+        GIST
+        + '[sources.wh]\nurl = "postgresql://u:${DB_PASSWORD}@h/db"\n'
+        + '[[audiences]]\nname = "B"\nsource = "wh"\nquery = "SELECT 1"\nschedule = "nope"\n',
+    )
+
+    message = _load_error(path, {**ENV, "DB_PASSWORD": "hunter2"})
+
+    assert "not a cron expression" in message
+    assert "hunter2" not in message
+    assert "gist-SECRET-key" not in message
+
+
+def _two_audience_settings(tmp_path: Path) -> Settings:
+    text = GIST + FILE_AUDIENCE + '[[audiences]]\nname = "VIP"\nfile = "members.jsonl"\n'
+    return load_settings(_write(tmp_path, text), ENV)
+
+
+def test_audience_lookup_unknown_key_lists_configured(tmp_path: Path) -> None:
+    settings = _two_audience_settings(tmp_path)
+
+    with pytest.raises(ConfigError) as info:
+        settings.audience("vips")
+
+    message = str(info.value)
+    assert "'vips'" in message
+    assert "newsletter_signups, vip" in message
+    assert str(settings.path) in message
+
+
+def test_settings_are_frozen(tmp_path: Path) -> None:
+    settings = _two_audience_settings(tmp_path)
+
+    with pytest.raises(ValueError, match="frozen"):
+        settings.gist.max_retries = 1  # type: ignore[misc]

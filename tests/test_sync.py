@@ -1,0 +1,385 @@
+"""The sync engine end to end: sources → state DB → the loopback fake Gist → history."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine, func, select
+
+from audience_sync import lease
+from audience_sync.fakegist import FakeGist
+from audience_sync.models import member_changes, memberships, rejected_rows, sync_runs
+from audience_sync.sync import RunResult, exit_code, run_once, utcnow
+from tests.conftest import Workspace, write_members
+
+KEY = "order_completed_last_30days"
+
+
+def sync(workspace: Workspace, engine: Engine, **options: Any) -> list[RunResult]:
+    return run_once(workspace.settings(), engine, **options)
+
+
+def acknowledged(engine: Engine, key: str = KEY) -> set[str]:
+    with engine.connect() as connection:
+        return set(
+            connection.scalars(
+                select(memberships.c.user_id).where(memberships.c.audience_key == key)
+            )
+        )
+
+
+def in_gist(gist: FakeGist, key: str = KEY) -> set[str]:
+    return {user for user, value in gist.properties(key).items() if value is True}
+
+
+def users(*numbers: int) -> set[str]:
+    return {f"u{n}" for n in numbers}
+
+
+def test_first_run_sends_every_member_then_only_changes(
+    workspace: Workspace, engine: Engine, gist: FakeGist
+) -> None:
+    source = workspace.add_file_audience("Order Completed Last 30days")
+    write_members(source, range(10))
+
+    [first] = sync(workspace, engine)
+    assert (first.status, first.entered, first.exited, first.delivered) == ("succeeded", 10, 0, 10)
+    assert len(gist.requests("/contacts")) == 10
+    body = gist.requests("/contacts")[0].body
+    assert set(body) == {"user_id", "email", "custom_properties"}
+    assert body["custom_properties"] == {KEY: True}
+
+    gist.clear_log()
+    [unchanged] = sync(workspace, engine)
+    assert (unchanged.status, unchanged.entered, unchanged.exited) == ("succeeded", 0, 0)
+    assert gist.requests() == []
+
+    write_members(source, [*range(2, 10), 10, 11])  # u0, u1 leave; u10, u11 join
+    [changed] = sync(workspace, engine)
+    assert (changed.entered, changed.exited, changed.delivered) == (2, 2, 4)
+    sent = {r.body["user_id"]: r.body["custom_properties"][KEY] for r in gist.requests()}
+    assert sent == {"u0": False, "u1": False, "u10": True, "u11": True}
+    assert acknowledged(engine) == in_gist(gist) == users(*range(2, 12))
+
+
+def test_user_changed_in_several_audiences_gets_one_request(
+    workspace: Workspace, engine: Engine, gist: FakeGist
+) -> None:
+    vip = workspace.add_file_audience("VIP Customers")
+    news = workspace.add_file_audience("Newsletter Signups")
+    write_members(vip, [1, 2])
+    write_members(news, [2, 3])
+
+    results = sync(workspace, engine)
+
+    assert [r.status for r in results] == ["succeeded", "succeeded"]
+    bodies = {r.body["user_id"]: r.body["custom_properties"] for r in gist.requests()}
+    assert len(gist.requests()) == 3
+    assert bodies["u2"] == {"vip_customers": True, "newsletter_signups": True}
+    gist.clear_log()
+    write_members(vip, [1])
+    write_members(news, [3])
+    sync(workspace, engine)
+    [request] = gist.requests()
+    assert request.body["custom_properties"] == {
+        "vip_customers": False,
+        "newsletter_signups": False,
+    }
+
+
+def test_failure_half_way_loses_nothing(
+    workspace: Workspace, engine: Engine, gist: FakeGist
+) -> None:
+    source = workspace.add_file_audience("Order Completed Last 30days")
+    write_members(source, range(40))
+    gist.fail_after(15, 503)  # Gist goes down after 15 acknowledged updates
+
+    [broken] = sync(workspace, engine)
+
+    assert broken.status == "failed"
+    assert "Gist unavailable" in (broken.error or "")
+    # The invariant: memberships holds exactly what Gist acknowledged, nothing more.
+    assert acknowledged(engine) == in_gist(gist)
+    assert len(in_gist(gist)) == 15
+
+    gist.reset_faults()
+    [repaired] = sync(workspace, engine)
+
+    assert repaired.status == "succeeded"
+    assert repaired.entered == 25
+    assert acknowledged(engine) == in_gist(gist) == users(*range(40))
+    gist.clear_log()
+    [idle] = sync(workspace, engine)
+    assert (idle.entered, idle.exited, gist.requests()) == (0, 0, [])
+
+
+def test_permanent_error_fails_that_member_only_and_is_retried_next_run(
+    workspace: Workspace, engine: Engine, gist: FakeGist
+) -> None:
+    source = workspace.add_file_audience("Order Completed Last 30days")
+    write_members(source, range(5))
+    gist.fail_user("u3", 422, "Email is invalid")
+
+    [partial] = sync(workspace, engine)
+
+    assert (partial.status, partial.delivered, partial.failed) == ("partial", 4, 1)
+    assert exit_code([partial]) == 1
+    with engine.connect() as connection:
+        change = connection.execute(
+            select(member_changes).where(member_changes.c.status == "failed")
+        ).one()
+    assert (change.user_id, change.http_status) == ("u3", 422)
+    assert "Email is invalid" in change.last_error
+    assert change.attempts == 1  # a 4xx is not retried
+    assert acknowledged(engine) == users(0, 1, 2, 4)
+
+    gist.reset_faults()
+    [retried] = sync(workspace, engine)
+    assert (retried.status, retried.entered, retried.delivered) == ("succeeded", 1, 1)
+    assert acknowledged(engine) == in_gist(gist) == users(*range(5))
+
+
+@pytest.mark.parametrize("status", [401, 403], ids=["unauthorized", "forbidden"])
+def test_auth_failure_stops_the_run_at_once(
+    workspace: Workspace, engine: Engine, gist: FakeGist, status: int
+) -> None:
+    workspace.gist_options["max_concurrency"] = 1
+    workspace.write_config()
+    source = workspace.add_file_audience("Order Completed Last 30days")
+    write_members(source, range(30))
+    gist.fail_after(5, status, message="Invalid API key")
+
+    [run] = sync(workspace, engine)
+
+    assert run.status == "failed"
+    assert "API key" in (run.error or "")
+    assert len(gist.requests()) == 6  # five acknowledged, one refused, then nothing
+    assert run.delivered == 5
+    assert acknowledged(engine) == in_gist(gist)
+    with engine.connect() as connection:
+        pending = connection.scalar(
+            select(func.count()).where(member_changes.c.status == "pending")
+        )
+    assert pending == 25
+
+
+@pytest.mark.parametrize(
+    "fault",
+    [
+        pytest.param(lambda g: g.fail_next(2, 429, retry_after="0"), id="429-retry-after"),
+        pytest.param(lambda g: g.fail_next(3, 503), id="503-burst"),
+        pytest.param(lambda g: g.drop_next(2), id="dropped-connections"),
+    ],
+)
+def test_transient_faults_are_retried(
+    workspace: Workspace, engine: Engine, gist: FakeGist, fault: Any
+) -> None:
+    source = workspace.add_file_audience("Order Completed Last 30days")
+    write_members(source, range(6))
+    fault(gist)
+
+    [run] = sync(workspace, engine)
+
+    assert (run.status, run.delivered) == ("succeeded", 6)
+    assert in_gist(gist) == acknowledged(engine) == users(*range(6))
+
+
+def test_timeouts_are_retried(workspace: Workspace, engine: Engine, gist: FakeGist) -> None:
+    workspace.gist_options.update(timeout_seconds=0.2, max_retries=1)
+    workspace.write_config()
+    source = workspace.add_file_audience("Order Completed Last 30days")
+    write_members(source, [1])
+    gist.latency = 0.5
+
+    [run] = sync(workspace, engine)
+
+    assert run.status == "failed"
+    assert "timed out" in (run.error or "")
+    assert acknowledged(engine) == set()
+    gist.latency = 0
+    [again] = sync(workspace, engine)
+    assert again.status == "succeeded"
+    assert acknowledged(engine) == users(1)
+
+
+def test_mass_exit_guard_stops_one_audience_and_not_the_others(
+    workspace: Workspace, engine: Engine, gist: FakeGist
+) -> None:
+    big = workspace.add_file_audience("Order Completed Last 30days")
+    other = workspace.add_file_audience("Newsletter Signups")
+    write_members(big, range(120))
+    write_members(other, [1])
+    sync(workspace, engine)
+    gist.clear_log()
+
+    write_members(big, range(50))  # 70 of 120 would leave: 58% > 50%
+    write_members(other, [1, 2])
+    guarded, synced = sync(workspace, engine)
+
+    assert guarded.status == "guarded"
+    assert "--allow-mass-exit" in (guarded.error or "")
+    assert synced.status == "succeeded"
+    assert exit_code([guarded, synced]) == 1
+    assert [r.body["user_id"] for r in gist.requests()] == ["u2"]
+    assert len(acknowledged(engine)) == 120
+
+    [allowed] = sync(workspace, engine, keys=[KEY], allow_mass_exit=True)
+    assert (allowed.status, allowed.exited) == ("succeeded", 70)
+    assert acknowledged(engine) == in_gist(gist) == users(*range(50))
+
+
+def test_guard_threshold_is_configurable(
+    workspace: Workspace, engine: Engine, gist: FakeGist
+) -> None:
+    source = workspace.add_file_audience(
+        "Order Completed Last 30days", mass_exit_threshold=0.1, mass_exit_min_members=5
+    )
+    write_members(source, range(10))
+    sync(workspace, engine)
+    write_members(source, range(8))  # 20% > 10%
+    [run] = sync(workspace, engine)
+    assert run.status == "guarded"
+
+
+def test_small_audience_can_empty_without_guard(
+    workspace: Workspace, engine: Engine, gist: FakeGist
+) -> None:
+    source = workspace.add_file_audience("Order Completed Last 30days")
+    write_members(source, range(10))
+    sync(workspace, engine)
+    write_members(source, [])
+    [run] = sync(workspace, engine)
+    assert (run.status, run.exited) == ("succeeded", 10)
+    assert in_gist(gist) == set()
+
+
+def test_duplicates_collapse_and_bad_rows_are_recorded(
+    workspace: Workspace, engine: Engine, gist: FakeGist
+) -> None:
+    source = workspace.add_file_audience("Order Completed Last 30days")
+    rows: list[Any] = [1, 1, 2, ("u2", "second@example.com"), 3]
+    rows += [("", "x@example.com"), ("u9", None), ("u8", "nope"), (None, None)]
+    write_members(source, rows)
+
+    [run] = sync(workspace, engine)
+
+    assert (run.source_rows, run.members, run.rejected, run.delivered) == (9, 3, 4, 3)
+    assert run.status == "succeeded"
+    assert gist.contacts()["u2"]["email"] == "u2@example.com"  # the first row wins
+    with engine.connect() as connection:
+        reasons = dict(
+            connection.execute(select(rejected_rows.c.row_number, rejected_rows.c.reason)).all()
+        )
+    assert reasons == {
+        6: "missing user_id",
+        7: "missing email",
+        8: "invalid email",
+        9: "missing user_id",
+    }
+
+
+def test_dry_run_sends_and_records_nothing_acknowledged(
+    workspace: Workspace, engine: Engine, gist: FakeGist
+) -> None:
+    source = workspace.add_file_audience("Order Completed Last 30days")
+    write_members(source, range(3))
+    [run] = sync(workspace, engine, dry_run=True)
+    assert (run.kind, run.status, run.entered) == ("dry-run", "succeeded", 3)
+    assert gist.requests() == []
+    assert acknowledged(engine) == set()
+    [real] = sync(workspace, engine)
+    assert real.delivered == 3
+
+
+def test_source_error_fails_that_audience_and_sends_nothing_for_it(
+    workspace: Workspace, engine: Engine, gist: FakeGist
+) -> None:
+    source = workspace.add_file_audience("Order Completed Last 30days")
+    write_members(source, range(3))
+    sync(workspace, engine)
+    source.write_text('{"user_id": "u1", "email": "u1@example.com"}\n{broken\n')
+
+    [run] = sync(workspace, engine)
+
+    assert run.status == "failed"
+    assert "line 2" in (run.error or "")
+    assert acknowledged(engine) == users(0, 1, 2)  # never `false` because of a broken source
+
+
+def test_held_lease_skips_the_audience(
+    workspace: Workspace, engine: Engine, gist: FakeGist
+) -> None:
+    source = workspace.add_file_audience("Order Completed Last 30days")
+    write_members(source, [1])
+    lease.acquire(engine, KEY, "other-host:1:abcd", utcnow())
+
+    [run] = sync(workspace, engine)
+
+    assert run.status == "skipped"
+    assert "other-host:1:abcd" in (run.error or "")
+    assert exit_code([run]) == 3
+    assert gist.requests() == []
+
+
+def test_lease_of_a_dead_process_expires(
+    workspace: Workspace, engine: Engine, gist: FakeGist
+) -> None:
+    source = workspace.add_file_audience("Order Completed Last 30days")
+    write_members(source, [1])
+    stale = utcnow() - timedelta(seconds=lease.LEASE_SECONDS + 1)
+    lease.acquire(engine, KEY, "dead-host:1:abcd", stale)
+
+    [run] = sync(workspace, engine)
+
+    assert (run.status, run.delivered) == ("succeeded", 1)
+
+
+def test_run_left_running_by_a_crash_is_marked_interrupted(
+    workspace: Workspace, engine: Engine, gist: FakeGist
+) -> None:
+    source = workspace.add_file_audience("Order Completed Last 30days")
+    write_members(source, [1])
+    [first] = sync(workspace, engine)
+    with engine.begin() as connection:
+        connection.execute(sync_runs.update().values(status="running", finished_at=None))
+    sync(workspace, engine)
+    with engine.connect() as connection:
+        status = connection.scalar(select(sync_runs.c.status).where(sync_runs.c.id == first.run_id))
+    assert status == "interrupted"
+
+
+def test_sql_source(workspace: Workspace, engine: Engine, gist: FakeGist) -> None:
+    warehouse = workspace.root / "warehouse.db"
+    import sqlite3
+
+    connection = sqlite3.connect(warehouse)
+    connection.executescript(
+        "CREATE TABLE users (id INTEGER, mail TEXT);"
+        "INSERT INTO users VALUES (1, 'a@example.com'), (2, 'b@example.com'), (3, NULL);"
+    )
+    connection.commit()
+    connection.close()
+    workspace.add_sql_audience(
+        "Order Completed Last 30days",
+        f"sqlite:///{warehouse}",
+        "SELECT id AS user_id, mail AS email FROM users",
+    )
+
+    [run] = sync(workspace, engine)
+
+    assert (run.members, run.rejected, run.delivered) == (2, 1, 2)
+    assert in_gist(gist) == {"1", "2"}
+
+
+def test_exit_codes() -> None:
+    def result(status: str) -> RunResult:
+        return RunResult("k", "K", "run", status)
+
+    assert exit_code([result("succeeded")]) == 0
+    assert exit_code([]) == 0
+    assert exit_code([result("succeeded"), result("skipped")]) == 3
+    assert exit_code([result("skipped"), result("partial")]) == 1
+    for status in ("partial", "failed", "guarded", "interrupted"):
+        assert exit_code([result(status)]) == 1
