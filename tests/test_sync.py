@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from datetime import timedelta
 from typing import Any
 
@@ -10,7 +11,13 @@ from sqlalchemy import Engine, func, select
 
 from audience_sync import lease
 from audience_sync.fakegist import FakeGist
-from audience_sync.models import member_changes, memberships, rejected_rows, sync_runs
+from audience_sync.models import (
+    member_changes,
+    memberships,
+    rejected_rows,
+    staged_members,
+    sync_runs,
+)
 from audience_sync.sync import RunResult, exit_code, run_once, utcnow
 from tests.conftest import Workspace, write_members
 
@@ -383,3 +390,58 @@ def test_exit_codes() -> None:
     assert exit_code([result("skipped"), result("partial")]) == 1
     for status in ("partial", "failed", "guarded", "interrupted"):
         assert exit_code([result(status)]) == 1
+
+
+def test_snapshot_of_a_run_that_died_while_staging_is_cleared(
+    workspace: Workspace, engine: Engine, gist: FakeGist
+) -> None:
+    source = workspace.add_file_audience("Order Completed Last 30days")
+    write_members(source, [1])
+    [first] = sync(workspace, engine)
+    with engine.begin() as connection:
+        connection.execute(sync_runs.update().values(status="running"))
+        connection.execute(
+            staged_members.insert().values(run_id=first.run_id, user_id="x", email="x@example.com")
+        )
+    sync(workspace, engine)
+    with engine.connect() as connection:
+        assert connection.scalar(select(func.count()).select_from(staged_members)) == 0
+
+
+def test_rate_limit_and_concurrency_bound_delivery(
+    workspace: Workspace, engine: Engine, gist: FakeGist
+) -> None:
+    workspace.gist_options.update(requests_per_second=20, max_concurrency=8)
+    workspace.write_config()
+    source = workspace.add_file_audience("Order Completed Last 30days")
+    write_members(source, range(21))
+
+    started = time.monotonic()
+    sync(workspace, engine)
+    paced = time.monotonic() - started
+
+    # 21 requests at 20/s: the first goes at once, the last no sooner than 1 s later.
+    stamps = [r.at for r in gist.requests()]
+    assert max(stamps) - min(stamps) >= 0.95
+    assert paced >= 0.95
+
+    workspace.gist_options.update(requests_per_second=1000, max_concurrency=2)
+    workspace.write_config()
+    write_members(source, range(27))
+    gist.latency = 0.2
+    started = time.monotonic()
+    sync(workspace, engine)
+    # 6 new members, 2 at a time, 0.2 s each: at least three rounds.
+    assert time.monotonic() - started >= 0.6
+
+
+def test_retry_after_is_honoured(workspace: Workspace, engine: Engine, gist: FakeGist) -> None:
+    source = workspace.add_file_audience("Order Completed Last 30days")
+    write_members(source, [1])
+    gist.fail_next(1, 429, retry_after="1")
+
+    [run] = sync(workspace, engine)
+
+    first, second = gist.requests()
+    assert (first.status, second.status, run.status) == (429, 200, "succeeded")
+    assert second.at - first.at >= 0.95

@@ -9,14 +9,14 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
 import httpx
-from sqlalchemy import Engine, func, select, update
+from sqlalchemy import Engine, delete, func, select, update
 
 from audience_sync import lease
 from audience_sync.config import AudienceConfig, Settings
 from audience_sync.delivery import Deliverer
 from audience_sync.errors import LockHeldError, SourceError
 from audience_sync.gist import GistClient, make_http_client
-from audience_sync.models import audiences
+from audience_sync.models import audiences, staged_members
 from audience_sync.models import member_changes as changes
 from audience_sync.models import sync_runs as runs
 from audience_sync.plan import clear_staging, load_diff, save_plan, stage_source
@@ -131,7 +131,10 @@ def _prepare(
     source = source_for(settings, audience)
     now = clock()
     with engine.begin() as connection:
-        # We hold the lease, so any run of this audience still marked running is dead.
+        # We hold the lease, so any run of this audience still marked running is dead;
+        # its snapshot, if it died while staging, goes with it.
+        dead = select(runs.c.id).where(runs.c.audience_key == key, runs.c.status == "running")
+        connection.execute(delete(staged_members).where(staged_members.c.run_id.in_(dead)))
         connection.execute(
             update(runs)
             .where(runs.c.audience_key == key, runs.c.status == "running")
