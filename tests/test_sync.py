@@ -250,16 +250,22 @@ def test_guard_threshold_is_configurable(
     assert run.status == "guarded"
 
 
-def test_small_audience_can_empty_without_guard(
+def test_small_audience_may_shrink_but_not_empty_without_permission(
     workspace: Workspace, engine: Engine, gist: FakeGist
 ) -> None:
     source = workspace.add_file_audience("Order Completed Last 30days")
     write_members(source, range(10))
     sync(workspace, engine)
-    write_members(source, [])
-    [run] = sync(workspace, engine)
-    assert (run.status, run.exited) == ("succeeded", 10)
-    assert in_gist(gist) == set()
+    write_members(source, [9])  # 90% leave, but the audience is under 100: no guard
+    [shrunk] = sync(workspace, engine)
+    assert (shrunk.status, shrunk.exited) == ("succeeded", 9)
+    write_members(source, [])  # an empty source is guarded at any size
+    [empty] = sync(workspace, engine)
+    assert (empty.status, empty.exited) == ("guarded", 1)
+    assert in_gist(gist) == users(9)
+    [allowed] = sync(workspace, engine, allow_mass_exit=True)
+    assert (allowed.status, allowed.exited) == ("succeeded", 1)
+    assert in_gist(gist) == acknowledged(engine) == set()
 
 
 def test_duplicates_collapse_and_bad_rows_are_recorded(

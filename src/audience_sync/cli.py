@@ -10,10 +10,13 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict
+from types import FrameType
 from typing import Any
 
 from sqlalchemy import Engine
@@ -143,13 +146,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_run(args: argparse.Namespace) -> int:
     settings = _settings(args)
-    with _state(settings) as engine:
+    with _state(settings) as engine, _stop_on_signals() as stop:
         results = run_once(
             settings,
             engine,
             args.audience,
             dry_run=args.dry_run,
             allow_mass_exit=args.allow_mass_exit,
+            stop=stop,
         )
     if args.json:
         print(json.dumps([asdict(r) for r in results], indent=2))
@@ -255,6 +259,31 @@ def _cell(value: Any) -> str:
 
 def _settings(args: argparse.Namespace) -> Settings:
     return load_settings(resolve_config_path(args.config, os.environ))
+
+
+@contextmanager
+def _stop_on_signals() -> Iterator[threading.Event]:
+    """SIGTERM or Ctrl-C asks the run to stop gracefully; a second one stops it at once."""
+    stop = threading.Event()
+
+    def handle(signum: int, _frame: FrameType | None) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        logging.getLogger(__name__).warning(
+            "%s: finishing requests in flight, then stopping (again to stop now)",
+            signal.Signals(signum).name,
+        )
+        stop.set()
+
+    if threading.current_thread() is not threading.main_thread():
+        yield stop  # signal handlers can only be installed from the main thread
+        return
+    previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield stop
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 @contextmanager

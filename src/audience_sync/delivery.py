@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -31,7 +32,8 @@ from audience_sync.models import memberships
 log = logging.getLogger(__name__)
 
 PAGE_ROWS = 2000  # pending changes read per page, ordered by user
-ACK_BATCH = 500  # results saved per transaction
+ACK_BATCH = 200  # results saved per transaction, at most...
+ACK_SECONDS = 1.0  # ...and at least this often
 MAX_BACKOFF = 60.0
 MAX_RETRY_AFTER = 600.0
 
@@ -82,6 +84,7 @@ class DeliveryReport:
 
     requests: int = 0
     error: str | None = None
+    interrupted: bool = False  # stopped on request rather than by a failure
 
 
 def iter_updates(engine: Engine, run_ids: Sequence[int]) -> Iterator[UserUpdate]:
@@ -208,24 +211,32 @@ class Deliverer:
         self._results: list[Result] = []
         self._report = DeliveryReport()
         self._crash: Exception | None = None
+        self._next_flush = time.monotonic() + ACK_SECONDS
 
     async def run(self, run_ids: Sequence[int]) -> DeliveryReport:
-        """Deliver every pending change of ``run_ids``; stop early on auth or outage."""
+        """Deliver every pending change of ``run_ids``.
+
+        Stops early, cancelling what is in flight, when Gist refuses the key or stays down;
+        stops gracefully, letting in-flight requests finish and be recorded, when
+        ``should_stop`` gives a reason (a signal, a lost lease).
+        """
         slots = asyncio.Semaphore(self._config.max_concurrency)
         in_flight: set[asyncio.Task[None]] = set()
         for update in iter_updates(self._engine, run_ids):
             await slots.acquire()
-            if self._report.error is None:
-                self._report.error = self._should_stop()
+            if self._report.error is None and (reason := self._should_stop()):
+                log.warning("stopping: %s; letting %d requests finish", reason, len(in_flight))
+                self._report.error, self._report.interrupted = reason, True
             if self._report.error is not None:
                 slots.release()
                 break
             task = asyncio.create_task(self._send(update, slots))
             in_flight.add(task)
             task.add_done_callback(in_flight.discard)
-            if len(self._results) >= ACK_BATCH:
+            # Acknowledgements are saved often: after a kill -9 only these are sent again.
+            if len(self._results) >= ACK_BATCH or time.monotonic() >= self._next_flush:
                 self._flush()
-        if self._report.error is not None:
+        if self._report.error is not None and not self._report.interrupted:
             for task in in_flight:
                 task.cancel()
         await asyncio.gather(*in_flight, return_exceptions=True)
@@ -284,6 +295,7 @@ class Deliverer:
             self._report.error = reason
 
     def _flush(self) -> None:
+        self._next_flush = time.monotonic() + ACK_SECONDS
         results, self._results = self._results, []
         if results:
             save_results(self._engine, results, self._clock())

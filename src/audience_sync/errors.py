@@ -5,6 +5,7 @@ AudienceSyncError
 ├── StateError             the state database is unusable or behind its migrations (exit 2)
 ├── SourceError            an audience's source could not be read (that run fails)
 ├── LockHeldError          another process holds an audience's lease (exit 3)
+├── StopRequestedError     a signal asked the run to stop (run ends `interrupted`)
 └── ApiError               Gist answered something other than 2xx, or not at all
     ├── RetriableApiError  429, 5xx, timeouts, dropped connections: try again later
     └── FatalApiError      other 4xx: this change cannot be delivered as it is
@@ -37,6 +38,10 @@ class LockHeldError(AudienceSyncError):
         super().__init__(f"audience {audience_key!r} is being synced by {owner}")
         self.audience_key = audience_key
         self.owner = owner
+
+
+class StopRequestedError(AudienceSyncError):
+    """A stop was requested (SIGTERM, Ctrl-C) while the run was under way."""
 
 
 class ApiError(AudienceSyncError):

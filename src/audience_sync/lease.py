@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import threading
@@ -15,31 +16,48 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from audience_sync.errors import LockHeldError
 from audience_sync.models import leases
 
+log = logging.getLogger(__name__)
+
 LEASE_SECONDS = 60
 
 Clock = Callable[[], datetime]
 
 
 def new_owner() -> str:
-    """A name for this process's leases: host, pid and a random tag."""
-    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    """A name for this process's leases: ``host/pid-namespace:pid:random-tag``."""
+    return f"{socket.gethostname()}/{_pid_namespace()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
-def acquire(engine: Engine, audience_key: str, owner: str, now: datetime) -> None:
+def acquire(engine: Engine, audience_key: str, owner: str, now: datetime) -> str | None:
     """Take the audience's lease, or raise LockHeldError when a live lease belongs to another.
 
     A lease expires ``LEASE_SECONDS`` after its last renewal, so a process killed with
-    ``kill -9`` blocks others for at most that long.
+    ``kill -9`` blocks others for at most that long; on the same machine a dead holder is
+    recognised at once. Returns the previous owner when it took over an expired or dead
+    holder's lease, else None.
     """
     expires = now + timedelta(seconds=LEASE_SECONDS)
     with engine.begin() as connection:
-        taken = connection.execute(
-            update(leases)
-            .where(leases.c.audience_key == audience_key, leases.c.expires_at < now)
-            .values(owner=owner, acquired_at=now, expires_at=expires)
-        ).rowcount
-        if taken:
-            return
+        held = connection.execute(
+            select(leases.c.owner, leases.c.expires_at).where(leases.c.audience_key == audience_key)
+        ).first()
+        if held is not None:
+            if held.expires_at >= now and not is_dead_local_owner(held.owner):
+                raise LockHeldError(audience_key, held.owner)
+            # Compare-and-swap on the old holder, so of two takers only one wins.
+            taken = connection.execute(
+                update(leases)
+                .where(
+                    leases.c.audience_key == audience_key,
+                    leases.c.owner == held.owner,
+                    leases.c.expires_at == held.expires_at,
+                )
+                .values(owner=owner, acquired_at=now, expires_at=expires)
+            ).rowcount
+            if not taken:
+                raise LockHeldError(audience_key, "another process")
+            log.warning("%s: took over the lease of %s (expired or dead)", audience_key, held.owner)
+            return str(held.owner)
     try:
         with engine.begin() as connection:
             connection.execute(
@@ -48,11 +66,34 @@ def acquire(engine: Engine, audience_key: str, owner: str, now: datetime) -> Non
                 )
             )
     except IntegrityError:
-        with engine.connect() as connection:
-            holder = connection.scalar(
-                select(leases.c.owner).where(leases.c.audience_key == audience_key)
-            )
-        raise LockHeldError(audience_key, holder or "another process") from None
+        raise LockHeldError(audience_key, "another process") from None
+    return None
+
+
+def is_dead_local_owner(owner: str) -> bool:
+    """True when ``owner`` names a process of this machine (and pid namespace) that is gone."""
+    try:
+        place, pid_text, _tag = owner.rsplit(":", 2)
+        pid = int(pid_text)
+    except ValueError:
+        return False
+    if place != f"{socket.gethostname()}/{_pid_namespace()}" or place.endswith("/?"):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False  # alive, owned by another user
+    return False
+
+
+def _pid_namespace() -> str:
+    # Containers may share a host name but not a pid space: only trust a pid in our own.
+    try:
+        return str(os.stat("/proc/self/ns/pid").st_ino)
+    except OSError:
+        return "?"
 
 
 def renew(engine: Engine, keys: Iterable[str], owner: str, now: datetime) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +24,7 @@ from sqlalchemy import insert as generic_insert
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
+from audience_sync.errors import StopRequestedError
 from audience_sync.models import member_changes as changes
 from audience_sync.models import memberships, rejected_rows, staged_members
 from audience_sync.sources import Source, SourceRow
@@ -52,12 +54,14 @@ class Diff:
     exited: int
 
     def is_mass_exit(self, threshold: float, min_members: int) -> bool:
-        """True when the exits exceed ``threshold`` of an audience of ``min_members``+."""
-        return (
-            self.acknowledged >= min_members
-            and self.acknowledged > 0
-            and self.exited / self.acknowledged > threshold
-        )
+        """True when the exits exceed ``threshold`` of an audience of ``min_members``+,
+        or when a source that had members now returns none at all (a broken query's
+        favourite symptom), whatever the audience's size."""
+        if self.acknowledged == 0:
+            return False
+        if self.members == 0:
+            return True
+        return self.acknowledged >= min_members and self.exited / self.acknowledged > threshold
 
 
 def check_row(row: SourceRow) -> tuple[str, str] | str:
@@ -84,10 +88,14 @@ def check_row(row: SourceRow) -> tuple[str, str] | str:
     return user_id, email
 
 
-def stage_source(engine: Engine, run_id: int, source: Source) -> StageResult:
+def stage_source(
+    engine: Engine, run_id: int, source: Source, should_stop: Callable[[], bool] = lambda: False
+) -> StageResult:
     """Stream ``source`` into ``staged_members`` in chunks; a duplicate user keeps its first row."""
     total = rejected = 0
     for chunk in source.read_chunks():
+        if should_stop():
+            raise StopRequestedError("stopped by a signal while reading the source")
         members: dict[str, str] = {}
         bad: list[dict[str, Any]] = []
         for row in chunk:

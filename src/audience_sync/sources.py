@@ -19,6 +19,9 @@ from audience_sync.errors import SourceError
 
 REQUIRED_COLUMNS = ("user_id", "email")
 CHUNK_SIZE = 5000
+# Python's csv stops at 128 KiB per field; allow more so an oversized value becomes a
+# rejected row with a reason instead of failing the whole file.
+csv.field_size_limit(16 * 1024 * 1024)
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,13 +52,20 @@ class SqlSource:
         self.description = f"{name}: {redact_url(url)}"
 
     def read_chunks(self, chunk_size: int = CHUNK_SIZE) -> Iterator[list[SourceRow]]:
-        engine = create_engine(normalize_url(self.url))
-        event.listen(engine, "begin", _read_only)
+        engine = None
         try:
+            # Inside the try: an unknown dialect or a missing driver is this source's failure
+            # (the run fails, the others go on), not a crash of the whole sync.
+            engine = create_engine(normalize_url(self.url))
+            event.listen(engine, "begin", _read_only)
             with engine.connect() as connection:
-                result = connection.execution_options(
-                    stream_results=True, yield_per=chunk_size
-                ).execute(text(self.query))
+                # Options on the query alone: set on the connection, they would also wrap
+                # _read_only's statement in a server-side cursor (DECLARE ... CURSOR FOR SET
+                # is a syntax error on PostgreSQL, so every PostgreSQL source failed).
+                result = connection.execute(
+                    text(self.query),
+                    execution_options={"stream_results": True, "yield_per": chunk_size},
+                )
                 if not result.returns_rows:
                     raise SourceError(f"{self.description}: the query returned no result set")
                 columns = list(result.keys())
@@ -75,8 +85,11 @@ class SqlSource:
                     yield chunk
         except SQLAlchemyError as exc:
             raise SourceError(f"{self.description}: query failed: {_first_line(exc)}") from exc
+        except ImportError as exc:
+            raise SourceError(f"{self.description}: database driver not installed: {exc}") from exc
         finally:
-            engine.dispose()
+            if engine is not None:
+                engine.dispose()
 
 
 class FileSource:

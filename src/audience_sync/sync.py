@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -13,8 +14,8 @@ from sqlalchemy import Engine, delete, func, select, update
 
 from audience_sync import lease
 from audience_sync.config import AudienceConfig, Settings
-from audience_sync.delivery import Deliverer
-from audience_sync.errors import LockHeldError, SourceError
+from audience_sync.delivery import Deliverer, DeliveryReport
+from audience_sync.errors import LockHeldError, SourceError, StopRequestedError
 from audience_sync.gist import GistClient, make_http_client
 from audience_sync.models import audiences, staged_members
 from audience_sync.models import member_changes as changes
@@ -72,12 +73,16 @@ def run_once(
     allow_mass_exit: bool = False,
     transport: httpx.AsyncBaseTransport | None = None,
     clock: Clock = utcnow,
+    stop: threading.Event | None = None,
 ) -> list[RunResult]:
     """Sync the audiences named by ``keys`` (all when empty) once; see DESIGN.md.
 
     ``memberships`` moves only for changes Gist acknowledged, so whatever this run does
-    not deliver (failure, crash, stop) is planned again by the next one.
+    not deliver (failure, crash, stop) is planned again by the next one. Setting ``stop``
+    (e.g. from a signal handler) ends the run gracefully: requests in flight finish and are
+    recorded, and the runs are marked ``interrupted``.
     """
+    stop = stop or threading.Event()
     selected = [settings.audience(k) for k in keys] if keys else list(settings.audiences)
     kind = "dry-run" if dry_run else "run"
     owner = lease.new_owner()
@@ -98,15 +103,23 @@ def run_once(
         heartbeat.start()
         planned: list[RunResult] = []
         for audience in held:
-            result = _prepare(settings, engine, audience, kind, allow_mass_exit, clock)
+            if stop.is_set():
+                results[audience.property_key] = RunResult(
+                    audience.property_key, audience.name, kind, "interrupted",
+                    error="stopped before this audience started",
+                )  # fmt: skip
+                continue
+            result = _prepare(settings, engine, audience, kind, allow_mass_exit, clock, stop)
             results[audience.property_key] = result
             if result.status == "running":
                 planned.append(result)
-        error = None
+        report = DeliveryReport()
         if planned and not dry_run:
-            error = asyncio.run(_deliver(settings, engine, planned, heartbeat, transport, clock))
+            report = asyncio.run(
+                _deliver(settings, engine, planned, heartbeat, transport, clock, stop)
+            )
         for result in planned:
-            results[result.audience_key] = _finish(engine, result, error, clock)
+            results[result.audience_key] = _finish(engine, result, report, clock)
     except BaseException as exc:
         # Ctrl-C, SIGTERM or a crash of our own: record it; acknowledged work is already saved.
         status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
@@ -125,6 +138,7 @@ def _prepare(
     kind: str,
     allow_mass_exit: bool,
     clock: Clock,
+    stop: threading.Event,
 ) -> RunResult:
     """Stage the source, diff it and write the plan; the result is ``running`` when planned."""
     key = audience.property_key
@@ -170,7 +184,7 @@ def _prepare(
         ).scalar_one()
     result = RunResult(key, audience.name, kind, "running", run_id=run_id)
     try:
-        staged = stage_source(engine, run_id, source)
+        staged = stage_source(engine, run_id, source, stop.is_set)
         diff = load_diff(engine, run_id, key)
         result = replace(
             result,
@@ -199,6 +213,8 @@ def _prepare(
             save_plan(engine, run_id, key)
     except SourceError as exc:
         result = replace(result, status="failed", error=str(exc))
+    except StopRequestedError as exc:
+        result = replace(result, status="interrupted", error=str(exc))
     finally:
         clear_staging(engine, run_id)
     log.info(
@@ -224,21 +240,28 @@ async def _deliver(
     heartbeat: lease.Heartbeat,
     transport: httpx.AsyncBaseTransport | None,
     clock: Clock,
-) -> str | None:
+    stop: threading.Event,
+) -> DeliveryReport:
     def should_stop() -> str | None:
-        return "lost the audience lease to another process" if heartbeat.lost.is_set() else None
+        if stop.is_set():
+            return "stopped by a signal"
+        if heartbeat.lost.is_set():
+            return "lost the audience lease to another process"
+        return None
 
     async with make_http_client(settings.gist, transport) as http:
         deliverer = Deliverer(engine, GistClient(http), settings.gist, clock, should_stop)
-        report = await deliverer.run([r.run_id for r in planned if r.run_id is not None])
-    return report.error
+        return await deliverer.run([r.run_id for r in planned if r.run_id is not None])
 
 
-def _finish(engine: Engine, result: RunResult, error: str | None, clock: Clock) -> RunResult:
+def _finish(engine: Engine, result: RunResult, report: DeliveryReport, clock: Clock) -> RunResult:
     """Count what was delivered and failed, and settle the run's status."""
     counts = _change_counts(engine, result.run_id)
     delivered, failed, pending = (counts.get(s, 0) for s in ("delivered", "failed", "pending"))
-    if error is not None and (pending or failed):
+    error = report.error
+    if report.interrupted and pending:
+        status = "interrupted"
+    elif error is not None and (pending or failed):
         status = "failed"
     elif failed or pending:
         status = "partial"
@@ -249,7 +272,9 @@ def _finish(engine: Engine, result: RunResult, error: str | None, clock: Clock) 
         status=status,
         delivered=delivered,
         failed=failed,
-        error=error if status == "failed" else (f"{failed} changes failed" if failed else None),
+        error=error
+        if status in ("failed", "interrupted")
+        else (f"{failed} changes failed" if failed else None),
     )
     _save_run(engine, finished, clock())
     return finished
