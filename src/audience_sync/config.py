@@ -223,7 +223,9 @@ def _describe(exc: ValidationError, path: Path, data: dict[str, Any]) -> str:
         where = ""
         if len(loc) >= 2 and loc[0] == "audiences" and isinstance(loc[1], int):
             audiences = data.get("audiences") or []
-            name = audiences[loc[1]].get("name") if loc[1] < len(audiences) else None
+            entry = audiences[loc[1]] if loc[1] < len(audiences) else None
+            # An entry may be anything TOML allows (`audiences = ["vip"]`), not only a table.
+            name = entry.get("name") if isinstance(entry, dict) else None
             where = f"audiences[{loc[1]}]" + (f" ({name!r})" if name else "")
             loc = loc[2:]
         rest = ".".join(str(part) for part in loc)

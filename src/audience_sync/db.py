@@ -9,7 +9,9 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, Table, create_engine, event
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -44,6 +46,12 @@ def make_engine(url: str) -> Engine:
         cursor.close()
 
     return engine
+
+
+def upsert(engine: Engine, table: Table) -> Any:
+    """``INSERT ... ON CONFLICT`` for the state database's dialect (SQLite or PostgreSQL)."""
+    dialect_insert = pg_insert if engine.dialect.name == "postgresql" else sqlite_insert
+    return dialect_insert(table)
 
 
 def is_sqlite(engine: Engine) -> bool:

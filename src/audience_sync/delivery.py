@@ -14,8 +14,6 @@ from typing import Any
 
 from aiolimiter import AsyncLimiter
 from sqlalchemy import Engine, bindparam, delete, select
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from tenacity import (
     AsyncRetrying,
     RetryCallState,
@@ -24,10 +22,11 @@ from tenacity import (
 )
 
 from audience_sync.config import GistConfig
+from audience_sync.db import upsert
 from audience_sync.errors import AuthError, FatalApiError, RetriableApiError
 from audience_sync.gist import GistClient
 from audience_sync.models import member_changes as changes
-from audience_sync.models import memberships
+from audience_sync.models import memberships, uncertain_members
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +72,7 @@ class Result:
 
     update: UserUpdate
     delivered: bool
+    refused: bool  # Gist answered a definite no (4xx): it did not apply the change
     attempts: int
     http_status: int | None
     error: str | None
@@ -87,8 +87,8 @@ class DeliveryReport:
     interrupted: bool = False  # stopped on request rather than by a failure
 
 
-def iter_updates(engine: Engine, run_ids: Sequence[int]) -> Iterator[UserUpdate]:
-    """Pending changes of ``run_ids`` grouped by user, read page by page (never all at once)."""
+def iter_pages(engine: Engine, run_ids: Sequence[int]) -> Iterator[list[UserUpdate]]:
+    """Pending changes of ``run_ids`` grouped by user, a page at a time (never all at once)."""
     after: str | None = None
     while True:
         query = (
@@ -115,20 +115,33 @@ def iter_updates(engine: Engine, run_ids: Sequence[int]) -> Iterator[UserUpdate]
             # The last user's changes may continue on the next page: leave them for it.
             last = rows[-1].user_id
             rows = [r for r in rows if r.user_id != last]
-        current: UserUpdate | None = None
+        page: list[UserUpdate] = []
         for row in rows:
-            if current is None or current.user_id != row.user_id:
-                if current is not None:
-                    yield current
-                current = UserUpdate(row.user_id)
-            current.changes.append(
+            if not page or page[-1].user_id != row.user_id:
+                page.append(UserUpdate(row.user_id))
+            page[-1].changes.append(
                 Change(row.id, row.run_id, row.audience_key, bool(row.value), row.email)
             )
-        assert current is not None
-        yield current
-        after = current.user_id
+        yield page
+        after = page[-1].user_id
         if not full_page:
             return
+
+
+def mark_uncertain(engine: Engine, page: Sequence[UserUpdate]) -> None:
+    """Before sending a page, note that Gist's value for its members is about to be unknown.
+
+    Whatever becomes of a request that got no answer (timeout, dropped connection, kill -9),
+    the next runs then plan these members from "Gist may hold either value".
+    """
+    rows = [
+        {"audience_key": c.audience_key, "user_id": u.user_id, "email": c.email, "run_id": c.run_id}
+        for u in page
+        for c in u.changes
+    ]
+    if rows:
+        with engine.begin() as connection:
+            connection.execute(upsert(engine, uncertain_members).on_conflict_do_nothing(), rows)
 
 
 def save_results(engine: Engine, results: Sequence[Result], now: datetime) -> None:
@@ -152,6 +165,13 @@ def save_results(engine: Engine, results: Sequence[Result], now: datetime) -> No
         for c in r.update.changes
         if not c.value
     ]
+    # An answer, yes or a definite no, makes Gist's value known again.
+    settled = [
+        {"k": c.audience_key, "u": r.update.user_id}
+        for r in results
+        if r.delivered or r.refused
+        for c in r.update.changes
+    ]
     statuses = [
         {
             "change_id": c.id,
@@ -166,7 +186,17 @@ def save_results(engine: Engine, results: Sequence[Result], now: datetime) -> No
     ]
     with engine.begin() as connection:
         if entries:
-            connection.execute(_upsert_membership(engine), entries)
+            statement = upsert(engine, memberships)
+            connection.execute(
+                statement.on_conflict_do_update(
+                    index_elements=[memberships.c.audience_key, memberships.c.user_id],
+                    set_={
+                        "email": statement.excluded.email,
+                        "last_run_id": statement.excluded.last_run_id,
+                    },
+                ),
+                entries,
+            )
         if exits:
             connection.execute(
                 delete(memberships).where(
@@ -174,6 +204,14 @@ def save_results(engine: Engine, results: Sequence[Result], now: datetime) -> No
                     memberships.c.user_id == bindparam("u"),
                 ),
                 exits,
+            )
+        if settled:
+            connection.execute(
+                delete(uncertain_members).where(
+                    uncertain_members.c.audience_key == bindparam("k"),
+                    uncertain_members.c.user_id == bindparam("u"),
+                ),
+                settled,
             )
         if statuses:
             connection.execute(
@@ -222,20 +260,24 @@ class Deliverer:
         """
         slots = asyncio.Semaphore(self._config.max_concurrency)
         in_flight: set[asyncio.Task[None]] = set()
-        for update in iter_updates(self._engine, run_ids):
-            await slots.acquire()
-            if self._report.error is None and (reason := self._should_stop()):
-                log.warning("stopping: %s; letting %d requests finish", reason, len(in_flight))
-                self._report.error, self._report.interrupted = reason, True
+        for page in iter_pages(self._engine, run_ids):
             if self._report.error is not None:
-                slots.release()
                 break
-            task = asyncio.create_task(self._send(update, slots))
-            in_flight.add(task)
-            task.add_done_callback(in_flight.discard)
-            # Acknowledgements are saved often: after a kill -9 only these are sent again.
-            if len(self._results) >= ACK_BATCH or time.monotonic() >= self._next_flush:
-                self._flush()
+            mark_uncertain(self._engine, page)
+            for update in page:
+                await slots.acquire()
+                if self._report.error is None and (reason := self._should_stop()):
+                    log.warning("stopping: %s; letting %d requests finish", reason, len(in_flight))
+                    self._report.error, self._report.interrupted = reason, True
+                if self._report.error is not None:
+                    slots.release()
+                    break
+                task = asyncio.create_task(self._send(update, slots))
+                in_flight.add(task)
+                task.add_done_callback(in_flight.discard)
+                # Acknowledgements are saved often: after a kill -9 only these are sent again.
+                if len(self._results) >= ACK_BATCH or time.monotonic() >= self._next_flush:
+                    self._flush()
         if self._report.error is not None and not self._report.interrupted:
             for task in in_flight:
                 task.cancel()
@@ -262,16 +304,16 @@ class Deliverer:
                     status = await self._client.push_contact(
                         update.user_id, update.email, update.properties
                     )
-            self._results.append(Result(update, True, attempts, status, None))
+            self._results.append(Result(update, True, False, attempts, status, None))
         except AuthError as exc:
             # The key is refused: every later request would be too. Nothing here is acked.
             self._stop(f"Gist refused the API key ({exc}); nothing more was sent")
         except FatalApiError as exc:
-            self._results.append(Result(update, False, attempts, exc.status, str(exc)))
+            self._results.append(Result(update, False, True, attempts, exc.status, str(exc)))
         except RetriableApiError as exc:
             # Still failing after every retry: Gist is down or overloaded. Stop; the next
             # run re-plans whatever was not acknowledged.
-            self._results.append(Result(update, False, attempts, exc.status, str(exc)))
+            self._results.append(Result(update, False, False, attempts, exc.status, str(exc)))
             self._stop(f"Gist unavailable after {attempts} attempts: {exc}")
         except Exception as exc:
             # A bug or a broken database, not Gist: stop and let run() re-raise it.
@@ -299,12 +341,3 @@ class Deliverer:
         results, self._results = self._results, []
         if results:
             save_results(self._engine, results, self._clock())
-
-
-def _upsert_membership(engine: Engine) -> Any:
-    insert = pg_insert if engine.dialect.name == "postgresql" else sqlite_insert
-    statement = insert(memberships)
-    return statement.on_conflict_do_update(
-        index_elements=[memberships.c.audience_key, memberships.c.user_id],
-        set_={"email": statement.excluded.email, "last_run_id": statement.excluded.last_run_id},
-    )

@@ -80,6 +80,19 @@ class Membership(Base):
     last_run_id: Mapped[int] = mapped_column(Integer)
 
 
+class UncertainMember(Base):
+    """A member whose value in Gist is unknown: a change was sent (or about to be) without an
+    acknowledgement yet. Until one arrives the member is planned as if Gist might hold either
+    value, so a timed-out, dropped or killed request can never leave a stale value behind."""
+
+    __tablename__ = "uncertain_members"
+
+    audience_key: Mapped[str] = mapped_column(KEY, primary_key=True)
+    user_id: Mapped[str] = mapped_column(USER_ID, primary_key=True)
+    email: Mapped[str] = mapped_column(EMAIL)
+    run_id: Mapped[int] = mapped_column(Integer)
+
+
 class MemberChange(Base):
     """One planned property change for one member in one run, and what became of it."""
 
@@ -106,9 +119,10 @@ class RejectedRow(Base):
     """A source row that could not be used, with the reason."""
 
     __tablename__ = "rejected_rows"
+    __table_args__ = (Index("ix_rejected_rows_run_id_user_id", "run_id", "user_id"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    run_id: Mapped[int] = mapped_column(Integer, ForeignKey("sync_runs.id"), index=True)
+    run_id: Mapped[int] = mapped_column(Integer, ForeignKey("sync_runs.id"))
     row_number: Mapped[int] = mapped_column(Integer)
     user_id: Mapped[str | None] = mapped_column(Text)
     email: Mapped[str | None] = mapped_column(Text)
@@ -145,6 +159,7 @@ audiences = _table(Audience)
 sync_runs = _table(SyncRun)
 memberships = _table(Membership)
 member_changes = _table(MemberChange)
+uncertain_members = _table(UncertainMember)
 rejected_rows = _table(RejectedRow)
 staged_members = _table(StagedMember)
 leases = _table(Lease)

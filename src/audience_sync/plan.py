@@ -9,27 +9,27 @@ from typing import Any
 
 from sqlalchemy import (
     Engine,
-    Insert,
-    Table,
     and_,
     delete,
     exists,
     false,
     func,
     literal,
+    or_,
     select,
     true,
+    union_all,
 )
 from sqlalchemy import insert as generic_insert
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
+from audience_sync.db import upsert
 from audience_sync.errors import StopRequestedError
 from audience_sync.models import member_changes as changes
-from audience_sync.models import memberships, rejected_rows, staged_members
+from audience_sync.models import memberships, rejected_rows, staged_members, uncertain_members
 from audience_sync.sources import Source, SourceRow
 
 EMAIL_PATTERN = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s.]+$")
+CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
 MAX_USER_ID = 255
 MAX_EMAIL = 320
 
@@ -76,6 +76,8 @@ def check_row(row: SourceRow) -> tuple[str, str] | str:
         return "missing user_id"
     if len(user_id) > MAX_USER_ID:
         return f"user_id longer than {MAX_USER_ID} characters"
+    if CONTROL_CHARACTERS.search(user_id):
+        return "user_id contains control characters"
     if email is None or (isinstance(email, str) and not email.strip()):
         return "missing email"
     if not isinstance(email, str):
@@ -83,7 +85,7 @@ def check_row(row: SourceRow) -> tuple[str, str] | str:
     email = email.strip()
     if len(email) > MAX_EMAIL:
         return f"email longer than {MAX_EMAIL} characters"
-    if not EMAIL_PATTERN.match(email):
+    if CONTROL_CHARACTERS.search(email) or not EMAIL_PATTERN.match(email):
         return "invalid email"
     return user_id, email
 
@@ -117,7 +119,7 @@ def stage_source(
         with engine.begin() as connection:
             if members:
                 rows = [{"run_id": run_id, "user_id": u, "email": e} for u, e in members.items()]
-                connection.execute(_insert_ignoring_duplicates(engine, staged), rows)
+                connection.execute(upsert(engine, staged).on_conflict_do_nothing(), rows)
             if bad:
                 connection.execute(generic_insert(rejected_rows), bad)
     return StageResult(source_rows=total, rejected=rejected)
@@ -168,8 +170,13 @@ def clear_staging(engine: Engine, run_id: int) -> None:
 
 
 def _entered(run_id: int, audience_key: str) -> Any:
+    """Staged members Gist is not known to hold: never acknowledged, or left uncertain."""
     acknowledged = exists().where(
         memberships.c.audience_key == audience_key, memberships.c.user_id == staged.c.user_id
+    )
+    uncertain = exists().where(
+        uncertain_members.c.audience_key == audience_key,
+        uncertain_members.c.user_id == staged.c.user_id,
     )
     return select(
         literal(run_id),
@@ -179,12 +186,24 @@ def _entered(run_id: int, audience_key: str) -> Any:
         true(),
         literal("pending"),
         literal(0),
-    ).where(and_(staged.c.run_id == run_id, ~acknowledged))
+    ).where(staged.c.run_id == run_id, or_(~acknowledged, uncertain))
 
 
 def _exited(run_id: int, audience_key: str) -> Any:
-    present = exists().where(staged.c.run_id == run_id, staged.c.user_id == memberships.c.user_id)
-    return select(
+    """Members Gist may hold (acknowledged, or left uncertain) who are gone from the source.
+
+    A user whose row was rejected this run is not gone: a glitch in their row (say a NULL
+    email) must not send them ``false``.
+    """
+
+    def gone(user_id: Any) -> Any:
+        present = exists().where(staged.c.run_id == run_id, staged.c.user_id == user_id)
+        glitch = exists().where(
+            rejected_rows.c.run_id == run_id, rejected_rows.c.user_id == user_id
+        )
+        return and_(~present, ~glitch)
+
+    acknowledged = select(
         literal(run_id),
         literal(audience_key),
         memberships.c.user_id,
@@ -192,18 +211,33 @@ def _exited(run_id: int, audience_key: str) -> Any:
         false(),
         literal("pending"),
         literal(0),
-    ).where(and_(memberships.c.audience_key == audience_key, ~present))
-
-
-def _insert_ignoring_duplicates(engine: Engine, table: Table) -> Insert:
-    if engine.dialect.name == "postgresql":
-        return pg_insert(table).on_conflict_do_nothing()
-    return sqlite_insert(table).on_conflict_do_nothing()
+    ).where(memberships.c.audience_key == audience_key, gone(memberships.c.user_id))
+    also_acknowledged = exists().where(
+        memberships.c.audience_key == audience_key,
+        memberships.c.user_id == uncertain_members.c.user_id,
+    )
+    uncertain = select(
+        literal(run_id),
+        literal(audience_key),
+        uncertain_members.c.user_id,
+        uncertain_members.c.email,
+        false(),
+        literal("pending"),
+        literal(0),
+    ).where(
+        uncertain_members.c.audience_key == audience_key,
+        ~also_acknowledged,
+        gone(uncertain_members.c.user_id),
+    )
+    return union_all(acknowledged, uncertain)
 
 
 def _clip(value: Any, limit: int = 500) -> str | None:
-    """A bounded text form of a bad value, for the rejected_rows table."""
+    """A bounded, storable text form of a bad value, for the rejected_rows table.
+
+    Stripped like a good value, so a rejected row's user_id matches their memberships.
+    """
     if value is None:
         return None
-    text = str(value)
+    text = str(value).strip().replace("\x00", "\\x00")  # PostgreSQL text cannot hold NUL
     return text if len(text) <= limit else text[:limit] + "…"

@@ -102,15 +102,19 @@ class FileSource:
     def read_chunks(self, chunk_size: int = CHUNK_SIZE) -> Iterator[list[SourceRow]]:
         rows = self._json_rows() if self.path.suffix in (".jsonl", ".ndjson") else self._csv_rows()
         chunk: list[SourceRow] = []
+        last = 0  # across chunks: the row a decoding error follows
         try:
             for row in rows:
+                last = row.row_number
                 chunk.append(row)
                 if len(chunk) >= chunk_size:
                     yield chunk
                     chunk = []
         except UnicodeDecodeError as exc:
-            near = chunk[-1].row_number + 1 if chunk else "?"
-            raise SourceError(f"{self.path}: not UTF-8 near data row {near}: {exc.reason}") from exc
+            # Text is decoded in buffers, so the bad byte is at or a little after this row.
+            raise SourceError(
+                f"{self.path}: not UTF-8 near data row {last + 1}: {exc.reason}"
+            ) from exc
         except OSError as exc:
             raise SourceError(f"{self.path}: cannot read: {exc}") from exc
         if chunk:

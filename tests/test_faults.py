@@ -1,0 +1,195 @@
+"""The fault suite: for every fault Gist or the state database can throw at a run, the run
+after it (fault gone) leaves Gist equal to the source and ``memberships`` equal to Gist."""
+
+from __future__ import annotations
+
+import socket
+import sqlite3
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine, create_engine, func, select, text
+
+from audience_sync.fakegist import FakeGist
+from audience_sync.models import sync_runs
+from audience_sync.sync import RunResult, run_once
+from tests.conftest import Workspace, postgres_admin_url, write_members
+from tests.test_sync import acknowledged, in_gist, users
+
+BEFORE = range(30)  # acknowledged before the fault
+AFTER = [*range(10, 40)]  # u0-u9 leave, u30-u39 join: 20 changes
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def http_date(seconds_from_now: float) -> str:
+    return format_datetime(datetime.now(UTC) + timedelta(seconds=seconds_from_now), usegmt=True)
+
+
+def gist_down(gist: FakeGist, workspace: Workspace) -> None:
+    # Nothing listens on this port: every connection is refused.
+    workspace.gist_url = f"http://127.0.0.1:{free_port()}"
+    workspace.write_config()
+
+
+def too_slow(gist: FakeGist, workspace: Workspace) -> None:
+    workspace.gist_options["timeout_seconds"] = 0.2
+    workspace.write_config()
+    gist.latency = 0.4
+
+
+FAULTS: dict[str, Callable[[FakeGist, Workspace], None]] = {
+    "429-retry-after-seconds": lambda g, w: g.fail_next(4, 429, retry_after="1"),
+    "429-retry-after-http-date": lambda g, w: g.fail_next(3, 429, retry_after=http_date(1.5)),
+    "429-from-gist-rate-limit": lambda g, w: setattr(g, "rate_limit", 5),
+    "5xx-burst": lambda g, w: g.fail_next(6, 503),
+    "5xx-half-way-for-good": lambda g, w: g.fail_after(8, 500),
+    "slow-answers-past-timeout": too_slow,
+    "dropped-connections": lambda g, w: g.drop_next(6),
+    "gist-down-whole-run": gist_down,
+    "401-half-way": lambda g, w: g.fail_after(8, 401, message="Invalid API key"),
+    "403-half-way": lambda g, w: g.fail_after(8, 403, message="Forbidden"),
+    "422-for-one-member": lambda g, w: g.fail_user("u35", 422, "Email is invalid"),
+}
+
+
+@pytest.mark.parametrize("fault", list(FAULTS.values()), ids=list(FAULTS))
+def test_fault_then_clean_run_converges(
+    workspace: Workspace, engine: Engine, gist: FakeGist, fault: Callable[..., None]
+) -> None:
+    workspace.gist_options.update(max_retries=2, timeout_seconds=5, max_concurrency=4)
+    source = workspace.add_file_audience("Order Completed Last 30days")
+    write_members(source, BEFORE)
+    run_once(workspace.settings(), engine)
+    good_url = workspace.gist_url
+
+    write_members(source, AFTER)
+    fault(gist, workspace)
+    [faulty] = run_once(workspace.settings(), engine)
+
+    if fault is not too_slow:
+        # memberships holds exactly what Gist acknowledged. (A timed-out request may still
+        # be applied by Gist later, unacknowledged: the next run sends it again.)
+        assert acknowledged(engine) == in_gist(gist)
+    if fault is too_slow:
+        time.sleep(0.5)  # let the fake finish answering the requests the client gave up on
+    gist.reset_faults()
+    workspace.gist_url = good_url
+    workspace.gist_options["timeout_seconds"] = 5
+    workspace.write_config()
+    [clean] = run_once(workspace.settings(), engine)
+
+    assert clean.status == "succeeded", (faulty, clean)
+    assert in_gist(gist) == acknowledged(engine) == users(*AFTER)
+    assert {u: v for u, v in gist.properties(KEY).items() if v is False} == dict.fromkeys(
+        users(*range(10)), False
+    )
+    gist.clear_log()
+    [idle] = run_once(workspace.settings(), engine)
+    assert (idle.entered, idle.exited, gist.requests()) == (0, 0, [])
+
+
+KEY = "order_completed_last_30days"
+
+
+def test_client_waits_as_told_and_never_exceeds_its_rate(
+    workspace: Workspace, engine: Engine, gist: FakeGist
+) -> None:
+    workspace.gist_options.update(requests_per_second=10, max_concurrency=8)
+    source = workspace.add_file_audience("Order Completed Last 30days")
+    write_members(source, range(25))
+    gist.fail_next(3, 429, retry_after="1")
+
+    [run] = run_once(workspace.settings(), engine)
+
+    assert run.status == "succeeded"
+    requests = gist.requests("/contacts")
+    stamps = sorted(r.at for r in requests)
+    busiest = max(sum(1 for t in stamps if start <= t < start + 1.0) for start in stamps)
+    assert busiest <= 11  # 10/s, plus one for where the window's edges fall
+    by_user: dict[str, list[Any]] = defaultdict(list)
+    for r in requests:
+        by_user[r.body["user_id"]].append(r)
+    retried = [rs for rs in by_user.values() if rs[0].status == 429]
+    assert len(retried) == 3
+    for first, second in (rs[:2] for rs in retried):
+        assert second.at - first.at >= 0.95
+
+
+def run_in_thread(workspace: Workspace, engine: Engine) -> tuple[threading.Thread, dict[str, Any]]:
+    outcome: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            outcome["results"] = run_once(workspace.settings(), engine)
+        except Exception as exc:
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    return thread, outcome
+
+
+def wait_for_requests(gist: FakeGist, count: int, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while len(gist.requests()) < count:
+        assert time.monotonic() < deadline, "delivery never got going"
+        time.sleep(0.01)
+
+
+def test_state_db_unavailable_mid_run(
+    workspace: Workspace, engine: Engine, gist: FakeGist, state_url: str
+) -> None:
+    workspace.gist_options.update(max_concurrency=2)
+    source = workspace.add_file_audience("Order Completed Last 30days")
+    write_members(source, range(80))
+    gist.latency = 0.02
+
+    thread, outcome = run_in_thread(workspace, engine)
+    wait_for_requests(gist, 10)
+    if state_url.startswith("sqlite"):
+        # Another process locks the whole file for two seconds.
+        path = state_url.removeprefix("sqlite:///")
+        blocker = sqlite3.connect(path, timeout=10)
+        blocker.execute("BEGIN EXCLUSIVE")
+        time.sleep(2)
+        blocker.rollback()
+        blocker.close()
+    else:
+        # Every server connection is killed, as in a PostgreSQL restart.
+        admin = create_engine(postgres_admin_url() or "")
+        for _ in range(5):
+            with admin.connect() as connection:
+                connection.execute(
+                    text(
+                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                        "WHERE datname = 'test' AND pid <> pg_backend_pid()"
+                    )
+                )
+            time.sleep(0.1)
+        admin.dispose()
+    thread.join(30)
+    assert not thread.is_alive()
+
+    # It either rode the outage out or failed; either way nothing acknowledged was lost...
+    assert acknowledged(engine) <= in_gist(gist)
+    gist.latency = 0
+    [clean] = run_once(workspace.settings(), engine)
+    # ...and the next run completes the job and leaves no run marked running.
+    assert clean.status == "succeeded"
+    assert in_gist(gist) == acknowledged(engine) == users(*range(80))
+    with engine.connect() as connection:
+        running = connection.scalar(select(func.count()).where(sync_runs.c.status == "running"))
+    assert running == 0
+    first: list[RunResult] | None = outcome.get("results")
+    assert first is not None or isinstance(outcome.get("error"), Exception)
