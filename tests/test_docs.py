@@ -9,7 +9,13 @@ from pathlib import Path
 import pytest
 
 from audience_sync.cli import build_parser
-from audience_sync.config import AudienceConfig, GistConfig, StateConfig
+from audience_sync.config import (
+    AlertsConfig,
+    AudienceConfig,
+    DaemonConfig,
+    GistConfig,
+    StateConfig,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
@@ -38,8 +44,14 @@ def test_command_has_help_and_is_documented(command: str) -> None:
 
 @pytest.mark.parametrize(
     ("section", "model"),
-    [("state", StateConfig), ("gist", GistConfig), ("audiences[]", AudienceConfig)],
-    ids=["state", "gist", "audiences"],
+    [
+        ("state", StateConfig),
+        ("gist", GistConfig),
+        ("daemon", DaemonConfig),
+        ("alerts", AlertsConfig),
+        ("audiences[]", AudienceConfig),
+    ],
+    ids=["state", "gist", "daemon", "alerts", "audiences"],
 )
 def test_every_config_key_is_documented(section: str, model: type) -> None:
     for field in model.model_fields:

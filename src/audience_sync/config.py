@@ -8,6 +8,7 @@ import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from apscheduler.triggers.cron import CronTrigger
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
@@ -19,6 +20,7 @@ from audience_sync.naming import check_unique_keys, is_valid_key, property_key
 
 DEFAULT_CONFIG = "audience_sync.toml"
 CONFIG_ENV = "AUDIENCE_SYNC_CONFIG"
+_DURATION = re.compile(r"(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?")
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
@@ -44,6 +46,32 @@ class GistConfig(_Frozen):
     retry_backoff_seconds: float = Field(1.0, gt=0, le=300)
 
 
+class DaemonConfig(_Frozen):
+    """How ``audience-sync daemon`` schedules and reports."""
+
+    timezone: str = "UTC"
+    misfire_grace_seconds: int = Field(300, ge=1)
+    heartbeat_file: Path | None = None
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int | None = Field(None, ge=0, le=65535)
+
+    @model_validator(mode="after")
+    def _check(self) -> DaemonConfig:
+        try:
+            ZoneInfo(self.timezone)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"timezone {self.timezone!r} is not a known time zone") from None
+        return self
+
+
+class AlertsConfig(_Frozen):
+    """Where to POST a JSON summary of runs that need a human."""
+
+    webhook_url: str | None = None
+    always: bool = False  # also for runs that succeeded
+    timeout_seconds: float = Field(10.0, gt=0)
+
+
 class SourceConfig(_Frozen):
     """A database that audience queries run against (read-only)."""
 
@@ -59,6 +87,7 @@ class AudienceConfig(_Frozen):
     query: str | None = None
     file: Path | None = None
     schedule: str | None = None
+    every: str | None = None
     mass_exit_threshold: float = Field(0.5, gt=0, le=1)
     mass_exit_min_members: int = Field(100, ge=0)
 
@@ -82,6 +111,10 @@ class AudienceConfig(_Frozen):
             raise ValueError("needs `source` + `query` or `file`")
         if has_query and (self.source is None or self.query is None):
             raise ValueError("`source` and `query` go together")
+        if self.schedule is not None and self.every is not None:
+            raise ValueError("give either `schedule` (cron) or `every` (interval), not both")
+        if self.every is not None and parse_duration(self.every) is None:
+            raise ValueError(f"every {self.every!r} is not an interval like 30s, 15m, 2h or 1d")
         if self.schedule is not None:
             try:
                 CronTrigger.from_crontab(self.schedule)
@@ -98,6 +131,8 @@ class Settings(_Frozen):
     path: Path
     state: StateConfig = StateConfig()
     gist: GistConfig
+    daemon: DaemonConfig = DaemonConfig()
+    alerts: AlertsConfig = AlertsConfig()
     sources: dict[str, SourceConfig] = {}
     audiences: list[AudienceConfig] = Field(min_length=1)
 
@@ -125,6 +160,16 @@ class Settings(_Frozen):
                 return audience
         known = ", ".join(a.property_key for a in self.audiences)
         raise ConfigError(f"{self.path}: no audience with key {key!r} (configured: {known})")
+
+
+def parse_duration(text: str) -> float | None:
+    """Seconds in ``"90s"``, ``"15m"``, ``"2h"``, ``"1d"`` or ``"1h30m"``; None if not one."""
+    match = _DURATION.fullmatch(text.strip())
+    if not match or not any(match.groups()):
+        return None
+    days, hours, minutes, seconds = (float(g) if g else 0.0 for g in match.groups())
+    total = ((days * 24 + hours) * 60 + minutes) * 60 + seconds
+    return total if total > 0 else None
 
 
 def resolve_config_path(cli_path: str | None, environ: Mapping[str, str]) -> Path:
@@ -197,6 +242,9 @@ def _resolve_paths(data: dict[str, Any], base: Path, path: Path) -> None:
         for audience in audiences:
             if isinstance(audience, dict) and isinstance(audience.get("file"), str):
                 audience["file"] = str(base / audience["file"])
+    daemon = data.get("daemon")
+    if isinstance(daemon, dict) and isinstance(daemon.get("heartbeat_file"), str):
+        daemon["heartbeat_file"] = str(base / daemon["heartbeat_file"])
 
 
 def _absolute_sqlite(url: str, base: Path, path: Path, where: str) -> str:

@@ -7,10 +7,10 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from aiolimiter import AsyncLimiter
 from sqlalchemy import Engine, bindparam, delete, select
@@ -29,6 +29,7 @@ from audience_sync.models import member_changes as changes
 from audience_sync.models import memberships, uncertain_members
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 PAGE_ROWS = 2000  # pending changes read per page, ordered by user
 ACK_BATCH = 200  # results saved per transaction, at most...
@@ -228,6 +229,52 @@ def save_results(engine: Engine, results: Sequence[Result], now: datetime) -> No
             )
 
 
+@dataclass
+class Attempt:
+    """Counts the tries of one call, including the one that raised."""
+
+    count: int = 0
+
+
+class Pacer:
+    """The rate limit and retry policy shared by everything that calls Gist.
+
+    Every try, retries included, takes a token: one per ``1 / requests_per_second``
+    seconds, with a bucket of one, so the pace is steady and never bursts. 429, 408, 5xx,
+    timeouts and dropped connections are retried up to ``max_retries`` times, waiting
+    what ``Retry-After`` says, else an exponential back-off with jitter.
+    """
+
+    def __init__(self, config: GistConfig) -> None:
+        self._config = config
+        self._limiter = AsyncLimiter(1, 1 / config.requests_per_second)
+
+    async def call(self, request: Callable[[], Awaitable[T]], attempt: Attempt | None = None) -> T:
+        """Await ``request()`` under the rate limit, retrying transient failures."""
+        attempt = attempt or Attempt()
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(self._config.max_retries + 1),
+            wait=self._wait,
+            retry=retry_if_exception_type(RetriableApiError),
+            reraise=True,
+        )
+        async for try_ in retrying:
+            with try_:
+                attempt.count = try_.retry_state.attempt_number
+                await self._limiter.acquire()
+                return await request()
+        raise AssertionError("unreachable: tenacity re-raises the last error")  # pragma: no cover
+
+    def _wait(self, state: RetryCallState) -> float:
+        error = state.outcome.exception() if state.outcome else None
+        if isinstance(error, RetriableApiError) and error.retry_after is not None:
+            return min(error.retry_after, MAX_RETRY_AFTER)
+        # Exponential back-off with full-size jitter, so retrying workers do not move in step.
+        base = self._config.retry_backoff_seconds
+        backoff: float = min(MAX_BACKOFF, base * 2 ** (state.attempt_number - 1))
+        return backoff + random.uniform(0, base)
+
+
 class Deliverer:
     """Sends the pending updates of a set of runs and records every outcome."""
 
@@ -244,8 +291,7 @@ class Deliverer:
         self._config = config
         self._clock = clock
         self._should_stop = should_stop
-        # One token per 1/rps seconds and a bucket of one: a steady pace, never a burst.
-        self._limiter = AsyncLimiter(1, 1 / config.requests_per_second)
+        self._pacer = Pacer(config)
         self._results: list[Result] = []
         self._report = DeliveryReport()
         self._crash: Exception | None = None
@@ -288,48 +334,30 @@ class Deliverer:
         return self._report
 
     async def _send(self, update: UserUpdate, slots: asyncio.Semaphore) -> None:
-        attempts = 0
+        attempt = Attempt()
         try:
-            retrying = AsyncRetrying(
-                stop=stop_after_attempt(self._config.max_retries + 1),
-                wait=self._wait,
-                retry=retry_if_exception_type(RetriableApiError),
-                reraise=True,
+            status = await self._pacer.call(
+                lambda: self._client.push_contact(update.user_id, update.email, update.properties),
+                attempt,
             )
-            async for attempt in retrying:
-                with attempt:
-                    attempts = attempt.retry_state.attempt_number
-                    await self._limiter.acquire()
-                    self._report.requests += 1
-                    status = await self._client.push_contact(
-                        update.user_id, update.email, update.properties
-                    )
-            self._results.append(Result(update, True, False, attempts, status, None))
+            self._results.append(Result(update, True, False, attempt.count, status, None))
         except AuthError as exc:
             # The key is refused: every later request would be too. Nothing here is acked.
             self._stop(f"Gist refused the API key ({exc}); nothing more was sent")
         except FatalApiError as exc:
-            self._results.append(Result(update, False, True, attempts, exc.status, str(exc)))
+            self._results.append(Result(update, False, True, attempt.count, exc.status, str(exc)))
         except RetriableApiError as exc:
             # Still failing after every retry: Gist is down or overloaded. Stop; the next
             # run re-plans whatever was not acknowledged.
-            self._results.append(Result(update, False, False, attempts, exc.status, str(exc)))
-            self._stop(f"Gist unavailable after {attempts} attempts: {exc}")
+            self._results.append(Result(update, False, False, attempt.count, exc.status, str(exc)))
+            self._stop(f"Gist unavailable after {attempt.count} attempts: {exc}")
         except Exception as exc:
             # A bug or a broken database, not Gist: stop and let run() re-raise it.
             self._crash = exc
             self._stop(f"internal error: {type(exc).__name__}: {exc}")
         finally:
+            self._report.requests += attempt.count
             slots.release()
-
-    def _wait(self, state: RetryCallState) -> float:
-        error = state.outcome.exception() if state.outcome else None
-        if isinstance(error, RetriableApiError) and error.retry_after is not None:
-            return min(error.retry_after, MAX_RETRY_AFTER)
-        # Exponential back-off with full-size jitter, so retrying workers do not move in step.
-        base = self._config.retry_backoff_seconds
-        backoff: float = min(MAX_BACKOFF, base * 2 ** (state.attempt_number - 1))
-        return backoff + random.uniform(0, base)
 
     def _stop(self, reason: str) -> None:
         if self._report.error is None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import email.utils
 import json
+import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -41,24 +43,52 @@ def build_contact(user_id: str, email: str, properties: dict[str, Any]) -> dict[
     return {"user_id": user_id, "email": email, "custom_properties": properties}
 
 
+RequestObserver = Callable[[str, int | None, float], None]
+"""Told of every request: endpoint ("push_contact", "fetch_contact"), status (None when no
+answer came) and seconds taken. The metrics module is one."""
+
+
 class GistClient:
     """Calls Gist over an injected ``httpx.AsyncClient``; raises the errors of ``errors.py``."""
 
-    def __init__(self, http: httpx.AsyncClient) -> None:
+    def __init__(self, http: httpx.AsyncClient, observer: RequestObserver | None = None) -> None:
         self._http = http
+        self._observer = observer
 
     async def push_contact(self, user_id: str, email: str, properties: dict[str, Any]) -> int:
         """Create or update a contact; returns Gist's 2xx status or raises an ApiError."""
+        response = await self._request(
+            "push_contact", "POST", "/contacts", json=build_contact(user_id, email, properties)
+        )
+        check_response(response)
+        return response.status_code
+
+    async def fetch_contact(self, user_id: str) -> dict[str, Any] | None:
+        """The contact with this user_id as Gist holds it, or None when Gist has none."""
+        response = await self._request(
+            "fetch_contact", "GET", "/contacts", params={"user_id": user_id}
+        )
+        if response.status_code == 404:
+            return None
+        check_response(response)
+        body = response.json()
+        contact = body.get("contact") if isinstance(body, dict) else None
+        return contact if isinstance(contact, dict) else None
+
+    async def _request(self, endpoint: str, method: str, url: str, **kwargs: Any) -> httpx.Response:
+        started = time.monotonic()
+        status: int | None = None
         try:
-            response = await self._http.post(
-                "/contacts", json=build_contact(user_id, email, properties)
-            )
+            response = await self._http.request(method, url, **kwargs)
+            status = response.status_code
+            return response
         except httpx.TimeoutException as exc:
             raise RetriableApiError(f"timed out: {type(exc).__name__}") from exc
         except httpx.TransportError as exc:
             raise RetriableApiError(f"connection failed: {type(exc).__name__}: {exc}") from exc
-        check_response(response)
-        return response.status_code
+        finally:
+            if self._observer is not None:
+                self._observer(endpoint, status, time.monotonic() - started)
 
 
 def check_response(response: httpx.Response) -> None:

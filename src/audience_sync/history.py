@@ -91,6 +91,17 @@ def load_run(engine: Engine, run_id: int, limit: int = 100) -> dict[str, Any] | 
     return run
 
 
+def load_last_starts(engine: Engine) -> dict[str, datetime]:
+    """When each audience's latest real run (not a dry run) started, by audience key."""
+    query = (
+        select(sync_runs.c.audience_key, func.max(sync_runs.c.started_at))
+        .where(sync_runs.c.kind != "dry-run")
+        .group_by(sync_runs.c.audience_key)
+    )
+    with engine.connect() as connection:
+        return {key: started for key, started in connection.execute(query)}
+
+
 def _run_dict(row: Any) -> dict[str, Any]:
     run = dict(row)
     run["audience"] = run.pop("audience_key")

@@ -16,7 +16,7 @@ from audience_sync import lease
 from audience_sync.config import AudienceConfig, Settings
 from audience_sync.delivery import Deliverer, DeliveryReport
 from audience_sync.errors import LockHeldError, SourceError, StopRequestedError
-from audience_sync.gist import GistClient, make_http_client
+from audience_sync.gist import GistClient, RequestObserver, make_http_client
 from audience_sync.models import audiences, staged_members
 from audience_sync.models import member_changes as changes
 from audience_sync.models import sync_runs as runs
@@ -74,6 +74,7 @@ def run_once(
     transport: httpx.AsyncBaseTransport | None = None,
     clock: Clock = utcnow,
     stop: threading.Event | None = None,
+    observer: RequestObserver | None = None,
 ) -> list[RunResult]:
     """Sync the audiences named by ``keys`` (all when empty) once; see DESIGN.md.
 
@@ -116,7 +117,7 @@ def run_once(
         report = DeliveryReport()
         if planned and not dry_run:
             report = asyncio.run(
-                _deliver(settings, engine, planned, heartbeat, transport, clock, stop)
+                _deliver(settings, engine, planned, heartbeat, transport, clock, stop, observer)
             )
         for result in planned:
             results[result.audience_key] = _finish(engine, result, report, clock)
@@ -241,6 +242,7 @@ async def _deliver(
     transport: httpx.AsyncBaseTransport | None,
     clock: Clock,
     stop: threading.Event,
+    observer: RequestObserver | None,
 ) -> DeliveryReport:
     def should_stop() -> str | None:
         if stop.is_set():
@@ -250,7 +252,8 @@ async def _deliver(
         return None
 
     async with make_http_client(settings.gist, transport) as http:
-        deliverer = Deliverer(engine, GistClient(http), settings.gist, clock, should_stop)
+        client = GistClient(http, observer)
+        deliverer = Deliverer(engine, client, settings.gist, clock, should_stop)
         return await deliverer.run([r.run_id for r in planned if r.run_id is not None])
 
 
