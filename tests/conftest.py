@@ -105,6 +105,7 @@ class Workspace:
         }
         self.audiences: list[dict[str, Any]] = []
         self.sources: dict[str, str] = {}
+        self.sections: dict[str, dict[str, Any]] = {}  # e.g. {"daemon": {...}, "alerts": {...}}
 
     def add_file_audience(self, name: str, **options: Any) -> Path:
         """Configure an audience read from ``<key>.jsonl``; returns that file's path."""
@@ -128,6 +129,9 @@ class Workspace:
             f"base_url = {json.dumps(self.gist_url)}",
             *(f"{k} = {json.dumps(v)}" for k, v in self.gist_options.items()),
         ]
+        for section, values in self.sections.items():
+            lines.append(f"[{section}]")
+            lines += [f"{k} = {json.dumps(v)}" for k, v in values.items()]
         for name, url in self.sources.items():
             lines += [f"[sources.{name}]", f"url = {json.dumps(url)}"]
         for audience in self.audiences:

@@ -285,12 +285,14 @@ class Deliverer:
         config: GistConfig,
         clock: Callable[[], datetime],
         should_stop: Callable[[], str | None] = lambda: None,
+        on_result: Callable[[int], None] = lambda changes: None,
     ) -> None:
         self._engine = engine
         self._client = client
         self._config = config
         self._clock = clock
         self._should_stop = should_stop
+        self._on_result = on_result
         self._pacer = Pacer(config)
         self._results: list[Result] = []
         self._report = DeliveryReport()
@@ -357,6 +359,7 @@ class Deliverer:
             self._stop(f"internal error: {type(exc).__name__}: {exc}")
         finally:
             self._report.requests += attempt.count
+            self._on_result(len(update.changes))
             slots.release()
 
     def _stop(self, reason: str) -> None:

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Engine, case, func, select
+from sqlalchemy import Engine, case, delete, func, select, union_all
 
-from audience_sync.models import member_changes, rejected_rows, sync_runs
+from audience_sync.models import (
+    member_changes,
+    memberships,
+    rejected_rows,
+    sync_runs,
+    uncertain_members,
+)
 
 RUN_FIELDS = (
     "id",
@@ -27,18 +34,32 @@ RUN_FIELDS = (
 )
 
 
-def load_runs(engine: Engine, audience: str | None = None, limit: int = 20) -> list[dict[str, Any]]:
-    """The newest ``limit`` runs, newest first, optionally of one audience."""
+def load_runs(
+    engine: Engine,
+    audience: str | None = None,
+    limit: int = 20,
+    *,
+    status: str | None = None,
+    since: datetime | None = None,
+) -> list[dict[str, Any]]:
+    """The newest ``limit`` runs, newest first, filtered by audience, status and start time."""
     query = select(*(sync_runs.c[f] for f in RUN_FIELDS)).order_by(sync_runs.c.id.desc())
     if audience is not None:
         query = query.where(sync_runs.c.audience_key == audience)
+    if status is not None:
+        query = query.where(sync_runs.c.status == status)
+    if since is not None:
+        query = query.where(sync_runs.c.started_at >= since)
     with engine.connect() as connection:
         rows = connection.execute(query.limit(limit)).mappings().all()
     return [_run_dict(row) for row in rows]
 
 
-def load_run(engine: Engine, run_id: int, limit: int = 100) -> dict[str, Any] | None:
-    """One run with up to ``limit`` of its changes (failed first) and rejected rows."""
+def load_run(
+    engine: Engine, run_id: int, limit: int = 100, offset: int = 0
+) -> dict[str, Any] | None:
+    """One run with a page of its changes (failed first) and rejected rows: ``limit`` of
+    each, after skipping ``offset``."""
     with engine.connect() as connection:
         row = (
             connection.execute(
@@ -70,6 +91,7 @@ def load_run(engine: Engine, run_id: int, limit: int = 100) -> dict[str, Any] | 
             .where(member_changes.c.run_id == run_id)
             .order_by(failed_first, member_changes.c.id)
             .limit(limit)
+            .offset(offset)
         ).mappings()
         rejected = connection.execute(
             select(
@@ -81,6 +103,7 @@ def load_run(engine: Engine, run_id: int, limit: int = 100) -> dict[str, Any] | 
             .where(rejected_rows.c.run_id == run_id)
             .order_by(rejected_rows.c.row_number)
             .limit(limit)
+            .offset(offset)
         ).mappings()
         run["changes_by_status"] = {status: count for status, count in by_status}
         run["changes"] = [
@@ -89,6 +112,43 @@ def load_run(engine: Engine, run_id: int, limit: int = 100) -> dict[str, Any] | 
         ]
         run["rejected_rows"] = [dict(r) for r in rejected]
     return run
+
+
+def prune(engine: Engine, older_than: datetime) -> dict[str, int]:
+    """Delete the changes and rejected rows of runs that started before ``older_than``.
+
+    ``sync_runs`` keeps every summary; a running run is never touched. A change still
+    ``pending`` is kept, so pruning cannot hide work that is owed.
+    """
+    old_runs = select(sync_runs.c.id).where(
+        sync_runs.c.started_at < older_than, sync_runs.c.status != "running"
+    )
+    with engine.begin() as connection:
+        changes = connection.execute(
+            delete(member_changes).where(
+                member_changes.c.run_id.in_(old_runs), member_changes.c.status != "pending"
+            )
+        ).rowcount
+        rejected = connection.execute(
+            delete(rejected_rows).where(rejected_rows.c.run_id.in_(old_runs))
+        ).rowcount
+    return {"member_changes": changes, "rejected_rows": rejected}
+
+
+def load_orphans(engine: Engine, configured: Iterable[str]) -> dict[str, int]:
+    """Audiences Gist may still hold members of that are no longer configured: key → count."""
+    keys = list(configured)
+    held = union_all(
+        select(memberships.c.audience_key, memberships.c.user_id),
+        select(uncertain_members.c.audience_key, uncertain_members.c.user_id),
+    ).subquery()
+    query = (
+        select(held.c.audience_key, func.count(func.distinct(held.c.user_id)))
+        .where(held.c.audience_key.not_in(keys))
+        .group_by(held.c.audience_key)
+    )
+    with engine.connect() as connection:
+        return {key: count for key, count in connection.execute(query)}
 
 
 def load_last_starts(engine: Engine) -> dict[str, datetime]:

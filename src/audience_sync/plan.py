@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -91,7 +91,11 @@ def check_row(row: SourceRow) -> tuple[str, str] | str:
 
 
 def stage_source(
-    engine: Engine, run_id: int, source: Source, should_stop: Callable[[], bool] = lambda: False
+    engine: Engine,
+    run_id: int,
+    source: Source,
+    should_stop: Callable[[], bool] = lambda: False,
+    on_rows: Callable[[int], None] = lambda rows: None,
 ) -> StageResult:
     """Stream ``source`` into ``staged_members`` in chunks; a duplicate user keeps its first row."""
     total = rejected = 0
@@ -122,6 +126,7 @@ def stage_source(
                 connection.execute(upsert(engine, staged).on_conflict_do_nothing(), rows)
             if bad:
                 connection.execute(generic_insert(rejected_rows), bad)
+        on_rows(len(chunk))
     return StageResult(source_rows=total, rejected=rejected)
 
 
@@ -145,11 +150,56 @@ def load_diff(engine: Engine, run_id: int, audience_key: str) -> Diff:
     return Diff(members or 0, acknowledged or 0, entered or 0, exited or 0)
 
 
+PLAN_COLUMNS = ["run_id", "audience_key", "user_id", "email", "value", "status", "attempts"]
+
+
 def save_plan(engine: Engine, run_id: int, audience_key: str) -> None:
-    """Write the run's changes as ``pending``; earlier runs' unsent changes are superseded."""
-    columns = ["run_id", "audience_key", "user_id", "email", "value", "status", "attempts"]
+    """Write the run's entries and exits as ``pending`` changes."""
+    _save(
+        engine, run_id, audience_key, _entered(run_id, audience_key), _exited(run_id, audience_key)
+    )
+
+
+def save_backfill_plan(
+    engine: Engine, run_id: int, audience_key: str, resumed_runs: Sequence[int]
+) -> int:
+    """Plan ``true`` for every staged member, except those already delivered by the
+    unfinished backfill runs in ``resumed_runs`` (so a backfill resumes, not restarts).
+    Returns how many changes were planned."""
+    done = exists().where(
+        changes.c.run_id.in_(resumed_runs),
+        changes.c.user_id == staged.c.user_id,
+        changes.c.status == "delivered",
+    )
+    query = select(
+        *_plan_row(run_id, audience_key, staged.c.user_id, staged.c.email, true())
+    ).where(staged.c.run_id == run_id, ~done)
+    _save(engine, run_id, audience_key, query)
+    return _count_planned(engine, run_id)
+
+
+def save_retire_plan(engine: Engine, run_id: int, audience_key: str) -> int:
+    """Plan ``false`` for everyone Gist may hold in the audience (acknowledged or uncertain).
+    Returns how many changes were planned."""
+    also_acknowledged = exists().where(
+        memberships.c.audience_key == audience_key,
+        memberships.c.user_id == uncertain_members.c.user_id,
+    )
+    acknowledged = select(
+        *_plan_row(run_id, audience_key, memberships.c.user_id, memberships.c.email, false())
+    ).where(memberships.c.audience_key == audience_key)
+    uncertain = select(
+        *_plan_row(
+            run_id, audience_key, uncertain_members.c.user_id, uncertain_members.c.email, false()
+        )
+    ).where(uncertain_members.c.audience_key == audience_key, ~also_acknowledged)
+    _save(engine, run_id, audience_key, union_all(acknowledged, uncertain))
+    return _count_planned(engine, run_id)
+
+
+def _save(engine: Engine, run_id: int, audience_key: str, *queries: Any) -> None:
     with engine.begin() as connection:
-        # The diff re-plans everything still owed, so older pending rows would only duplicate it.
+        # Each plan re-plans everything still owed, so older pending rows would duplicate it.
         connection.execute(
             changes.update()
             .where(
@@ -159,8 +209,25 @@ def save_plan(engine: Engine, run_id: int, audience_key: str) -> None:
             )
             .values(status="superseded")
         )
-        for query in (_entered(run_id, audience_key), _exited(run_id, audience_key)):
-            connection.execute(changes.insert().from_select(columns, query))
+        for query in queries:
+            connection.execute(changes.insert().from_select(PLAN_COLUMNS, query))
+
+
+def _count_planned(engine: Engine, run_id: int) -> int:
+    with engine.connect() as connection:
+        return int(connection.scalar(select(func.count()).where(changes.c.run_id == run_id)) or 0)
+
+
+def _plan_row(run_id: int, audience_key: str, user_id: Any, email: Any, value: Any) -> list[Any]:
+    return [
+        literal(run_id),
+        literal(audience_key),
+        user_id,
+        email,
+        value,
+        literal("pending"),
+        literal(0),
+    ]
 
 
 def clear_staging(engine: Engine, run_id: int) -> None:
@@ -178,15 +245,8 @@ def _entered(run_id: int, audience_key: str) -> Any:
         uncertain_members.c.audience_key == audience_key,
         uncertain_members.c.user_id == staged.c.user_id,
     )
-    return select(
-        literal(run_id),
-        literal(audience_key),
-        staged.c.user_id,
-        staged.c.email,
-        true(),
-        literal("pending"),
-        literal(0),
-    ).where(staged.c.run_id == run_id, or_(~acknowledged, uncertain))
+    row = _plan_row(run_id, audience_key, staged.c.user_id, staged.c.email, true())
+    return select(*row).where(staged.c.run_id == run_id, or_(~acknowledged, uncertain))
 
 
 def _exited(run_id: int, audience_key: str) -> Any:
@@ -204,26 +264,16 @@ def _exited(run_id: int, audience_key: str) -> Any:
         return and_(~present, ~glitch)
 
     acknowledged = select(
-        literal(run_id),
-        literal(audience_key),
-        memberships.c.user_id,
-        memberships.c.email,
-        false(),
-        literal("pending"),
-        literal(0),
+        *_plan_row(run_id, audience_key, memberships.c.user_id, memberships.c.email, false())
     ).where(memberships.c.audience_key == audience_key, gone(memberships.c.user_id))
     also_acknowledged = exists().where(
         memberships.c.audience_key == audience_key,
         memberships.c.user_id == uncertain_members.c.user_id,
     )
     uncertain = select(
-        literal(run_id),
-        literal(audience_key),
-        uncertain_members.c.user_id,
-        uncertain_members.c.email,
-        false(),
-        literal("pending"),
-        literal(0),
+        *_plan_row(
+            run_id, audience_key, uncertain_members.c.user_id, uncertain_members.c.email, false()
+        )
     ).where(
         uncertain_members.c.audience_key == audience_key,
         ~also_acknowledged,

@@ -8,6 +8,7 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
+from typing import Protocol
 
 import httpx
 from sqlalchemy import Engine, delete, func, select, update
@@ -15,12 +16,19 @@ from sqlalchemy import Engine, delete, func, select, update
 from audience_sync import lease
 from audience_sync.config import AudienceConfig, Settings
 from audience_sync.delivery import Deliverer, DeliveryReport
-from audience_sync.errors import LockHeldError, SourceError, StopRequestedError
+from audience_sync.errors import ConfigError, LockHeldError, SourceError, StopRequestedError
 from audience_sync.gist import GistClient, RequestObserver, make_http_client
 from audience_sync.models import audiences, staged_members
 from audience_sync.models import member_changes as changes
 from audience_sync.models import sync_runs as runs
-from audience_sync.plan import clear_staging, load_diff, save_plan, stage_source
+from audience_sync.plan import (
+    clear_staging,
+    load_diff,
+    save_backfill_plan,
+    save_plan,
+    save_retire_plan,
+    stage_source,
+)
 from audience_sync.sources import source_for
 
 log = logging.getLogger(__name__)
@@ -64,60 +72,108 @@ def exit_code(results: Sequence[RunResult]) -> int:
     return 0
 
 
+class Progress(Protocol):
+    """Told how a run advances; the CLI draws progress bars from it."""
+
+    def loaded(self, audience_key: str, rows: int) -> None:
+        """``rows`` more source rows of ``audience_key`` were staged."""
+
+    def planned(self, changes: int) -> None:
+        """Delivery of ``changes`` planned changes is about to start."""
+
+    def sent(self, changes: int) -> None:
+        """``changes`` more changes got an answer (acknowledged or refused)."""
+
+
+class NoProgress:
+    """A Progress that shows nothing."""
+
+    def loaded(self, audience_key: str, rows: int) -> None:
+        pass
+
+    def planned(self, changes: int) -> None:
+        pass
+
+    def sent(self, changes: int) -> None:
+        pass
+
+
+MODES = ("run", "backfill", "retire")
+
+
+@dataclass(frozen=True)
+class _Target:
+    key: str
+    name: str
+    audience: AudienceConfig | None  # None when retiring an audience no longer configured
+
+
 def run_once(
     settings: Settings,
     engine: Engine,
     keys: Sequence[str] = (),
     *,
+    mode: str = "run",
     dry_run: bool = False,
     allow_mass_exit: bool = False,
     transport: httpx.AsyncBaseTransport | None = None,
     clock: Clock = utcnow,
     stop: threading.Event | None = None,
     observer: RequestObserver | None = None,
+    progress: Progress | None = None,
 ) -> list[RunResult]:
-    """Sync the audiences named by ``keys`` (all when empty) once; see DESIGN.md.
+    """Sync the audiences named by ``keys`` (all configured ones when empty) once.
 
-    ``memberships`` moves only for changes Gist acknowledged, so whatever this run does
-    not deliver (failure, crash, stop) is planned again by the next one. Setting ``stop``
-    (e.g. from a signal handler) ends the run gracefully: requests in flight finish and are
-    recorded, and the runs are marked ``interrupted``.
+    ``mode`` is ``run`` (send what changed), ``backfill`` (send ``true`` to every current
+    member, resuming an unfinished backfill) or ``retire`` (send ``false`` to everyone Gist
+    may hold for audiences no longer configured). ``memberships`` moves only for changes Gist
+    acknowledged, so whatever is not delivered (failure, crash, stop) is planned again by the
+    next run. Setting ``stop`` (e.g. from a signal handler) ends the run gracefully: requests
+    in flight finish and are recorded, and the runs are marked ``interrupted``.
     """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}")
     stop = stop or threading.Event()
-    selected = [settings.audience(k) for k in keys] if keys else list(settings.audiences)
-    kind = "dry-run" if dry_run else "run"
+    progress = progress or NoProgress()
+    targets = _targets(settings, engine, keys, mode)
+    kind = "dry-run" if dry_run else mode
     owner = lease.new_owner()
     heartbeat = lease.Heartbeat(engine, owner, clock)
-    held: list[AudienceConfig] = []
+    held: list[_Target] = []
     results: dict[str, RunResult] = {}
     try:
-        for audience in selected:
-            key = audience.property_key
+        for target in targets:
             try:
-                lease.acquire(engine, key, owner, clock())
+                lease.acquire(engine, target.key, owner, clock())
             except LockHeldError as exc:
-                log.warning("skipping %s: %s", key, exc)
-                results[key] = RunResult(key, audience.name, kind, "skipped", error=str(exc))
+                log.warning("skipping %s: %s", target.key, exc)
+                results[target.key] = RunResult(
+                    target.key, target.name, kind, "skipped", error=str(exc)
+                )
                 continue
-            held.append(audience)
-            heartbeat.add(key)
+            held.append(target)
+            heartbeat.add(target.key)
         heartbeat.start()
         planned: list[RunResult] = []
-        for audience in held:
+        for target in held:
             if stop.is_set():
-                results[audience.property_key] = RunResult(
-                    audience.property_key, audience.name, kind, "interrupted",
+                results[target.key] = RunResult(
+                    target.key, target.name, kind, "interrupted",
                     error="stopped before this audience started",
                 )  # fmt: skip
                 continue
-            result = _prepare(settings, engine, audience, kind, allow_mass_exit, clock, stop)
-            results[audience.property_key] = result
+            result = _prepare(
+                settings, engine, target, mode, kind, allow_mass_exit, clock, stop, progress
+            )
+            results[target.key] = result
             if result.status == "running":
                 planned.append(result)
         report = DeliveryReport()
         if planned and not dry_run:
             report = asyncio.run(
-                _deliver(settings, engine, planned, heartbeat, transport, clock, stop, observer)
+                _deliver(
+                    settings, engine, planned, heartbeat, transport, clock, stop, observer, progress
+                )
             )
         for result in planned:
             results[result.audience_key] = _finish(engine, result, report, clock)
@@ -128,22 +184,41 @@ def run_once(
         raise
     finally:
         heartbeat.stop()
-        lease.release(engine, [a.property_key for a in held], owner)
-    return [results[a.property_key] for a in selected]
+        lease.release(engine, [t.key for t in held], owner)
+    return [results[t.key] for t in targets]
+
+
+def _targets(settings: Settings, engine: Engine, keys: Sequence[str], mode: str) -> list[_Target]:
+    if mode != "retire":
+        chosen = [settings.audience(k) for k in keys] if keys else list(settings.audiences)
+        return [_Target(a.property_key, a.name, a) for a in chosen]
+    configured = {a.property_key for a in settings.audiences}
+    still = [k for k in keys if k in configured]
+    if still:
+        raise ConfigError(
+            f"{settings.path}: {', '.join(still)} still configured; remove it from the config "
+            "before retiring it"
+        )
+    with engine.connect() as connection:
+        names = dict(connection.execute(select(audiences.c.key, audiences.c.name)).all())
+    return [_Target(k, names.get(k, k), None) for k in keys]
 
 
 def _prepare(
     settings: Settings,
     engine: Engine,
-    audience: AudienceConfig,
+    target: _Target,
+    mode: str,
     kind: str,
     allow_mass_exit: bool,
     clock: Clock,
     stop: threading.Event,
+    progress: Progress,
 ) -> RunResult:
     """Stage the source, diff it and write the plan; the result is ``running`` when planned."""
-    key = audience.property_key
-    source = source_for(settings, audience)
+    key, audience = target.key, target.audience
+    source = source_for(settings, audience) if audience is not None else None
+    description = source.description if source is not None else "(retired)"
     now = clock()
     with engine.begin() as connection:
         # We hold the lease, so any run of this audience still marked running is dead;
@@ -160,11 +235,11 @@ def _prepare(
             connection.execute(
                 update(audiences)
                 .where(audiences.c.key == key)
-                .values(name=audience.name, source=source.description)
+                .values(name=target.name, source=description)
             )
         else:
             connection.execute(
-                audiences.insert().values(key=key, name=audience.name, source=source.description)
+                audiences.insert().values(key=key, name=target.name, source=description)
             )
         run_id = connection.execute(
             runs.insert()
@@ -183,35 +258,23 @@ def _prepare(
             )
             .returning(runs.c.id)
         ).scalar_one()
-    result = RunResult(key, audience.name, kind, "running", run_id=run_id)
+    result = RunResult(key, target.name, kind, "running", run_id=run_id)
     try:
-        staged = stage_source(engine, run_id, source, stop.is_set)
-        diff = load_diff(engine, run_id, key)
-        result = replace(
-            result,
-            source_rows=staged.source_rows,
-            rejected=staged.rejected,
-            members=diff.members,
-            entered=diff.entered,
-            exited=diff.exited,
-        )
-        if not allow_mass_exit and diff.is_mass_exit(
-            audience.mass_exit_threshold, audience.mass_exit_min_members
-        ):
-            share = diff.exited / diff.acknowledged
-            result = replace(
-                result,
-                status="guarded",
-                error=(
-                    f"would remove {diff.exited} of {diff.acknowledged} members ({share:.0%} > "
-                    f"{audience.mass_exit_threshold:.0%}); nothing was sent. If this is intended, "
-                    "run again with --allow-mass-exit"
-                ),
-            )
-        elif kind == "dry-run":
-            result = replace(result, status="succeeded")
+        if mode == "retire":
+            if kind == "dry-run":
+                diff = load_diff(engine, run_id, key)
+                result = replace(result, exited=diff.acknowledged, status="succeeded")
+            else:
+                result = replace(result, exited=save_retire_plan(engine, run_id, key))
         else:
-            save_plan(engine, run_id, key)
+            # only retire has no audience config and no source
+            assert audience is not None
+            assert source is not None
+            staged = stage_source(
+                engine, run_id, source, stop.is_set, lambda n: progress.loaded(key, n)
+            )
+            result = replace(result, source_rows=staged.source_rows, rejected=staged.rejected)
+            result = _plan(engine, result, run_id, audience, mode, kind, allow_mass_exit)
     except SourceError as exc:
         result = replace(result, status="failed", error=str(exc))
     except StopRequestedError as exc:
@@ -227,11 +290,65 @@ def _prepare(
         result.exited,
         result.rejected,
     )
-    if result.status != "running":
-        _save_run(engine, result, clock())
-    else:
-        _save_run(engine, result, None)
+    _save_run(engine, result, None if result.status == "running" else clock())
     return result
+
+
+def _plan(
+    engine: Engine,
+    result: RunResult,
+    run_id: int,
+    audience: AudienceConfig,
+    mode: str,
+    kind: str,
+    allow_mass_exit: bool,
+) -> RunResult:
+    """Diff the staged snapshot and write the plan for ``run`` or ``backfill``."""
+    key = result.audience_key
+    diff = load_diff(engine, run_id, key)
+    if mode == "backfill":
+        resumed = _unfinished_backfills(engine, key, run_id)
+        entered = diff.members
+        if kind != "dry-run":
+            entered = save_backfill_plan(engine, run_id, key, resumed)
+        if resumed:
+            log.warning("%s: resuming the backfill of runs %s", key, ", ".join(map(str, resumed)))
+        status = "succeeded" if kind == "dry-run" else "running"
+        return replace(result, members=diff.members, entered=entered, status=status)
+    result = replace(result, members=diff.members, entered=diff.entered, exited=diff.exited)
+    if not allow_mass_exit and diff.is_mass_exit(
+        audience.mass_exit_threshold, audience.mass_exit_min_members
+    ):
+        share = diff.exited / diff.acknowledged
+        return replace(
+            result,
+            status="guarded",
+            error=(
+                f"would remove {diff.exited} of {diff.acknowledged} members ({share:.0%} > "
+                f"{audience.mass_exit_threshold:.0%}); nothing was sent. If this is intended, "
+                "run again with --allow-mass-exit"
+            ),
+        )
+    if kind == "dry-run":
+        return replace(result, status="succeeded")
+    save_plan(engine, run_id, key)
+    return result
+
+
+def _unfinished_backfills(engine: Engine, key: str, run_id: int) -> list[int]:
+    """The backfill runs since the audience's last successful one: what a backfill resumes."""
+    with engine.connect() as connection:
+        rows = connection.execute(
+            select(runs.c.id, runs.c.status)
+            .where(runs.c.audience_key == key, runs.c.kind == "backfill", runs.c.id != run_id)
+            .order_by(runs.c.id.desc())
+        ).all()
+    chain: list[int] = []
+    for row in rows:
+        if row.status == "succeeded":
+            break
+        chain.append(row.id)
+    return chain
 
 
 async def _deliver(
@@ -243,6 +360,7 @@ async def _deliver(
     clock: Clock,
     stop: threading.Event,
     observer: RequestObserver | None,
+    progress: Progress,
 ) -> DeliveryReport:
     def should_stop() -> str | None:
         if stop.is_set():
@@ -253,7 +371,10 @@ async def _deliver(
 
     async with make_http_client(settings.gist, transport) as http:
         client = GistClient(http, observer)
-        deliverer = Deliverer(engine, client, settings.gist, clock, should_stop)
+        deliverer = Deliverer(
+            engine, client, settings.gist, clock, should_stop, on_result=progress.sent
+        )
+        progress.planned(sum(r.entered + r.exited for r in planned))
         return await deliverer.run([r.run_id for r in planned if r.run_id is not None])
 
 

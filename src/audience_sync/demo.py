@@ -1,0 +1,108 @@
+"""``audience-sync demo``: a whole sync cycle against the bundled fake Gist, no account needed."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import IO
+
+from audience_sync import db
+from audience_sync.config import load_settings
+from audience_sync.fakegist import FakeGist
+from audience_sync.history import load_runs
+from audience_sync.render import render_table
+from audience_sync.sync import RunResult, run_once
+
+DEMO_KEY = "demo-key-not-secret"  # the fake Gist's key; never a real one
+RUN_COLUMNS = ("audience", "status", "members", "entered", "exited", "delivered", "failed")
+
+
+def run_demo(out: IO[str], keep: Path | None = None) -> int:
+    """Seed two audiences, sync, change them, sync again, show the history. Returns 0."""
+    folder = Path(tempfile.mkdtemp(prefix="audience-sync-demo-")) if keep is None else keep
+    folder.mkdir(parents=True, exist_ok=True)
+    tty = out.isatty()
+    try:
+        with FakeGist(api_key=DEMO_KEY) as gist:
+            config = _seed(folder, gist.url)
+            settings = load_settings(config, {})
+            engine = db.make_engine(settings.state.url)
+            try:
+                db.ensure_schema(engine)
+                out.write(f"Fake Gist at {gist.url}; files in {folder}\n\n")
+                out.write("1. First sync: every member is sent `true`.\n")
+                _show(out, run_once(settings, engine), tty)
+                out.write(
+                    f"   Gist now holds {len(gist.contacts())} contacts; one of them:\n   "
+                    + json.dumps(gist.contacts()["u3"])
+                    + "\n\n"
+                )
+                _write_members(folder / "vip.csv", [*range(3, 12), 30, 31])
+                out.write("2. u0-u2 leave VIP Customers, u30 and u31 join; sync again:\n")
+                gist.clear_log()
+                _show(out, run_once(settings, engine), tty)
+                sent = [r.body for r in gist.requests("/contacts")]
+                out.write(f"   {len(sent)} requests, only for the members who changed:\n")
+                for body in sent:
+                    out.write(f"   {json.dumps(body)}\n")
+                out.write("\n3. Nothing changed; a third sync sends nothing:\n")
+                gist.clear_log()
+                _show(out, run_once(settings, engine), tty)
+                out.write(f"   {len(gist.requests())} requests.\n\n4. The history:\n")
+                columns = ("id", "audience", "status", "entered", "exited", "delivered")
+                render_table(load_runs(engine), columns, out, tty=tty)
+            finally:
+                engine.dispose()
+        out.write(
+            f"\nTry it on these files: audience-sync history --config {config}\n"
+            if keep is not None
+            else "\nRun `audience-sync demo --keep DIR` to keep the files and explore them.\n"
+        )
+    finally:
+        if keep is None:
+            shutil.rmtree(folder, ignore_errors=True)
+    return 0
+
+
+def _seed(folder: Path, gist_url: str) -> Path:
+    _write_members(folder / "vip.csv", range(12))
+    with (folder / "newsletter.jsonl").open("w") as handle:
+        for n in range(8, 20):
+            handle.write(json.dumps({"user_id": f"u{n}", "email": f"user{n}@example.com"}) + "\n")
+    config = folder / "audience_sync.toml"
+    config.write_text(
+        f"""[state]
+url = "sqlite:///state.db"
+
+[gist]
+api_key = "{DEMO_KEY}"
+base_url = "{gist_url}"
+requests_per_second = 50
+
+[[audiences]]
+name = "VIP Customers"
+file = "vip.csv"
+
+[[audiences]]
+name = "Newsletter Signups"
+file = "newsletter.jsonl"
+"""
+    )
+    return config
+
+
+def _write_members(path: Path, numbers: range | list[int]) -> None:
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["user_id", "email"])
+        writer.writerows([f"u{n}", f"user{n}@example.com"] for n in numbers)
+
+
+def _show(out: IO[str], results: list[RunResult], tty: bool) -> None:
+    rows = [
+        {"audience": r.audience_key, **{c: getattr(r, c) for c in RUN_COLUMNS[1:]}} for r in results
+    ]
+    render_table(rows, RUN_COLUMNS, out, tty=tty)

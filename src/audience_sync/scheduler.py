@@ -1,0 +1,340 @@
+"""The daemon: one APScheduler job per scheduled audience, reload, graceful stop, heartbeat."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from collections.abc import Callable
+from contextlib import suppress
+from dataclasses import asdict
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from apscheduler.events import EVENT_SCHEDULER_STARTED
+from apscheduler.executors.pool import ThreadPoolExecutor
+from apscheduler.schedulers import SchedulerNotRunningError
+from apscheduler.schedulers.blocking import BlockingScheduler
+from apscheduler.triggers.cron import CronTrigger
+from apscheduler.triggers.interval import IntervalTrigger
+from apscheduler.util import undefined
+
+from audience_sync.config import AudienceConfig, Settings, parse_duration
+from audience_sync.errors import ConfigError
+from audience_sync.sync import RunResult
+
+log = logging.getLogger(__name__)
+
+SyncFn = Callable[[Settings, list[str], threading.Event], list[RunResult]]
+"""Syncs the given audience keys once (a closure over ``run_once`` and the state engine)."""
+
+HEARTBEAT_JOB = "daemon:heartbeat"  # ':' never occurs in an audience key
+HEARTBEAT_SECONDS = 60
+
+# What a job's trigger is built from; a reload reschedules a job only when this changes.
+_Spec = tuple[str, str]
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def _ignore(results: list[RunResult]) -> None:
+    return None
+
+
+class Daemon:
+    """Runs each scheduled audience's sync on its cron schedule or interval until stopped."""
+
+    def __init__(
+        self,
+        load_settings: Callable[[], Settings],
+        sync: SyncFn,
+        last_starts: Callable[[], dict[str, datetime]],
+        *,
+        clock: Callable[[], datetime] = _utcnow,
+        on_results: Callable[[list[RunResult]], None] = _ignore,
+    ) -> None:
+        """Load the config and schedule its audiences (the scheduler starts in :meth:`serve`)."""
+        self._load_settings = load_settings
+        self._sync = sync
+        self._last_starts = last_starts
+        self._clock = clock
+        self._on_results = on_results
+        self._stop = threading.Event()
+        self._lock = threading.RLock()  # reloads, last results and the heartbeat file
+        self._idle = threading.Condition()  # guards _active and _running
+        self._active = 0  # sync calls not yet reported; serve() waits for none
+        self._running: list[str] = []  # keys being synced, for the heartbeat
+        self._last_results: dict[str, tuple[RunResult, datetime]] = {}
+        self._specs: dict[str, _Spec] = {}
+        self._serve_thread: threading.Thread | None = None
+        self._settings = load_settings()
+        self._scheduler = BlockingScheduler(
+            timezone=ZoneInfo(self._settings.daemon.timezone),
+            # One sync at a time, so gist.requests_per_second holds for the daemon as a whole;
+            # the heartbeat has its own thread so a long sync never makes it look dead.
+            executors={"default": ThreadPoolExecutor(1), "heartbeat": ThreadPoolExecutor(1)},
+        )
+        self._scheduler.add_listener(self._on_started, EVENT_SCHEDULER_STARTED)
+        self._apply(self._settings, self._load_starts())
+        unscheduled = [a.property_key for a in self._settings.audiences if _spec(a, "") is None]
+        if unscheduled:
+            log.info("not scheduled (no `schedule` or `every`): %s", ", ".join(unscheduled))
+
+    @property
+    def settings(self) -> Settings:
+        """The config in force (the newest that loaded without error)."""
+        return self._settings
+
+    @property
+    def scheduler(self) -> Any:
+        """The underlying APScheduler ``BlockingScheduler`` (for introspection)."""
+        return self._scheduler
+
+    def jobs(self) -> dict[str, Any]:
+        """Audience key → the APScheduler trigger currently scheduled for it."""
+        return {j.id: j.trigger for j in self._scheduler.get_jobs() if j.id != HEARTBEAT_JOB}
+
+    def due(self, now: datetime | None = None) -> list[str]:
+        """Scheduled audiences never run, or whose next fire time after their last start is due."""
+        now = now or self._clock()
+        lasts, jobs = self._load_starts(), self.jobs()
+        keys = [a.property_key for a in self._settings.audiences if a.property_key in jobs]
+        return [key for key in keys if _is_due(jobs[key], lasts.get(key), now)]
+
+    def run_due(self) -> list[RunResult]:
+        """Sync every due audience now in one ``sync`` call (``--once``); their results."""
+        keys = self.due()
+        if not keys:
+            log.info("no audience is due")
+            self._write_heartbeat()
+            return []
+        return self._sync_and_report(keys)
+
+    def reload(self) -> None:
+        """Re-read the config; add, drop and reschedule jobs. A broken config keeps the old one."""
+        if threading.current_thread() is self._serve_thread:
+            # A signal handler interrupted the scheduler loop, maybe while it holds its job
+            # store mid-update: apply from another thread, which waits for the loop to finish.
+            threading.Thread(target=self._reload, name="audience-sync-reload").start()
+            return
+        self._reload()
+
+    def _reload(self) -> None:
+        try:
+            settings = self._load_settings()
+            lasts = self._load_starts()
+        except ConfigError as exc:
+            log.error("config reload failed, keeping the previous config: %s", exc)
+            return
+        except Exception:
+            log.exception("config reload failed, keeping the previous config")
+            return
+        with self._lock:
+            added, removed, changed = self._apply(settings, lasts)
+            self._settings = settings
+        log.info(
+            "config reloaded: added %s; removed %s; rescheduled %s",
+            *(", ".join(keys) or "none" for keys in (added, removed, changed)),
+        )
+
+    def request_stop(self) -> None:
+        """Stop scheduling; the running sync sees the stop event and ends gracefully."""
+        if not self._stop.is_set():
+            log.info("stopping: the running sync finishes its requests in flight")
+        self._stop.set()
+        self._shutdown()
+
+    def serve(self) -> int:
+        """Run the scheduler until :meth:`request_stop`, wait for the running sync, return 0.
+
+        At start, audiences never synced, and those whose missed fire time is at most
+        ``misfire_grace_seconds`` old, run at once; older misses are skipped, not run late.
+        """
+        if self._stop.is_set():
+            return 0
+        with self._lock:  # a reload from now on catches up new audiences itself
+            self._serve_thread = threading.current_thread()
+            now, lasts = self._clock(), self._load_starts()
+            grace = self._settings.daemon.misfire_grace_seconds
+            for key, trigger in self.jobs().items():
+                if _is_due(trigger, lasts.get(key), now, grace):
+                    self._scheduler.modify_job(key, next_run_time=datetime.now(UTC))
+        self._scheduler.add_job(
+            self._write_heartbeat,
+            IntervalTrigger(seconds=HEARTBEAT_SECONDS, timezone=UTC),
+            id=HEARTBEAT_JOB,
+            name=HEARTBEAT_JOB,
+            executor="heartbeat",
+            misfire_grace_time=HEARTBEAT_SECONDS,
+        )
+        self._write_heartbeat()
+        log.info("daemon started (pid %d): %d audiences scheduled", os.getpid(), len(self._specs))
+        self._scheduler.start()  # blocks until request_stop() shuts it down
+        with self._idle:
+            self._idle.wait_for(lambda: self._active == 0)
+        self._write_heartbeat()
+        log.info("daemon stopped")
+        return 0
+
+    def _apply(
+        self, settings: Settings, lasts: dict[str, datetime]
+    ) -> tuple[list[str], list[str], list[str]]:
+        """Make the jobs match ``settings``; returns the keys added, removed and rescheduled."""
+        tz = settings.daemon.timezone
+        grace = settings.daemon.misfire_grace_seconds
+        wanted = {a.property_key: (a, s) for a in settings.audiences if (s := _spec(a, tz))}
+        removed = [key for key in self._specs if key not in wanted]
+        for key in removed:
+            self._scheduler.remove_job(key)
+            del self._specs[key]
+        added, changed = [], []
+        for key, (audience, spec) in wanted.items():
+            last = lasts.get(key)
+            if key not in self._specs:
+                trigger = _trigger(audience, tz, last)
+                catch_up = self._serve_thread is not None and _is_due(
+                    trigger, last, self._clock(), grace
+                )
+                self._scheduler.add_job(
+                    self._run_job,
+                    trigger,
+                    args=[key],
+                    id=key,
+                    name=key,
+                    coalesce=True,
+                    max_instances=1,
+                    misfire_grace_time=grace,
+                    next_run_time=datetime.now(UTC) if catch_up else undefined,
+                )
+                added.append(key)
+            else:
+                if spec != self._specs[key]:
+                    self._scheduler.reschedule_job(key, trigger=_trigger(audience, tz, last))
+                    changed.append(key)
+                self._scheduler.modify_job(key, misfire_grace_time=grace)
+            self._specs[key] = spec
+        return added, removed, changed
+
+    def _run_job(self, key: str) -> None:
+        if key in self._specs:  # a reload may have dropped it while the run was queued
+            self._sync_and_report([key])
+
+    def _sync_and_report(self, keys: list[str]) -> list[RunResult]:
+        with self._idle:
+            if self._stop.is_set():
+                return []
+            self._active += 1
+        try:
+            return self._sync_logged(keys)
+        finally:
+            with self._idle:
+                self._active -= 1
+                self._idle.notify_all()
+
+    def _sync_logged(self, keys: list[str]) -> list[RunResult]:
+        """Call ``sync``, then log a line per run, refresh the heartbeat and call ``on_results``."""
+        settings = self._settings
+        started = self._clock()
+        with self._idle:
+            self._running.extend(keys)
+        try:
+            results = self._sync(settings, keys, self._stop)
+        except Exception as exc:
+            # One failing audience (or a state database outage) must never kill the daemon.
+            log.exception("sync of %s failed", ", ".join(keys))
+            names = {a.property_key: a.name for a in settings.audiences}
+            error = f"{type(exc).__name__}: {exc}"
+            results = [RunResult(k, names.get(k, k), "run", "failed", error=error) for k in keys]
+        finally:
+            with self._idle:
+                for key in keys:
+                    self._running.remove(key)
+        finished = self._clock()
+        seconds = (finished - started).total_seconds()
+        for r in results:
+            log.info(
+                "%s %s: %s entered=%d exited=%d delivered=%d failed=%d rejected=%d in %.1fs%s",
+                r.kind, r.audience_key, r.status, r.entered, r.exited, r.delivered, r.failed,
+                r.rejected, seconds, f" ({r.error})" if r.error else "",
+            )  # fmt: skip
+        with self._lock:
+            self._last_results.update((r.audience_key, (r, finished)) for r in results)
+        self._write_heartbeat()
+        try:
+            self._on_results(results)
+        except Exception:
+            log.exception("the on_results hook failed")
+        return results
+
+    def _write_heartbeat(self) -> None:
+        """Atomically rewrite the heartbeat file (if configured) for a supervisor to watch."""
+        path = self._settings.daemon.heartbeat_file
+        if path is None:
+            return
+        with self._lock:
+            with self._idle:
+                running = list(self._running)
+            body = {
+                "pid": os.getpid(),
+                "updated_at": _iso(self._clock()),
+                "running": running,
+                "last_results": [
+                    {**asdict(result), "finished_at": _iso(at)}
+                    for result, at in self._last_results.values()
+                ],
+            }
+            temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            try:
+                temporary.write_text(json.dumps(body, indent=2) + "\n", encoding="utf-8")
+                os.replace(temporary, path)  # readers never see a half-written file
+            except OSError as exc:
+                log.warning("cannot write heartbeat file %s: %s", path, exc)
+
+    def _load_starts(self) -> dict[str, datetime]:
+        return {
+            key: start.replace(tzinfo=UTC) if start.tzinfo is None else start
+            for key, start in self._last_starts().items()
+        }
+
+    def _on_started(self, _event: Any) -> None:
+        if self._stop.is_set():  # request_stop() came while the scheduler was starting
+            self._shutdown()
+
+    def _shutdown(self) -> None:
+        with suppress(SchedulerNotRunningError):
+            self._scheduler.shutdown(wait=False)
+
+
+def _spec(audience: AudienceConfig, tz: str) -> _Spec | None:
+    if audience.schedule is not None:
+        return (f"cron {audience.schedule}", tz)
+    if audience.every is not None:
+        return ("every", str(parse_duration(audience.every)))  # "60m" and "1h" are one spec
+    return None
+
+
+def _trigger(audience: AudienceConfig, tz: str, last: datetime | None) -> Any:
+    if audience.schedule is not None:
+        return CronTrigger.from_crontab(audience.schedule, timezone=ZoneInfo(tz))
+    interval = timedelta(seconds=parse_duration(audience.every or "") or 0)
+    # Anchored on the last run, so a restart keeps the cadence rather than waiting a full
+    # interval from the restart.
+    start = last + interval if last is not None else None
+    return IntervalTrigger(seconds=interval.total_seconds(), start_date=start, timezone=UTC)
+
+
+def _is_due(trigger: Any, last: datetime | None, now: datetime, grace: int | None = None) -> bool:
+    """Never run, or the first fire time after ``last`` has passed (at most ``grace`` s ago)."""
+    if last is None:
+        return True
+    fire: datetime | None = trigger.get_next_fire_time(last, last)  # strictly after `last`
+    late = timedelta(seconds=grace) if grace is not None else timedelta.max
+    return fire is not None and fire <= now and now - fire <= late
+
+
+def _iso(moment: datetime) -> str:
+    return moment.astimezone(UTC).replace(microsecond=0, tzinfo=None).isoformat() + "Z"

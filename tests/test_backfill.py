@@ -1,0 +1,103 @@
+"""Backfill (resend everything, resumably) and retire (unset a removed audience, forget it)."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+from sqlalchemy import Engine, func, select
+
+from audience_sync.errors import ConfigError
+from audience_sync.fakegist import FakeGist
+from audience_sync.models import uncertain_members
+from audience_sync.sync import run_once
+from tests.conftest import Workspace, write_members
+from tests.test_sync import KEY, acknowledged, in_gist, users
+
+
+def sends(gist: FakeGist) -> Counter[str]:
+    return Counter(r.body["user_id"] for r in gist.requests("/contacts") if r.status == 200)
+
+
+def test_backfill_resends_every_member(
+    workspace: Workspace, engine: Engine, gist: FakeGist
+) -> None:
+    source = workspace.add_file_audience("Order Completed Last 30days")
+    write_members(source, range(10))
+    run_once(workspace.settings(), engine)
+    gist.clear_log()
+
+    [backfill] = run_once(workspace.settings(), engine, [KEY], mode="backfill")
+
+    assert (backfill.kind, backfill.status, backfill.entered, backfill.delivered) == (
+        "backfill", "succeeded", 10, 10,
+    )  # fmt: skip
+    assert sends(gist) == Counter({f"u{n}": 1 for n in range(10)})
+    assert all(r.body["custom_properties"] == {KEY: True} for r in gist.requests("/contacts"))
+
+
+def test_backfill_after_a_crash_resumes_instead_of_starting_over(
+    workspace: Workspace, engine: Engine, gist: FakeGist
+) -> None:
+    workspace.gist_options.update(max_concurrency=1, max_retries=0)
+    source = workspace.add_file_audience("Order Completed Last 30days")
+    write_members(source, range(30))
+    gist.fail_after(12, 503)  # the first backfill dies after 12
+
+    [first] = run_once(workspace.settings(), engine, [KEY], mode="backfill")
+    assert (first.status, first.delivered) == ("failed", 12)
+
+    gist.reset_faults()
+    [second] = run_once(workspace.settings(), engine, [KEY], mode="backfill")
+
+    assert (second.status, second.entered, second.delivered) == ("succeeded", 18, 18)
+    assert sends(gist) == Counter({f"u{n}": 1 for n in range(30)})  # nobody twice
+    assert acknowledged(engine) == in_gist(gist) == users(*range(30))
+
+    gist.clear_log()
+    [fresh] = run_once(workspace.settings(), engine, [KEY], mode="backfill")
+    assert fresh.delivered == 30  # the last backfill finished: a new one starts over
+
+
+def test_backfill_dry_run_sends_nothing(
+    workspace: Workspace, engine: Engine, gist: FakeGist
+) -> None:
+    source = workspace.add_file_audience("Order Completed Last 30days")
+    write_members(source, range(4))
+    [run] = run_once(workspace.settings(), engine, [KEY], mode="backfill", dry_run=True)
+    assert (run.kind, run.status, run.entered) == ("dry-run", "succeeded", 4)
+    assert gist.requests() == []
+
+
+def test_retire_unsets_a_removed_audience_and_forgets_it(
+    workspace: Workspace, engine: Engine, gist: FakeGist
+) -> None:
+    old = workspace.add_file_audience("Order Completed Last 30days")
+    kept = workspace.add_file_audience("Newsletter Signups")
+    write_members(old, range(6))
+    write_members(kept, [1])
+    run_once(workspace.settings(), engine)
+
+    with pytest.raises(ConfigError, match="still configured"):
+        run_once(workspace.settings(), engine, [KEY], mode="retire")
+
+    workspace.audiences.pop(0)
+    workspace.write_config()
+    gist.fail_after(3, 503)
+    workspace.gist_options["max_retries"] = 0
+    workspace.write_config()
+    [broken] = run_once(workspace.settings(), engine, [KEY], mode="retire")
+    assert broken.status == "failed"
+    gist.reset_faults()
+    [retired] = run_once(workspace.settings(), engine, [KEY], mode="retire")
+
+    assert (retired.kind, retired.status) == ("retire", "succeeded")
+    assert broken.delivered + retired.delivered == 6
+    assert gist.properties(KEY) == dict.fromkeys(users(*range(6)), False)
+    assert acknowledged(engine) == set()
+    with engine.connect() as connection:
+        left = connection.scalar(
+            select(func.count()).where(uncertain_members.c.audience_key == KEY)
+        )
+    assert left == 0
+    assert gist.properties("newsletter_signups") == {"u1": True}

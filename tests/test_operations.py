@@ -1,0 +1,280 @@
+"""The job-running commands end to end: backfill, retire, history filters, prune, verify,
+metrics file, alerts, JSON logs, the daemon (in-process and as a real process) and demo."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from datetime import timedelta
+from io import StringIO
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from sqlalchemy import Engine, func, select, update
+
+from audience_sync.cli import run_cli
+from audience_sync.fakegist import FakeGist
+from audience_sync.models import member_changes, sync_runs
+from audience_sync.render import ProgressBars, render_table
+from audience_sync.sync import utcnow
+from tests.conftest import API_KEY, Workspace, write_members
+from tests.test_cli import invoker
+from tests.test_faults import free_port
+from tests.test_sync import KEY, acknowledged, in_gist, users
+
+
+@pytest.fixture
+def cli(
+    workspace: Workspace,
+    engine: Engine,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> Any:
+    monkeypatch.setenv("GIST_API_KEY", API_KEY)
+    return invoker(workspace, capsys)
+
+
+class Receiver:
+    """A loopback webhook that records the JSON bodies POSTed to it."""
+
+    def __init__(self) -> None:
+        self.bodies: list[Any] = []
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                length = int(self.headers.get("Content-Length", 0))
+                outer.bodies.append(json.loads(self.rfile.read(length)))
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}/hook?token=sekrit"
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    hook = Receiver()
+    hook.thread.start()
+    yield hook
+    hook.server.shutdown()
+    hook.server.server_close()
+    hook.thread.join()
+
+
+def test_backfill_and_retire_commands(workspace: Workspace, gist: FakeGist, cli: Any) -> None:
+    source = workspace.add_file_audience("Order Completed Last 30days")
+    write_members(source, range(5))
+    assert cli("run")[0] == 0
+    gist.clear_log()
+
+    code, out, _ = cli("backfill", KEY, "--json")
+    assert code == 0
+    [result] = json.loads(out)
+    assert (result["kind"], result["delivered"]) == ("backfill", 5)
+    assert len(gist.requests()) == 5
+
+    code, _, err = cli("retire", KEY)
+    assert code == 2
+    assert "still configured" in err
+
+    workspace.audiences.clear()
+    workspace.add_file_audience("Newsletter Signups")
+    code, _, err = cli("run")
+    assert f"audience-sync retire {KEY}" in err  # state left behind is pointed out
+    code, out, _ = cli("retire", KEY, "--json")
+    assert code == 0
+    assert json.loads(out)[0]["exited"] == 5
+    assert in_gist(gist) == set()
+
+
+def test_history_filters_show_pages_and_prune(
+    workspace: Workspace, engine: Engine, gist: FakeGist, cli: Any
+) -> None:
+    source = workspace.add_file_audience("Order Completed Last 30days")
+    write_members(source, [*range(7), ("u9", "bad")])
+    gist.fail_user("u6", 422)
+    assert cli("run")[0] == 1  # partial
+
+    _, out, _ = cli("history", "--json", "--status", "partial")
+    [partial] = json.loads(out)
+    _, out, _ = cli("history", "--json", "--status", "succeeded")
+    assert json.loads(out) == []
+    _, out, _ = cli("history", "--json", "--since", "1h")
+    assert len(json.loads(out)) == 1
+    _, out, _ = cli("history", "--json", "--since", "2999-01-01")
+    assert json.loads(out) == []
+    assert cli("history", "--since", "soon")[0] == 2
+
+    _, out, _ = cli("show", str(partial["id"]), "--json", "--limit", "3")
+    first = json.loads(out)
+    assert first["changes"][0]["status"] == "failed"  # failed first
+    assert "422" in str(first["changes"][0]["http_status"])
+    _, out, _ = cli("show", str(partial["id"]), "--json", "--limit", "3", "--page", "3")
+    assert len(json.loads(out)["changes"]) == 1  # 7 changes: 3 + 3 + 1
+    _, out, _ = cli("show", str(partial["id"]), "--limit", "3")
+    assert f"show {partial['id']} --page 2" in out
+
+    with engine.begin() as connection:
+        connection.execute(update(sync_runs).values(started_at=utcnow() - timedelta(days=100)))
+    code, out, _ = cli("prune", "--older-than", "90d", "--json")
+    assert code == 0
+    assert json.loads(out) == {"member_changes": 7, "rejected_rows": 1}
+    with engine.connect() as connection:
+        assert connection.scalar(select(func.count()).select_from(member_changes)) == 0
+        assert connection.scalar(select(func.count()).select_from(sync_runs)) == 1
+    assert cli("prune", "--older-than", "whenever")[0] == 2
+
+
+def test_verify_command(workspace: Workspace, gist: FakeGist, cli: Any) -> None:
+    source = workspace.add_file_audience("Order Completed Last 30days")
+    write_members(source, range(5))
+    cli("run")
+    code, out, _ = cli("verify", KEY, "--json")
+    assert code == 0
+    assert json.loads(out)["matching"] == 5
+    httpx.post(
+        f"{gist.url}/contacts",
+        json={"user_id": "u2", "custom_properties": {KEY: False}},
+        headers={"Authorization": f"Bearer {API_KEY}"},
+    )
+    code, out, _ = cli("verify", KEY, "--repair")
+    assert code == 1
+    assert "1 drifted" in out
+    cli("run")
+    assert in_gist(gist) == users(*range(5))
+    assert cli("verify", KEY, "--sample", "3")[0] == 0
+
+
+def test_metrics_file_alerts_and_json_logs(
+    workspace: Workspace, gist: FakeGist, cli: Any, receiver: Receiver
+) -> None:
+    workspace.sections["alerts"] = {"webhook_url": receiver.url}
+    source = workspace.add_file_audience("Order Completed Last 30days")
+    write_members(source, range(3))
+    metrics = workspace.root / "audience_sync.prom"
+
+    assert cli("run", "--metrics-file", str(metrics))[0] == 0
+    assert receiver.bodies == []  # nothing to alert about
+    text = metrics.read_text()
+    assert f'audience_sync_runs_total{{audience="{KEY}",status="succeeded"}} 1.0' in text
+    assert 'audience_sync_gist_responses_total{endpoint="push_contact",status="200"} 3.0' in text
+
+    gist.fail_after(0, 401)
+    write_members(source, range(4))
+    code, _, err = cli("run", "--log-format", "json", "--quiet")
+    assert code == 1
+    [alert] = receiver.bodies
+    assert alert["runs"][0]["status"] == "failed"
+    records = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
+    assert any("API key" in r["message"] for r in records)
+    assert "sekrit" not in err
+
+
+def test_daemon_once_runs_due_audiences(
+    workspace: Workspace, gist: FakeGist, engine: Engine, cli: Any
+) -> None:
+    heartbeat = workspace.root / "heartbeat.json"
+    workspace.sections["daemon"] = {"heartbeat_file": str(heartbeat)}
+    source = workspace.add_file_audience("Order Completed Last 30days", every="1h")
+    write_members(source, range(3))
+    workspace.add_file_audience("Unscheduled")
+
+    code, _, err = cli("daemon", "--once")
+
+    assert code == 0
+    assert acknowledged(engine) == users(0, 1, 2)
+    assert json.loads(heartbeat.read_text())["pid"] == os.getpid()
+    assert f"run {KEY}: succeeded" in err
+    gist.clear_log()
+    assert cli("daemon", "--once")[0] == 0  # ran a moment ago: not due
+    assert gist.requests() == []
+
+
+@pytest.mark.slow
+def test_daemon_process_serves_metrics_reloads_and_stops_on_sigterm(
+    workspace: Workspace, gist: FakeGist, engine: Engine
+) -> None:
+    port = free_port()
+    heartbeat = workspace.root / "heartbeat.json"
+    workspace.sections["daemon"] = {"heartbeat_file": str(heartbeat), "metrics_port": port}
+    source = workspace.add_file_audience("Order Completed Last 30days", every="1h")
+    write_members(source, range(3))
+    daemon = subprocess.Popen(
+        [sys.executable, "-m", "audience_sync", "daemon", "--config", str(workspace.config_path)],
+        env={**os.environ, "GIST_API_KEY": API_KEY},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while acknowledged(engine) != users(0, 1, 2):  # the never-run audience runs at start
+            assert time.monotonic() < deadline, "the daemon never synced"
+            time.sleep(0.05)
+        metrics = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+        assert f'audience_sync_runs_total{{audience="{KEY}",status="succeeded"}} 1.0' in metrics
+        assert httpx.get(f"http://127.0.0.1:{port}/healthz").json()["status"] == "ok"
+
+        other = workspace.add_file_audience("Newsletter Signups", every="2h")
+        write_members(other, [7])
+        daemon.send_signal(signal.SIGHUP)
+        while in_gist(gist, "newsletter_signups") != {"u7"}:  # added by the reload, due now
+            assert time.monotonic() < deadline, "the reload was not applied"
+            time.sleep(0.05)
+        assert "newsletter_signups" in httpx.get(f"http://127.0.0.1:{port}/healthz").text
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        _out, err = daemon.communicate(timeout=30)
+    assert daemon.returncode == 0, err
+    assert f"run {KEY}: succeeded" in err
+
+
+def test_demo_runs_the_whole_cycle(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    assert run_cli(["demo", "--keep", str(tmp_path / "demo")]) == 0
+    out = capsys.readouterr().out
+    assert "Fake Gist at http://127.0.0.1:" in out
+    assert "3. Nothing changed" in out
+    assert "0 requests." in out
+    assert (tmp_path / "demo" / "state.db").exists()
+
+
+def test_progress_bars_count_rows_and_changes() -> None:
+    stream = StringIO()
+    with ProgressBars(stream) as bars:
+        bars.loaded(KEY, 5000)
+        bars.loaded(KEY, 1200)
+        bars.planned(40)
+        bars.sent(25)
+        tasks = {t.description: (t.completed, t.total) for t in bars._bars.tasks}
+    assert tasks == {f"load {KEY}": (6200, 6200), "send changes": (25, 40)}
+    assert "send changes" in stream.getvalue()
+
+
+def test_tables_are_plain_when_piped_and_rich_on_a_terminal() -> None:
+    rows = [{"audience": "vip", "status": "failed", "members": 12}]
+    piped, terminal = StringIO(), StringIO()
+    render_table(rows, ("audience", "status", "members"), piped, tty=False)
+    render_table(rows, ("audience", "status", "members"), terminal, tty=True)
+    assert piped.getvalue().splitlines() == [
+        "audience  status  members",
+        "vip       failed       12",
+    ]
+    assert "\x1b[" in terminal.getvalue()  # colour
+    assert "┃" in terminal.getvalue() or "│" in terminal.getvalue()

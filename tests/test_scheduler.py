@@ -1,0 +1,406 @@
+"""The daemon's scheduling, due-ness, reload, stop and heartbeat, driven by an injected clock."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import pytest
+from apscheduler.events import EVENT_SCHEDULER_STARTED
+from apscheduler.triggers.cron import CronTrigger
+from apscheduler.triggers.interval import IntervalTrigger
+
+from audience_sync.config import Settings, load_settings
+from audience_sync.scheduler import Daemon
+from audience_sync.sync import RunResult
+
+ENV = {"GIST_API_KEY": "test-key"}
+T0 = datetime(2024, 5, 1, 10, 0, 5, tzinfo=UTC)  # a Wednesday
+WAIT = 5.0  # upper bound for events that normally come within milliseconds
+
+NIGHTLY = {"name": "nightly", "schedule": "0 */2 * * *"}
+VIP = {"name": "vip", "every": "30m"}
+MANUAL = {"name": "manual"}
+WEEKLY = {"name": "weekly", "schedule": "0 3 * * 1"}
+
+
+class FakeClock:
+    """A settable aware-UTC clock."""
+
+    def __init__(self, now: datetime) -> None:
+        self.now = now
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+class FakeSync:
+    """Records each call; every run succeeds after ``seconds`` on the fake clock."""
+
+    def __init__(self, clock: FakeClock, seconds: float = 1.5) -> None:
+        self.clock = clock
+        self.seconds = seconds
+        self.calls: list[list[str]] = []
+        self.error: Exception | None = None
+
+    def __call__(self, settings: Settings, keys: list[str], stop: threading.Event) -> Any:
+        self.calls.append(list(keys))
+        self.clock.now += timedelta(seconds=self.seconds)
+        if self.error is not None:
+            raise self.error
+        return [
+            RunResult(k, settings.audience(k).name, "run", "succeeded", 1, 9, 9, 3, 1, 4)
+            for k in keys
+        ]
+
+
+class Harness:
+    """A config file in a folder, a fake clock, sync and last-start table for a Daemon."""
+
+    def __init__(self, root: Path, audiences: list[dict[str, Any]], **daemon: Any) -> None:
+        self.root = root
+        self.config = root / "audience_sync.toml"
+        self.clock = FakeClock(T0)
+        self.sync = FakeSync(self.clock)
+        self.starts: dict[str, datetime] = {}
+        self.seen: list[list[RunResult]] = []
+        self.write(audiences, **daemon)
+
+    def write(self, audiences: list[dict[str, Any]], **daemon: Any) -> None:
+        lines = ["[gist]", 'api_key = "${GIST_API_KEY}"', "[daemon]"]
+        lines += [f"{k} = {json.dumps(v)}" for k, v in daemon.items()]
+        for audience in audiences:
+            (self.root / f"{audience['name']}.jsonl").touch()
+            lines += ["[[audiences]]", f'file = "{audience["name"]}.jsonl"']
+            lines += [f"{k} = {json.dumps(v)}" for k, v in audience.items()]
+        self.config.write_text("\n".join(lines) + "\n")
+
+    def daemon(self, **options: Any) -> Daemon:
+        options = {"clock": self.clock, "on_results": self.seen.append, **options}
+        sync = options.pop("sync", self.sync)
+        return Daemon(
+            lambda: load_settings(self.config, ENV), sync, lambda: dict(self.starts), **options
+        )
+
+
+def naive(moment: datetime) -> datetime:
+    """How the state database stores a start time: naive UTC."""
+    return moment.astimezone(UTC).replace(tzinfo=None)
+
+
+def serve_in_thread(daemon: Daemon) -> tuple[threading.Thread, list[int]]:
+    codes: list[int] = []
+    thread = threading.Thread(target=lambda: codes.append(daemon.serve()), daemon=True)
+    thread.start()
+    return thread, codes
+
+
+def test_scheduled_audiences_become_jobs_with_deliberate_options(tmp_path: Path) -> None:
+    h = Harness(tmp_path, [NIGHTLY, VIP], timezone="Europe/Berlin", misfire_grace_seconds=120)
+    daemon = h.daemon()
+    jobs = daemon.jobs()
+    assert set(jobs) == {"nightly", "vip"}
+    berlin = ZoneInfo("Europe/Berlin")
+    assert isinstance(jobs["nightly"], CronTrigger)
+    assert str(jobs["nightly"].timezone) == "Europe/Berlin"
+    after = datetime(2024, 5, 1, 10, 30, tzinfo=berlin)
+    assert jobs["nightly"].get_next_fire_time(None, after) == datetime(
+        2024, 5, 1, 12, tzinfo=berlin
+    )
+    assert isinstance(jobs["vip"], IntervalTrigger)
+    assert jobs["vip"].interval == timedelta(minutes=30)
+    assert str(daemon.scheduler.timezone) == "Europe/Berlin"
+    for key in jobs:
+        job = daemon.scheduler.get_job(key)
+        assert (job.coalesce, job.max_instances, job.misfire_grace_time) == (True, 1, 120)
+
+
+def test_cron_schedules_default_to_utc(tmp_path: Path) -> None:
+    daemon = Harness(tmp_path, [NIGHTLY]).daemon()
+    assert str(daemon.jobs()["nightly"].timezone) == "UTC"
+    assert daemon.scheduler.get_job("nightly").misfire_grace_time == 300
+
+
+def test_unscheduled_audiences_are_skipped_and_logged_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "audience_sync.scheduler")
+    daemon = Harness(tmp_path, [NIGHTLY, MANUAL]).daemon()
+    assert set(daemon.jobs()) == {"nightly"}
+    assert daemon.due() == ["nightly"]
+    notes = [m for m in caplog.messages if "not scheduled" in m]
+    assert len(notes) == 1
+    assert "manual" in notes[0]
+
+
+@pytest.mark.parametrize(
+    ("key", "last", "now", "expected"),
+    [
+        ("nightly", None, T0, True),
+        ("nightly", T0, T0 + timedelta(minutes=30), False),
+        ("nightly", T0.replace(second=0), T0 + timedelta(minutes=1), False),
+        ("nightly", T0 - timedelta(hours=2), T0.replace(second=0), True),
+        ("nightly", T0 - timedelta(hours=2), T0.replace(second=0) - timedelta(seconds=1), False),
+        ("vip", None, T0, True),
+        ("vip", T0, T0 + timedelta(minutes=29), False),
+        ("vip", T0, T0 + timedelta(minutes=30), True),
+        ("vip", T0 - timedelta(hours=4), T0, True),
+    ],
+    ids=[
+        "cron-never-run",
+        "cron-just-run",
+        "cron-run-on-its-fire-time",
+        "cron-overdue",
+        "cron-a-second-early",
+        "every-never-run",
+        "every-just-run",
+        "every-one-interval-later",
+        "every-overdue",
+    ],
+)
+def test_due(
+    tmp_path: Path, key: str, last: datetime | None, now: datetime, expected: bool
+) -> None:
+    h = Harness(tmp_path, [NIGHTLY, VIP])
+    if last is not None:
+        h.starts[key] = naive(last)
+    daemon = h.daemon()
+    assert (key in daemon.due(now)) is expected
+    h.clock.now = now
+    assert (key in daemon.due()) is expected
+
+
+def test_run_due_syncs_exactly_the_due_audiences_once_and_writes_the_heartbeat(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "audience_sync.scheduler")
+    h = Harness(tmp_path, [NIGHTLY, VIP, MANUAL, WEEKLY], heartbeat_file="beat.json")
+    h.starts["vip"] = naive(T0 - timedelta(minutes=10))
+    h.starts["weekly"] = datetime(2024, 4, 22, 3, 0, 1)  # missed Monday 29 April
+    daemon = h.daemon()
+
+    results = daemon.run_due()
+
+    assert h.sync.calls == [["nightly", "weekly"]]
+    assert [r.audience_key for r in results] == ["nightly", "weekly"]
+    assert h.seen == [results]
+    assert (
+        "run nightly: succeeded entered=3 exited=1 delivered=4 failed=0 rejected=0 in 1.5s"
+        in caplog.messages
+    )
+    beat = json.loads((tmp_path / "beat.json").read_text())
+    assert beat["pid"] == os.getpid()
+    assert beat["updated_at"] == "2024-05-01T10:00:06Z"
+    assert beat["running"] == []
+    assert [(r["audience_key"], r["status"]) for r in beat["last_results"]] == [
+        ("nightly", "succeeded"),
+        ("weekly", "succeeded"),
+    ]
+    assert [p.name for p in tmp_path.iterdir() if "beat" in p.name] == ["beat.json"]
+
+
+def test_run_due_with_nothing_due_does_not_sync(tmp_path: Path) -> None:
+    h = Harness(tmp_path, [VIP, MANUAL])
+    h.starts["vip"] = naive(T0 - timedelta(minutes=1))
+    assert h.daemon().run_due() == []
+    assert h.sync.calls == []
+
+
+def test_a_failing_sync_is_logged_recorded_and_does_not_propagate(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    h = Harness(tmp_path, [NIGHTLY], heartbeat_file="beat.json")
+    h.sync.error = RuntimeError("state database is down")
+    daemon = h.daemon()
+
+    results = daemon.run_due()
+
+    assert [(r.status, r.error) for r in results] == [
+        ("failed", "RuntimeError: state database is down")
+    ]
+    assert h.seen == [results]
+    assert any(r.levelno == logging.ERROR and "nightly" in r.message for r in caplog.records)
+    beat = json.loads((tmp_path / "beat.json").read_text())
+    assert beat["last_results"][0]["status"] == "failed"
+
+
+def test_a_failing_on_results_hook_is_logged(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    def hook(results: list[RunResult]) -> None:
+        raise ValueError("webhook exploded")
+
+    h = Harness(tmp_path, [NIGHTLY])
+    results = h.daemon(on_results=hook).run_due()
+    assert [r.status for r in results] == ["succeeded"]
+    assert any("on_results" in r.message for r in caplog.records)
+
+
+def test_reload_adds_removes_and_reschedules(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "audience_sync.scheduler")
+    h = Harness(tmp_path, [NIGHTLY, VIP, MANUAL, WEEKLY])
+    daemon = h.daemon()
+    before = daemon.jobs()
+    changed = {"name": "nightly", "schedule": "30 1 * * *"}
+    added = {"name": "fresh", "every": "5m"}
+    h.write([changed, VIP, {**MANUAL, "every": "1h"}, added], misfire_grace_seconds=60)
+
+    daemon.reload()
+
+    jobs = daemon.jobs()
+    assert set(jobs) == {"nightly", "vip", "manual", "fresh"}
+    assert jobs["vip"] is before["vip"]  # an unchanged trigger is left alone
+    midnight = datetime(2024, 5, 1, tzinfo=UTC)
+    assert jobs["nightly"].get_next_fire_time(None, midnight) == midnight.replace(hour=1, minute=30)
+    assert jobs["fresh"].interval == timedelta(minutes=5)
+    assert daemon.scheduler.get_job("vip").misfire_grace_time == 60
+    assert [a.property_key for a in daemon.settings.audiences] == [
+        "nightly", "vip", "manual", "fresh",
+    ]  # fmt: skip
+    assert "config reloaded: added manual, fresh; removed weekly; rescheduled nightly" in (
+        caplog.messages
+    )
+
+
+@pytest.mark.parametrize(
+    "broken",
+    ["[[audiences]\n", '[gist]\napi_key = "k"\n[[audiences]]\nname = "x"\n', None],
+    ids=["invalid-toml", "invalid-audience", "file-gone"],
+)
+def test_reload_keeps_the_old_config_when_the_new_one_is_broken(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, broken: str | None
+) -> None:
+    h = Harness(tmp_path, [NIGHTLY, VIP])
+    daemon = h.daemon()
+    before, settings = daemon.jobs(), daemon.settings
+    if broken is None:
+        h.config.unlink()
+    else:
+        h.config.write_text(broken)
+
+    daemon.reload()
+
+    assert daemon.jobs() == before
+    assert daemon.settings is settings
+    assert any("keeping the previous config" in r.message for r in caplog.records)
+
+
+def test_serve_returns_0_after_request_stop_and_stops_the_running_sync(tmp_path: Path) -> None:
+    started = threading.Event()
+    saw_stop: list[bool] = []
+
+    def slow_sync(settings: Settings, keys: list[str], stop: threading.Event) -> Any:
+        started.set()
+        saw_stop.append(stop.wait(WAIT))
+        return [RunResult(k, k, "run", "interrupted") for k in keys]
+
+    h = Harness(tmp_path, [VIP], heartbeat_file="beat.json")
+    daemon = h.daemon(sync=slow_sync, clock=lambda: datetime.now(UTC))
+    thread, codes = serve_in_thread(daemon)
+    assert started.wait(WAIT), "the never-run audience should run as soon as the daemon starts"
+
+    daemon.request_stop()
+    thread.join(WAIT)
+
+    assert not thread.is_alive()
+    assert codes == [0]
+    assert saw_stop == [True]
+    beat = json.loads((tmp_path / "beat.json").read_text())
+    assert [r["status"] for r in beat["last_results"]] == ["interrupted"]
+
+
+def test_request_stop_before_serve_returns_at_once(tmp_path: Path) -> None:
+    h = Harness(tmp_path, [VIP])
+    daemon = h.daemon()
+    daemon.request_stop()
+    thread, codes = serve_in_thread(daemon)
+    thread.join(WAIT)
+    assert codes == [0]
+    assert h.sync.calls == []
+
+
+def test_serve_catches_up_only_misses_within_the_grace_time(tmp_path: Path) -> None:
+    hour = {"every": "1h"}
+    names = ("fresh", "late", "stale", "recent")
+    h = Harness(tmp_path, [{"name": n, **hour} for n in names], misfire_grace_seconds=300)
+    now = datetime.now(UTC)
+    h.starts["late"] = naive(now - timedelta(hours=1, seconds=60))  # missed by 1 min
+    h.starts["stale"] = naive(now - timedelta(hours=1, minutes=10))  # missed by 10 min
+    h.starts["recent"] = naive(now - timedelta(minutes=10))
+    calls: list[str] = []
+    both = threading.Event()
+
+    def sync(settings: Settings, keys: list[str], stop: threading.Event) -> Any:
+        calls.extend(keys)
+        if {"fresh", "late"} <= set(calls):
+            both.set()
+        return [RunResult(k, k, "run", "succeeded") for k in keys]
+
+    daemon = h.daemon(sync=sync, clock=lambda: datetime.now(UTC))
+    thread, codes = serve_in_thread(daemon)
+    try:
+        assert both.wait(WAIT)
+        for key in ("stale", "recent"):
+            assert daemon.scheduler.get_job(key).next_run_time > now + timedelta(minutes=49)
+    finally:
+        daemon.request_stop()
+        thread.join(WAIT)
+    assert sorted(calls) == ["fresh", "late"]
+    assert codes == [0]
+
+
+def test_reload_while_serving_runs_a_new_audience_and_reschedules(tmp_path: Path) -> None:
+    ran = threading.Event()
+
+    def sync(settings: Settings, keys: list[str], stop: threading.Event) -> Any:
+        if keys == ["fresh"]:
+            ran.set()
+        return [RunResult(k, k, "run", "succeeded") for k in keys]
+
+    h = Harness(tmp_path, [VIP])
+    h.starts["vip"] = naive(datetime.now(UTC))
+    daemon = h.daemon(sync=sync, clock=lambda: datetime.now(UTC))
+    started = threading.Event()
+    daemon.scheduler.add_listener(lambda _event: started.set(), EVENT_SCHEDULER_STARTED)
+    thread, codes = serve_in_thread(daemon)
+    try:
+        assert started.wait(WAIT)
+        h.write([{**VIP, "every": "2h"}, {"name": "fresh", "every": "1d"}])
+        daemon.reload()
+        assert ran.wait(WAIT)
+        assert daemon.jobs()["vip"].interval == timedelta(hours=2)
+    finally:
+        daemon.request_stop()
+        thread.join(WAIT)
+    assert codes == [0]
+
+
+def test_reload_from_the_scheduler_thread_is_applied(tmp_path: Path) -> None:
+    """A SIGHUP handler runs in the thread serving the scheduler; reload must still apply."""
+    ran = threading.Event()
+
+    def sync(settings: Settings, keys: list[str], stop: threading.Event) -> Any:
+        if keys == ["fresh"]:
+            ran.set()
+        return [RunResult(k, k, "run", "succeeded") for k in keys]
+
+    h = Harness(tmp_path, [VIP])
+    h.starts["vip"] = naive(datetime.now(UTC))
+    daemon = h.daemon(sync=sync, clock=lambda: datetime.now(UTC))
+    h.write([VIP, {"name": "fresh", "every": "1d"}])
+    daemon.scheduler.add_listener(lambda _event: daemon.reload(), EVENT_SCHEDULER_STARTED)
+    thread, codes = serve_in_thread(daemon)
+    try:
+        assert ran.wait(WAIT)
+    finally:
+        daemon.request_stop()
+        thread.join(WAIT)
+    assert codes == [0]

@@ -1,0 +1,252 @@
+"""``verify``: sampling, drift detection and repair against the loopback fake Gist."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from sqlalchemy import Engine, insert, select
+
+from audience_sync.errors import AuthError, ConfigError
+from audience_sync.fakegist import FakeGist
+from audience_sync.models import memberships, uncertain_members
+from audience_sync.sync import run_once
+from audience_sync.verify import MISSING, Drift, VerifyReport, compare, verify_audience
+from tests.conftest import API_KEY, Workspace, write_members
+
+KEY = "vip_customers"
+
+
+def setup(workspace: Workspace, engine: Engine, members: range) -> Path:
+    source = workspace.add_file_audience("VIP Customers")
+    write_members(source, members)
+    [result] = run_once(workspace.settings(), engine)
+    assert result.status == "succeeded"
+    return source
+
+
+def verify(workspace: Workspace, engine: Engine, **options: Any) -> VerifyReport:
+    return verify_audience(workspace.settings(), engine, KEY, **options)
+
+
+def tamper(gist: FakeGist, user_id: str, properties: dict[str, Any]) -> None:
+    """Edit a contact in Gist behind audience-sync's back."""
+    tamper_many(gist, {user_id: properties})
+
+
+def tamper_many(gist: FakeGist, edits: dict[str, dict[str, Any]]) -> None:
+    with httpx.Client(base_url=gist.url, headers={"Authorization": f"Bearer {API_KEY}"}) as http:
+        for user_id, properties in edits.items():
+            body = {"user_id": user_id, "email": f"{user_id}@example.com"}
+            http.post(
+                "/contacts", json={**body, "custom_properties": properties}
+            ).raise_for_status()
+
+
+def fetches(gist: FakeGist) -> list[Any]:
+    return [r for r in gist.requests("/contacts") if r.method == "GET"]
+
+
+def uncertain(engine: Engine) -> set[str]:
+    with engine.connect() as connection:
+        return set(connection.scalars(select(uncertain_members.c.user_id)))
+
+
+def test_after_a_sync_every_sampled_member_matches(
+    workspace: Workspace, engine: Engine, gist: FakeGist
+) -> None:
+    setup(workspace, engine, range(10))
+    report = verify(workspace, engine)
+    assert (report.sampled, report.matching, report.drifted, report.repaired) == (10, 10, [], 0)
+    assert len(fetches(gist)) == 10
+
+
+def test_values_edited_in_gist_are_drift(
+    workspace: Workspace, engine: Engine, gist: FakeGist
+) -> None:
+    setup(workspace, engine, range(10))
+    tamper_many(gist, {"u1": {KEY: False}, "u2": {KEY: None}, "u3": {KEY: "yes"}})
+    report = verify(workspace, engine)
+    assert (report.sampled, report.matching) == (10, 7)
+    assert sorted(report.drifted, key=lambda d: d.user_id) == [
+        Drift("u1", True, False, "value differs"),
+        Drift("u2", True, None, "value differs"),
+        Drift("u3", True, "yes", "value differs"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("expected", "contact", "drift"),
+    [
+        (True, {"custom_properties": {KEY: True}}, None),
+        (True, {"custom_properties": {KEY: "true"}}, Drift("u", True, "true", "value differs")),
+        (True, {"custom_properties": {}}, Drift("u", True, None, "property missing")),
+        (True, None, Drift("u", True, MISSING, "contact missing")),
+        (False, {"custom_properties": {KEY: False}}, None),
+        (False, {"custom_properties": {KEY: None}}, None),
+        (False, {"custom_properties": {}}, None),
+        (False, None, None),
+        (False, {"custom_properties": {KEY: True}}, Drift("u", False, True, "value differs")),
+    ],
+    ids=[
+        "member-true",
+        "member-string",
+        "member-no-property",
+        "member-no-contact",
+        "exit-false",
+        "exit-null",
+        "exit-no-property",
+        "exit-no-contact",
+        "exit-still-true",
+    ],
+)
+def test_compare(expected: bool, contact: dict[str, Any] | None, drift: Drift | None) -> None:
+    assert compare(KEY, "u", expected, contact) == drift
+
+
+def test_missing_contact_and_property_are_drift_and_report_is_json(
+    workspace: Workspace, engine: Engine, gist: FakeGist
+) -> None:
+    setup(workspace, engine, range(3))
+    tamper(gist, "x1", {"other": 1})  # a contact Gist holds without our property
+    now = datetime(2024, 1, 1)
+    with engine.begin() as connection:
+        connection.execute(
+            insert(memberships),
+            [
+                {"audience_key": KEY, "user_id": u, "email": f"{u}@example.com", "since": now,
+                 "last_run_id": 1}
+                for u in ("x1", "ghost")
+            ],
+        )  # fmt: skip
+    report = verify(workspace, engine, repair=True)
+    assert sorted(report.drifted, key=lambda d: d.user_id) == [
+        Drift("ghost", True, MISSING, "contact missing"),
+        Drift("x1", True, None, "property missing"),
+    ]
+    assert uncertain(engine) == {"ghost", "x1"}
+    data = json.loads(json.dumps(report.to_dict()))
+    assert {k: v for k, v in data.items() if k != "drifted"} == {
+        "audience_key": KEY, "sampled": 5, "matching": 3, "repaired": 2,
+    }  # fmt: skip
+    assert {d["user_id"]: (d["actual"], d["reason"]) for d in data["drifted"]} == {
+        "ghost": (MISSING, "contact missing"),
+        "x1": (None, "property missing"),
+    }
+
+
+def test_repair_resends_exactly_the_drifted_users(
+    workspace: Workspace, engine: Engine, gist: FakeGist
+) -> None:
+    setup(workspace, engine, range(10))
+    tamper_many(gist, {"u3": {KEY: False}, "u5": {KEY: None}})
+    with engine.connect() as connection:
+        before = connection.execute(select(memberships)).all()
+
+    report = verify(workspace, engine, repair=True)
+    assert {d.user_id for d in report.drifted} == {"u3", "u5"}
+    assert report.repaired == 2
+    assert uncertain(engine) == {"u3", "u5"}
+    with engine.connect() as connection:
+        assert connection.execute(select(memberships)).all() == before
+
+    gist.clear_log()
+    [result] = run_once(workspace.settings(), engine)
+    assert result.status == "succeeded"
+    sent = {r.body["user_id"]: r.body["custom_properties"] for r in gist.requests()}
+    assert sent == {"u3": {KEY: True}, "u5": {KEY: True}}
+    assert uncertain(engine) == set()
+    assert verify(workspace, engine).drifted == []
+
+
+def test_an_exit_gist_lost_is_caught_and_repaired(
+    workspace: Workspace, engine: Engine, gist: FakeGist
+) -> None:
+    source = setup(workspace, engine, range(10))
+    write_members(source, range(8))  # u8, u9 exit
+    run_once(workspace.settings(), engine)
+    tamper(gist, "u8", {KEY: True})
+
+    report = verify(workspace, engine, sample=40, repair=True)
+    assert report.sampled == 10  # 8 members + both exits
+    assert report.drifted == [Drift("u8", False, True, "value differs")]
+    gist.clear_log()
+    run_once(workspace.settings(), engine)
+    assert [(r.body["user_id"], r.body["custom_properties"]) for r in gist.requests()] == [
+        ("u8", {KEY: False})
+    ]
+    assert gist.properties(KEY)["u8"] is False
+    assert verify(workspace, engine, sample=40).drifted == []
+
+
+def test_sample_size_is_respected(workspace: Workspace, engine: Engine, gist: FakeGist) -> None:
+    source = setup(workspace, engine, range(30))
+    write_members(source, range(27))  # three exits
+    run_once(workspace.settings(), engine)
+    gist.clear_log()
+    report = verify(workspace, engine, sample=5)
+    assert report.sampled == 6  # 5 members + 5 // 4 exit checks
+    assert len(fetches(gist)) == 6
+
+
+def test_a_seeded_sample_is_reproducible(
+    workspace: Workspace, engine: Engine, gist: FakeGist
+) -> None:
+    setup(workspace, engine, range(12))
+    tamper_many(gist, {f"u{n}": {KEY: False} for n in range(12)})
+    first = verify(workspace, engine, sample=5, seed=7)
+    again = verify(workspace, engine, sample=5, seed=7)
+    assert len(first.drifted) == 5
+    assert first.drifted == again.drifted
+
+
+def test_api_errors_are_reported_not_repaired(
+    workspace: Workspace, engine: Engine, gist: FakeGist
+) -> None:
+    setup(workspace, engine, range(5))
+    gist.fail_user("u2", 422, "Nope")
+    report = verify(workspace, engine, repair=True)
+    assert [(d.user_id, d.reason) for d in report.drifted] == [("u2", "error: HTTP 422: Nope")]
+    assert (report.matching, report.repaired) == (4, 0)
+    assert uncertain(engine) == set()
+
+
+@pytest.mark.parametrize("state_url", ["sqlite"], indirect=True, ids=["sqlite"])
+def test_fetches_honour_the_rate_limit(
+    workspace: Workspace, engine: Engine, gist: FakeGist
+) -> None:
+    setup(workspace, engine, range(21))
+    workspace.gist_options["requests_per_second"] = 20
+    workspace.write_config()
+    gist.clear_log()
+    assert verify(workspace, engine, sample=21).matching == 21
+    times = [r.at for r in fetches(gist)]
+    assert len(times) == 21
+    assert max(times) - min(times) >= 0.95  # 20 intervals of 1/20 s; a lower bound only
+
+
+def test_a_429_is_retried(workspace: Workspace, engine: Engine, gist: FakeGist) -> None:
+    setup(workspace, engine, range(3))
+    gist.clear_log()
+    gist.fail_next(2, 429, retry_after="0")
+    report = verify(workspace, engine)
+    assert (report.sampled, report.matching) == (3, 3)
+    assert sorted(r.status for r in fetches(gist)) == [200, 200, 200, 429, 429]
+
+
+def test_a_refused_key_aborts(workspace: Workspace, engine: Engine, gist: FakeGist) -> None:
+    setup(workspace, engine, range(3))
+    gist.fail_after(0, 401)
+    with pytest.raises(AuthError, match="401"):
+        verify(workspace, engine, repair=True)
+    assert uncertain(engine) == set()
+
+
+def test_an_unknown_audience_is_a_config_error(workspace: Workspace, engine: Engine) -> None:
+    setup(workspace, engine, range(1))
+    with pytest.raises(ConfigError, match="no audience with key 'nope'"):
+        verify_audience(workspace.settings(), engine, "nope")
