@@ -44,6 +44,7 @@ class GistConfig(_Frozen):
     timeout_seconds: float = Field(30.0, gt=0)
     max_retries: int = Field(5, ge=0, le=20)
     retry_backoff_seconds: float = Field(1.0, gt=0, le=300)
+    batch_size: int = Field(1, ge=1, le=1000)
 
 
 class DaemonConfig(_Frozen):

@@ -312,7 +312,8 @@ class Deliverer:
             if self._report.error is not None:
                 break
             mark_uncertain(self._engine, page)
-            for update in page:
+            size = self._config.batch_size
+            for batch in (page[i : i + size] for i in range(0, len(page), size)):
                 await slots.acquire()
                 if self._report.error is None and (reason := self._should_stop()):
                     log.warning("stopping: %s; letting %d requests finish", reason, len(in_flight))
@@ -320,7 +321,7 @@ class Deliverer:
                 if self._report.error is not None:
                     slots.release()
                     break
-                task = asyncio.create_task(self._send(update, slots))
+                task = asyncio.create_task(self._send(batch, slots))
                 in_flight.add(task)
                 task.add_done_callback(in_flight.discard)
                 # Acknowledgements are saved often: after a kill -9 only these are sent again.
@@ -335,7 +336,46 @@ class Deliverer:
             raise self._crash
         return self._report
 
-    async def _send(self, update: UserUpdate, slots: asyncio.Semaphore) -> None:
+    async def _send(self, batch: list[UserUpdate], slots: asyncio.Semaphore) -> None:
+        """Send one batch (one user when ``batch_size`` is 1), holding one slot."""
+        try:
+            if len(batch) > 1 and await self._send_batch(batch):
+                return
+            for update in batch:
+                if self._report.error is not None and not self._report.interrupted:
+                    return
+                await self._send_one(update)
+        finally:
+            slots.release()
+
+    async def _send_batch(self, batch: list[UserUpdate]) -> bool:
+        """``POST /contacts/batch``; True when Gist acknowledged every contact in it.
+
+        Any answer but a 2xx (or a refused key) falls back to single requests for the
+        batch, so one bad contact cannot hold back the others.
+        """
+        attempt = Attempt()
+        try:
+            status = await self._pacer.call(
+                lambda: self._client.push_contacts(
+                    [(u.user_id, u.email, u.properties) for u in batch]
+                ),
+                attempt,
+            )
+        except AuthError as exc:
+            self._stop(f"Gist refused the API key ({exc}); nothing more was sent")
+            return True
+        except (FatalApiError, RetriableApiError) as exc:
+            log.info("batch of %d refused (%s): sending one by one", len(batch), exc)
+            return False
+        finally:
+            self._report.requests += attempt.count
+        for update in batch:
+            self._results.append(Result(update, True, False, attempt.count, status, None))
+            self._on_result(len(update.changes))
+        return True
+
+    async def _send_one(self, update: UserUpdate) -> None:
         attempt = Attempt()
         try:
             status = await self._pacer.call(
@@ -360,7 +400,6 @@ class Deliverer:
         finally:
             self._report.requests += attempt.count
             self._on_result(len(update.changes))
-            slots.release()
 
     def _stop(self, reason: str) -> None:
         if self._report.error is None:

@@ -63,6 +63,13 @@ class GistClient:
         check_response(response)
         return response.status_code
 
+    async def push_contacts(self, contacts: list[tuple[str, str, dict[str, Any]]]) -> int:
+        """Create or update many contacts in one ``POST /contacts/batch``; a 2xx covers all."""
+        body = {"contacts": [build_contact(u, e, p) for u, e, p in contacts]}
+        response = await self._request("push_contacts", "POST", "/contacts/batch", json=body)
+        check_response(response)
+        return response.status_code
+
     async def fetch_contact(self, user_id: str) -> dict[str, Any] | None:
         """The contact with this user_id as Gist holds it, or None when Gist has none."""
         response = await self._request(

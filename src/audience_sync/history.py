@@ -9,6 +9,7 @@ from typing import Any
 from sqlalchemy import Engine, case, delete, func, select, union_all
 
 from audience_sync.models import (
+    audiences,
     member_changes,
     memberships,
     rejected_rows,
@@ -137,18 +138,22 @@ def prune(engine: Engine, older_than: datetime) -> dict[str, int]:
 
 def load_orphans(engine: Engine, configured: Iterable[str]) -> dict[str, int]:
     """Audiences Gist may still hold members of that are no longer configured: key → count."""
-    keys = list(configured)
-    held = union_all(
-        select(memberships.c.audience_key, memberships.c.user_id),
-        select(uncertain_members.c.audience_key, uncertain_members.c.user_id),
-    ).subquery()
-    query = (
-        select(held.c.audience_key, func.count(func.distinct(held.c.user_id)))
-        .where(held.c.audience_key.not_in(keys))
-        .group_by(held.c.audience_key)
-    )
+    keys = set(configured)
+    orphans: dict[str, int] = {}
     with engine.connect() as connection:
-        return {key: count for key, count in connection.execute(query)}
+        # Every audience ever synced has an `audiences` row: look only at the unconfigured
+        # ones, so a run never scans the memberships of the audiences it just synced.
+        for key in connection.scalars(select(audiences.c.key)):
+            if key in keys:
+                continue
+            held = union_all(
+                select(memberships.c.user_id).where(memberships.c.audience_key == key),
+                select(uncertain_members.c.user_id).where(uncertain_members.c.audience_key == key),
+            ).subquery()
+            count = connection.scalar(select(func.count(func.distinct(held.c.user_id))))
+            if count:
+                orphans[key] = count
+    return orphans
 
 
 def load_last_starts(engine: Engine) -> dict[str, datetime]:

@@ -23,6 +23,7 @@ from audience_sync.models import member_changes as changes
 from audience_sync.models import sync_runs as runs
 from audience_sync.plan import (
     clear_staging,
+    discard_plan,
     load_diff,
     save_backfill_plan,
     save_plan,
@@ -305,8 +306,8 @@ def _plan(
 ) -> RunResult:
     """Diff the staged snapshot and write the plan for ``run`` or ``backfill``."""
     key = result.audience_key
-    diff = load_diff(engine, run_id, key)
     if mode == "backfill":
+        diff = load_diff(engine, run_id, key)
         resumed = _unfinished_backfills(engine, key, run_id)
         entered = diff.members
         if kind != "dry-run":
@@ -315,10 +316,12 @@ def _plan(
             log.warning("%s: resuming the backfill of runs %s", key, ", ".join(map(str, resumed)))
         status = "succeeded" if kind == "dry-run" else "running"
         return replace(result, members=diff.members, entered=entered, status=status)
+    diff = load_diff(engine, run_id, key) if kind == "dry-run" else save_plan(engine, run_id, key)
     result = replace(result, members=diff.members, entered=diff.entered, exited=diff.exited)
     if not allow_mass_exit and diff.is_mass_exit(
         audience.mass_exit_threshold, audience.mass_exit_min_members
     ):
+        discard_plan(engine, run_id)
         share = diff.exited / diff.acknowledged
         return replace(
             result,
@@ -329,10 +332,7 @@ def _plan(
                 "run again with --allow-mass-exit"
             ),
         )
-    if kind == "dry-run":
-        return replace(result, status="succeeded")
-    save_plan(engine, run_id, key)
-    return result
+    return replace(result, status="succeeded") if kind == "dry-run" else result
 
 
 def _unfinished_backfills(engine: Engine, key: str, run_id: int) -> list[int]:
