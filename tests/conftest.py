@@ -104,6 +104,7 @@ class Workspace:
             "retry_backoff_seconds": 0.01,
         }
         self.audiences: list[dict[str, Any]] = []
+        self.traits: list[dict[str, Any]] = []
         self.sources: dict[str, str] = {}
         self.sections: dict[str, dict[str, Any]] = {}  # e.g. {"daemon": {...}, "alerts": {...}}
 
@@ -134,9 +135,10 @@ class Workspace:
             lines += [f"{k} = {json.dumps(v)}" for k, v in values.items()]
         for name, url in self.sources.items():
             lines += [f"[sources.{name}]", f"url = {json.dumps(url)}"]
-        for audience in self.audiences:
-            lines.append("[[audiences]]")
-            lines += [f"{k} = {json.dumps(v)}" for k, v in audience.items()]
+        for section, entries in (("audiences", self.audiences), ("traits", self.traits)):
+            for entry in entries:
+                lines.append(f"[[{section}]]")
+                lines += [f"{k} = {json.dumps(v)}" for k, v in entry.items()]
         self.config_path.write_text("\n".join(lines) + "\n")
 
     def settings(self) -> Settings:

@@ -51,7 +51,7 @@ CONFIG_CASES = [
     pytest.param(BadConfig('[gist]\nbase_url = "http://127.0.0.1:1"\n' + AUDIENCE,
                            ["gist.api_key: Field required"]),
                  id="missing-api-key"),
-    pytest.param(BadConfig(GIST, ["audiences: Field required"]), id="no-audiences"),
+    pytest.param(BadConfig(GIST, ["at least one [[audiences]] or [[traits]]"]), id="no-audiences"),
     pytest.param(BadConfig('audiences = ["vip"]\n' + GIST, ["audiences[0]", "valid dictionary"]),
                  id="audience-not-a-table"),
     pytest.param(BadConfig(GIST + '[[audiences]]\nname = "VIP"\nsource = "warehouse"\n'

@@ -26,7 +26,7 @@ def test_batches_acknowledge_every_contact(
 
     assert (run.status, run.delivered) == ("succeeded", 12)
     batches = gist.requests("/contacts/batch")
-    assert [len(r.body["contacts"]) for r in batches] == [5, 5, 2]
+    assert sorted(len(r.body["contacts"]) for r in batches) == [2, 5, 5]  # sent concurrently
     assert gist.requests("/contacts") == []
     assert acknowledged(engine) == in_gist(gist) == users(*range(12))
 
@@ -40,7 +40,7 @@ def test_a_refused_batch_falls_back_to_single_requests(
     [run] = run_once(workspace.settings(), engine)
 
     assert (run.status, run.delivered, run.failed) == ("partial", 9, 1)
-    assert [r.status for r in gist.requests("/contacts/batch")] == [422, 200]
+    assert sorted(r.status for r in gist.requests("/contacts/batch")) == [200, 422]
     assert len(gist.requests("/contacts")) == 5  # the refused batch, one by one
     assert acknowledged(engine) == in_gist(gist) == users(0, 1, 2, 4, 5, 6, 7, 8, 9)
 

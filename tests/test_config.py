@@ -256,8 +256,8 @@ BAD_CONFIGS: list[tuple[str, str, str]] = [
     ),
     ("missing-gist", FILE_AUDIENCE, "gist: Field required"),
     ("missing-api-key", '[gist]\nbase_url = "https://x"\n' + FILE_AUDIENCE, "gist.api_key: Field"),
-    ("no-audiences", GIST, "audiences: Field required"),
-    ("empty-audiences", "audiences = []\n" + GIST, "audiences: List should have at least 1 item"),
+    ("no-audiences", GIST, "at least one [[audiences]] or [[traits]]"),
+    ("empty-audiences", "audiences = []\n" + GIST, "at least one [[audiences]] or [[traits]]"),
     (
         "query-and-file",
         GIST + SQL_AUDIENCE + 'file = "members.jsonl"\n',

@@ -15,6 +15,7 @@ from audience_sync.config import (
     DaemonConfig,
     GistConfig,
     StateConfig,
+    TraitConfig,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -56,6 +57,11 @@ def test_command_has_help_and_is_documented(command: str) -> None:
 def test_every_config_key_is_documented(section: str, model: type) -> None:
     for field in model.model_fields:
         assert f"`{section}.{field}`" in README, f"README lacks {section}.{field}"
+
+
+def test_every_trait_key_is_documented() -> None:
+    for field in TraitConfig.model_fields:
+        assert f"`traits[].{field}`" in README or f"`{field}`" in README.split("`traits[].name`")[1]
 
 
 def test_example_config_is_valid_toml_and_names_every_gist_key() -> None:

@@ -264,7 +264,7 @@ def _sync_command(
             observer=metrics.observe_request,
             progress=progress,
         )
-        orphans = load_orphans(engine, [a.property_key for a in settings.audiences])
+        orphans = load_orphans(engine, [a.property_key for a in settings.computations])
     metrics.record_results(results)
     if args.metrics_file:
         metrics.write_textfile(args.metrics_file)
@@ -365,15 +365,16 @@ def cmd_audiences(args: argparse.Namespace) -> int:
         {
             "name": a.name,
             "key": a.property_key,
+            "kind": "trait" if a.is_trait else "audience",
             "source": source_for(settings, a).description,
             "schedule": a.schedule or (f"every {a.every}" if a.every else None),
         }
-        for a in settings.audiences
+        for a in settings.computations
     ]
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
-        columns = ("key", "name", "source", "schedule")
+        columns = ("key", "kind", "name", "source", "schedule")
         render_table(rows, columns, sys.stdout, tty=sys.stdout.isatty())
     return EXIT_OK
 

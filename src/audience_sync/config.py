@@ -7,7 +7,7 @@ import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from apscheduler.triggers.cron import CronTrigger
@@ -79,26 +79,33 @@ class SourceConfig(_Frozen):
     url: str
 
 
-class AudienceConfig(_Frozen):
-    """One audience: where its members come from and which Gist property it drives."""
+class _Computation(_Frozen):
+    """What audiences and computed traits share: a name, a key, a source and a schedule."""
 
     name: str = Field(min_length=1)
     key: str | None = None
     source: str | None = None
     query: str | None = None
     file: Path | None = None
+    format: Literal["csv", "jsonl", "engage"] | None = None  # default: by the file's suffix
     schedule: str | None = None
     every: str | None = None
+    send_track: bool = False
     mass_exit_threshold: float = Field(0.5, gt=0, le=1)
     mass_exit_min_members: int = Field(100, ge=0)
 
     @property
     def property_key(self) -> str:
-        """The Gist custom property this audience sets: explicit ``key``, else snake_case(name)."""
+        """The Gist custom property this sets: explicit ``key``, else snake_case(name)."""
         return self.key if self.key is not None else property_key(self.name)
 
+    @property
+    def is_trait(self) -> bool:
+        """True for a computed trait, False for an audience."""
+        return False
+
     @model_validator(mode="after")
-    def _check(self) -> AudienceConfig:
+    def _check(self) -> _Computation:
         if self.key is not None and not is_valid_key(self.key):
             raise ValueError(f"key {self.key!r} must match ^[a-z0-9_]+$")
         if not self.property_key:
@@ -112,6 +119,8 @@ class AudienceConfig(_Frozen):
             raise ValueError("needs `source` + `query` or `file`")
         if has_query and (self.source is None or self.query is None):
             raise ValueError("`source` and `query` go together")
+        if self.format is not None and self.file is None:
+            raise ValueError("`format` applies to a `file` only")
         if self.schedule is not None and self.every is not None:
             raise ValueError("give either `schedule` (cron) or `every` (interval), not both")
         if self.every is not None and parse_duration(self.every) is None:
@@ -126,6 +135,28 @@ class AudienceConfig(_Frozen):
         return self
 
 
+class AudienceConfig(_Computation):
+    """One audience: where its members come from and which Gist property it drives."""
+
+    entered_event: str = Field("Audience Entered", min_length=1)
+    exited_event: str = Field("Audience Exited", min_length=1)
+
+
+class TraitConfig(_Computation):
+    """One computed trait: a value per user, sent as a Gist property when it changes."""
+
+    type: Literal["int", "float", "bool", "string"] | None = None  # for CSV values
+    on_missing: Literal["null", "keep"] = "null"
+    event: str = Field("Trait Computed", min_length=1)
+
+    @property
+    def is_trait(self) -> bool:
+        return True
+
+
+Computation = AudienceConfig | TraitConfig
+
+
 class Settings(_Frozen):
     """The whole validated configuration; ``path`` is the file it came from."""
 
@@ -135,11 +166,19 @@ class Settings(_Frozen):
     daemon: DaemonConfig = DaemonConfig()
     alerts: AlertsConfig = AlertsConfig()
     sources: dict[str, SourceConfig] = {}
-    audiences: list[AudienceConfig] = Field(min_length=1)
+    audiences: list[AudienceConfig] = []
+    traits: list[TraitConfig] = []
+
+    @property
+    def computations(self) -> list[Computation]:
+        """Every audience and computed trait, in config order (audiences first)."""
+        return [*self.audiences, *self.traits]
 
     @model_validator(mode="after")
     def _check(self) -> Settings:
-        for audience in self.audiences:
+        if not self.computations:
+            raise ValueError("configure at least one [[audiences]] or [[traits]] entry")
+        for audience in self.computations:
             if audience.source is not None and audience.source not in self.sources:
                 known = ", ".join(sorted(self.sources)) or "none"
                 raise ValueError(
@@ -149,17 +188,17 @@ class Settings(_Frozen):
             if audience.file is not None and not audience.file.is_file():
                 raise ValueError(f"audience {audience.name!r}: file {audience.file} not found")
         try:
-            check_unique_keys((a.name, a.property_key) for a in self.audiences)
+            check_unique_keys((a.name, a.property_key) for a in self.computations)
         except ConfigError as exc:
             raise ValueError(str(exc)) from exc
         return self
 
-    def audience(self, key: str) -> AudienceConfig:
-        """The configured audience with property key ``key``."""
-        for audience in self.audiences:
+    def audience(self, key: str) -> Computation:
+        """The configured audience or computed trait with property key ``key``."""
+        for audience in self.computations:
             if audience.property_key == key:
                 return audience
-        known = ", ".join(a.property_key for a in self.audiences)
+        known = ", ".join(a.property_key for a in self.computations)
         raise ConfigError(f"{self.path}: no audience with key {key!r} (configured: {known})")
 
 
@@ -238,11 +277,12 @@ def _resolve_paths(data: dict[str, Any], base: Path, path: Path) -> None:
         for name, source in sources.items():
             if isinstance(source, dict) and isinstance(source.get("url"), str):
                 source["url"] = _absolute_sqlite(source["url"], base, path, f"sources.{name}.url")
-    audiences = data.get("audiences")
-    if isinstance(audiences, list):
-        for audience in audiences:
-            if isinstance(audience, dict) and isinstance(audience.get("file"), str):
-                audience["file"] = str(base / audience["file"])
+    for section in ("audiences", "traits"):
+        entries = data.get(section)
+        if isinstance(entries, list):
+            for entry in entries:
+                if isinstance(entry, dict) and isinstance(entry.get("file"), str):
+                    entry["file"] = str(base / entry["file"])
     daemon = data.get("daemon")
     if isinstance(daemon, dict) and isinstance(daemon.get("heartbeat_file"), str):
         daemon["heartbeat_file"] = str(base / daemon["heartbeat_file"])
@@ -270,12 +310,12 @@ def _describe(exc: ValidationError, path: Path, data: dict[str, Any]) -> str:
     for error in exc.errors():
         loc = list(error["loc"])
         where = ""
-        if len(loc) >= 2 and loc[0] == "audiences" and isinstance(loc[1], int):
-            audiences = data.get("audiences") or []
-            entry = audiences[loc[1]] if loc[1] < len(audiences) else None
+        if len(loc) >= 2 and loc[0] in ("audiences", "traits") and isinstance(loc[1], int):
+            entries = data.get(str(loc[0])) or []
+            entry = entries[loc[1]] if loc[1] < len(entries) else None
             # An entry may be anything TOML allows (`audiences = ["vip"]`), not only a table.
             name = entry.get("name") if isinstance(entry, dict) else None
-            where = f"audiences[{loc[1]}]" + (f" ({name!r})" if name else "")
+            where = f"{loc[0]}[{loc[1]}]" + (f" ({name!r})" if name else "")
             loc = loc[2:]
         rest = ".".join(str(part) for part in loc)
         where = ".".join(part for part in (where, rest) if part) or "config"

@@ -4,6 +4,7 @@ retries with back-off, and acknowledgements saved into ``memberships`` in batche
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import random
 import time
@@ -26,7 +27,7 @@ from audience_sync.db import upsert
 from audience_sync.errors import AuthError, FatalApiError, RetriableApiError
 from audience_sync.gist import GistClient
 from audience_sync.models import member_changes as changes
-from audience_sync.models import memberships, uncertain_members
+from audience_sync.models import memberships, trait_values, uncertain_members
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -45,8 +46,13 @@ class Change:
     id: int
     run_id: int
     audience_key: str
-    value: bool
+    value: Any  # True/False for an audience, the decoded value for a trait
     email: str
+    value_json: str | None = None  # set for a trait: the value as stored
+
+    @property
+    def is_trait(self) -> bool:
+        return self.value_json is not None
 
 
 @dataclass
@@ -100,6 +106,7 @@ def iter_pages(engine: Engine, run_ids: Sequence[int]) -> Iterator[list[UserUpda
                 changes.c.user_id,
                 changes.c.email,
                 changes.c.value,
+                changes.c.value_json,
             )
             .where(changes.c.run_id.in_(run_ids), changes.c.status == "pending")
             .order_by(changes.c.user_id, changes.c.id)
@@ -121,7 +128,14 @@ def iter_pages(engine: Engine, run_ids: Sequence[int]) -> Iterator[list[UserUpda
             if not page or page[-1].user_id != row.user_id:
                 page.append(UserUpdate(row.user_id))
             page[-1].changes.append(
-                Change(row.id, row.run_id, row.audience_key, bool(row.value), row.email)
+                Change(
+                    row.id,
+                    row.run_id,
+                    row.audience_key,
+                    bool(row.value) if row.value_json is None else json.loads(row.value_json),
+                    row.email,
+                    row.value_json,
+                )
             )
         yield page
         after = page[-1].user_id
@@ -158,13 +172,26 @@ def save_results(engine: Engine, results: Sequence[Result], now: datetime) -> No
         }
         for r in delivered
         for c in r.update.changes
-        if c.value
+        if not c.is_trait and c.value
     ]
     exits = [
         {"k": c.audience_key, "u": r.update.user_id}
         for r in delivered
         for c in r.update.changes
-        if not c.value
+        if not c.is_trait and not c.value
+    ]
+    values = [
+        {
+            "trait_key": c.audience_key,
+            "user_id": r.update.user_id,
+            "email": c.email,
+            "value": c.value_json,
+            "since": now,
+            "last_run_id": c.run_id,
+        }
+        for r in delivered
+        for c in r.update.changes
+        if c.is_trait
     ]
     # An answer, yes or a definite no, makes Gist's value known again.
     settled = [
@@ -197,6 +224,20 @@ def save_results(engine: Engine, results: Sequence[Result], now: datetime) -> No
                     },
                 ),
                 entries,
+            )
+        if values:
+            statement = upsert(engine, trait_values)
+            connection.execute(
+                statement.on_conflict_do_update(
+                    index_elements=[trait_values.c.trait_key, trait_values.c.user_id],
+                    set_={
+                        "email": statement.excluded.email,
+                        "value": statement.excluded.value,
+                        "since": statement.excluded.since,
+                        "last_run_id": statement.excluded.last_run_id,
+                    },
+                ),
+                values,
             )
         if exits:
             connection.execute(

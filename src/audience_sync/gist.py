@@ -70,6 +70,12 @@ class GistClient:
         check_response(response)
         return response.status_code
 
+    async def push_event(self, event: dict[str, Any]) -> int:
+        """Record a custom event on a contact (``POST /events``)."""
+        response = await self._request("push_event", "POST", "/events", json=event)
+        check_response(response)
+        return response.status_code
+
     async def fetch_contact(self, user_id: str) -> dict[str, Any] | None:
         """The contact with this user_id as Gist holds it, or None when Gist has none."""
         response = await self._request(

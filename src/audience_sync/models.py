@@ -100,6 +100,7 @@ class MemberChange(Base):
     __table_args__ = (
         Index("ix_member_changes_run_id_status_user_id", "run_id", "status", "user_id"),
         Index("ix_member_changes_audience_key_user_id", "audience_key", "user_id"),
+        Index("ix_member_changes_event_status_audience_key", "event_status", "audience_key"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
@@ -107,12 +108,16 @@ class MemberChange(Base):
     audience_key: Mapped[str] = mapped_column(KEY)
     user_id: Mapped[str] = mapped_column(USER_ID)
     email: Mapped[str] = mapped_column(EMAIL)
-    value: Mapped[bool] = mapped_column(Boolean)
+    value: Mapped[bool | None] = mapped_column(Boolean)  # an audience change: entered?
+    value_json: Mapped[str | None] = mapped_column(Text)  # a trait change: the new value
     status: Mapped[str] = mapped_column(String(16))
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     http_status: Mapped[int | None] = mapped_column(Integer)
     last_error: Mapped[str | None] = mapped_column(Text)
     delivered_at: Mapped[datetime | None] = mapped_column(DateTime)
+    # Track event for this change (send_track): pending → delivered | failed; NULL when none.
+    event_status: Mapped[str | None] = mapped_column(String(16))
+    event_error: Mapped[str | None] = mapped_column(Text)
 
 
 class RejectedRow(Base):
@@ -137,6 +142,21 @@ class StagedMember(Base):
     run_id: Mapped[int] = mapped_column(Integer, primary_key=True)
     user_id: Mapped[str] = mapped_column(USER_ID, primary_key=True)
     email: Mapped[str] = mapped_column(EMAIL)
+    value: Mapped[str | None] = mapped_column(Text)  # a trait's value as canonical JSON
+
+
+class TraitValue(Base):
+    """A computed trait's value Gist acknowledged for a user (canonical JSON, so 1, 1.0 and
+    "1" stay different); written only after a 2xx, like ``memberships``."""
+
+    __tablename__ = "trait_values"
+
+    trait_key: Mapped[str] = mapped_column(KEY, primary_key=True)
+    user_id: Mapped[str] = mapped_column(USER_ID, primary_key=True)
+    email: Mapped[str] = mapped_column(EMAIL)
+    value: Mapped[str] = mapped_column(Text)
+    since: Mapped[datetime] = mapped_column(DateTime)
+    last_run_id: Mapped[int] = mapped_column(Integer)
 
 
 class Lease(Base):
@@ -160,6 +180,7 @@ sync_runs = _table(SyncRun)
 memberships = _table(Membership)
 member_changes = _table(MemberChange)
 uncertain_members = _table(UncertainMember)
+trait_values = _table(TraitValue)
 rejected_rows = _table(RejectedRow)
 staged_members = _table(StagedMember)
 leases = _table(Lease)

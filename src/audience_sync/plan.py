@@ -2,19 +2,26 @@
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import date, time
+from decimal import Decimal
 from typing import Any
 
 from sqlalchemy import (
+    Boolean,
     Engine,
+    Text,
     and_,
+    cast,
     delete,
     exists,
     false,
     func,
     literal,
+    null,
     or_,
     select,
     true,
@@ -24,7 +31,13 @@ from sqlalchemy import insert as generic_insert
 
 from audience_sync.errors import StopRequestedError
 from audience_sync.models import member_changes as changes
-from audience_sync.models import memberships, rejected_rows, staged_members, uncertain_members
+from audience_sync.models import (
+    memberships,
+    rejected_rows,
+    staged_members,
+    trait_values,
+    uncertain_members,
+)
 from audience_sync.sources import Source, SourceRow
 
 EMAIL_PATTERN = re.compile(r"^[^@\s\x00-\x1f\x7f]+@[^@\s\x00-\x1f\x7f]+\.[^@\s.\x00-\x1f\x7f]+$")
@@ -100,22 +113,74 @@ def check_row(row: SourceRow) -> tuple[str, str] | str:
     return user_id, email
 
 
+def encode_value(value: Any, value_type: str | None = None) -> str:
+    """A trait value as canonical JSON, so 1, 1.0, "1" and true stay four different values.
+
+    CSV gives strings: ``value_type`` (int, float, bool, string) converts them. SQL types map
+    to their JSON kin: exact decimals with no fraction digits to integers, other decimals to
+    floats, dates and times to ISO strings. Raises ValueError with the reason otherwise.
+    """
+    if value_type is not None and isinstance(value, str):
+        value = _convert(value.strip(), value_type)
+    if isinstance(value, Decimal):
+        value = int(value) if int(value.as_tuple().exponent) >= 0 else float(value)
+    elif isinstance(value, date | time):
+        value = value.isoformat()
+    try:
+        return json.dumps(value, separators=(",", ":"), sort_keys=True, allow_nan=False)
+    except (TypeError, ValueError):
+        raise ValueError(f"value of type {type(value).__name__} cannot be sent") from None
+
+
+def _convert(text: str, value_type: str) -> Any:
+    if text == "":
+        return None  # an empty cell is no value
+    try:
+        if value_type == "int":
+            return int(text)
+        if value_type == "float":
+            return float(text)
+    except ValueError:
+        raise ValueError(f"value {text[:50]!r} is not {value_type}") from None
+    if value_type == "bool":
+        lowered = text.lower()
+        if lowered in BOOLEANS:
+            return BOOLEANS[lowered]
+        raise ValueError(f"value {text[:50]!r} is not bool")
+    return text
+
+
+BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+
+
 def stage_source(
     engine: Engine,
     run_id: int,
     source: Source,
     should_stop: Callable[[], bool] = lambda: False,
     on_rows: Callable[[int], None] = lambda rows: None,
+    *,
+    with_value: bool = False,
+    value_type: str | None = None,
 ) -> StageResult:
-    """Stream ``source`` into ``staged_members`` in chunks; a duplicate user keeps its first row."""
+    """Stream ``source`` into ``staged_members`` in chunks; a duplicate user keeps its first row.
+
+    ``with_value``: a computed trait's source, whose ``value`` is staged as canonical JSON.
+    """
     total = rejected = 0
     for chunk in source.read_chunks():
         if should_stop():
             raise StopRequestedError("stopped by a signal while reading the source")
-        members: dict[str, str] = {}
+        members: dict[str, tuple[str, str | None]] = {}
         bad: list[dict[str, Any]] = []
         for row in chunk:
             checked = check_row(row)
+            value: str | None = None
+            if with_value and not isinstance(checked, str):
+                try:
+                    value = encode_value(row.value, value_type)
+                except ValueError as exc:
+                    checked = str(exc)
             if isinstance(checked, str):
                 bad.append(
                     {
@@ -127,14 +192,14 @@ def stage_source(
                     }
                 )
             else:
-                members.setdefault(checked[0], checked[1])
+                members.setdefault(checked[0], (checked[1], value))
         total += len(chunk)
         rejected += len(bad)
         with engine.begin() as connection:
             if members:
                 # Straight to the driver's executemany: SQLAlchemy's per-row parameter
                 # processing cost more than the insert itself.
-                rows = [(run_id, u, e) for u, e in members.items()]
+                rows = [(run_id, u, e, v) for u, (e, v) in members.items()]
                 connection.exec_driver_sql(_stage_sql(engine), rows)
             if bad:
                 connection.execute(generic_insert(rejected_rows), bad)
@@ -145,8 +210,8 @@ def stage_source(
 def _stage_sql(engine: Engine) -> str:
     mark = "?" if engine.dialect.paramstyle == "qmark" else "%s"
     return (
-        f"INSERT INTO staged_members (run_id, user_id, email) VALUES ({mark}, {mark}, {mark}) "
-        "ON CONFLICT DO NOTHING"
+        "INSERT INTO staged_members (run_id, user_id, email, value) "
+        f"VALUES ({mark}, {mark}, {mark}, {mark}) ON CONFLICT DO NOTHING"
     )
 
 
@@ -163,21 +228,29 @@ def load_diff(engine: Engine, run_id: int, audience_key: str) -> Diff:
     return Diff(members, acknowledged, entered or 0, exited or 0)
 
 
-def _sizes(engine: Engine, run_id: int, audience_key: str) -> tuple[int, int]:
+def _sizes(
+    engine: Engine, run_id: int, audience_key: str, *, trait: bool = False
+) -> tuple[int, int]:
     """How many members the snapshot has, and how many Gist acknowledged."""
+    acknowledged_query = (
+        select(func.count()).where(trait_values.c.trait_key == audience_key)
+        if trait
+        else select(func.count()).where(memberships.c.audience_key == audience_key)
+    )
     with engine.connect() as connection:
         members = connection.scalar(
             select(func.count()).select_from(staged).where(staged.c.run_id == run_id)
         )
-        acknowledged = connection.scalar(
-            select(func.count())
-            .select_from(memberships)
-            .where(memberships.c.audience_key == audience_key)
-        )
+        acknowledged = connection.scalar(acknowledged_query)
     return members or 0, acknowledged or 0
 
 
-PLAN_COLUMNS = ["run_id", "audience_key", "user_id", "email", "value", "status", "attempts"]
+# Typed NULLs: PostgreSQL cannot guess the type of a bare NULL in a UNION.
+NO_VALUE = cast(null(), Boolean)
+
+PLAN_COLUMNS = [
+    "run_id", "audience_key", "user_id", "email", "value", "value_json", "status", "attempts",
+]  # fmt: skip
 
 
 def save_plan(engine: Engine, run_id: int, audience_key: str) -> Diff:
@@ -200,6 +273,40 @@ def save_plan(engine: Engine, run_id: int, audience_key: str) -> Diff:
     return Diff(members, acknowledged, by_value.get(True, 0), by_value.get(False, 0))
 
 
+def save_trait_plan(engine: Engine, run_id: int, trait_key: str, on_missing: str) -> Diff:
+    """Plan each staged value Gist does not hold (or may not), and ``null`` for users gone
+    from the source when ``on_missing`` is "null"; return the diff (exited = nulls)."""
+    _save(engine, run_id, trait_key, _trait_changed(run_id, trait_key))
+    changed = _count_planned(engine, run_id)
+    if on_missing == "null":
+        _save(engine, run_id, trait_key, _trait_missing(run_id, trait_key))
+    members, acknowledged = _sizes(engine, run_id, trait_key, trait=True)
+    return Diff(members, acknowledged, changed, _count_planned(engine, run_id) - changed)
+
+
+def load_trait_diff(engine: Engine, run_id: int, trait_key: str, on_missing: str) -> Diff:
+    """The counts of ``save_trait_plan`` without writing the plan (a dry run)."""
+    members, acknowledged = _sizes(engine, run_id, trait_key, trait=True)
+    with engine.connect() as connection:
+        changed = connection.scalar(
+            select(func.count()).select_from(_trait_changed(run_id, trait_key).subquery())
+        )
+        missing: int | None = 0
+        if on_missing == "null":
+            missing = connection.scalar(
+                select(func.count()).select_from(_trait_missing(run_id, trait_key).subquery())
+            )
+    return Diff(members, acknowledged, changed or 0, missing or 0)
+
+
+def mark_events(engine: Engine, run_id: int) -> None:
+    """Give every change of the run a track event to send once the change is acknowledged."""
+    with engine.begin() as connection:
+        connection.execute(
+            changes.update().where(changes.c.run_id == run_id).values(event_status="pending")
+        )
+
+
 def discard_plan(engine: Engine, run_id: int) -> None:
     """Drop a run's plan before anything of it was sent (the mass-exit guard)."""
     with engine.begin() as connection:
@@ -207,7 +314,7 @@ def discard_plan(engine: Engine, run_id: int) -> None:
 
 
 def save_backfill_plan(
-    engine: Engine, run_id: int, audience_key: str, resumed_runs: Sequence[int]
+    engine: Engine, run_id: int, audience_key: str, resumed_runs: Sequence[int], *, trait: bool
 ) -> int:
     """Plan ``true`` for every staged member, except those already delivered by the
     unfinished backfill runs in ``resumed_runs`` (so a backfill resumes, not restarts).
@@ -217,9 +324,12 @@ def save_backfill_plan(
         changes.c.user_id == staged.c.user_id,
         changes.c.status == "delivered",
     )
-    query = select(
-        *_plan_row(run_id, audience_key, staged.c.user_id, staged.c.email, true())
-    ).where(staged.c.run_id == run_id, ~done)
+    row = (
+        _plan_row(run_id, audience_key, staged.c.user_id, staged.c.email, NO_VALUE, staged.c.value)
+        if trait
+        else _plan_row(run_id, audience_key, staged.c.user_id, staged.c.email, true())
+    )
+    query = select(*row).where(staged.c.run_id == run_id, ~done)
     _save(engine, run_id, audience_key, query)
     return _count_planned(engine, run_id)
 
@@ -264,16 +374,71 @@ def _count_planned(engine: Engine, run_id: int) -> int:
         return int(connection.scalar(select(func.count()).where(changes.c.run_id == run_id)) or 0)
 
 
-def _plan_row(run_id: int, audience_key: str, user_id: Any, email: Any, value: Any) -> list[Any]:
+def _plan_row(
+    run_id: int, audience_key: str, user_id: Any, email: Any, value: Any, value_json: Any = None
+) -> list[Any]:
     return [
         literal(run_id),
         literal(audience_key),
         user_id,
         email,
         value,
+        cast(null(), Text) if value_json is None else value_json,
         literal("pending"),
         literal(0),
     ]
+
+
+def _trait_changed(run_id: int, trait_key: str) -> Any:
+    """Staged values Gist is not known to hold: never acknowledged, different, or uncertain."""
+    same = exists().where(
+        trait_values.c.trait_key == trait_key,
+        trait_values.c.user_id == staged.c.user_id,
+        trait_values.c.value == staged.c.value,
+    )
+    uncertain = exists().where(
+        uncertain_members.c.audience_key == trait_key,
+        uncertain_members.c.user_id == staged.c.user_id,
+    )
+    row = _plan_row(run_id, trait_key, staged.c.user_id, staged.c.email, NO_VALUE, staged.c.value)
+    return select(*row).where(staged.c.run_id == run_id, or_(~same, uncertain))
+
+
+def _trait_missing(run_id: int, trait_key: str) -> Any:
+    """Users gone from the source whose value in Gist may not be null yet."""
+    nothing = literal("null")
+    acknowledged = select(
+        *_plan_row(
+            run_id, trait_key, trait_values.c.user_id, trait_values.c.email, NO_VALUE, nothing
+        )
+    ).where(
+        trait_values.c.trait_key == trait_key,
+        trait_values.c.value != "null",
+        _gone(run_id, trait_values.c.user_id),
+    )
+    known = exists().where(
+        trait_values.c.trait_key == trait_key,
+        trait_values.c.user_id == uncertain_members.c.user_id,
+    )
+    uncertain = select(
+        *_plan_row(
+            run_id, trait_key, uncertain_members.c.user_id, uncertain_members.c.email, NO_VALUE,
+            nothing,
+        )
+    ).where(
+        uncertain_members.c.audience_key == trait_key,
+        ~known,
+        _gone(run_id, uncertain_members.c.user_id),
+    )  # fmt: skip
+    return union_all(acknowledged, uncertain)
+
+
+def _gone(run_id: int, user_id: Any) -> Any:
+    """Not in this run's snapshot, and not a row of it that was rejected (a glitch is not
+    a departure)."""
+    present = exists().where(staged.c.run_id == run_id, staged.c.user_id == user_id)
+    glitch = exists().where(rejected_rows.c.run_id == run_id, rejected_rows.c.user_id == user_id)
+    return and_(~present, ~glitch)
 
 
 def clear_staging(engine: Engine, run_id: int) -> None:
@@ -302,16 +467,9 @@ def _exited(run_id: int, audience_key: str) -> Any:
     email) must not send them ``false``.
     """
 
-    def gone(user_id: Any) -> Any:
-        present = exists().where(staged.c.run_id == run_id, staged.c.user_id == user_id)
-        glitch = exists().where(
-            rejected_rows.c.run_id == run_id, rejected_rows.c.user_id == user_id
-        )
-        return and_(~present, ~glitch)
-
     acknowledged = select(
         *_plan_row(run_id, audience_key, memberships.c.user_id, memberships.c.email, false())
-    ).where(memberships.c.audience_key == audience_key, gone(memberships.c.user_id))
+    ).where(memberships.c.audience_key == audience_key, _gone(run_id, memberships.c.user_id))
     also_acknowledged = exists().where(
         memberships.c.audience_key == audience_key,
         memberships.c.user_id == uncertain_members.c.user_id,
@@ -323,7 +481,7 @@ def _exited(run_id: int, audience_key: str) -> Any:
     ).where(
         uncertain_members.c.audience_key == audience_key,
         ~also_acknowledged,
-        gone(uncertain_members.c.user_id),
+        _gone(run_id, uncertain_members.c.user_id),
     )
     return union_all(acknowledged, uncertain)
 

@@ -21,7 +21,7 @@ from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 from apscheduler.util import undefined
 
-from audience_sync.config import AudienceConfig, Settings, parse_duration
+from audience_sync.config import Computation, Settings, parse_duration
 from audience_sync.errors import ConfigError
 from audience_sync.sync import RunResult
 
@@ -80,7 +80,7 @@ class Daemon:
         )
         self._scheduler.add_listener(self._on_started, EVENT_SCHEDULER_STARTED)
         self._apply(self._settings, self._load_starts())
-        unscheduled = [a.property_key for a in self._settings.audiences if _spec(a, "") is None]
+        unscheduled = [a.property_key for a in self._settings.computations if _spec(a, "") is None]
         if unscheduled:
             log.info("not scheduled (no `schedule` or `every`): %s", ", ".join(unscheduled))
 
@@ -102,7 +102,7 @@ class Daemon:
         """Scheduled audiences never run, or whose next fire time after their last start is due."""
         now = now or self._clock()
         lasts, jobs = self._load_starts(), self.jobs()
-        keys = [a.property_key for a in self._settings.audiences if a.property_key in jobs]
+        keys = [a.property_key for a in self._settings.computations if a.property_key in jobs]
         return [key for key in keys if _is_due(jobs[key], lasts.get(key), now)]
 
     def run_due(self) -> list[RunResult]:
@@ -186,7 +186,7 @@ class Daemon:
         """Make the jobs match ``settings``; returns the keys added, removed and rescheduled."""
         tz = settings.daemon.timezone
         grace = settings.daemon.misfire_grace_seconds
-        wanted = {a.property_key: (a, s) for a in settings.audiences if (s := _spec(a, tz))}
+        wanted = {a.property_key: (a, s) for a in settings.computations if (s := _spec(a, tz))}
         removed = [key for key in self._specs if key not in wanted]
         for key in removed:
             self._scheduler.remove_job(key)
@@ -246,7 +246,7 @@ class Daemon:
         except Exception as exc:
             # One failing audience (or a state database outage) must never kill the daemon.
             log.exception("sync of %s failed", ", ".join(keys))
-            names = {a.property_key: a.name for a in settings.audiences}
+            names = {a.property_key: a.name for a in settings.computations}
             error = f"{type(exc).__name__}: {exc}"
             results = [RunResult(k, names.get(k, k), "run", "failed", error=error) for k in keys]
         finally:
@@ -309,7 +309,7 @@ class Daemon:
             self._scheduler.shutdown(wait=False)
 
 
-def _spec(audience: AudienceConfig, tz: str) -> _Spec | None:
+def _spec(audience: Computation, tz: str) -> _Spec | None:
     if audience.schedule is not None:
         return (f"cron {audience.schedule}", tz)
     if audience.every is not None:
@@ -317,7 +317,7 @@ def _spec(audience: AudienceConfig, tz: str) -> _Spec | None:
     return None
 
 
-def _trigger(audience: AudienceConfig, tz: str, last: datetime | None) -> Any:
+def _trigger(audience: Computation, tz: str, last: datetime | None) -> Any:
     if audience.schedule is not None:
         return CronTrigger.from_crontab(audience.schedule, timezone=ZoneInfo(tz))
     interval = timedelta(seconds=parse_duration(audience.every or "") or 0)

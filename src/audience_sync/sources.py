@@ -7,13 +7,13 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from sqlalchemy import create_engine, event, text
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import SQLAlchemyError
 
-from audience_sync.config import AudienceConfig, Settings, redact_url
+from audience_sync.config import Computation, Settings, redact_url
 from audience_sync.db import normalize_url
 from audience_sync.errors import SourceError
 
@@ -31,6 +31,7 @@ class SourceRow:
     row_number: int
     user_id: Any
     email: Any
+    value: Any = None  # a computed trait's value; unused for audiences
 
 
 class Source(Protocol):
@@ -46,10 +47,11 @@ class Source(Protocol):
 class SqlSource:
     """Rows from a query, streamed with a server-side cursor inside a read-only transaction."""
 
-    def __init__(self, url: str, query: str, name: str) -> None:
+    def __init__(self, url: str, query: str, name: str, *, with_value: bool = False) -> None:
         self.url = url
         self.query = query
         self.description = f"{name}: {redact_url(url)}"
+        self.columns = (*REQUIRED_COLUMNS, "value") if with_value else REQUIRED_COLUMNS
 
     def read_chunks(self, chunk_size: int = CHUNK_SIZE) -> Iterator[list[SourceRow]]:
         engine = None
@@ -69,19 +71,22 @@ class SqlSource:
                 if not result.returns_rows:
                     raise SourceError(f"{self.description}: the query returned no result set")
                 columns = list(result.keys())
-                missing = [c for c in REQUIRED_COLUMNS if c not in columns]
+                missing = [c for c in self.columns if c not in columns]
                 if missing:
                     raise SourceError(
-                        f"{self.description}: the query must return columns user_id and email; "
-                        f"missing {', '.join(missing)} (got {', '.join(columns) or 'none'})"
+                        f"{self.description}: the query must return columns "
+                        f"{_names(self.columns)}; missing {', '.join(missing)} "
+                        f"(got {', '.join(columns) or 'none'})"
                     )
                 user_index, email_index = columns.index("user_id"), columns.index("email")
+                value_index = columns.index("value") if "value" in self.columns else None
                 number = 0
                 for partition in result.partitions(chunk_size):
                     chunk = []
                     for row in partition:
                         number += 1
-                        chunk.append(SourceRow(number, row[user_index], row[email_index]))
+                        value = row[value_index] if value_index is not None else None
+                        chunk.append(SourceRow(number, row[user_index], row[email_index], value))
                     yield chunk
         except SQLAlchemyError as exc:
             raise SourceError(f"{self.description}: query failed: {_first_line(exc)}") from exc
@@ -93,14 +98,32 @@ class SqlSource:
 
 
 class FileSource:
-    """Rows from a CSV file with a header row, or a JSON-lines file (``.jsonl``/``.ndjson``)."""
+    """Rows from a CSV file with a header row, a JSON-lines file (``.jsonl``/``.ndjson``),
+    or a JSON-lines export of Segment Engage payloads (``format = "engage"``)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(
+        self,
+        path: Path,
+        format: str | None = None,
+        *,
+        key: str = "",
+        with_value: bool = False,
+    ) -> None:
         self.path = path
         self.description = str(path)
+        self.format = format or ("jsonl" if path.suffix in (".jsonl", ".ndjson") else "csv")
+        self.key = key
+        self.with_value = with_value
+        self.columns = (*REQUIRED_COLUMNS, "value") if with_value else REQUIRED_COLUMNS
 
     def read_chunks(self, chunk_size: int = CHUNK_SIZE) -> Iterator[list[SourceRow]]:
-        rows = self._json_rows() if self.path.suffix in (".jsonl", ".ndjson") else self._csv_rows()
+        if self.format == "engage":
+            from audience_sync.engage import read_engage  # engage builds on SourceRow
+
+            kind: Literal["audience", "trait"] = "trait" if self.with_value else "audience"
+            yield from read_engage(self.path, self.key, kind=kind, chunk_size=chunk_size)
+            return
+        rows = self._json_rows() if self.format == "jsonl" else self._csv_rows()
         chunk: list[SourceRow] = []
         last = 0  # across chunks: the row a decoding error follows
         try:
@@ -125,21 +148,21 @@ class FileSource:
             reader = csv.reader(handle)
             try:
                 header = next(reader, [])
-                missing = [c for c in REQUIRED_COLUMNS if c not in header]
+                missing = [c for c in self.columns if c not in header]
                 if missing:
                     raise SourceError(
-                        f"{self.path}: header must name user_id and email; missing "
+                        f"{self.path}: header must name {_names(self.columns)}; missing "
                         f"{', '.join(missing)} (got {', '.join(header) or 'no header'})"
                     )
                 # Plain lists, not DictReader: a third of the cost of a large file.
                 user_index, email_index = header.index("user_id"), header.index("email")
-                width = max(user_index, email_index)
+                value_index = header.index("value") if self.with_value else None
+                width = max(user_index, email_index, value_index or 0)
                 for number, record in enumerate(reader, start=1):
-                    if len(record) > width:
-                        yield SourceRow(number, record[user_index], record[email_index])
-                    else:  # a short row: what is missing reads as missing (None)
-                        padded: list[str | None] = [*record, *[None] * (width + 1 - len(record))]
-                        yield SourceRow(number, padded[user_index], padded[email_index])
+                    if len(record) <= width:  # a short row: what is missing reads as None
+                        record = [*record, *[None] * (width + 1 - len(record))]  # type: ignore[list-item]
+                    value = record[value_index] if value_index is not None else None
+                    yield SourceRow(number, record[user_index], record[email_index], value)
             except csv.Error as exc:
                 raise SourceError(f"{self.path}: line {reader.line_num}: {exc}") from exc
 
@@ -158,17 +181,30 @@ class FileSource:
                     ) from exc
                 if not isinstance(record, dict):
                     raise SourceError(f"{self.path}: line {line_number}: expected a JSON object")
-                yield SourceRow(number, record.get("user_id"), record.get("email"))
+                yield SourceRow(
+                    number, record.get("user_id"), record.get("email"), record.get("value")
+                )
 
 
-def source_for(settings: Settings, audience: AudienceConfig) -> Source:
-    """The source an audience is configured to read."""
+def source_for(settings: Settings, audience: Computation) -> Source:
+    """The source an audience or computed trait is configured to read."""
     if audience.file is not None:
-        return FileSource(audience.file)
+        return FileSource(
+            audience.file,
+            audience.format,
+            key=audience.property_key,
+            with_value=audience.is_trait,
+        )
     # config validation guarantees a query audience names both
     assert audience.source is not None
     assert audience.query is not None
-    return SqlSource(settings.sources[audience.source].url, audience.query, audience.source)
+    url = settings.sources[audience.source].url
+    return SqlSource(url, audience.query, audience.source, with_value=audience.is_trait)
+
+
+def _names(columns: tuple[str, ...]) -> str:
+    """("user_id", "email", "value") → "user_id, email and value"."""
+    return " and ".join([", ".join(columns[:-1]), columns[-1]])
 
 
 def _read_only(connection: Connection) -> None:

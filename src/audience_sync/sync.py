@@ -14,9 +14,10 @@ import httpx
 from sqlalchemy import Engine, delete, func, select, update
 
 from audience_sync import lease
-from audience_sync.config import AudienceConfig, Settings
-from audience_sync.delivery import Deliverer, DeliveryReport
+from audience_sync.config import Computation, Settings, TraitConfig
+from audience_sync.delivery import Deliverer, DeliveryReport, Pacer
 from audience_sync.errors import ConfigError, LockHeldError, SourceError, StopRequestedError
+from audience_sync.events import EventNames, send_events
 from audience_sync.gist import GistClient, RequestObserver, make_http_client
 from audience_sync.models import audiences, staged_members
 from audience_sync.models import member_changes as changes
@@ -25,9 +26,12 @@ from audience_sync.plan import (
     clear_staging,
     discard_plan,
     load_diff,
+    load_trait_diff,
+    mark_events,
     save_backfill_plan,
     save_plan,
     save_retire_plan,
+    save_trait_plan,
     stage_source,
 )
 from audience_sync.sources import source_for
@@ -106,7 +110,7 @@ MODES = ("run", "backfill", "retire")
 class _Target:
     key: str
     name: str
-    audience: AudienceConfig | None  # None when retiring an audience no longer configured
+    audience: Computation | None  # None when retiring an audience no longer configured
 
 
 def run_once(
@@ -170,10 +174,25 @@ def run_once(
             if result.status == "running":
                 planned.append(result)
         report = DeliveryReport()
-        if planned and not dry_run:
+        # Audiences with track events may owe events from earlier runs even with no change.
+        tracked = {
+            t.key: _event_names(t.audience)
+            for t in held
+            if t.audience is not None and t.audience.send_track and mode == "run"
+        }
+        if (planned or tracked) and not dry_run:
             report = asyncio.run(
                 _deliver(
-                    settings, engine, planned, heartbeat, transport, clock, stop, observer, progress
+                    settings,
+                    engine,
+                    planned,
+                    tracked,
+                    heartbeat,
+                    transport,
+                    clock,
+                    stop,
+                    observer,
+                    progress,
                 )
             )
         for result in planned:
@@ -191,9 +210,9 @@ def run_once(
 
 def _targets(settings: Settings, engine: Engine, keys: Sequence[str], mode: str) -> list[_Target]:
     if mode != "retire":
-        chosen = [settings.audience(k) for k in keys] if keys else list(settings.audiences)
+        chosen = [settings.audience(k) for k in keys] if keys else list(settings.computations)
         return [_Target(a.property_key, a.name, a) for a in chosen]
-    configured = {a.property_key for a in settings.audiences}
+    configured = {a.property_key for a in settings.computations}
     still = [k for k in keys if k in configured]
     if still:
         raise ConfigError(
@@ -272,7 +291,13 @@ def _prepare(
             assert audience is not None
             assert source is not None
             staged = stage_source(
-                engine, run_id, source, stop.is_set, lambda n: progress.loaded(key, n)
+                engine,
+                run_id,
+                source,
+                stop.is_set,
+                lambda n: progress.loaded(key, n),
+                with_value=audience.is_trait,
+                value_type=audience.type if isinstance(audience, TraitConfig) else None,
             )
             result = replace(result, source_rows=staged.source_rows, rejected=staged.rejected)
             result = _plan(engine, result, run_id, audience, mode, kind, allow_mass_exit)
@@ -299,7 +324,7 @@ def _plan(
     engine: Engine,
     result: RunResult,
     run_id: int,
-    audience: AudienceConfig,
+    audience: Computation,
     mode: str,
     kind: str,
     allow_mass_exit: bool,
@@ -311,12 +336,21 @@ def _plan(
         resumed = _unfinished_backfills(engine, key, run_id)
         entered = diff.members
         if kind != "dry-run":
-            entered = save_backfill_plan(engine, run_id, key, resumed)
+            entered = save_backfill_plan(engine, run_id, key, resumed, trait=audience.is_trait)
         if resumed:
             log.warning("%s: resuming the backfill of runs %s", key, ", ".join(map(str, resumed)))
         status = "succeeded" if kind == "dry-run" else "running"
         return replace(result, members=diff.members, entered=entered, status=status)
-    diff = load_diff(engine, run_id, key) if kind == "dry-run" else save_plan(engine, run_id, key)
+    dry = kind == "dry-run"
+    if isinstance(audience, TraitConfig):
+        missing = audience.on_missing
+        diff = (
+            load_trait_diff(engine, run_id, key, missing)
+            if dry
+            else save_trait_plan(engine, run_id, key, missing)
+        )
+    else:
+        diff = load_diff(engine, run_id, key) if dry else save_plan(engine, run_id, key)
     result = replace(result, members=diff.members, entered=diff.entered, exited=diff.exited)
     if not allow_mass_exit and diff.is_mass_exit(
         audience.mass_exit_threshold, audience.mass_exit_min_members
@@ -332,7 +366,11 @@ def _plan(
                 "run again with --allow-mass-exit"
             ),
         )
-    return replace(result, status="succeeded") if kind == "dry-run" else result
+    if dry:
+        return replace(result, status="succeeded")
+    if audience.send_track:
+        mark_events(engine, run_id)
+    return result
 
 
 def _unfinished_backfills(engine: Engine, key: str, run_id: int) -> list[int]:
@@ -355,6 +393,7 @@ async def _deliver(
     settings: Settings,
     engine: Engine,
     planned: Sequence[RunResult],
+    tracked: dict[str, EventNames],
     heartbeat: lease.Heartbeat,
     transport: httpx.AsyncBaseTransport | None,
     clock: Clock,
@@ -375,7 +414,21 @@ async def _deliver(
             engine, client, settings.gist, clock, should_stop, on_result=progress.sent
         )
         progress.planned(sum(r.entered + r.exited for r in planned))
-        return await deliverer.run([r.run_id for r in planned if r.run_id is not None])
+        report = await deliverer.run([r.run_id for r in planned if r.run_id is not None])
+        if tracked and report.error is None:
+            # Events describe acknowledged changes only: they go after the contacts.
+            pacer = Pacer(settings.gist)
+            concurrency = settings.gist.max_concurrency
+            report.error = await send_events(
+                engine, client, pacer, tracked, concurrency, should_stop
+            )
+        return report
+
+
+def _event_names(audience: Computation) -> EventNames:
+    if isinstance(audience, TraitConfig):
+        return EventNames(trait=audience.event)
+    return EventNames(audience.entered_event, audience.exited_event)
 
 
 def _finish(engine: Engine, result: RunResult, report: DeliveryReport, clock: Clock) -> RunResult:
@@ -385,7 +438,9 @@ def _finish(engine: Engine, result: RunResult, report: DeliveryReport, clock: Cl
     error = report.error
     if report.interrupted and pending:
         status = "interrupted"
-    elif error is not None and (pending or failed):
+    elif error is not None and not report.interrupted:
+        # Delivery stopped (key refused, Gist down, events owed): not a success, even if
+        # this audience's own changes all went through before it did.
         status = "failed"
     elif failed or pending:
         status = "partial"

@@ -123,7 +123,7 @@ def load_sample(
         )
     )
     with engine.connect() as connection:
-        if key not in {a.property_key for a in settings.audiences} and not connection.scalar(
+        if key not in {a.property_key for a in settings.computations} and not connection.scalar(
             select(func.count()).where(audiences.c.key == key)
         ):
             settings.audience(key)  # raises ConfigError naming the configured keys
