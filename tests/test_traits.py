@@ -318,3 +318,20 @@ def test_engage_trait_export(workspace: Workspace, engine: Engine, gist: FakeGis
     held = gist.properties("total_revenue_180_days")
     assert held == expected
     assert {type(v) for v in held.values()} >= {float, str}
+
+
+def test_retiring_a_trait_nulls_its_values(
+    workspace: Workspace, engine: Engine, gist: FakeGist
+) -> None:
+    source = add_trait(workspace)
+    write_values(source, {1: 5, 2: "x"})
+    other = workspace.add_file_audience("Kept")
+    run_once(workspace.settings(), engine)
+    workspace.traits.clear()
+    workspace.write_config()
+    assert other.exists()
+
+    [retired] = run_once(workspace.settings(), engine, [REVENUE], mode="retire")
+
+    assert (retired.status, retired.exited) == ("succeeded", 2)
+    assert gist.properties(REVENUE) == {"u1": None, "u2": None}

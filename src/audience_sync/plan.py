@@ -335,8 +335,8 @@ def save_backfill_plan(
 
 
 def save_retire_plan(engine: Engine, run_id: int, audience_key: str) -> int:
-    """Plan ``false`` for everyone Gist may hold in the audience (acknowledged or uncertain).
-    Returns how many changes were planned."""
+    """Plan ``false`` for everyone Gist may hold in the audience (acknowledged or uncertain),
+    or ``null`` for every value of a computed trait. Returns how many changes were planned."""
     also_acknowledged = exists().where(
         memberships.c.audience_key == audience_key,
         memberships.c.user_id == uncertain_members.c.user_id,
@@ -344,6 +344,14 @@ def save_retire_plan(engine: Engine, run_id: int, audience_key: str) -> int:
     acknowledged = select(
         *_plan_row(run_id, audience_key, memberships.c.user_id, memberships.c.email, false())
     ).where(memberships.c.audience_key == audience_key)
+    with engine.connect() as connection:
+        is_trait = connection.scalar(
+            select(func.count()).where(trait_values.c.trait_key == audience_key)
+        )
+    if is_trait:
+        # A retired computed trait: its values become null, like a user who dropped out.
+        _save(engine, run_id, audience_key, _trait_missing(run_id, audience_key))
+        return _count_planned(engine, run_id)
     uncertain = select(
         *_plan_row(
             run_id, audience_key, uncertain_members.c.user_id, uncertain_members.c.email, false()
