@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, TypeVar
 
-from aiolimiter import AsyncLimiter
 from sqlalchemy import Engine, bindparam, delete, select
 from tenacity import (
     AsyncRetrying,
@@ -37,6 +36,7 @@ ACK_BATCH = 200  # results saved per transaction, at most...
 ACK_SECONDS = 1.0  # ...and at least this often
 MAX_BACKOFF = 60.0
 MAX_RETRY_AFTER = 600.0
+PACE_SHARE = 0.995  # of requests_per_second actually used
 
 
 @dataclass(frozen=True)
@@ -280,15 +280,27 @@ class Attempt:
 class Pacer:
     """The rate limit and retry policy shared by everything that calls Gist.
 
-    Every try, retries included, takes a token: one per ``1 / requests_per_second``
-    seconds, with a bucket of one, so the pace is steady and never bursts. 429, 408, 5xx,
+    Every try, retries included, takes the next send slot of a fixed schedule, one per
+    ``1 / requests_per_second`` seconds: a steady pace that never bursts and, unlike a
+    leaky bucket woken by timers, does not drift below the rate. 429, 408, 5xx,
     timeouts and dropped connections are retried up to ``max_retries`` times, waiting
     what ``Retry-After`` says, else an exponential back-off with jitter.
     """
 
     def __init__(self, config: GistConfig) -> None:
         self._config = config
-        self._limiter = AsyncLimiter(1, 1 / config.requests_per_second)
+        # Just under the configured rate: a server whose own limit equals it must never see
+        # one request too many in any second, whatever the network's jitter.
+        self._interval = 1 / (config.requests_per_second * PACE_SHARE)
+        self._next_slot = 0.0
+
+    async def _take_slot(self) -> None:
+        now = time.monotonic()
+        # A slot left unused for a while is not banked: that would allow a burst.
+        slot = max(now, self._next_slot)
+        self._next_slot = slot + self._interval
+        if slot > now:
+            await asyncio.sleep(slot - now)
 
     async def call(self, request: Callable[[], Awaitable[T]], attempt: Attempt | None = None) -> T:
         """Await ``request()`` under the rate limit, retrying transient failures."""
@@ -302,7 +314,7 @@ class Pacer:
         async for try_ in retrying:
             with try_:
                 attempt.count = try_.retry_state.attempt_number
-                await self._limiter.acquire()
+                await self._take_slot()
                 return await request()
         raise AssertionError("unreachable: tenacity re-raises the last error")  # pragma: no cover
 

@@ -28,6 +28,7 @@ from sqlalchemy import (
     union_all,
 )
 from sqlalchemy import insert as generic_insert
+from sqlalchemy.engine import Connection
 
 from audience_sync.errors import StopRequestedError
 from audience_sync.models import member_changes as changes
@@ -200,11 +201,33 @@ def stage_source(
                 # Straight to the driver's executemany: SQLAlchemy's per-row parameter
                 # processing cost more than the insert itself.
                 rows = [(run_id, u, e, v) for u, (e, v) in members.items()]
-                connection.exec_driver_sql(_stage_sql(engine), rows)
+                if engine.dialect.name != "postgresql" or not _copy_rows(connection, rows):
+                    connection.exec_driver_sql(_stage_sql(engine), rows)
             if bad:
                 connection.execute(generic_insert(rejected_rows), bad)
         on_rows(len(chunk))
     return StageResult(source_rows=total, rejected=rejected)
+
+
+def _copy_rows(connection: Connection, rows: list[tuple[Any, ...]]) -> bool:
+    """PostgreSQL's COPY into staging, several times faster than inserts; False when a user
+    is already staged (a duplicate across chunks), so the caller inserts this chunk with
+    ON CONFLICT DO NOTHING instead."""
+    savepoint = connection.begin_nested()
+    cursor = connection.connection.driver_connection.cursor()  # type: ignore[union-attr]
+    try:
+        with cursor.copy("COPY staged_members (run_id, user_id, email, value) FROM STDIN") as copy:
+            for row in rows:
+                copy.write_row(row)
+    except Exception as exc:
+        if getattr(exc, "sqlstate", None) != "23505":  # unique_violation
+            raise
+        savepoint.rollback()
+        return False
+    finally:
+        cursor.close()
+    savepoint.commit()
+    return True
 
 
 def _stage_sql(engine: Engine) -> str:
