@@ -361,25 +361,34 @@ class Deliverer:
         """
         slots = asyncio.Semaphore(self._config.max_concurrency)
         in_flight: set[asyncio.Task[None]] = set()
-        for page in iter_pages(self._engine, run_ids):
-            if self._report.error is not None:
-                break
-            mark_uncertain(self._engine, page)
-            size = self._config.batch_size
-            for batch in (page[i : i + size] for i in range(0, len(page), size)):
-                await slots.acquire()
-                if self._report.error is None and (reason := self._should_stop()):
-                    log.warning("stopping: %s; letting %d requests finish", reason, len(in_flight))
-                    self._report.error, self._report.interrupted = reason, True
+        try:
+            for page in iter_pages(self._engine, run_ids):
                 if self._report.error is not None:
-                    slots.release()
                     break
-                task = asyncio.create_task(self._send(batch, slots))
-                in_flight.add(task)
-                task.add_done_callback(in_flight.discard)
-                # Acknowledgements are saved often: after a kill -9 only these are sent again.
-                if len(self._results) >= ACK_BATCH or time.monotonic() >= self._next_flush:
-                    self._flush()
+                mark_uncertain(self._engine, page)
+                size = self._config.batch_size
+                for batch in (page[i : i + size] for i in range(0, len(page), size)):
+                    await slots.acquire()
+                    if self._report.error is None and (reason := self._should_stop()):
+                        log.warning("stopping: %s; letting %d finish", reason, len(in_flight))
+                        self._report.error, self._report.interrupted = reason, True
+                    if self._report.error is not None:
+                        slots.release()
+                        break
+                    task = asyncio.create_task(self._send(batch, slots))
+                    in_flight.add(task)
+                    task.add_done_callback(in_flight.discard)
+                    # Acknowledgements are saved often: after a kill -9 only these are sent
+                    # again.
+                    if len(self._results) >= ACK_BATCH or time.monotonic() >= self._next_flush:
+                        self._flush()
+        except BaseException:
+            # Our own failure (the state database, say): no request may outlive this method
+            # and its HTTP client; what they would have acknowledged is simply sent again.
+            for task in in_flight:
+                task.cancel()
+            await asyncio.gather(*in_flight, return_exceptions=True)
+            raise
         if self._report.error is not None and not self._report.interrupted:
             for task in in_flight:
                 task.cancel()

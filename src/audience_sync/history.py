@@ -176,5 +176,5 @@ def _run_dict(row: Any) -> dict[str, Any]:
 
 
 def _iso(value: datetime | None) -> str | None:
-    """Stored timestamps are naive UTC; show them as ISO 8601 with a Z."""
-    return None if value is None else value.replace(microsecond=0).isoformat() + "Z"
+    """Stored timestamps are naive UTC; show them as ISO 8601 (milliseconds) with a Z."""
+    return None if value is None else value.isoformat(timespec="milliseconds") + "Z"
