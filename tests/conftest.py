@@ -64,7 +64,8 @@ def state_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     with engine.begin() as connection:
         connection.execute(text(f'CREATE SCHEMA "{schema}"'))
     try:
-        yield f"{admin}?options=-csearch_path%3D{schema}"
+        # application_name lets a test kill this test's connections and no one else's.
+        yield f"{admin}?options=-csearch_path%3D{schema}&application_name={schema}"
     finally:
         with engine.begin() as connection:
             connection.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))

@@ -166,18 +166,22 @@ def test_state_db_unavailable_mid_run(
         blocker.rollback()
         blocker.close()
     else:
-        # Every server connection is killed, as in a PostgreSQL restart.
+        # Every connection of this sync is killed, as in a PostgreSQL restart.
         admin = create_engine(postgres_admin_url() or "")
+        name = state_url.rsplit("application_name=", 1)[1]
+        killed = 0
         for _ in range(5):
             with admin.connect() as connection:
-                connection.execute(
+                killed += connection.scalar(
                     text(
-                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                        "WHERE datname = 'test' AND pid <> pg_backend_pid()"
-                    )
+                        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                        "WHERE application_name = :name"
+                    ),
+                    {"name": name},
                 )
             time.sleep(0.1)
         admin.dispose()
+        assert killed > 0
     thread.join(30)
     assert not thread.is_alive()
 
