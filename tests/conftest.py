@@ -169,3 +169,27 @@ def write_csv(path: Path, rows: Iterable[dict[str, Any]]) -> None:
 def workspace(tmp_path: Path, state_url: str, gist: FakeGist) -> Workspace:
     """A config over a fresh state database (both stores) and the fake Gist."""
     return Workspace(tmp_path, state_url, gist.url)
+
+
+def invoker(workspace: Workspace, capsys: pytest.CaptureFixture[str]) -> Any:
+    """Run the CLI in-process on the workspace's config: ``invoke(*args) -> (code, out, err)``."""
+    from audience_sync.cli import run_cli
+
+    def invoke(*args: str) -> tuple[int, str, str]:
+        code = run_cli([*args, "--config", str(workspace.config_path)])
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return invoke
+
+
+@pytest.fixture
+def cli(
+    workspace: Workspace,
+    engine: Engine,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> Any:
+    """The CLI on a migrated state DB and the fake Gist (see ``invoker``)."""
+    monkeypatch.setenv("GIST_API_KEY", API_KEY)
+    return invoker(workspace, capsys)

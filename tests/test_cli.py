@@ -17,31 +17,10 @@ from audience_sync import lease
 from audience_sync.cli import run_cli
 from audience_sync.fakegist import FakeGist
 from audience_sync.sync import utcnow
-from tests.conftest import API_KEY, Workspace, write_members
+from tests.conftest import API_KEY, Workspace, invoker, write_members
 
 ROOT = Path(__file__).resolve().parent.parent
 KEY = "order_completed_last_30days"
-
-
-def invoker(workspace: Workspace, capsys: pytest.CaptureFixture[str]) -> Any:
-    def invoke(*args: str) -> tuple[int, str, str]:
-        code = run_cli([*args, "--config", str(workspace.config_path)])
-        out, err = capsys.readouterr()
-        return code, out, err
-
-    return invoke
-
-
-@pytest.fixture
-def cli(
-    workspace: Workspace,
-    engine: Engine,
-    monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
-) -> Any:
-    """Run the CLI in-process on a migrated state DB; returns (code, stdout, stderr)."""
-    monkeypatch.setenv("GIST_API_KEY", API_KEY)
-    return invoker(workspace, capsys)
 
 
 def test_quick_start_dry_run(

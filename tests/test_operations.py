@@ -27,20 +27,8 @@ from audience_sync.models import member_changes, sync_runs
 from audience_sync.render import ProgressBars, render_table
 from audience_sync.sync import utcnow
 from tests.conftest import API_KEY, Workspace, write_members
-from tests.test_cli import invoker
 from tests.test_faults import free_port
 from tests.test_sync import KEY, acknowledged, in_gist, users
-
-
-@pytest.fixture
-def cli(
-    workspace: Workspace,
-    engine: Engine,
-    monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
-) -> Any:
-    monkeypatch.setenv("GIST_API_KEY", API_KEY)
-    return invoker(workspace, capsys)
 
 
 class Receiver:

@@ -239,22 +239,14 @@ def save_results(engine: Engine, results: Sequence[Result], now: datetime) -> No
                 ),
                 values,
             )
-        if exits:
-            connection.execute(
-                delete(memberships).where(
-                    memberships.c.audience_key == bindparam("k"),
-                    memberships.c.user_id == bindparam("u"),
-                ),
-                exits,
-            )
-        if settled:
-            connection.execute(
-                delete(uncertain_members).where(
-                    uncertain_members.c.audience_key == bindparam("k"),
-                    uncertain_members.c.user_id == bindparam("u"),
-                ),
-                settled,
-            )
+        for table, pairs in ((memberships, exits), (uncertain_members, settled)):
+            if pairs:
+                connection.execute(
+                    delete(table).where(
+                        table.c.audience_key == bindparam("k"), table.c.user_id == bindparam("u")
+                    ),
+                    pairs,
+                )
         if statuses:
             connection.execute(
                 changes.update()
