@@ -8,6 +8,7 @@ import json
 import logging
 import random
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -37,6 +38,7 @@ ACK_SECONDS = 1.0  # ...and at least this often
 MAX_BACKOFF = 60.0
 MAX_RETRY_AFTER = 600.0
 PACE_SHARE = 0.995  # of requests_per_second actually used
+WINDOW_MARGIN = 1.02
 
 
 @dataclass(frozen=True)
@@ -283,8 +285,14 @@ class Pacer:
         self._config = config
         # Just under the configured rate: a server whose own limit equals it must never see
         # one request too many in any second, whatever the network's jitter.
-        self._interval = 1 / (config.requests_per_second * PACE_SHARE)
+        rate = config.requests_per_second
+        self._interval = 1 / (rate * PACE_SHARE)
         self._next_slot = 0.0
+        # A sliding window as a server keeps one, slightly longer than a second so network
+        # jitter cannot squeeze one request too many into the server's own window.
+        self._window = WINDOW_MARGIN * max(1.0, 1 / rate)
+        self._window_limit = max(1, int(rate * max(1.0, 1 / rate)))
+        self._sent: deque[float] = deque()
 
     async def _take_slot(self) -> None:
         now = time.monotonic()
@@ -293,6 +301,16 @@ class Pacer:
         self._next_slot = slot + self._interval
         if slot > now:
             await asyncio.sleep(slot - now)
+        # Tasks held up together (a busy event loop) would wake together: the window keeps
+        # such a bunch from exceeding the rate over any second.
+        while True:
+            now = time.monotonic()
+            while self._sent and self._sent[0] <= now - self._window:
+                self._sent.popleft()
+            if len(self._sent) < self._window_limit:
+                break
+            await asyncio.sleep(self._sent[0] + self._window - now)
+        self._sent.append(now)
 
     async def call(self, request: Callable[[], Awaitable[T]], attempt: Attempt | None = None) -> T:
         """Await ``request()`` under the rate limit, retrying transient failures."""

@@ -238,6 +238,18 @@ def _stage_sql(engine: Engine) -> str:
     )
 
 
+def analyze(engine: Engine) -> None:
+    """Refresh PostgreSQL's statistics after staging: planning the anti-joins on a freshly
+    filled staging table without them picks nested loops (20k members: 11 s instead of
+    0.3 s). Sampling keeps it cheap at any size. SQLite plans from its indexes alone."""
+    if engine.dialect.name == "postgresql":
+        with engine.begin() as connection:
+            connection.exec_driver_sql(
+                "ANALYZE staged_members, memberships, uncertain_members, trait_values, "
+                "rejected_rows"
+            )
+
+
 def load_diff(engine: Engine, run_id: int, audience_key: str) -> Diff:
     """Count members, acknowledged members, entries and exits (a dry run's plan, unwritten)."""
     members, acknowledged = _sizes(engine, run_id, audience_key)

@@ -23,6 +23,7 @@ from audience_sync.models import audiences, staged_members
 from audience_sync.models import member_changes as changes
 from audience_sync.models import sync_runs as runs
 from audience_sync.plan import (
+    analyze,
     clear_staging,
     discard_plan,
     load_diff,
@@ -300,6 +301,7 @@ def _prepare(
                 value_type=audience.type if isinstance(audience, TraitConfig) else None,
             )
             result = replace(result, source_rows=staged.source_rows, rejected=staged.rejected)
+            analyze(engine)
             result = _plan(engine, result, run_id, audience, mode, kind, allow_mass_exit)
     except SourceError as exc:
         result = replace(result, status="failed", error=str(exc))
