@@ -16,7 +16,7 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import asdict
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -304,9 +304,7 @@ def _print_results(results: Sequence[RunResult], args: argparse.Namespace) -> No
 
 
 def cmd_history(args: argparse.Namespace) -> int:
-    since = None
-    if args.since:
-        since = _parse_since(args.since)
+    since = _parse_since(args.since) if args.since else None
     with _state(_settings(args)) as engine:
         runs = load_runs(engine, args.audience, args.limit, status=args.status, since=since)
     if args.json:
@@ -452,16 +450,17 @@ def cmd_db_upgrade(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _parse_since(text: str) -> Any:
-    from datetime import datetime
-
+def _parse_since(text: str) -> datetime:
+    """``--since``: an age (7d) or an ISO date, as the naive UTC the state stores."""
     age = parse_duration(text)
     if age is not None:
         return utcnow() - timedelta(seconds=age)
     try:
-        return datetime.fromisoformat(text).replace(tzinfo=None)
+        when = datetime.fromisoformat(text)
     except ValueError:
         raise ConfigError(f"--since {text!r} is neither an age (7d, 12h) nor an ISO date") from None
+    # An explicit offset is honoured; a date without one is taken as UTC.
+    return when.astimezone(UTC).replace(tzinfo=None) if when.tzinfo else when
 
 
 def _settings(args: argparse.Namespace) -> Settings:
