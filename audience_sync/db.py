@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,13 @@ from sqlalchemy.exc import SQLAlchemyError
 from audience_sync.config import redact_url
 from audience_sync.errors import StateError
 
-MIGRATIONS = Path(__file__).parent / "migrations"
+
+def migrations_dir() -> Path:
+    """Where the Alembic scripts are: ``migrations/`` in a checkout, mapped into the package
+    ``audience_sync.migrations`` by the build (editable or not)."""
+    package = importlib.import_module("audience_sync.migrations")
+    assert package.__file__ is not None  # a regular package, with an __init__.py
+    return Path(package.__file__).parent
 
 
 def normalize_url(url: str) -> str:
@@ -62,7 +69,7 @@ def is_sqlite(engine: Engine) -> bool:
 def alembic_config(engine: Engine | None = None) -> Config:
     """An Alembic config for our migrations, run on ``engine`` when given."""
     config = Config()
-    config.set_main_option("script_location", str(MIGRATIONS))
+    config.set_main_option("script_location", str(migrations_dir()))
     if engine is not None:
         config.attributes["engine"] = engine
     return config
