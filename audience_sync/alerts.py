@@ -13,7 +13,8 @@ from urllib.parse import urlsplit
 import httpx
 
 from audience_sync.config import AlertsConfig
-from audience_sync.sync import FAILED_STATUSES, RunResult
+from audience_sync.statuses import FAILED_STATUSES, RunStatus
+from audience_sync.sync import RunResult
 
 __all__ = ["ALERT_STATUSES", "build_summary", "redact_webhook_url", "send_alerts"]
 
@@ -21,7 +22,9 @@ log = logging.getLogger(__name__)
 
 ALERT_STATUSES = FAILED_STATUSES  # failed, guarded, partial, interrupted
 # Least to most severe, for worst_status; a status not listed here ranks worst.
-_SEVERITY = ("succeeded", "skipped", "partial", "guarded", "interrupted", "failed")
+_SEVERITY: tuple[RunStatus, ...] = (
+    "succeeded", "skipped", "partial", "guarded", "interrupted", "failed",
+)  # fmt: skip
 
 
 def build_summary(results: Sequence[RunResult]) -> dict[str, Any]:
@@ -114,7 +117,7 @@ def _describe_error(exc: Exception, url: str) -> str:
     return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
 
 
-def _severity(status: str) -> int:
+def _severity(status: RunStatus) -> int:
     return _SEVERITY.index(status) if status in _SEVERITY else len(_SEVERITY)
 
 

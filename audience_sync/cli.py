@@ -39,6 +39,7 @@ from audience_sync.metrics import Metrics, MetricsServer
 from audience_sync.render import JsonFormatter, ProgressBars, render_table
 from audience_sync.scheduler import Daemon
 from audience_sync.sources import source_for
+from audience_sync.statuses import RUN_STATUSES, Mode
 from audience_sync.sync import Progress, RunResult, exit_code, run_once, utcnow
 from audience_sync.verify import verify_audience
 
@@ -158,7 +159,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     history = command("history", "list recent runs", "List recent runs, newest first.")
     history.add_argument("--audience", metavar="KEY", help="only runs of this audience")
-    history.add_argument("--status", help="only runs with this status (e.g. failed)")
+    history.add_argument(
+        "--status", choices=RUN_STATUSES, metavar="STATUS",
+        help=f"only runs with this status: {', '.join(RUN_STATUSES)}",
+    )  # fmt: skip
     history.add_argument(
         "--since", metavar="WHEN", help="only runs started since: 7d, 12h, or an ISO date"
     )
@@ -244,7 +248,7 @@ def cmd_retire(args: argparse.Namespace) -> int:
 
 
 def _sync_command(
-    args: argparse.Namespace, mode: str, keys: Sequence[str], *, allow_mass_exit: bool = False
+    args: argparse.Namespace, mode: Mode, keys: Sequence[str], *, allow_mass_exit: bool = False
 ) -> int:
     settings = _settings(args)
     metrics = Metrics()

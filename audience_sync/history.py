@@ -16,6 +16,7 @@ from audience_sync.models import (
     sync_runs,
     uncertain_members,
 )
+from audience_sync.statuses import RunStatus
 
 RUN_FIELDS = (
     "id",
@@ -40,7 +41,7 @@ def load_runs(
     audience: str | None = None,
     limit: int = 20,
     *,
-    status: str | None = None,
+    status: RunStatus | None = None,
     since: datetime | None = None,
 ) -> list[dict[str, Any]]:
     """The newest ``limit`` runs, newest first, filtered by audience, status and start time."""

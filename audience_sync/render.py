@@ -25,7 +25,9 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-STATUS_STYLES = {
+from audience_sync.statuses import RunStatus
+
+STATUS_STYLES: dict[RunStatus, str] = {
     "succeeded": "green",
     "partial": "yellow",
     "guarded": "yellow",
@@ -51,7 +53,8 @@ def render_table(
         cells = [_cell(row.get(c)) for c in columns]
         if "status" in columns:
             index = list(columns).index("status")
-            style = STATUS_STYLES.get(cells[index])
+            # A cell is any text; only a run status has a style.
+            style = STATUS_STYLES.get(cells[index])  # type: ignore[call-overload]
             cells[index] = f"[{style}]{cells[index]}[/]" if style else cells[index]
         table.add_row(*cells)
     Console(file=stream, force_terminal=True).print(table)

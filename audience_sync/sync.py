@@ -36,11 +36,10 @@ from audience_sync.plan import (
     stage_source,
 )
 from audience_sync.sources import source_for
+from audience_sync.statuses import FAILED_STATUSES, MODES, Mode, RunKind, RunStatus
 
 log = logging.getLogger(__name__)
 
-
-FAILED_STATUSES = frozenset({"partial", "failed", "guarded", "interrupted"})
 
 Clock = Callable[[], datetime]
 
@@ -56,8 +55,8 @@ class RunResult:
 
     audience_key: str
     name: str
-    kind: str
-    status: str
+    kind: RunKind
+    status: RunStatus
     run_id: int | None = None
     source_rows: int = 0
     members: int = 0
@@ -104,9 +103,6 @@ class NoProgress:
         pass
 
 
-MODES = ("run", "backfill", "retire")
-
-
 @dataclass(frozen=True)
 class _Target:
     key: str
@@ -119,7 +115,7 @@ def run_once(
     engine: Engine,
     keys: Sequence[str] = (),
     *,
-    mode: str = "run",
+    mode: Mode = "run",
     dry_run: bool = False,
     allow_mass_exit: bool = False,
     transport: httpx.AsyncBaseTransport | None = None,
@@ -142,7 +138,7 @@ def run_once(
     stop = stop or threading.Event()
     progress = progress or NoProgress()
     targets = _targets(settings, engine, keys, mode)
-    kind = "dry-run" if dry_run else mode
+    kind: RunKind = "dry-run" if dry_run else mode
     owner = lease.new_owner()
     heartbeat = lease.Heartbeat(engine, owner, clock)
     held: list[_Target] = []
@@ -200,7 +196,7 @@ def run_once(
             results[result.audience_key] = _finish(engine, result, report, clock)
     except BaseException as exc:
         # Ctrl-C, SIGTERM or a crash of our own: record it; acknowledged work is already saved.
-        status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+        status: RunStatus = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
         _abandon(engine, [r for r in results.values() if r.status == "running"], status, exc, clock)
         raise
     finally:
@@ -209,7 +205,7 @@ def run_once(
     return [results[t.key] for t in targets]
 
 
-def _targets(settings: Settings, engine: Engine, keys: Sequence[str], mode: str) -> list[_Target]:
+def _targets(settings: Settings, engine: Engine, keys: Sequence[str], mode: Mode) -> list[_Target]:
     if mode != "retire":
         chosen = [settings.audience(k) for k in keys] if keys else list(settings.computations)
         return [_Target(a.property_key, a.name, a) for a in chosen]
@@ -229,8 +225,8 @@ def _prepare(
     settings: Settings,
     engine: Engine,
     target: _Target,
-    mode: str,
-    kind: str,
+    mode: Mode,
+    kind: RunKind,
     allow_mass_exit: bool,
     clock: Clock,
     stop: threading.Event,
@@ -327,8 +323,8 @@ def _plan(
     result: RunResult,
     run_id: int,
     audience: Computation,
-    mode: str,
-    kind: str,
+    mode: Mode,
+    kind: RunKind,
     allow_mass_exit: bool,
 ) -> RunResult:
     """Diff the staged snapshot and write the plan for ``run`` or ``backfill``."""
@@ -341,7 +337,7 @@ def _plan(
             entered = save_backfill_plan(engine, run_id, key, resumed, trait=audience.is_trait)
         if resumed:
             log.warning("%s: resuming the backfill of runs %s", key, ", ".join(map(str, resumed)))
-        status = "succeeded" if kind == "dry-run" else "running"
+        status: RunStatus = "succeeded" if kind == "dry-run" else "running"
         return replace(result, members=diff.members, entered=entered, status=status)
     dry = kind == "dry-run"
     if isinstance(audience, TraitConfig):
@@ -438,6 +434,7 @@ def _finish(engine: Engine, result: RunResult, report: DeliveryReport, clock: Cl
     counts = _change_counts(engine, result.run_id)
     delivered, failed, pending = (counts.get(s, 0) for s in ("delivered", "failed", "pending"))
     error = report.error
+    status: RunStatus
     if report.interrupted and pending:
         status = "interrupted"
     elif error is not None and not report.interrupted:
@@ -491,7 +488,11 @@ def _save_run(engine: Engine, result: RunResult, finished_at: datetime | None) -
 
 
 def _abandon(
-    engine: Engine, running: Sequence[RunResult], status: str, exc: BaseException, clock: Clock
+    engine: Engine,
+    running: Sequence[RunResult],
+    status: RunStatus,
+    exc: BaseException,
+    clock: Clock,
 ) -> None:
     for result in running:
         try:

@@ -1,0 +1,33 @@
+"""The vocabulary of runs and changes as ``Literal`` types, so mypy catches a misspelt status.
+
+Every status and kind stored in ``sync_runs`` and ``member_changes`` (and shown by
+``history``, ``show``, alerts and metrics) is one of these; the tuples list them in order.
+"""
+
+from __future__ import annotations
+
+from typing import Final, Literal, get_args
+
+Mode = Literal["run", "backfill", "retire"]
+"""What a sync does: send what changed, resend every member, or unset a removed key."""
+
+RunKind = Literal["run", "backfill", "retire", "dry-run"]
+"""``sync_runs.kind``: the mode, or ``dry-run`` for a run that sent nothing."""
+
+RunStatus = Literal[
+    "running", "succeeded", "partial", "failed", "guarded", "interrupted", "skipped"
+]
+"""``sync_runs.status`` (``skipped`` is never stored: the audience's lease was held)."""
+
+ChangeStatus = Literal["pending", "delivered", "failed", "superseded"]
+"""``member_changes.status``: owed, acknowledged by Gist, refused by Gist, or re-planned."""
+
+EventStatus = Literal["pending", "delivered", "failed"]
+"""``member_changes.event_status`` for a change with a track event (NULL without one)."""
+
+MODES: Final[tuple[Mode, ...]] = get_args(Mode)
+RUN_STATUSES: Final[tuple[RunStatus, ...]] = get_args(RunStatus)
+FAILED_STATUSES: Final[frozenset[RunStatus]] = frozenset(
+    {"partial", "failed", "guarded", "interrupted"}
+)
+"""Statuses of a run that needs a human: they make ``run`` exit 1 and raise an alert."""
