@@ -12,9 +12,10 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
-from sqlalchemy import Engine, bindparam, delete, select
+from sqlalchemy import Engine, and_, bindparam, delete, select
+from sqlalchemy.engine import Connection
 from tenacity import (
     AsyncRetrying,
     RetryCallState,
@@ -22,12 +23,13 @@ from tenacity import (
     stop_after_attempt,
 )
 
+from audience_sync import lease
 from audience_sync.config import GistConfig
 from audience_sync.db import upsert
 from audience_sync.errors import AuthError, FatalApiError, RetriableApiError
 from audience_sync.gist import GistClient
+from audience_sync.models import contacts, memberships, trait_values, uncertain_members
 from audience_sync.models import member_changes as changes
-from audience_sync.models import memberships, trait_values, uncertain_members
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -66,9 +68,8 @@ class UserUpdate:
 
     @property
     def email(self) -> str:
-        # An entry carries the source's current email; an exit only the acknowledged one.
-        entries = [c.email for c in self.changes if c.value]
-        return entries[0] if entries else self.changes[0].email
+        # The plan gives every change of a user the same, current email (plan.resolve_emails).
+        return self.changes[0].email
 
     @property
     def properties(self) -> dict[str, Any]:
@@ -93,7 +94,7 @@ class DeliveryReport:
 
     requests: int = 0
     error: str | None = None
-    interrupted: bool = False  # stopped on request rather than by a failure
+    interrupted: bool = False  # stopped on request (or a lost lease) rather than by a failure
 
 
 def iter_pages(engine: Engine, run_ids: Sequence[int]) -> Iterator[list[UserUpdate]]:
@@ -149,7 +150,10 @@ def mark_uncertain(engine: Engine, page: Sequence[UserUpdate]) -> None:
     """Before sending a page, note that Gist's value for its members is about to be unknown.
 
     Whatever becomes of a request that got no answer (timeout, dropped connection, kill -9),
-    the next runs then plan these members from "Gist may hold either value".
+    the next runs then plan these members from "Gist may hold either value". A member
+    already uncertain keeps its row, and with it the run that made it so: only rows this
+    run added (``run_id`` = the change's run) are taken back when its request is refused
+    or never sent.
     """
     rows = [
         {"audience_key": c.audience_key, "user_id": u.user_id, "email": c.email, "run_id": c.run_id}
@@ -161,47 +165,84 @@ def mark_uncertain(engine: Engine, page: Sequence[UserUpdate]) -> None:
             connection.execute(upsert(engine, uncertain_members).on_conflict_do_nothing(), rows)
 
 
-def save_results(engine: Engine, results: Sequence[Result], now: datetime) -> None:
-    """Record results in one transaction: acknowledged changes move ``memberships``."""
+def unmark_uncertain(
+    connection: Connection, changed: Sequence[Change], user_ids: Sequence[str]
+) -> None:
+    """Take back the uncertainty this run added for changes Gist certainly did not apply
+    (refused with a 4xx, or never sent): Gist holds what it held before."""
+    pairs = [
+        {"k": c.audience_key, "u": u, "r": c.run_id} for c, u in zip(changed, user_ids, strict=True)
+    ]
+    if pairs:
+        table = uncertain_members
+        connection.execute(
+            delete(table).where(
+                table.c.audience_key == bindparam("k"),
+                table.c.user_id == bindparam("u"),
+                table.c.run_id == bindparam("r"),
+            ),
+            pairs,
+        )
+
+
+def save_results(
+    engine: Engine, results: Sequence[Result], now: datetime, owner: str | None = None
+) -> set[str]:
+    """Record results in one transaction: acknowledged changes move ``memberships``,
+    ``trait_values`` and ``contacts``; refused ones take back this run's uncertainty.
+
+    With ``owner``, the transaction first renews that owner's leases on the results' keys
+    (the fence): results of a key whose lease was lost are not recorded (their members stay
+    uncertain, so the next run plans them afresh). Returns the keys whose lease was lost.
+    """
+    keys = {c.audience_key for r in results for c in r.update.changes}
+    with engine.begin() as connection:
+        lost: set[str] = set()
+        if owner is not None:
+            lost = keys - lease.renew(connection, keys, owner)
+        if lost:
+            results = [
+                Result(
+                    UserUpdate(
+                        r.update.user_id,
+                        [c for c in r.update.changes if c.audience_key not in lost],
+                    ),
+                    r.delivered,
+                    r.refused,
+                    r.attempts,
+                    r.http_status,
+                    r.error,
+                )
+                for r in results
+            ]
+        _save(connection, engine, [r for r in results if r.update.changes], now)
+    return lost
+
+
+def _save(connection: Connection, engine: Engine, results: Sequence[Result], now: datetime) -> None:
     delivered = [r for r in results if r.delivered]
+    acked = [(r.update.user_id, c) for r in delivered for c in r.update.changes]
     entries = [
-        {
-            "audience_key": c.audience_key,
-            "user_id": r.update.user_id,
-            "email": c.email,
-            "since": now,
-            "last_run_id": c.run_id,
-        }
-        for r in delivered
-        for c in r.update.changes
+        {"audience_key": c.audience_key, "user_id": u, "email": c.email, "since": now,
+         "last_run_id": c.run_id}
+        for u, c in acked
         if not c.is_trait and c.value
-    ]
-    exits = [
-        {"k": c.audience_key, "u": r.update.user_id}
-        for r in delivered
-        for c in r.update.changes
-        if not c.is_trait and not c.value
-    ]
+    ]  # fmt: skip
     values = [
-        {
-            "trait_key": c.audience_key,
-            "user_id": r.update.user_id,
-            "email": c.email,
-            "value": c.value_json,
-            "since": now,
-            "last_run_id": c.run_id,
-        }
-        for r in delivered
-        for c in r.update.changes
+        {"trait_key": c.audience_key, "user_id": u, "email": c.email, "value": c.value_json,
+         "since": now, "last_run_id": c.run_id}
+        for u, c in acked
         if c.is_trait
-    ]
-    # An answer, yes or a definite no, makes Gist's value known again.
-    settled = [
-        {"k": c.audience_key, "u": r.update.user_id}
-        for r in results
-        if r.delivered or r.refused
-        for c in r.update.changes
-    ]
+    ]  # fmt: skip
+    # What Gist acknowledged for a key is all the key holds for that user, whichever kind
+    # wrote it before: an audience value clears a trait's row and the other way round.
+    not_members = [{"k": c.audience_key, "u": u} for u, c in acked if c.is_trait or not c.value]
+    not_valued = [{"k": c.audience_key, "u": u} for u, c in acked if not c.is_trait]
+    # Only an answer of Gist's that applied the change makes its value known again.
+    settled = [{"k": c.audience_key, "u": u} for u, c in acked]
+    emails = {u: {"user_id": u, "email": c.email, "updated_at": now, "last_run_id": c.run_id}
+              for u, c in acked}  # fmt: skip
+    refused = [(c, r.update.user_id) for r in results if r.refused for c in r.update.changes]
     statuses = [
         {
             "change_id": c.id,
@@ -214,54 +255,72 @@ def save_results(engine: Engine, results: Sequence[Result], now: datetime) -> No
         for r in results
         for c in r.update.changes
     ]
-    with engine.begin() as connection:
-        if entries:
-            statement = upsert(engine, memberships)
+    if entries:
+        statement = upsert(engine, memberships)
+        connection.execute(
+            statement.on_conflict_do_update(
+                index_elements=[memberships.c.audience_key, memberships.c.user_id],
+                set_={
+                    "email": statement.excluded.email,
+                    "last_run_id": statement.excluded.last_run_id,
+                },
+            ),
+            entries,
+        )
+    if values:
+        statement = upsert(engine, trait_values)
+        connection.execute(
+            statement.on_conflict_do_update(
+                index_elements=[trait_values.c.trait_key, trait_values.c.user_id],
+                set_={
+                    "email": statement.excluded.email,
+                    "value": statement.excluded.value,
+                    "since": statement.excluded.since,
+                    "last_run_id": statement.excluded.last_run_id,
+                },
+            ),
+            values,
+        )
+    for table, column, pairs in (
+        (memberships, memberships.c.audience_key, not_members),
+        (trait_values, trait_values.c.trait_key, not_valued),
+        (uncertain_members, uncertain_members.c.audience_key, settled),
+    ):
+        if pairs:
             connection.execute(
-                statement.on_conflict_do_update(
-                    index_elements=[memberships.c.audience_key, memberships.c.user_id],
-                    set_={
-                        "email": statement.excluded.email,
-                        "last_run_id": statement.excluded.last_run_id,
-                    },
+                delete(table).where(
+                    and_(column == bindparam("k"), table.c.user_id == bindparam("u"))
                 ),
-                entries,
+                pairs,
             )
-        if values:
-            statement = upsert(engine, trait_values)
-            connection.execute(
-                statement.on_conflict_do_update(
-                    index_elements=[trait_values.c.trait_key, trait_values.c.user_id],
-                    set_={
-                        "email": statement.excluded.email,
-                        "value": statement.excluded.value,
-                        "since": statement.excluded.since,
-                        "last_run_id": statement.excluded.last_run_id,
-                    },
-                ),
-                values,
-            )
-        for table, pairs in ((memberships, exits), (uncertain_members, settled)):
-            if pairs:
-                connection.execute(
-                    delete(table).where(
-                        table.c.audience_key == bindparam("k"), table.c.user_id == bindparam("u")
-                    ),
-                    pairs,
-                )
-        if statuses:
-            connection.execute(
-                changes.update()
-                .where(changes.c.id == bindparam("change_id"))
-                .values(
-                    status=bindparam("status"),
-                    attempts=bindparam("attempts"),
-                    http_status=bindparam("http_status"),
-                    last_error=bindparam("last_error"),
-                    delivered_at=bindparam("delivered_at"),
-                ),
-                statuses,
-            )
+    if emails:
+        statement = upsert(engine, contacts)
+        connection.execute(
+            statement.on_conflict_do_update(
+                index_elements=[contacts.c.user_id],
+                set_={
+                    "email": statement.excluded.email,
+                    "updated_at": statement.excluded.updated_at,
+                    "last_run_id": statement.excluded.last_run_id,
+                },
+            ),
+            list(emails.values()),
+        )
+    if refused:
+        unmark_uncertain(connection, [c for c, _ in refused], [u for _, u in refused])
+    if statuses:
+        connection.execute(
+            changes.update()
+            .where(changes.c.id == bindparam("change_id"))
+            .values(
+                status=bindparam("status"),
+                attempts=bindparam("attempts"),
+                http_status=bindparam("http_status"),
+                last_error=bindparam("last_error"),
+                delivered_at=bindparam("delivered_at"),
+            ),
+            statuses,
+        )
 
 
 @dataclass
@@ -279,10 +338,21 @@ class Pacer:
     leaky bucket woken by timers, does not drift below the rate. 429, 408, 5xx,
     timeouts and dropped connections are retried up to ``max_retries`` times, waiting
     what ``Retry-After`` says, else an exponential back-off with jitter.
+
+    ``monotonic`` and ``sleep`` are the clock it reads and waits on (a test passes a fake
+    pair, so "never over the rate in any second" is checked in simulated time).
     """
 
-    def __init__(self, config: GistConfig) -> None:
+    def __init__(
+        self,
+        config: GistConfig,
+        *,
+        monotonic: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
         self._config = config
+        self._monotonic = monotonic
+        self._sleep = sleep
         # Just under the configured rate: a server whose own limit equals it must never see
         # one request too many in any second, whatever the network's jitter.
         rate = config.requests_per_second
@@ -294,22 +364,23 @@ class Pacer:
         self._window_limit = max(1, int(rate * max(1.0, 1 / rate)))
         self._sent: deque[float] = deque()
 
-    async def _take_slot(self) -> None:
-        now = time.monotonic()
+    async def take_slot(self) -> None:
+        """Wait for the next send slot."""
+        now = self._monotonic()
         # A slot left unused for a while is not banked: that would allow a burst.
         slot = max(now, self._next_slot)
         self._next_slot = slot + self._interval
         if slot > now:
-            await asyncio.sleep(slot - now)
+            await self._sleep(slot - now)
         # Tasks held up together (a busy event loop) would wake together: the window keeps
         # such a bunch from exceeding the rate over any second.
         while True:
-            now = time.monotonic()
+            now = self._monotonic()
             while self._sent and self._sent[0] <= now - self._window:
                 self._sent.popleft()
             if len(self._sent) < self._window_limit:
                 break
-            await asyncio.sleep(self._sent[0] + self._window - now)
+            await self._sleep(self._sent[0] + self._window - now)
         self._sent.append(now)
 
     async def call(self, request: Callable[[], Awaitable[T]], attempt: Attempt | None = None) -> T:
@@ -320,11 +391,12 @@ class Pacer:
             wait=self._wait,
             retry=retry_if_exception_type(RetriableApiError),
             reraise=True,
+            sleep=self._sleep,
         )
         async for try_ in retrying:
             with try_:
                 attempt.count = try_.retry_state.attempt_number
-                await self._take_slot()
+                await self.take_slot()
                 return await request()
         raise AssertionError("unreachable: tenacity re-raises the last error")  # pragma: no cover
 
@@ -338,6 +410,30 @@ class Pacer:
         return backoff + random.uniform(0, base)
 
 
+class AckBuffer(Generic[T]):
+    """Outcomes waiting to be saved: saved every ``ACK_BATCH`` of them and at least every
+    ``ACK_SECONDS``, so after a ``kill -9`` only the unsaved ones are sent again."""
+
+    def __init__(self, save: Callable[[list[T]], None]) -> None:
+        self._save = save
+        self._items: list[T] = []
+        self._next_flush = time.monotonic() + ACK_SECONDS
+
+    def add(self, item: T) -> None:
+        self._items.append(item)
+
+    def flush_if_due(self) -> None:
+        """Save the outcomes when there are enough of them or enough time has passed."""
+        if len(self._items) >= ACK_BATCH or time.monotonic() >= self._next_flush:
+            self.flush()
+
+    def flush(self) -> None:
+        self._next_flush = time.monotonic() + ACK_SECONDS
+        items, self._items = self._items, []
+        if items:
+            self._save(items)
+
+
 class Deliverer:
     """Sends the pending updates of a set of runs and records every outcome."""
 
@@ -349,6 +445,9 @@ class Deliverer:
         clock: Callable[[], datetime],
         should_stop: Callable[[], str | None] = lambda: None,
         on_result: Callable[[int], None] = lambda changes: None,
+        *,
+        owner: str | None = None,
+        pacer: Pacer | None = None,
     ) -> None:
         self._engine = engine
         self._client = client
@@ -356,18 +455,20 @@ class Deliverer:
         self._clock = clock
         self._should_stop = should_stop
         self._on_result = on_result
-        self._pacer = Pacer(config)
-        self._results: list[Result] = []
+        self._owner = owner
+        self._pacer = pacer or Pacer(config)
+        self._acks: AckBuffer[Result] = AckBuffer(self._save)
         self._report = DeliveryReport()
         self._crash: Exception | None = None
-        self._next_flush = time.monotonic() + ACK_SECONDS
+        self._unsent: dict[int, tuple[Change, str]] = {}  # marked uncertain, not yet sent
 
     async def run(self, run_ids: Sequence[int]) -> DeliveryReport:
         """Deliver every pending change of ``run_ids``.
 
         Stops early, cancelling what is in flight, when Gist refuses the key or stays down;
         stops gracefully, letting in-flight requests finish and be recorded, when
-        ``should_stop`` gives a reason (a signal, a lost lease).
+        ``should_stop`` gives a reason (a signal) or a lease is lost (then nothing more of
+        that audience is recorded).
         """
         slots = asyncio.Semaphore(self._config.max_concurrency)
         in_flight: set[asyncio.Task[None]] = set()
@@ -376,6 +477,7 @@ class Deliverer:
                 if self._report.error is not None:
                     break
                 mark_uncertain(self._engine, page)
+                self._unsent.update((c.id, (c, u.user_id)) for u in page for c in u.changes)
                 size = self._config.batch_size
                 for batch in (page[i : i + size] for i in range(0, len(page), size)):
                     await slots.acquire()
@@ -385,13 +487,13 @@ class Deliverer:
                     if self._report.error is not None:
                         slots.release()
                         break
+                    for update in batch:
+                        for change in update.changes:
+                            self._unsent.pop(change.id, None)
                     task = asyncio.create_task(self._send(batch, slots))
                     in_flight.add(task)
                     task.add_done_callback(in_flight.discard)
-                    # Acknowledgements are saved often: after a kill -9 only these are sent
-                    # again.
-                    if len(self._results) >= ACK_BATCH or time.monotonic() >= self._next_flush:
-                        self._flush()
+                    self._acks.flush_if_due()
         except BaseException:
             # Our own failure (the state database, say): no request may outlive this method
             # and its HTTP client; what they would have acknowledged is simply sent again.
@@ -403,7 +505,8 @@ class Deliverer:
             for task in in_flight:
                 task.cancel()
         await asyncio.gather(*in_flight, return_exceptions=True)
-        self._flush()
+        self._acks.flush()
+        self._take_back_unsent()
         if self._crash is not None:
             raise self._crash
         return self._report
@@ -411,8 +514,8 @@ class Deliverer:
     async def _send(self, batch: list[UserUpdate], slots: asyncio.Semaphore) -> None:
         """Send one batch (one user when ``batch_size`` is 1), holding one slot."""
         try:
-            if len(batch) > 1 and await self._send_batch(batch):
-                return
+            if len(batch) > 1:
+                batch = await self._send_batch(batch)
             for update in batch:
                 if self._report.error is not None and not self._report.interrupted:
                     return
@@ -420,15 +523,16 @@ class Deliverer:
         finally:
             slots.release()
 
-    async def _send_batch(self, batch: list[UserUpdate]) -> bool:
-        """``POST /contacts/batch``; True when Gist acknowledged every contact in it.
+    async def _send_batch(self, batch: list[UserUpdate]) -> list[UserUpdate]:
+        """``POST /contacts/batch``; returns the updates still to send one by one.
 
-        Any answer but a 2xx (or a refused key) falls back to single requests for the
-        batch, so one bad contact cannot hold back the others.
+        Contacts the batch's 2xx answer names as failed, and every contact of a batch answered
+        otherwise (but for a refused key), are sent one by one, so each gets its own answer
+        and one bad contact cannot hold back the others.
         """
         attempt = Attempt()
         try:
-            status = await self._pacer.call(
+            answer = await self._pacer.call(
                 lambda: self._client.push_contacts(
                     [(u.user_id, u.email, u.properties) for u in batch]
                 ),
@@ -436,16 +540,21 @@ class Deliverer:
             )
         except AuthError as exc:
             self._stop(f"Gist refused the API key ({exc}); nothing more was sent")
-            return True
+            return []
         except (FatalApiError, RetriableApiError) as exc:
             log.info("batch of %d refused (%s): sending one by one", len(batch), exc)
-            return False
+            return batch
         finally:
             self._report.requests += attempt.count
-        for update in batch:
-            self._results.append(Result(update, True, False, attempt.count, status, None))
-            self._on_result(len(update.changes))
-        return True
+        if answer.failed is None:
+            log.info("batch answer names errors it does not attribute: sending one by one")
+            return batch
+        retry = [u for i, u in enumerate(batch) if i in answer.failed]
+        for index, update in enumerate(batch):
+            if index not in answer.failed:
+                self._acks.add(Result(update, True, False, attempt.count, answer.status, None))
+                self._on_result(len(update.changes))
+        return retry
 
     async def _send_one(self, update: UserUpdate) -> None:
         attempt = Attempt()
@@ -454,16 +563,17 @@ class Deliverer:
                 lambda: self._client.push_contact(update.user_id, update.email, update.properties),
                 attempt,
             )
-            self._results.append(Result(update, True, False, attempt.count, status, None))
+            self._acks.add(Result(update, True, False, attempt.count, status, None))
         except AuthError as exc:
-            # The key is refused: every later request would be too. Nothing here is acked.
+            # The key is refused: every later request would be too; this one was not applied.
+            self._acks.add(Result(update, False, True, attempt.count, exc.status, str(exc)))
             self._stop(f"Gist refused the API key ({exc}); nothing more was sent")
         except FatalApiError as exc:
-            self._results.append(Result(update, False, True, attempt.count, exc.status, str(exc)))
+            self._acks.add(Result(update, False, True, attempt.count, exc.status, str(exc)))
         except RetriableApiError as exc:
             # Still failing after every retry: Gist is down or overloaded. Stop; the next
             # run re-plans whatever was not acknowledged.
-            self._results.append(Result(update, False, False, attempt.count, exc.status, str(exc)))
+            self._acks.add(Result(update, False, False, attempt.count, exc.status, str(exc)))
             self._stop(f"Gist unavailable after {attempt.count} attempts: {exc}")
         except Exception as exc:
             # A bug or a broken database, not Gist: stop and let run() re-raise it.
@@ -478,8 +588,21 @@ class Deliverer:
             log.error(reason)
             self._report.error = reason
 
-    def _flush(self) -> None:
-        self._next_flush = time.monotonic() + ACK_SECONDS
-        results, self._results = self._results, []
-        if results:
-            save_results(self._engine, results, self._clock())
+    def _save(self, results: list[Result]) -> None:
+        lost = save_results(self._engine, results, self._clock(), self._owner)
+        if lost and self._report.error is None:
+            reason = f"lost the lease of {', '.join(sorted(lost))} to another process"
+            log.error("stopping: %s; its acknowledgements are not recorded", reason)
+            self._report.error, self._report.interrupted = reason, True
+
+    def _take_back_unsent(self) -> None:
+        """Changes marked uncertain whose request never started leave Gist as it was (fenced
+        like acknowledgements: after a lost lease the new holder owns those rows)."""
+        unsent, self._unsent = list(self._unsent.values()), {}
+        if not unsent:
+            return
+        with self._engine.begin() as connection:
+            if self._owner is not None:
+                held = lease.renew(connection, {c.audience_key for c, _ in unsent}, self._owner)
+                unsent = [(c, u) for c, u in unsent if c.audience_key in held]
+            unmark_uncertain(connection, [c for c, _ in unsent], [u for _, u in unsent])

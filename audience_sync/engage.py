@@ -9,15 +9,17 @@ from pathlib import Path
 from typing import Any, Literal
 
 from audience_sync.errors import SourceError
-from audience_sync.sources import CHUNK_SIZE, SourceRow
+from audience_sync.rows import CHUNK_SIZE, SourceRow, canonical_user_id
 
 _ENTERED, _EXITED, _COMPUTED = "Audience Entered", "Audience Exited", "Trait Computed"
 _TIME_FIELDS = ("timestamp", "sentAt", "receivedAt")
 _MISSING = object()
 _MEMBERSHIP_BY_EVENT: dict[Any, bool] = {_ENTERED: True, _EXITED: False}
 
-# (timestamp or None, line number): what "later" means between two events of one user.
-_Order = tuple[datetime | None, int]
+# (time, line number): what "later" means between two events, a total order. An event's time
+# is its own timestamp, or without one the time of the nearest earlier line that has one.
+_Order = tuple[datetime, int]
+_BEGINNING = datetime.min.replace(tzinfo=UTC)
 
 
 def read_engage(
@@ -32,8 +34,11 @@ def read_engage(
     Each line of ``path`` is one Segment identify or track payload, oldest first. Only events
     whose ``context.personas.computation_key`` (else ``properties.audience_key``/``trait_key``)
     is ``computation_key`` and whose class is ``kind`` count; everything else is skipped.
-    The latest event per ``userId`` decides (a ``timestamp``/``sentAt``/``receivedAt`` orders
-    two events when both carry one, else the later line wins):
+    The latest event per user decides, in one total order: events are ordered by time, then
+    by line. An event's time is its ``timestamp`` (else ``sentAt``, else ``receivedAt``); an
+    event without one takes the time of the nearest earlier line that has one (the start of
+    time for lines before any), so it counts as happening just after that line. ``userId``s
+    are canonical (``42``, ``42.0`` and ``"42"`` are one user):
 
     - ``kind="audience"``: one ``SourceRow(line, userId, email)`` per current member;
     - ``kind="trait"``: ``SourceRow(line, userId, email, value)``, the JSON type kept.
@@ -48,25 +53,25 @@ def read_engage(
     """
     if chunk_size < 1:
         raise ValueError("chunk_size must be at least 1")
-    decided: dict[str | int, tuple[_Order, Any]] = {}  # user -> (order, membership or value)
-    emails: dict[str | int, tuple[_Order, Any]] = {}
+    decided: dict[str, tuple[_Order, Any]] = {}  # user -> (order, membership or value)
+    emails: dict[str, tuple[_Order, Any]] = {}
+    clock = _BEGINNING
     try:
-        with path.open(encoding="utf-8") as handle:
+        with path.open(encoding="utf-8-sig") as handle:
             for line_number, line in enumerate(handle, start=1):
                 if not line.strip():
                     continue
                 event = _parse(path, line_number, line)
+                clock = _timestamp(event) or clock
                 if _key_and_class(event) != (computation_key, kind):
                     continue
                 user = _user_id(path, line_number, event)
-                order = (_timestamp(event), line_number)
+                order = (clock, line_number)
                 value = _value(path, line_number, event, computation_key, kind)
-                if user not in decided or not _is_older(order, decided[user][0]):
+                if user not in decided or order > decided[user][0]:
                     decided[user] = (order, value)
                 email = _email(event)
-                if email is not None and (
-                    user not in emails or not _is_older(order, emails[user][0])
-                ):
+                if email is not None and (user not in emails or order > emails[user][0]):
                     emails[user] = (order, email)
     except UnicodeDecodeError as exc:
         raise SourceError(f"{path}: not UTF-8: {exc.reason}") from exc
@@ -113,14 +118,15 @@ def _key_and_class(event: dict[str, Any]) -> tuple[Any, Any]:
     return key, klass
 
 
-def _user_id(path: Path, line_number: int, event: dict[str, Any]) -> str | int:
+def _user_id(path: Path, line_number: int, event: dict[str, Any]) -> str:
     user = event.get("userId")
-    # bool is an int subclass, but true is never a user id
-    if isinstance(user, bool) or not isinstance(user, str | int) or user == "":
+    try:
+        return canonical_user_id(user)
+    except ValueError as exc:
         raise SourceError(
-            f"{path}: line {line_number}: Engage event without a userId (got {user!r})"
-        )
-    return user
+            f"{path}: line {line_number}: Engage event without a usable userId "
+            f"(got {user!r}: {exc})"
+        ) from None
 
 
 def _value(path: Path, line_number: int, event: dict[str, Any], key: str, kind: str) -> Any:
@@ -166,13 +172,6 @@ def _timestamp(event: dict[str, Any]) -> datetime | None:
             # naive and aware times cannot be compared; Segment's are UTC
             return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
     return None
-
-
-def _is_older(new: _Order, current: _Order) -> bool:
-    """Whether ``new`` came before ``current``: by time when both have one, else by line."""
-    if new[0] is not None and current[0] is not None and new[0] != current[0]:
-        return new[0] < current[0]
-    return new[1] < current[1]
 
 
 def _object(value: Any) -> dict[str, Any]:

@@ -7,13 +7,15 @@ import asyncio
 import calendar
 import json
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Engine, bindparam, select
+from sqlalchemy.engine import Connection
 
-from audience_sync.delivery import Attempt, Pacer
+from audience_sync import lease
+from audience_sync.delivery import AckBuffer, Attempt, Pacer
 from audience_sync.errors import AuthError, FatalApiError, RetriableApiError
 from audience_sync.gist import GistClient
 from audience_sync.models import member_changes as changes
@@ -59,17 +61,76 @@ async def send_events(
     names: Mapping[str, EventNames],
     max_concurrency: int,
     should_stop: Callable[[], str | None] = lambda: None,
+    owner: str | None = None,
 ) -> str | None:
     """Send every owed event of the audiences in ``names``; returns why it stopped, if it did.
 
     Owed: the change was delivered and its event is ``pending`` or ``failed`` (from this run
-    or an earlier one). An event is marked ``delivered`` only after Gist's 2xx, so a crash or
-    an outage leaves it owed, and an acknowledged one is never sent again.
+    or an earlier one). An event is marked ``delivered`` only after Gist's 2xx, and outcomes
+    are saved as contact acknowledgements are (every ``ACK_BATCH``, at least every
+    ``ACK_SECONDS``), so after a ``kill -9`` only the unsaved ones and those in flight are
+    sent again. With ``owner``, each save renews that owner's leases; once one is lost no
+    more events are sent.
     """
-    after = 0
     stop: str | None = None
     slots = asyncio.Semaphore(max_concurrency)
-    while stop is None:
+    in_flight: set[asyncio.Task[None]] = set()
+
+    def save(outcomes: list[dict[str, Any]]) -> None:
+        nonlocal stop
+        with engine.begin() as connection:
+            if owner is not None:
+                lost = set(names) - lease.renew(connection, names, owner)
+                if lost and stop is None:
+                    stop = f"lost the lease of {', '.join(sorted(lost))} to another process"
+            _save_outcomes(connection, outcomes)
+
+    acks: AckBuffer[dict[str, Any]] = AckBuffer(save)
+
+    async def send(row: Any) -> None:
+        nonlocal stop
+        try:
+            body = build_event(names[row.audience_key], row)
+            try:
+                await pacer.call(lambda: client.push_event(body), Attempt())
+                acks.add({"change_id": row.id, "s": "delivered", "e": None})
+            except AuthError as exc:
+                stop = stop or f"Gist refused the API key ({exc}); no more events were sent"
+            except FatalApiError as exc:
+                acks.add({"change_id": row.id, "s": "failed", "e": str(exc)})
+            except RetriableApiError as exc:
+                stop = stop or f"Gist unavailable for events: {exc}"
+        finally:
+            slots.release()
+
+    try:
+        for row in _owed(engine, names):
+            await slots.acquire()
+            if stop is None:
+                stop = should_stop()
+            if stop is not None:
+                slots.release()
+                break
+            task = asyncio.create_task(send(row))
+            in_flight.add(task)
+            task.add_done_callback(in_flight.discard)
+            acks.flush_if_due()
+        await asyncio.gather(*in_flight, return_exceptions=True)
+    except BaseException:
+        for task in in_flight:
+            task.cancel()
+        await asyncio.gather(*in_flight, return_exceptions=True)
+        raise
+    acks.flush()
+    if stop is not None:
+        log.error(stop)
+    return stop
+
+
+def _owed(engine: Engine, names: Mapping[str, EventNames]) -> Iterator[Any]:
+    """The owed events' changes, oldest first, read a page at a time."""
+    after = 0
+    while True:
         with engine.connect() as connection:
             rows = connection.execute(
                 select(changes)
@@ -83,39 +144,16 @@ async def send_events(
                 .limit(PAGE)
             ).all()
         if not rows:
-            break
+            return
+        yield from rows
         after = rows[-1].id
-        outcomes: list[dict[str, Any]] = []
-
-        async def send(row: Any, outcomes: list[dict[str, Any]]) -> None:
-            nonlocal stop
-            async with slots:
-                if stop is not None or (stop := should_stop()) is not None:
-                    return
-                body = build_event(names[row.audience_key], row)
-                try:
-                    await pacer.call(lambda: client.push_event(body), Attempt())
-                    outcomes.append({"change_id": row.id, "s": "delivered", "e": None})
-                except AuthError as exc:
-                    stop = f"Gist refused the API key ({exc}); no more events were sent"
-                except FatalApiError as exc:
-                    outcomes.append({"change_id": row.id, "s": "failed", "e": str(exc)})
-                except RetriableApiError as exc:
-                    stop = f"Gist unavailable for events: {exc}"
-
-        await asyncio.gather(*(send(row, outcomes) for row in rows))
-        _save_outcomes(engine, outcomes)
-    if stop is not None:
-        log.error(stop)
-    return stop
 
 
-def _save_outcomes(engine: Engine, outcomes: Sequence[dict[str, Any]]) -> None:
+def _save_outcomes(connection: Connection, outcomes: Sequence[dict[str, Any]]) -> None:
     if outcomes:
-        with engine.begin() as connection:
-            connection.execute(
-                changes.update()
-                .where(changes.c.id == bindparam("change_id"))
-                .values(event_status=bindparam("s"), event_error=bindparam("e")),
-                outcomes,
-            )
+        connection.execute(
+            changes.update()
+            .where(changes.c.id == bindparam("change_id"))
+            .values(event_status=bindparam("s"), event_error=bindparam("e")),
+            outcomes,
+        )

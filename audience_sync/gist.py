@@ -6,6 +6,7 @@ import email.utils
 import json
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -43,6 +44,18 @@ def build_contact(user_id: str, email: str, properties: dict[str, Any]) -> dict[
     return {"user_id": user_id, "email": email, "custom_properties": properties}
 
 
+@dataclass(frozen=True)
+class BatchAnswer:
+    """Gist's 2xx answer to ``POST /contacts/batch``.
+
+    ``failed``: positions of the contacts the answer reports errors for (not acknowledged);
+    None when it reports errors it does not tie to a contact, so none is acknowledged.
+    """
+
+    status: int
+    failed: frozenset[int] | None
+
+
 RequestObserver = Callable[[str, int | None, float], None]
 """Told of every request: endpoint ("push_contact", "fetch_contact"), status (None when no
 answer came) and seconds taken. The metrics module is one."""
@@ -63,12 +76,15 @@ class GistClient:
         check_response(response)
         return response.status_code
 
-    async def push_contacts(self, contacts: list[tuple[str, str, dict[str, Any]]]) -> int:
-        """Create or update many contacts in one ``POST /contacts/batch``; a 2xx covers all."""
+    async def push_contacts(self, contacts: list[tuple[str, str, dict[str, Any]]]) -> BatchAnswer:
+        """Create or update many contacts in one ``POST /contacts/batch``.
+
+        A 2xx acknowledges every contact but those its body reports errors for.
+        """
         body = {"contacts": [build_contact(u, e, p) for u, e, p in contacts]}
         response = await self._request("push_contacts", "POST", "/contacts/batch", json=body)
         check_response(response)
-        return response.status_code
+        return BatchAnswer(response.status_code, batch_failures(response, contacts))
 
     async def push_event(self, event: dict[str, Any]) -> int:
         """Record a custom event on a contact (``POST /events``)."""
@@ -102,6 +118,65 @@ class GistClient:
         finally:
             if self._observer is not None:
                 self._observer(endpoint, status, time.monotonic() - started)
+
+
+def batch_failures(
+    response: httpx.Response, contacts: list[tuple[str, str, dict[str, Any]]]
+) -> frozenset[int] | None:
+    """Positions of the contacts a 2xx batch answer reports errors for.
+
+    Gist does not document the shape, so both common ones are read: an ``errors`` array whose
+    entries name a contact (``index``, ``user_id`` or ``email``), and per-contact entries
+    (``contacts``, in request order or naming their ``user_id``) that carry ``errors`` or
+    ``error``. An error that names no contact returns None: then no contact counts as
+    acknowledged.
+    """
+    try:
+        body = response.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return frozenset()  # no JSON body: a bare 2xx acknowledges the whole batch
+    if not isinstance(body, dict):
+        return frozenset()
+    by_user = {str(user_id): i for i, (user_id, _, _) in enumerate(contacts)}
+    by_email = {email: i for i, (_, email, _) in enumerate(contacts)}
+    failed: set[int] = set()
+    errors = body.get("errors")
+    if errors:
+        for error in errors if isinstance(errors, list) else [errors]:
+            position = _position(error, by_user, by_email, len(contacts))
+            if position is None:
+                return None
+            failed.add(position)
+    entries = body.get("contacts")
+    if isinstance(entries, list):
+        for i, entry in enumerate(entries):
+            if not isinstance(entry, dict) or not (entry.get("errors") or entry.get("error")):
+                continue
+            position = _position(entry, by_user, by_email, len(contacts))
+            if position is None:
+                position = i if i < len(contacts) else None
+            if position is None:
+                return None
+            failed.add(position)
+    return frozenset(failed)
+
+
+def _position(
+    item: Any, by_user: dict[str, int], by_email: dict[str, int], size: int
+) -> int | None:
+    """Which contact of the batch ``item`` names, if any."""
+    if not isinstance(item, dict):
+        return None
+    index = item.get("index")
+    if isinstance(index, int) and not isinstance(index, bool) and 0 <= index < size:
+        return index
+    user_id = item.get("user_id")
+    if user_id is not None and str(user_id) in by_user:
+        return by_user[str(user_id)]
+    email = item.get("email")
+    if isinstance(email, str) and email in by_email:
+        return by_email[email]
+    return None
 
 
 def check_response(response: httpx.Response) -> None:

@@ -43,6 +43,8 @@ class Audience(Base):
     key: Mapped[str] = mapped_column(KEY, primary_key=True)
     name: Mapped[str] = mapped_column(Text)
     source: Mapped[str] = mapped_column(Text)
+    # "audience" or "trait": what the key's state means (retire clears it by this kind).
+    kind: Mapped[str | None] = mapped_column(String(16))
     first_synced_at: Mapped[datetime | None] = mapped_column(DateTime)
     last_synced_at: Mapped[datetime | None] = mapped_column(DateTime)
 
@@ -65,6 +67,10 @@ class SyncRun(Base):
     delivered: Mapped[int] = mapped_column(Integer, default=0)
     failed: Mapped[int] = mapped_column(Integer, default=0)
     rejected: Mapped[int] = mapped_column(Integer, default=0)
+    # Members sent again with an unchanged value (their email changed in the source).
+    resent: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # Source rows whose email differed from another audience's for the same user this run.
+    email_conflicts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     error: Mapped[str | None] = mapped_column(Text)
 
 
@@ -134,6 +140,20 @@ class RejectedRow(Base):
     reason: Mapped[str] = mapped_column(Text)
 
 
+class EmailConflict(Base):
+    """A user whose email in this run's source differed from the one another audience of
+    the same invocation gave (the first configured wins, so every request agrees)."""
+
+    __tablename__ = "email_conflicts"
+    __table_args__ = (Index("ix_email_conflicts_run_id_user_id", "run_id", "user_id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    run_id: Mapped[int] = mapped_column(Integer, ForeignKey("sync_runs.id"))
+    user_id: Mapped[str] = mapped_column(USER_ID)
+    email: Mapped[str] = mapped_column(EMAIL)  # this source's
+    used_email: Mapped[str] = mapped_column(EMAIL)  # the one sent
+
+
 class StagedMember(Base):
     """A run's snapshot of the source, deduplicated by user; emptied when the run ends."""
 
@@ -159,6 +179,19 @@ class TraitValue(Base):
     last_run_id: Mapped[int] = mapped_column(Integer)
 
 
+class Contact(Base):
+    """The email Gist last acknowledged for a user, whatever the key: requests for users no
+    source of the run has carry it, and a member whose source email differs from it is sent
+    again so that Gist's contact email follows the source."""
+
+    __tablename__ = "contacts"
+
+    user_id: Mapped[str] = mapped_column(USER_ID, primary_key=True)
+    email: Mapped[str] = mapped_column(EMAIL)
+    updated_at: Mapped[datetime] = mapped_column(DateTime)
+    last_run_id: Mapped[int] = mapped_column(Integer)
+
+
 class Lease(Base):
     """Who may sync an audience right now; renewed by a heartbeat, free once expired."""
 
@@ -181,6 +214,8 @@ memberships = _table(Membership)
 member_changes = _table(MemberChange)
 uncertain_members = _table(UncertainMember)
 trait_values = _table(TraitValue)
+contacts = _table(Contact)
+email_conflicts = _table(EmailConflict)
 rejected_rows = _table(RejectedRow)
 staged_members = _table(StagedMember)
 leases = _table(Lease)

@@ -1,20 +1,25 @@
-"""Staging a source snapshot, the set-based diff against acknowledged state, and the plan."""
+"""The set-based diff of staged snapshots against what Gist acknowledged, written as the plan.
+
+Every plan row says what one request will set for one user and key. A member is planned
+from what Gist *may* hold: acknowledged rows (``memberships``, ``trait_values``) and
+``uncertain_members`` (a request went out and no answer settled it). A track event is owed
+only for a change of the acknowledged value: re-sending a value Gist already acknowledged
+(a repair, a new email) sends no second ``Audience Entered``.
+"""
 
 from __future__ import annotations
 
-import json
-import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import date, time
-from decimal import Decimal
 from typing import Any
 
 from sqlalchemy import (
     Boolean,
+    ColumnElement,
     Engine,
     Text,
     and_,
+    case,
     cast,
     delete,
     exists,
@@ -27,42 +32,51 @@ from sqlalchemy import (
     true,
     union_all,
 )
-from sqlalchemy import insert as generic_insert
 from sqlalchemy.engine import Connection
 
-from audience_sync.errors import StopRequestedError
-from audience_sync.models import member_changes as changes
 from audience_sync.models import (
+    contacts,
+    email_conflicts,
     memberships,
     rejected_rows,
     staged_members,
     trait_values,
     uncertain_members,
 )
-from audience_sync.sources import Source, SourceRow
-
-EMAIL_PATTERN = re.compile(r"^[^@\s\x00-\x1f\x7f]+@[^@\s\x00-\x1f\x7f]+\.[^@\s.\x00-\x1f\x7f]+$")
-CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
-MAX_USER_ID = 255
-MAX_EMAIL = 320
+from audience_sync.models import member_changes as changes
+from audience_sync.statuses import ChangeStatus
 
 staged = staged_members
+uncertain = uncertain_members
+NULL_JSON = "null"
+OPEN_STATUSES: tuple[ChangeStatus, ...] = ("pending", "planned")
 
 
 @dataclass(frozen=True)
-class StageResult:
-    """What loading a source into staging saw."""
+class PlanTarget:
+    """The run a plan is written for: its key, and whether it is a dry run or owes events."""
 
-    source_rows: int
-    rejected: int
+    run_id: int
+    key: str
+    dry_run: bool = False
+    track: bool = False  # send_track: changes of the acknowledged value owe an event
+
+    @property
+    def status(self) -> ChangeStatus:
+        """``planned`` rows of a dry run are only shown; ``pending`` ones are sent."""
+        return "planned" if self.dry_run else "pending"
 
 
 @dataclass(frozen=True)
 class Diff:
-    """How the staged snapshot differs from what Gist acknowledged."""
+    """How a snapshot differs from what Gist may hold.
+
+    ``held``: users Gist may hold a value for (acknowledged members or non-null values,
+    plus uncertain ones); ``exited`` counts only such users, so it never exceeds ``held``.
+    """
 
     members: int
-    acknowledged: int
+    held: int
     entered: int
     exited: int
 
@@ -70,275 +84,185 @@ class Diff:
         """True when the exits exceed ``threshold`` of an audience of ``min_members``+,
         or when a source that had members now returns none at all (a broken query's
         favourite symptom), whatever the audience's size."""
-        if self.acknowledged == 0:
+        if self.held == 0 or self.exited == 0:
             return False
         if self.members == 0:
             return True
-        return self.acknowledged >= min_members and self.exited / self.acknowledged > threshold
+        return self.held >= min_members and self.exited / self.held > threshold
 
 
-def check_row(row: SourceRow) -> tuple[str, str] | str:
-    """``(user_id, email)`` cleaned, or the reason the row cannot be used."""
-    user_id, email = row.user_id, row.email
-    if type(user_id) is str and type(email) is str:
-        # The common case, checked in as few steps as possible: it runs once per source row.
-        user_id, email = user_id.strip(), email.strip()
-        if (
-            user_id
-            and len(user_id) <= MAX_USER_ID
-            and len(email) <= MAX_EMAIL
-            and EMAIL_PATTERN.match(email)
-            and not CONTROL_CHARACTERS.search(user_id)
-        ):
-            return user_id, email
-    if isinstance(user_id, bool) or not isinstance(user_id, str | int):
-        return (
-            "missing user_id" if user_id is None else f"user_id has type {type(user_id).__name__}"
-        )
-    user_id = str(user_id).strip()
-    if not user_id:
-        return "missing user_id"
-    if len(user_id) > MAX_USER_ID:
-        return f"user_id longer than {MAX_USER_ID} characters"
-    if CONTROL_CHARACTERS.search(user_id):
-        return "user_id contains control characters"
-    if email is None or (isinstance(email, str) and not email.strip()):
-        return "missing email"
-    if not isinstance(email, str):
-        return f"email has type {type(email).__name__}"
-    email = email.strip()
-    if len(email) > MAX_EMAIL:
-        return f"email longer than {MAX_EMAIL} characters"
-    if not EMAIL_PATTERN.match(email):
-        return "invalid email"
-    return user_id, email
-
-
-def encode_value(value: Any, value_type: str | None = None) -> str:
-    """A trait value as canonical JSON, so 1, 1.0, "1" and true stay four different values.
-
-    CSV gives strings: ``value_type`` (int, float, bool, string) converts them. SQL types map
-    to their JSON kin: exact decimals with no fraction digits to integers, other decimals to
-    floats, dates and times to ISO strings. Raises ValueError with the reason otherwise.
-    """
-    if value_type is not None and isinstance(value, str):
-        value = _convert(value.strip(), value_type)
-    if isinstance(value, Decimal):
-        value = int(value) if int(value.as_tuple().exponent) >= 0 else float(value)
-    elif isinstance(value, date | time):
-        value = value.isoformat()
-    try:
-        return json.dumps(value, separators=(",", ":"), sort_keys=True, allow_nan=False)
-    except (TypeError, ValueError):
-        raise ValueError(f"value of type {type(value).__name__} cannot be sent") from None
-
-
-def _convert(text: str, value_type: str) -> Any:
-    if text == "":
-        return None  # an empty cell is no value
-    try:
-        if value_type == "int":
-            return int(text)
-        if value_type == "float":
-            return float(text)
-    except ValueError:
-        raise ValueError(f"value {text[:50]!r} is not {value_type}") from None
-    if value_type == "bool":
-        lowered = text.lower()
-        if lowered in BOOLEANS:
-            return BOOLEANS[lowered]
-        raise ValueError(f"value {text[:50]!r} is not bool")
-    return text
-
-
-BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
-
-
-def stage_source(
-    engine: Engine,
-    run_id: int,
-    source: Source,
-    should_stop: Callable[[], bool] = lambda: False,
-    on_rows: Callable[[int], None] = lambda rows: None,
-    *,
-    with_value: bool = False,
-    value_type: str | None = None,
-) -> StageResult:
-    """Stream ``source`` into ``staged_members`` in chunks; a duplicate user keeps its first row.
-
-    ``with_value``: a computed trait's source, whose ``value`` is staged as canonical JSON.
-    """
-    total = rejected = 0
-    for chunk in source.read_chunks():
-        if should_stop():
-            raise StopRequestedError("stopped by a signal while reading the source")
-        members: dict[str, tuple[str, str | None]] = {}
-        bad: list[dict[str, Any]] = []
-        for row in chunk:
-            checked = check_row(row)
-            value: str | None = None
-            if with_value and not isinstance(checked, str):
-                try:
-                    value = encode_value(row.value, value_type)
-                except ValueError as exc:
-                    checked = str(exc)
-            if isinstance(checked, str):
-                bad.append(
-                    {
-                        "run_id": run_id,
-                        "row_number": row.row_number,
-                        "user_id": _clip(row.user_id),
-                        "email": _clip(row.email),
-                        "reason": checked,
-                    }
-                )
-            else:
-                members.setdefault(checked[0], (checked[1], value))
-        total += len(chunk)
-        rejected += len(bad)
-        with engine.begin() as connection:
-            if members:
-                # Straight to the driver's executemany: SQLAlchemy's per-row parameter
-                # processing cost more than the insert itself.
-                rows = [(run_id, u, e, v) for u, (e, v) in members.items()]
-                if engine.dialect.name != "postgresql" or not _copy_rows(connection, rows):
-                    connection.exec_driver_sql(_stage_sql(engine), rows)
-            if bad:
-                connection.execute(generic_insert(rejected_rows), bad)
-        on_rows(len(chunk))
-    return StageResult(source_rows=total, rejected=rejected)
-
-
-def _copy_rows(connection: Connection, rows: list[tuple[Any, ...]]) -> bool:
-    """PostgreSQL's COPY into staging, several times faster than inserts; False when a user
-    is already staged (a duplicate across chunks), so the caller inserts this chunk with
-    ON CONFLICT DO NOTHING instead."""
-    savepoint = connection.begin_nested()
-    cursor = connection.connection.driver_connection.cursor()  # type: ignore[union-attr]
-    try:
-        with cursor.copy("COPY staged_members (run_id, user_id, email, value) FROM STDIN") as copy:
-            for row in rows:
-                copy.write_row(row)
-    except Exception as exc:
-        if getattr(exc, "sqlstate", None) != "23505":  # unique_violation
-            raise
-        savepoint.rollback()
-        return False
-    finally:
-        cursor.close()
-    savepoint.commit()
-    return True
-
-
-def _stage_sql(engine: Engine) -> str:
-    mark = "?" if engine.dialect.paramstyle == "qmark" else "%s"
-    return (
-        "INSERT INTO staged_members (run_id, user_id, email, value) "
-        f"VALUES ({mark}, {mark}, {mark}, {mark}) ON CONFLICT DO NOTHING"
-    )
-
-
-def analyze(engine: Engine) -> None:
-    """Refresh PostgreSQL's statistics after staging: planning the anti-joins on a freshly
-    filled staging table without them picks nested loops (20k members: 11 s instead of
-    0.3 s). Sampling keeps it cheap at any size. SQLite plans from its indexes alone."""
-    if engine.dialect.name == "postgresql":
-        with engine.begin() as connection:
-            connection.exec_driver_sql(
-                "ANALYZE staged_members, memberships, uncertain_members, trait_values, "
-                "rejected_rows"
-            )
-
-
-def load_diff(engine: Engine, run_id: int, audience_key: str) -> Diff:
-    """Count members, acknowledged members, entries and exits (a dry run's plan, unwritten)."""
-    members, acknowledged = _sizes(engine, run_id, audience_key)
-    with engine.connect() as connection:
-        entered = connection.scalar(
-            select(func.count()).select_from(_entered(run_id, audience_key).subquery())
-        )
-        exited = connection.scalar(
-            select(func.count()).select_from(_exited(run_id, audience_key).subquery())
-        )
-    return Diff(members, acknowledged, entered or 0, exited or 0)
-
-
-def _sizes(
-    engine: Engine, run_id: int, audience_key: str, *, trait: bool = False
-) -> tuple[int, int]:
-    """How many members the snapshot has, and how many Gist acknowledged."""
-    acknowledged_query = (
-        select(func.count()).where(trait_values.c.trait_key == audience_key)
-        if trait
-        else select(func.count()).where(memberships.c.audience_key == audience_key)
-    )
-    with engine.connect() as connection:
-        members = connection.scalar(
-            select(func.count()).select_from(staged).where(staged.c.run_id == run_id)
-        )
-        acknowledged = connection.scalar(acknowledged_query)
-    return members or 0, acknowledged or 0
-
-
-# Typed NULLs: PostgreSQL cannot guess the type of a bare NULL in a UNION.
-NO_VALUE = cast(null(), Boolean)
-
-PLAN_COLUMNS = [
-    "run_id", "audience_key", "user_id", "email", "value", "value_json", "status", "attempts",
-]  # fmt: skip
-
-
-def save_plan(engine: Engine, run_id: int, audience_key: str) -> Diff:
-    """Write the run's entries and exits as ``pending`` changes and return the diff.
-
-    The anti-joins run once, to write the plan; the counts come from the (small) plan.
-    """
-    _save(
-        engine, run_id, audience_key, _entered(run_id, audience_key), _exited(run_id, audience_key)
-    )
-    members, acknowledged = _sizes(engine, run_id, audience_key)
-    with engine.connect() as connection:
-        by_value: dict[bool, int] = dict(
-            connection.execute(
-                select(changes.c.value, func.count())
-                .where(changes.c.run_id == run_id)
-                .group_by(changes.c.value)
-            ).all()
-        )
-    return Diff(members, acknowledged, by_value.get(True, 0), by_value.get(False, 0))
-
-
-def save_trait_plan(engine: Engine, run_id: int, trait_key: str, on_missing: str) -> Diff:
-    """Plan each staged value Gist does not hold (or may not), and ``null`` for users gone
-    from the source when ``on_missing`` is "null"; return the diff (exited = nulls)."""
-    _save(engine, run_id, trait_key, _trait_changed(run_id, trait_key))
-    changed = _count_planned(engine, run_id)
-    if on_missing == "null":
-        _save(engine, run_id, trait_key, _trait_missing(run_id, trait_key))
-    members, acknowledged = _sizes(engine, run_id, trait_key, trait=True)
-    return Diff(members, acknowledged, changed, _count_planned(engine, run_id) - changed)
-
-
-def load_trait_diff(engine: Engine, run_id: int, trait_key: str, on_missing: str) -> Diff:
-    """The counts of ``save_trait_plan`` without writing the plan (a dry run)."""
-    members, acknowledged = _sizes(engine, run_id, trait_key, trait=True)
-    with engine.connect() as connection:
-        changed = connection.scalar(
-            select(func.count()).select_from(_trait_changed(run_id, trait_key).subquery())
-        )
-        missing: int | None = 0
-        if on_missing == "null":
-            missing = connection.scalar(
-                select(func.count()).select_from(_trait_missing(run_id, trait_key).subquery())
-            )
-    return Diff(members, acknowledged, changed or 0, missing or 0)
-
-
-def mark_events(engine: Engine, run_id: int) -> None:
-    """Give every change of the run a track event to send once the change is acknowledged."""
+def start_plan(engine: Engine, target: PlanTarget) -> None:
+    """Before a real run plans a key: older pending rows of it are superseded, since every
+    plan re-plans everything still owed."""
+    if target.dry_run:
+        return
     with engine.begin() as connection:
         connection.execute(
-            changes.update().where(changes.c.run_id == run_id).values(event_status="pending")
+            changes.update()
+            .where(
+                changes.c.audience_key == target.key,
+                changes.c.status == "pending",
+                changes.c.run_id != target.run_id,
+            )
+            .values(status="superseded")
+        )
+
+
+def save_plan(engine: Engine, target: PlanTarget) -> Diff:
+    """Plan ``true`` for staged members Gist is not known to hold and ``false`` for those
+    Gist may hold who are gone from the source; return the diff."""
+    key, run_id = target.key, target.run_id
+    acknowledged = _member(key, staged.c.user_id)
+    entered = select(
+        *_row(target, staged.c.user_id, staged.c.email, true(), event=~acknowledged)
+    ).where(staged.c.run_id == run_id, or_(~acknowledged, _uncertain(key, staged.c.user_id)))
+    exited = union_all(
+        select(
+            *_row(target, memberships.c.user_id, memberships.c.email, false(), event=true())
+        ).where(memberships.c.audience_key == key, _gone(run_id, memberships.c.user_id)),
+        select(*_row(target, uncertain.c.user_id, uncertain.c.email, false(), event=false())).where(
+            uncertain.c.audience_key == key,
+            ~_member(key, uncertain.c.user_id),
+            _gone(run_id, uncertain.c.user_id),
+        ),
+    )
+    with engine.begin() as connection:
+        entries = _insert(connection, entered)
+        exits = _insert(connection, exited)
+        members = _count(connection, select(func.count()).where(staged.c.run_id == run_id))
+        held = _count(
+            connection, select(func.count()).where(memberships.c.audience_key == key)
+        ) + _count(
+            connection,
+            select(func.count()).where(
+                uncertain.c.audience_key == key, ~_member(key, uncertain.c.user_id)
+            ),
+        )
+    return Diff(members, held, entries, exits)
+
+
+def save_trait_plan(engine: Engine, target: PlanTarget, on_missing: str) -> Diff:
+    """Plan each staged value Gist is not known to hold, and ``null`` for users gone from the
+    source who may hold a value when ``on_missing`` is "null"; return the diff (a change to
+    ``null`` of a user who may hold a value is an exit)."""
+    key, run_id = target.key, target.run_id
+    same = exists().where(
+        trait_values.c.trait_key == key,
+        trait_values.c.user_id == staged.c.user_id,
+        trait_values.c.value == staged.c.value,
+    )
+    owed = and_(staged.c.run_id == run_id, or_(~same, _uncertain(key, staged.c.user_id)))
+    removal = and_(
+        staged.c.value == NULL_JSON,
+        or_(_valued(key, staged.c.user_id), _uncertain(key, staged.c.user_id)),
+    )
+    row = _row(target, staged.c.user_id, staged.c.email, _NO_VALUE, staged.c.value, event=~same)
+    with engine.begin() as connection:
+        entries = _insert(connection, select(*row).where(owed, ~removal))
+        exits = _insert(connection, select(*row).where(owed, removal))
+        if on_missing == "null":
+            exits += _insert(connection, _trait_missing(target))
+        members = _count(
+            connection,
+            select(func.count()).where(staged.c.run_id == run_id, staged.c.value != NULL_JSON),
+        )
+        held = _count(connection, _held_values(key))
+    return Diff(members, held, entries, exits)
+
+
+def save_email_updates(engine: Engine, target: PlanTarget, *, trait: bool) -> int:
+    """Plan a re-send of the acknowledged value for staged members whose email in the source
+    differs from the one Gist holds, so that Gist's contact email follows the source.
+    Returns how many were planned; they owe no event."""
+    key, run_id = target.key, target.run_id
+    moved = exists().where(
+        contacts.c.user_id == staged.c.user_id, contacts.c.email != staged.c.email
+    )
+    if trait:
+        unchanged: ColumnElement[bool] = exists().where(
+            trait_values.c.trait_key == key,
+            trait_values.c.user_id == staged.c.user_id,
+            trait_values.c.value == staged.c.value,
+        )
+        row = _row(target, staged.c.user_id, staged.c.email, _NO_VALUE, staged.c.value)
+    else:
+        unchanged = _member(key, staged.c.user_id)
+        row = _row(target, staged.c.user_id, staged.c.email, true())
+    query = select(*row).where(
+        staged.c.run_id == run_id, unchanged, ~_uncertain(key, staged.c.user_id), moved
+    )
+    with engine.begin() as connection:
+        return _insert(connection, query)
+
+
+def unify_emails(engine: Engine, run_ids: Sequence[int]) -> dict[int, int]:
+    """Give a user staged by several runs of one invocation one email: the first run's (in
+    config order). Returns, per run, how many of its rows carried another email."""
+    if len(run_ids) < 2:
+        return {}
+    other = staged.alias("other")
+    first = (
+        select(other.c.email)
+        .where(other.c.run_id.in_(run_ids), other.c.user_id == staged.c.user_id)
+        .order_by(other.c.run_id)
+        .limit(1)
+        .scalar_subquery()
+    )
+    earlier_differs = exists().where(
+        other.c.run_id.in_(run_ids),
+        other.c.run_id < staged.c.run_id,
+        other.c.user_id == staged.c.user_id,
+        other.c.email != staged.c.email,
+    )
+    conflicts: dict[int, int] = {}
+    with engine.begin() as connection:
+        for run_id in run_ids[1:]:
+            connection.execute(
+                email_conflicts.insert().from_select(
+                    ["run_id", "user_id", "email", "used_email"],
+                    select(staged.c.run_id, staged.c.user_id, staged.c.email, first).where(
+                        staged.c.run_id == run_id, earlier_differs
+                    ),
+                )
+            )
+            updated = connection.execute(
+                staged.update()
+                .where(staged.c.run_id == run_id, earlier_differs)
+                .values(email=first)
+            ).rowcount
+            if updated:
+                conflicts[run_id] = updated
+    return conflicts
+
+
+def resolve_emails(engine: Engine, run_ids: Sequence[int]) -> None:
+    """Every planned request carries the user's current email: the one staged for them by
+    any run of this invocation (unified by ``unify_emails``), else the one Gist last
+    acknowledged for them under any key."""
+    if not run_ids:
+        return
+    open_change = and_(changes.c.run_id.in_(run_ids), changes.c.status.in_(OPEN_STATUSES))
+    staged_here = and_(staged.c.run_id.in_(run_ids), staged.c.user_id == changes.c.user_id)
+    from_source = select(func.min(staged.c.email)).where(staged_here).scalar_subquery()
+    from_contact = (
+        select(contacts.c.email).where(contacts.c.user_id == changes.c.user_id).scalar_subquery()
+    )
+    with engine.begin() as connection:
+        connection.execute(
+            changes.update()
+            .where(open_change, exists().where(staged_here, staged.c.email != changes.c.email))
+            .values(email=from_source)
+        )
+        connection.execute(
+            changes.update()
+            .where(
+                open_change,
+                ~exists().where(staged_here),
+                exists().where(
+                    contacts.c.user_id == changes.c.user_id, contacts.c.email != changes.c.email
+                ),
+            )
+            .values(email=from_contact)
         )
 
 
@@ -349,192 +273,175 @@ def discard_plan(engine: Engine, run_id: int) -> None:
 
 
 def save_backfill_plan(
-    engine: Engine, run_id: int, audience_key: str, resumed_runs: Sequence[int], *, trait: bool
+    engine: Engine, target: PlanTarget, resumed_runs: Sequence[int], *, trait: bool
 ) -> int:
-    """Plan ``true`` for every staged member, except those already delivered by the
-    unfinished backfill runs in ``resumed_runs`` (so a backfill resumes, not restarts).
+    """Plan ``true`` (or the value) for every staged member, except those already delivered
+    by the unfinished backfill runs in ``resumed_runs`` (so a backfill resumes, not restarts).
     Returns how many changes were planned."""
     done = exists().where(
         changes.c.run_id.in_(resumed_runs),
         changes.c.user_id == staged.c.user_id,
         changes.c.status == "delivered",
     )
-    row = (
-        _plan_row(run_id, audience_key, staged.c.user_id, staged.c.email, NO_VALUE, staged.c.value)
-        if trait
-        else _plan_row(run_id, audience_key, staged.c.user_id, staged.c.email, true())
-    )
-    query = select(*row).where(staged.c.run_id == run_id, ~done)
-    _save(engine, run_id, audience_key, query)
-    return _count_planned(engine, run_id)
-
-
-def save_retire_plan(engine: Engine, run_id: int, audience_key: str) -> int:
-    """Plan ``false`` for everyone Gist may hold in the audience (acknowledged or uncertain),
-    or ``null`` for every value of a computed trait. Returns how many changes were planned."""
-    also_acknowledged = exists().where(
-        memberships.c.audience_key == audience_key,
-        memberships.c.user_id == uncertain_members.c.user_id,
-    )
-    acknowledged = select(
-        *_plan_row(run_id, audience_key, memberships.c.user_id, memberships.c.email, false())
-    ).where(memberships.c.audience_key == audience_key)
-    with engine.connect() as connection:
-        is_trait = connection.scalar(
-            select(func.count()).where(trait_values.c.trait_key == audience_key)
-        )
-    if is_trait:
-        # A retired computed trait: its values become null, like a user who dropped out.
-        _save(engine, run_id, audience_key, _trait_missing(run_id, audience_key))
-        return _count_planned(engine, run_id)
-    uncertain = select(
-        *_plan_row(
-            run_id, audience_key, uncertain_members.c.user_id, uncertain_members.c.email, false()
-        )
-    ).where(uncertain_members.c.audience_key == audience_key, ~also_acknowledged)
-    _save(engine, run_id, audience_key, union_all(acknowledged, uncertain))
-    return _count_planned(engine, run_id)
-
-
-def _save(engine: Engine, run_id: int, audience_key: str, *queries: Any) -> None:
+    value = (_NO_VALUE, staged.c.value) if trait else (true(), None)
+    row = _row(target, staged.c.user_id, staged.c.email, *value)
     with engine.begin() as connection:
-        # Each plan re-plans everything still owed, so older pending rows would duplicate it.
-        connection.execute(
-            changes.update()
-            .where(
-                changes.c.audience_key == audience_key,
-                changes.c.status == "pending",
-                changes.c.run_id != run_id,
-            )
-            .values(status="superseded")
-        )
-        for query in queries:
-            connection.execute(changes.insert().from_select(PLAN_COLUMNS, query))
+        return _insert(connection, select(*row).where(staged.c.run_id == target.run_id, ~done))
 
 
-def _count_planned(engine: Engine, run_id: int) -> int:
+def save_retire_plan(engine: Engine, target: PlanTarget, *, trait: bool) -> int:
+    """Plan the key's cleared value (``false`` for an audience, ``null`` for a trait) for
+    everyone Gist may hold a value of it for: acknowledged members, acknowledged non-null
+    values and uncertain users, whichever kind wrote them. Returns how many were planned."""
+    key = target.key
+    value = (_NO_VALUE, literal(NULL_JSON)) if trait else (false(), None)
+    member_rows = select(*_row(target, memberships.c.user_id, memberships.c.email, *value)).where(
+        memberships.c.audience_key == key
+    )
+    valued_rows = select(*_row(target, trait_values.c.user_id, trait_values.c.email, *value)).where(
+        trait_values.c.trait_key == key,
+        trait_values.c.value != NULL_JSON,
+        ~_member(key, trait_values.c.user_id),
+    )
+    uncertain_rows = select(*_row(target, uncertain.c.user_id, uncertain.c.email, *value)).where(
+        uncertain.c.audience_key == key,
+        ~_member(key, uncertain.c.user_id),
+        ~_valued(key, uncertain.c.user_id),
+    )
+    with engine.begin() as connection:
+        return _insert(connection, union_all(member_rows, valued_rows, uncertain_rows))
+
+
+def held_kind(engine: Engine, key: str) -> str | None:
+    """Which kind of state the key holds: "audience" (members), "trait" (non-null values),
+    "both", or None when it holds neither."""
     with engine.connect() as connection:
-        return int(connection.scalar(select(func.count()).where(changes.c.run_id == run_id)) or 0)
+        members = connection.scalar(select(exists().where(memberships.c.audience_key == key)))
+        values = connection.scalar(
+            select(
+                exists().where(trait_values.c.trait_key == key, trait_values.c.value != NULL_JSON)
+            )
+        )
+    if members and values:
+        return "both"
+    return "audience" if members else "trait" if values else None
 
 
-def _plan_row(
-    run_id: int, audience_key: str, user_id: Any, email: Any, value: Any, value_json: Any = None
+def count_staged(engine: Engine, run_id: int) -> int:
+    """How many members the run's snapshot holds."""
+    with engine.connect() as connection:
+        return _count(connection, select(func.count()).where(staged.c.run_id == run_id))
+
+
+def count_planned(engine: Engine, run_id: int) -> int:
+    """How many changes the run planned."""
+    with engine.connect() as connection:
+        return _count(connection, select(func.count()).where(changes.c.run_id == run_id))
+
+
+# Typed NULLs: PostgreSQL cannot guess the type of a bare NULL in a UNION.
+_NO_VALUE = cast(null(), Boolean)
+
+PLAN_COLUMNS = [
+    "run_id", "audience_key", "user_id", "email", "value", "value_json", "status", "attempts",
+    "event_status",
+]  # fmt: skip
+
+
+def _row(
+    target: PlanTarget,
+    user_id: Any,
+    email: Any,
+    value: Any,
+    value_json: Any = None,
+    *,
+    event: ColumnElement[bool] | None = None,
 ) -> list[Any]:
+    """The columns of one plan row; ``event`` says when the change owes a track event."""
+    if target.track and event is not None:
+        event_status: Any = case((event, literal(target.status)), else_=cast(null(), Text))
+    else:
+        event_status = cast(null(), Text)
     return [
-        literal(run_id),
-        literal(audience_key),
+        literal(target.run_id),
+        literal(target.key),
         user_id,
         email,
         value,
         cast(null(), Text) if value_json is None else value_json,
-        literal("pending"),
+        literal(target.status),
         literal(0),
+        event_status,
     ]
 
 
-def _trait_changed(run_id: int, trait_key: str) -> Any:
-    """Staged values Gist is not known to hold: never acknowledged, different, or uncertain."""
-    same = exists().where(
-        trait_values.c.trait_key == trait_key,
-        trait_values.c.user_id == staged.c.user_id,
-        trait_values.c.value == staged.c.value,
-    )
-    uncertain = exists().where(
-        uncertain_members.c.audience_key == trait_key,
-        uncertain_members.c.user_id == staged.c.user_id,
-    )
-    row = _plan_row(run_id, trait_key, staged.c.user_id, staged.c.email, NO_VALUE, staged.c.value)
-    return select(*row).where(staged.c.run_id == run_id, or_(~same, uncertain))
+def _insert(connection: Connection, query: Any) -> int:
+    """Insert plan rows; returns how many (psycopg's count of an INSERT is only kept when
+    asked for)."""
+    statement = changes.insert().from_select(PLAN_COLUMNS, query)
+    return int(connection.execute(statement.execution_options(preserve_rowcount=True)).rowcount)
 
 
-def _trait_missing(run_id: int, trait_key: str) -> Any:
-    """Users gone from the source whose value in Gist may not be null yet."""
-    nothing = literal("null")
+def _count(connection: Connection, query: Any) -> int:
+    return int(connection.scalar(query) or 0)
+
+
+def _member(key: str, user_id: Any) -> ColumnElement[bool]:
+    return exists().where(memberships.c.audience_key == key, memberships.c.user_id == user_id)
+
+
+def _uncertain(key: str, user_id: Any) -> ColumnElement[bool]:
+    return exists().where(uncertain.c.audience_key == key, uncertain.c.user_id == user_id)
+
+
+def _valued(key: str, user_id: Any) -> ColumnElement[bool]:
+    """Gist acknowledged a non-null value of trait ``key`` for the user."""
+    return exists().where(
+        trait_values.c.trait_key == key,
+        trait_values.c.user_id == user_id,
+        trait_values.c.value != NULL_JSON,
+    )
+
+
+def _held_values(key: str) -> Any:
+    """How many users may hold a non-null value of trait ``key``."""
+    valued = select(func.count()).where(
+        trait_values.c.trait_key == key, trait_values.c.value != NULL_JSON
+    )
+    unsure = select(func.count()).where(
+        uncertain.c.audience_key == key, ~_valued(key, uncertain.c.user_id)
+    )
+    return select(valued.scalar_subquery() + unsure.scalar_subquery())
+
+
+def _trait_missing(target: PlanTarget) -> Any:
+    """Users gone from the source who may hold a non-null value: acknowledged non-null
+    values (an acknowledged change, so it owes an event), and uncertain users whatever
+    their acknowledged value (``null`` included: a lost answer may have set another)."""
+    key, run_id = target.key, target.run_id
+    nothing = literal(NULL_JSON)
     acknowledged = select(
-        *_plan_row(
-            run_id, trait_key, trait_values.c.user_id, trait_values.c.email, NO_VALUE, nothing
+        *_row(
+            target, trait_values.c.user_id, trait_values.c.email, _NO_VALUE, nothing, event=true()
         )
     ).where(
-        trait_values.c.trait_key == trait_key,
-        trait_values.c.value != "null",
+        trait_values.c.trait_key == key,
+        trait_values.c.value != NULL_JSON,
         _gone(run_id, trait_values.c.user_id),
     )
-    known = exists().where(
-        trait_values.c.trait_key == trait_key,
-        trait_values.c.user_id == uncertain_members.c.user_id,
-    )
-    uncertain = select(
-        *_plan_row(
-            run_id, trait_key, uncertain_members.c.user_id, uncertain_members.c.email, NO_VALUE,
-            nothing,
-        )
+    unsure = select(
+        *_row(target, uncertain.c.user_id, uncertain.c.email, _NO_VALUE, nothing, event=false())
     ).where(
-        uncertain_members.c.audience_key == trait_key,
-        ~known,
-        _gone(run_id, uncertain_members.c.user_id),
-    )  # fmt: skip
-    return union_all(acknowledged, uncertain)
+        uncertain.c.audience_key == key,
+        ~_valued(key, uncertain.c.user_id),
+        _gone(run_id, uncertain.c.user_id),
+    )
+    return union_all(acknowledged, unsure)
 
 
-def _gone(run_id: int, user_id: Any) -> Any:
+def _gone(run_id: int, user_id: Any) -> ColumnElement[bool]:
     """Not in this run's snapshot, and not a row of it that was rejected (a glitch is not
     a departure)."""
     present = exists().where(staged.c.run_id == run_id, staged.c.user_id == user_id)
     glitch = exists().where(rejected_rows.c.run_id == run_id, rejected_rows.c.user_id == user_id)
     return and_(~present, ~glitch)
-
-
-def clear_staging(engine: Engine, run_id: int) -> None:
-    """Drop a run's snapshot once its plan is written."""
-    with engine.begin() as connection:
-        connection.execute(delete(staged).where(staged.c.run_id == run_id))
-
-
-def _entered(run_id: int, audience_key: str) -> Any:
-    """Staged members Gist is not known to hold: never acknowledged, or left uncertain."""
-    acknowledged = exists().where(
-        memberships.c.audience_key == audience_key, memberships.c.user_id == staged.c.user_id
-    )
-    uncertain = exists().where(
-        uncertain_members.c.audience_key == audience_key,
-        uncertain_members.c.user_id == staged.c.user_id,
-    )
-    row = _plan_row(run_id, audience_key, staged.c.user_id, staged.c.email, true())
-    return select(*row).where(staged.c.run_id == run_id, or_(~acknowledged, uncertain))
-
-
-def _exited(run_id: int, audience_key: str) -> Any:
-    """Members Gist may hold (acknowledged, or left uncertain) who are gone from the source.
-
-    A user whose row was rejected this run is not gone: a glitch in their row (say a NULL
-    email) must not send them ``false``.
-    """
-
-    acknowledged = select(
-        *_plan_row(run_id, audience_key, memberships.c.user_id, memberships.c.email, false())
-    ).where(memberships.c.audience_key == audience_key, _gone(run_id, memberships.c.user_id))
-    also_acknowledged = exists().where(
-        memberships.c.audience_key == audience_key,
-        memberships.c.user_id == uncertain_members.c.user_id,
-    )
-    uncertain = select(
-        *_plan_row(
-            run_id, audience_key, uncertain_members.c.user_id, uncertain_members.c.email, false()
-        )
-    ).where(
-        uncertain_members.c.audience_key == audience_key,
-        ~also_acknowledged,
-        _gone(run_id, uncertain_members.c.user_id),
-    )
-    return union_all(acknowledged, uncertain)
-
-
-def _clip(value: Any, limit: int = 500) -> str | None:
-    """A bounded, storable text form of a bad value, for the rejected_rows table.
-
-    Stripped like a good value, so a rejected row's user_id matches their memberships.
-    """
-    if value is None:
-        return None
-    text = str(value).strip().replace("\x00", "\\x00")  # PostgreSQL text cannot hold NUL
-    return text if len(text) <= limit else text[:limit] + "…"

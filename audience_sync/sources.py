@@ -5,9 +5,8 @@ from __future__ import annotations
 import csv
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Literal, Protocol
 
 from sqlalchemy import create_engine, event, text
 from sqlalchemy.engine import Connection
@@ -15,23 +14,16 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from audience_sync.config import Computation, Settings, redact_url
 from audience_sync.db import normalize_url
+from audience_sync.engage import read_engage
 from audience_sync.errors import SourceError
+from audience_sync.rows import CHUNK_SIZE, SourceRow
+
+__all__ = ["CHUNK_SIZE", "FileSource", "Source", "SourceRow", "SqlSource", "source_for"]
 
 REQUIRED_COLUMNS = ("user_id", "email")
-CHUNK_SIZE = 5000
 # Python's csv stops at 128 KiB per field; allow more so an oversized value becomes a
 # rejected row with a reason instead of failing the whole file.
 csv.field_size_limit(16 * 1024 * 1024)
-
-
-@dataclass(frozen=True, slots=True)
-class SourceRow:
-    """One row as the source gave it; ``row_number`` counts data rows from 1."""
-
-    row_number: int
-    user_id: Any
-    email: Any
-    value: Any = None  # a computed trait's value; unused for audiences
 
 
 class Source(Protocol):
@@ -118,8 +110,6 @@ class FileSource:
 
     def read_chunks(self, chunk_size: int = CHUNK_SIZE) -> Iterator[list[SourceRow]]:
         if self.format == "engage":
-            from audience_sync.engage import read_engage  # engage builds on SourceRow
-
             kind: Literal["audience", "trait"] = "trait" if self.with_value else "audience"
             yield from read_engage(self.path, self.key, kind=kind, chunk_size=chunk_size)
             return
@@ -148,6 +138,12 @@ class FileSource:
             reader = csv.reader(handle)
             try:
                 header = next(reader, [])
+                repeated = sorted({c for c in header if header.count(c) > 1})
+                if repeated:
+                    raise SourceError(
+                        f"{self.path}: header names {', '.join(map(repr, repeated))} more than "
+                        "once; which column is meant is ambiguous"
+                    )
                 missing = [c for c in self.columns if c not in header]
                 if missing:
                     raise SourceError(
@@ -167,7 +163,8 @@ class FileSource:
                 raise SourceError(f"{self.path}: line {reader.line_num}: {exc}") from exc
 
     def _json_rows(self) -> Iterator[SourceRow]:
-        with self.path.open(encoding="utf-8") as handle:
+        # utf-8-sig: an export that starts with a byte-order mark reads like one without.
+        with self.path.open(encoding="utf-8-sig") as handle:
             number = 0
             for line_number, line in enumerate(handle, start=1):
                 if not line.strip():

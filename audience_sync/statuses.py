@@ -19,11 +19,13 @@ RunStatus = Literal[
 ]
 """``sync_runs.status`` (``skipped`` is never stored: the audience's lease was held)."""
 
-ChangeStatus = Literal["pending", "delivered", "failed", "superseded"]
-"""``member_changes.status``: owed, acknowledged by Gist, refused by Gist, or re-planned."""
+ChangeStatus = Literal["pending", "delivered", "failed", "superseded", "planned"]
+"""``member_changes.status``: owed, acknowledged by Gist, refused by Gist, re-planned, or
+only planned by a dry run (never sent)."""
 
-EventStatus = Literal["pending", "delivered", "failed"]
-"""``member_changes.event_status`` for a change with a track event (NULL without one)."""
+EventStatus = Literal["pending", "delivered", "failed", "planned"]
+"""``member_changes.event_status`` for a change with a track event (NULL without one);
+``planned`` for a dry run's."""
 
 MODES: Final[tuple[Mode, ...]] = get_args(Mode)
 RUN_STATUSES: Final[tuple[RunStatus, ...]] = get_args(RunStatus)

@@ -1,4 +1,9 @@
-"""``run_once``: lease → load → plan → deliver → record; shared by every way of running a sync."""
+"""``run_once``: lease → stage → plan → deliver → record; shared by every way of running a sync.
+
+One invocation stages every chosen audience first, then plans them, so that a user's email
+is the same in every request of the invocation (the first configured source that has the
+user decides) and exits carry the current email, not the one stored with the membership.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +12,11 @@ import logging
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
 from typing import Protocol
 
 import httpx
-from sqlalchemy import Engine, delete, func, select, update
+from sqlalchemy import Engine, select
+from sqlalchemy.exc import SQLAlchemyError
 
 from audience_sync import lease
 from audience_sync.config import Computation, Settings, TraitConfig
@@ -19,62 +24,42 @@ from audience_sync.delivery import Deliverer, DeliveryReport, Pacer
 from audience_sync.errors import ConfigError, LockHeldError, SourceError, StopRequestedError
 from audience_sync.events import EventNames, send_events
 from audience_sync.gist import GistClient, RequestObserver, make_http_client
-from audience_sync.models import audiences, staged_members
-from audience_sync.models import member_changes as changes
-from audience_sync.models import sync_runs as runs
+from audience_sync.models import audiences
 from audience_sync.plan import (
-    analyze,
-    clear_staging,
+    PlanTarget,
+    count_planned,
+    count_staged,
     discard_plan,
-    load_diff,
-    load_trait_diff,
-    mark_events,
+    held_kind,
+    resolve_emails,
     save_backfill_plan,
+    save_email_updates,
     save_plan,
     save_retire_plan,
     save_trait_plan,
-    stage_source,
+    start_plan,
+    unify_emails,
+)
+from audience_sync.runs import (
+    Clock,
+    RunResult,
+    abandon_runs,
+    exit_code,
+    finish_run,
+    load_key_kind,
+    open_run,
+    save_key_kind,
+    save_run,
+    unfinished_backfills,
+    utcnow,
 )
 from audience_sync.sources import source_for
-from audience_sync.statuses import FAILED_STATUSES, MODES, Mode, RunKind, RunStatus
+from audience_sync.stage import analyze, clear_staging, stage_source
+from audience_sync.statuses import MODES, Mode, RunKind, RunStatus
+
+__all__ = ["Progress", "RunResult", "SyncContext", "exit_code", "run_once", "utcnow"]
 
 log = logging.getLogger(__name__)
-
-
-Clock = Callable[[], datetime]
-
-
-def utcnow() -> datetime:
-    """Naive UTC now: how every timestamp is stored."""
-    return datetime.now(UTC).replace(tzinfo=None)
-
-
-@dataclass(frozen=True)
-class RunResult:
-    """How one audience's run ended (``run_id`` is None when it was skipped for a lock)."""
-
-    audience_key: str
-    name: str
-    kind: RunKind
-    status: RunStatus
-    run_id: int | None = None
-    source_rows: int = 0
-    members: int = 0
-    entered: int = 0
-    exited: int = 0
-    delivered: int = 0
-    failed: int = 0
-    rejected: int = 0
-    error: str | None = None
-
-
-def exit_code(results: Sequence[RunResult]) -> int:
-    """0 all succeeded; 1 any partial/failed/guarded; 3 any skipped for a lock (none failed)."""
-    if any(r.status in FAILED_STATUSES for r in results):
-        return 1
-    if any(r.status == "skipped" for r in results):
-        return 3
-    return 0
 
 
 class Progress(Protocol):
@@ -104,6 +89,27 @@ class NoProgress:
 
 
 @dataclass(frozen=True)
+class SyncContext:
+    """Everything one invocation of ``run_once`` works with, passed as one value."""
+
+    settings: Settings
+    engine: Engine
+    mode: Mode
+    kind: RunKind
+    allow_mass_exit: bool
+    clock: Clock
+    stop: threading.Event
+    progress: Progress
+    owner: str
+    transport: httpx.AsyncBaseTransport | None = None
+    observer: RequestObserver | None = None
+
+    @property
+    def dry_run(self) -> bool:
+        return self.kind == "dry-run"
+
+
+@dataclass(frozen=True)
 class _Target:
     key: str
     name: str
@@ -127,49 +133,46 @@ def run_once(
     """Sync the audiences named by ``keys`` (all configured ones when empty) once.
 
     ``mode`` is ``run`` (send what changed), ``backfill`` (send ``true`` to every current
-    member, resuming an unfinished backfill) or ``retire`` (send ``false`` to everyone Gist
-    may hold for audiences no longer configured). ``memberships`` moves only for changes Gist
-    acknowledged, so whatever is not delivered (failure, crash, stop) is planned again by the
-    next run. Setting ``stop`` (e.g. from a signal handler) ends the run gracefully: requests
-    in flight finish and are recorded, and the runs are marked ``interrupted``.
+    member, resuming an unfinished backfill) or ``retire`` (clear a key no longer configured
+    for everyone Gist may hold a value of it for). ``memberships`` moves only for changes
+    Gist acknowledged, so whatever is not delivered (failure, crash, stop) is planned again
+    by the next run. A dry run writes its plan as ``planned`` changes and sends nothing.
+    Setting ``stop`` (e.g. from a signal handler) ends the run gracefully: requests in
+    flight finish and are recorded, and the runs are marked ``interrupted``.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}")
-    stop = stop or threading.Event()
-    progress = progress or NoProgress()
+    ctx = SyncContext(
+        settings=settings,
+        engine=engine,
+        mode=mode,
+        kind="dry-run" if dry_run else mode,
+        allow_mass_exit=allow_mass_exit,
+        clock=clock,
+        stop=stop or threading.Event(),
+        progress=progress or NoProgress(),
+        owner=lease.new_owner(),
+        transport=transport,
+        observer=observer,
+    )
     targets = _targets(settings, engine, keys, mode)
-    kind: RunKind = "dry-run" if dry_run else mode
-    owner = lease.new_owner()
-    heartbeat = lease.Heartbeat(engine, owner, clock)
+    heartbeat = lease.Heartbeat(engine, ctx.owner)
     held: list[_Target] = []
     results: dict[str, RunResult] = {}
     try:
         for target in targets:
             try:
-                lease.acquire(engine, target.key, owner, clock())
+                lease.acquire(engine, target.key, ctx.owner)
             except LockHeldError as exc:
                 log.warning("skipping %s: %s", target.key, exc)
                 results[target.key] = RunResult(
-                    target.key, target.name, kind, "skipped", error=str(exc)
+                    target.key, target.name, ctx.kind, "skipped", error=str(exc)
                 )
                 continue
             held.append(target)
             heartbeat.add(target.key)
         heartbeat.start()
-        planned: list[RunResult] = []
-        for target in held:
-            if stop.is_set():
-                results[target.key] = RunResult(
-                    target.key, target.name, kind, "interrupted",
-                    error="stopped before this audience started",
-                )  # fmt: skip
-                continue
-            result = _prepare(
-                settings, engine, target, mode, kind, allow_mass_exit, clock, stop, progress
-            )
-            results[target.key] = result
-            if result.status == "running":
-                planned.append(result)
+        planned = _prepare(ctx, held, results)
         report = DeliveryReport()
         # Audiences with track events may owe events from earlier runs even with no change.
         tracked = {
@@ -177,31 +180,21 @@ def run_once(
             for t in held
             if t.audience is not None and t.audience.send_track and mode == "run"
         }
-        if (planned or tracked) and not dry_run:
-            report = asyncio.run(
-                _deliver(
-                    settings,
-                    engine,
-                    planned,
-                    tracked,
-                    heartbeat,
-                    transport,
-                    clock,
-                    stop,
-                    observer,
-                    progress,
-                )
-            )
+        if (planned or tracked) and not ctx.dry_run:
+            report = asyncio.run(_deliver(ctx, planned, tracked, heartbeat))
         for result in planned:
-            results[result.audience_key] = _finish(engine, result, report, clock)
+            results[result.audience_key] = finish_run(
+                engine, result, report.error, report.interrupted, clock
+            )
     except BaseException as exc:
         # Ctrl-C, SIGTERM or a crash of our own: record it; acknowledged work is already saved.
         status: RunStatus = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
-        _abandon(engine, [r for r in results.values() if r.status == "running"], status, exc, clock)
+        running = [r for r in results.values() if r.status == "running"]
+        abandon_runs(engine, running, status, exc, clock)
         raise
     finally:
         heartbeat.stop()
-        lease.release(engine, [t.key for t in held], owner)
+        lease.release(engine, [t.key for t in held], ctx.owner)
     return [results[t.key] for t in targets]
 
 
@@ -222,203 +215,205 @@ def _targets(settings: Settings, engine: Engine, keys: Sequence[str], mode: Mode
 
 
 def _prepare(
-    settings: Settings,
-    engine: Engine,
-    target: _Target,
-    mode: Mode,
-    kind: RunKind,
-    allow_mass_exit: bool,
-    clock: Clock,
-    stop: threading.Event,
-    progress: Progress,
-) -> RunResult:
-    """Stage the source, diff it and write the plan; the result is ``running`` when planned."""
-    key, audience = target.key, target.audience
-    source = source_for(settings, audience) if audience is not None else None
-    description = source.description if source is not None else "(retired)"
-    now = clock()
-    with engine.begin() as connection:
-        # We hold the lease, so any run of this audience still marked running is dead;
-        # its snapshot, if it died while staging, goes with it.
-        dead = select(runs.c.id).where(runs.c.audience_key == key, runs.c.status == "running")
-        connection.execute(delete(staged_members).where(staged_members.c.run_id.in_(dead)))
-        connection.execute(
-            update(runs)
-            .where(runs.c.audience_key == key, runs.c.status == "running")
-            .values(status="interrupted", finished_at=now, error="the process running it stopped")
-        )
-        known = connection.scalar(select(func.count()).where(audiences.c.key == key))
-        if known:
-            connection.execute(
-                update(audiences)
-                .where(audiences.c.key == key)
-                .values(name=target.name, source=description)
-            )
-        else:
-            connection.execute(
-                audiences.insert().values(key=key, name=target.name, source=description)
-            )
-        run_id = connection.execute(
-            runs.insert()
-            .values(
-                audience_key=key,
-                kind=kind,
-                status="running",
-                started_at=now,
-                source_rows=0,
-                members=0,
-                entered=0,
-                exited=0,
-                delivered=0,
-                failed=0,
-                rejected=0,
-            )
-            .returning(runs.c.id)
-        ).scalar_one()
-    result = RunResult(key, target.name, kind, "running", run_id=run_id)
+    ctx: SyncContext, held: Sequence[_Target], results: dict[str, RunResult]
+) -> list[RunResult]:
+    """Stage every held target, then plan each; returns the runs left ``running`` (planned,
+    to deliver). Every run's result goes into ``results``; one audience's failure never
+    stops the others."""
+    opened: list[tuple[_Target, RunResult]] = []
     try:
-        if mode == "retire":
-            if kind == "dry-run":
-                diff = load_diff(engine, run_id, key)
-                result = replace(result, exited=diff.acknowledged, status="succeeded")
-            else:
-                result = replace(result, exited=save_retire_plan(engine, run_id, key))
-        else:
-            # only retire has no audience config and no source
-            assert audience is not None
-            assert source is not None
-            staged = stage_source(
-                engine,
-                run_id,
-                source,
-                stop.is_set,
-                lambda n: progress.loaded(key, n),
-                with_value=audience.is_trait,
-                value_type=audience.type if isinstance(audience, TraitConfig) else None,
-            )
-            result = replace(result, source_rows=staged.source_rows, rejected=staged.rejected)
-            analyze(engine)
-            result = _plan(engine, result, run_id, audience, mode, kind, allow_mass_exit)
-    except SourceError as exc:
-        result = replace(result, status="failed", error=str(exc))
-    except StopRequestedError as exc:
-        result = replace(result, status="interrupted", error=str(exc))
+        for target in held:
+            if ctx.stop.is_set():
+                results[target.key] = RunResult(
+                    target.key, target.name, ctx.kind, "interrupted",
+                    error="stopped before this audience started",
+                )  # fmt: skip
+                continue
+            result = RunResult(target.key, target.name, ctx.kind, "running")
+            result = _guarded(ctx, target, result, _open)
+            if result.status == "running":
+                result = _guarded(ctx, target, result, _stage)
+            results[target.key] = result
+            opened.append((target, result))
+        staged_ids = [r.run_id for _, r in opened if r.status == "running" and r.run_id]
+        conflicts = unify_emails(ctx.engine, staged_ids)
+        for index, (target, result) in enumerate(opened):
+            if result.status != "running":
+                continue
+            result = replace(result, email_conflicts=conflicts.get(result.run_id or 0, 0))
+            result = _guarded(ctx, target, result, _plan)
+            opened[index] = (target, result)
+            results[target.key] = result
+        plans = [r.run_id for _, r in opened if r.run_id and r.status in ("running", "succeeded")]
+        resolve_emails(ctx.engine, plans)
     finally:
-        clear_staging(engine, run_id)
-    log.info(
-        "%s: %d rows, %d members, %d entered, %d exited, %d rejected",
-        key,
-        result.source_rows,
-        result.members,
-        result.entered,
-        result.exited,
-        result.rejected,
+        clear_staging(ctx.engine, [r.run_id for _, r in opened if r.run_id is not None])
+    for _, result in opened:
+        log.info(
+            "%s: %d rows, %d members, %d entered, %d exited, %d resent, %d rejected",
+            result.audience_key, result.source_rows, result.members, result.entered,
+            result.exited, result.resent, result.rejected,
+        )  # fmt: skip
+        if result.run_id is not None:
+            save_run(ctx.engine, result, None if result.status == "running" else ctx.clock())
+    return [r for _, r in opened if r.status == "running"]
+
+
+def _guarded(
+    ctx: SyncContext,
+    target: _Target,
+    result: RunResult,
+    step: Callable[[SyncContext, _Target, RunResult], RunResult],
+) -> RunResult:
+    """Run one step of one audience; any failure fails that audience's run alone."""
+    try:
+        return step(ctx, target, result)
+    except SourceError as exc:
+        return replace(result, status="failed", error=str(exc))
+    except StopRequestedError as exc:
+        return replace(result, status="interrupted", error=str(exc))
+    except Exception as exc:
+        log.exception("%s: %s failed", target.key, step.__name__.strip("_"))
+        return replace(result, status="failed", error=describe_error(exc))
+
+
+def describe_error(exc: Exception) -> str:
+    """One line naming an unexpected error, without the SQL or parameters (users' emails) a
+    database error carries."""
+    orig = getattr(exc, "orig", None) if isinstance(exc, SQLAlchemyError) else None
+    cause = orig if isinstance(orig, BaseException) else exc
+    lines = str(cause).strip().splitlines()
+    return f"{type(cause).__name__}: {lines[0]}" if lines else type(cause).__name__
+
+
+def _open(ctx: SyncContext, target: _Target, result: RunResult) -> RunResult:
+    """Record the run in ``sync_runs``."""
+    audience = target.audience
+    description = (
+        source_for(ctx.settings, audience).description if audience is not None else "(retired)"
     )
-    _save_run(engine, result, None if result.status == "running" else clock())
+    run_id = open_run(ctx.engine, target.key, target.name, description, ctx.kind, ctx.clock())
+    return replace(result, run_id=run_id)
+
+
+def _stage(ctx: SyncContext, target: _Target, result: RunResult) -> RunResult:
+    """Stage the run's source (retire has none)."""
+    audience = target.audience
+    if audience is None or result.run_id is None:
+        return result
+    staged = stage_source(
+        ctx.engine,
+        result.run_id,
+        source_for(ctx.settings, audience),
+        ctx.stop.is_set,
+        lambda n: ctx.progress.loaded(target.key, n),
+        with_value=audience.is_trait,
+        value_type=audience.type if isinstance(audience, TraitConfig) else None,
+    )
+    result = replace(result, source_rows=staged.source_rows, rejected=staged.rejected)
+    if staged.source_rows and staged.rejected == staged.source_rows:
+        return replace(
+            result,
+            status="failed",
+            error=f"all {staged.rejected} rows were rejected ({staged.first_rejection}); "
+            "nothing was planned",
+        )
+    analyze(ctx.engine)
     return result
 
 
-def _plan(
-    engine: Engine,
-    result: RunResult,
-    run_id: int,
-    audience: Computation,
-    mode: Mode,
-    kind: RunKind,
-    allow_mass_exit: bool,
-) -> RunResult:
-    """Diff the staged snapshot and write the plan for ``run`` or ``backfill``."""
-    key = result.audience_key
-    if mode == "backfill":
-        diff = load_diff(engine, run_id, key)
-        resumed = _unfinished_backfills(engine, key, run_id)
-        entered = diff.members
-        if kind != "dry-run":
-            entered = save_backfill_plan(engine, run_id, key, resumed, trait=audience.is_trait)
+def _plan(ctx: SyncContext, target: _Target, result: RunResult) -> RunResult:
+    """Diff the staged snapshot and write the plan; ``running`` when there is one to send."""
+    assert result.run_id is not None
+    engine, key, audience = ctx.engine, target.key, target.audience
+    track = audience is not None and audience.send_track and ctx.mode == "run"
+    plan = PlanTarget(result.run_id, key, dry_run=ctx.dry_run, track=track)
+    done: RunStatus = "succeeded" if ctx.dry_run else "running"
+    if audience is None:  # retire: clear what the key's recorded kind means
+        kind = load_key_kind(engine, key) or held_kind(engine, key)
+        start_plan(engine, plan)
+        exits = save_retire_plan(engine, plan, trait=kind == "trait")
+        return replace(result, exited=exits, status=done)
+    kind = "trait" if audience.is_trait else "audience"
+    holds = held_kind(engine, key)
+    if holds not in (None, kind):
+        return replace(
+            result,
+            status="failed",
+            error=(
+                f"key {key!r} still holds {'trait values' if holds == 'trait' else 'members'} "
+                f"from when it was {'a trait' if holds == 'trait' else 'an audience'}; "
+                f"remove it from the config, run `audience-sync retire {key}`, then add it "
+                "back (or give it another key)"
+            ),
+        )
+    if not ctx.dry_run:
+        save_key_kind(engine, key, kind)
+    start_plan(engine, plan)
+    if ctx.mode == "backfill":
+        resumed = unfinished_backfills(engine, key, plan.run_id)
         if resumed:
             log.warning("%s: resuming the backfill of runs %s", key, ", ".join(map(str, resumed)))
-        status: RunStatus = "succeeded" if kind == "dry-run" else "running"
-        return replace(result, members=diff.members, entered=entered, status=status)
-    dry = kind == "dry-run"
+        entered = save_backfill_plan(engine, plan, resumed, trait=audience.is_trait)
+        members = count_staged(engine, plan.run_id)
+        return replace(result, members=members, entered=entered, status=done)
     if isinstance(audience, TraitConfig):
-        missing = audience.on_missing
-        diff = (
-            load_trait_diff(engine, run_id, key, missing)
-            if dry
-            else save_trait_plan(engine, run_id, key, missing)
-        )
+        diff = save_trait_plan(engine, plan, audience.on_missing)
     else:
-        diff = load_diff(engine, run_id, key) if dry else save_plan(engine, run_id, key)
+        diff = save_plan(engine, plan)
     result = replace(result, members=diff.members, entered=diff.entered, exited=diff.exited)
-    if not allow_mass_exit and diff.is_mass_exit(
+    if not ctx.allow_mass_exit and diff.is_mass_exit(
         audience.mass_exit_threshold, audience.mass_exit_min_members
     ):
-        discard_plan(engine, run_id)
-        share = diff.exited / diff.acknowledged
+        discard_plan(engine, plan.run_id)
+        noun = "values" if audience.is_trait else "members"
         return replace(
             result,
             status="guarded",
             error=(
-                f"would remove {diff.exited} of {diff.acknowledged} members ({share:.0%} > "
-                f"{audience.mass_exit_threshold:.0%}); nothing was sent. If this is intended, "
-                "run again with --allow-mass-exit"
+                f"would remove {diff.exited} of {diff.held} {noun} "
+                f"({diff.exited / diff.held:.0%} > {audience.mass_exit_threshold:.0%}); "
+                "nothing was sent. If this is intended, run again with --allow-mass-exit"
             ),
         )
-    if dry:
-        return replace(result, status="succeeded")
-    if audience.send_track:
-        mark_events(engine, run_id)
-    return result
-
-
-def _unfinished_backfills(engine: Engine, key: str, run_id: int) -> list[int]:
-    """The backfill runs since the audience's last successful one: what a backfill resumes."""
-    with engine.connect() as connection:
-        rows = connection.execute(
-            select(runs.c.id, runs.c.status)
-            .where(runs.c.audience_key == key, runs.c.kind == "backfill", runs.c.id != run_id)
-            .order_by(runs.c.id.desc())
-        ).all()
-    chain: list[int] = []
-    for row in rows:
-        if row.status == "succeeded":
-            break
-        chain.append(row.id)
-    return chain
+    resent = save_email_updates(engine, plan, trait=audience.is_trait)
+    return replace(result, resent=resent, status=done)
 
 
 async def _deliver(
-    settings: Settings,
-    engine: Engine,
+    ctx: SyncContext,
     planned: Sequence[RunResult],
     tracked: dict[str, EventNames],
     heartbeat: lease.Heartbeat,
-    transport: httpx.AsyncBaseTransport | None,
-    clock: Clock,
-    stop: threading.Event,
-    observer: RequestObserver | None,
-    progress: Progress,
 ) -> DeliveryReport:
     def should_stop() -> str | None:
-        if stop.is_set():
+        if ctx.stop.is_set():
             return "stopped by a signal"
         if heartbeat.lost.is_set():
             return "lost the audience lease to another process"
         return None
 
-    async with make_http_client(settings.gist, transport) as http:
-        client = GistClient(http, observer)
+    gist = ctx.settings.gist
+    async with make_http_client(gist, ctx.transport) as http:
+        client = GistClient(http, ctx.observer)
+        pacer = Pacer(gist)
         deliverer = Deliverer(
-            engine, client, settings.gist, clock, should_stop, on_result=progress.sent
+            ctx.engine,
+            client,
+            gist,
+            ctx.clock,
+            should_stop,
+            on_result=ctx.progress.sent,
+            owner=ctx.owner,
+            pacer=pacer,
         )
-        progress.planned(sum(r.entered + r.exited for r in planned))
-        report = await deliverer.run([r.run_id for r in planned if r.run_id is not None])
+        run_ids = [r.run_id for r in planned if r.run_id is not None]
+        ctx.progress.planned(sum(count_planned(ctx.engine, run_id) for run_id in run_ids))
+        report = await deliverer.run(run_ids)
         if tracked and report.error is None:
             # Events describe acknowledged changes only: they go after the contacts.
-            pacer = Pacer(settings.gist)
-            concurrency = settings.gist.max_concurrency
             report.error = await send_events(
-                engine, client, pacer, tracked, concurrency, should_stop
+                ctx.engine, client, pacer, tracked, gist.max_concurrency, should_stop, ctx.owner
             )
         return report
 
@@ -427,97 +422,3 @@ def _event_names(audience: Computation) -> EventNames:
     if isinstance(audience, TraitConfig):
         return EventNames(trait=audience.event)
     return EventNames(audience.entered_event, audience.exited_event)
-
-
-def _finish(engine: Engine, result: RunResult, report: DeliveryReport, clock: Clock) -> RunResult:
-    """Count what was delivered and failed, and settle the run's status."""
-    counts = _change_counts(engine, result.run_id)
-    delivered, failed, pending = (counts.get(s, 0) for s in ("delivered", "failed", "pending"))
-    error = report.error
-    status: RunStatus
-    if report.interrupted and pending:
-        status = "interrupted"
-    elif error is not None and not report.interrupted:
-        # Delivery stopped (key refused, Gist down, events owed): not a success, even if
-        # this audience's own changes all went through before it did.
-        status = "failed"
-    elif failed or pending:
-        status = "partial"
-    else:
-        status = "succeeded"
-    finished = replace(
-        result,
-        status=status,
-        delivered=delivered,
-        failed=failed,
-        error=error
-        if status in ("failed", "interrupted")
-        else (f"{failed} changes failed" if failed else None),
-    )
-    _save_run(engine, finished, clock())
-    return finished
-
-
-def _save_run(engine: Engine, result: RunResult, finished_at: datetime | None) -> None:
-    with engine.begin() as connection:
-        connection.execute(
-            update(runs)
-            .where(runs.c.id == result.run_id)
-            .values(
-                status=result.status,
-                finished_at=finished_at,
-                source_rows=result.source_rows,
-                members=result.members,
-                entered=result.entered,
-                exited=result.exited,
-                delivered=result.delivered,
-                failed=result.failed,
-                rejected=result.rejected,
-                error=result.error,
-            )
-        )
-        if finished_at is not None and result.status in ("succeeded", "partial"):
-            connection.execute(
-                update(audiences)
-                .where(audiences.c.key == result.audience_key)
-                .values(
-                    last_synced_at=finished_at,
-                    first_synced_at=func.coalesce(audiences.c.first_synced_at, finished_at),
-                )
-            )
-
-
-def _abandon(
-    engine: Engine,
-    running: Sequence[RunResult],
-    status: RunStatus,
-    exc: BaseException,
-    clock: Clock,
-) -> None:
-    for result in running:
-        try:
-            counts = _change_counts(engine, result.run_id)
-            _save_run(
-                engine,
-                replace(
-                    result,
-                    status=status,
-                    delivered=counts.get("delivered", 0),
-                    failed=counts.get("failed", 0),
-                    error=f"{type(exc).__name__}: {exc}",
-                ),
-                clock(),
-            )
-        except Exception:
-            # The original error matters more than this one; the next run marks it interrupted.
-            log.exception("could not record run %s as %s", result.run_id, status)
-
-
-def _change_counts(engine: Engine, run_id: int | None) -> dict[str, int]:
-    with engine.connect() as connection:
-        rows = connection.execute(
-            select(changes.c.status, func.count())
-            .where(changes.c.run_id == run_id)
-            .group_by(changes.c.status)
-        ).all()
-    return {status: count for status, count in rows}

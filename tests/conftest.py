@@ -17,9 +17,10 @@ from hypothesis import settings
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.pool import NullPool
 
-from audience_sync import db
+from audience_sync import db, lease
 from audience_sync.config import Settings, load_settings
 from audience_sync.fakegist import FakeGist
+from audience_sync.models import leases
 
 API_KEY = "test-key-SECRET-1234"
 
@@ -193,3 +194,18 @@ def cli(
     """The CLI on a migrated state DB and the fake Gist (see ``invoker``)."""
     monkeypatch.setenv("GIST_API_KEY", API_KEY)
     return invoker(workspace, capsys)
+
+
+def plant_lease(engine: Engine, key: str, owner: str, seconds_left: int) -> None:
+    """A lease of ``owner`` on ``key`` that ends ``seconds_left`` from now, database time
+    (negative: expired that long ago), as another process would have left it."""
+    dialect = engine.dialect.name
+    with engine.begin() as connection:
+        connection.execute(
+            leases.insert().values(
+                audience_key=key,
+                owner=owner,
+                acquired_at=lease.database_now(dialect),
+                expires_at=lease.database_now(dialect, seconds_left),
+            )
+        )

@@ -154,7 +154,8 @@ def test_payload_shape(receiver: Receiver) -> None:
     assert body["runs"] == [asdict(results[1]), asdict(results[2])]
     assert set(body["runs"][0]) == {
         "audience_key", "name", "kind", "status", "run_id", "source_rows", "members",
-        "entered", "exited", "delivered", "failed", "rejected", "error",
+        "entered", "exited", "delivered", "failed", "rejected", "error", "resent",
+        "email_conflicts",
     }  # fmt: skip
     assert body["worst_status"] == "guarded"
     assert "churned partial (2 changes failed)" in body["text"]

@@ -16,7 +16,6 @@ from sqlalchemy import Engine, MetaData, select
 from audience_sync import lease
 from audience_sync.cli import run_cli
 from audience_sync.fakegist import FakeGist
-from audience_sync.sync import utcnow
 from tests.conftest import API_KEY, Workspace, invoker, write_members
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -134,7 +133,7 @@ def test_exit_codes(workspace: Workspace, engine: Engine, gist: FakeGist, cli: A
     assert code == 1
     assert "guarded" in out
 
-    lease.acquire(engine, KEY, "elsewhere:1:x", utcnow())
+    lease.acquire(engine, KEY, "elsewhere:1:x")
     code, out, _ = cli("run")
     assert code == 3
     assert "skipped" in out

@@ -184,7 +184,40 @@ def test_a_member_without_any_email_is_yielded_with_none(tmp_path: Path) -> None
         ),
         (
             [audience_event(7, True), audience_event("7", True)],
-            [member(1, 7, None), member(2, "7", None)],
+            [member(2, "7", None)],
+        ),
+        (
+            [audience_event(42, True), audience_event("42", False)],
+            [],
+        ),
+        (
+            [audience_event(42.0, False), audience_event(42, True)],
+            [member(2, "42", None)],
+        ),
+        (
+            [
+                audience_event("u1", True, timestamp="2024-03-01T00:00:00Z"),
+                audience_event("u1", True),
+                audience_event("u1", False, timestamp="2024-01-01T00:00:00Z"),
+            ],
+            [member(2, "u1", None)],
+        ),
+        (
+            [
+                audience_event("u1", True, timestamp="2024-03-01T00:00:00Z"),
+                audience_event("u1", False, timestamp="2024-01-01T00:00:00Z"),
+                audience_event("u1", True),  # happens just after January: March still wins
+            ],
+            [member(1, "u1", None)],
+        ),
+        (
+            [
+                audience_event("u1", False, timestamp="2024-01-01T00:00:00Z"),
+                audience_event("u2", True, timestamp="2024-03-01T00:00:00Z"),
+                audience_event("u1", True),
+                audience_event("u1", False, timestamp="2024-02-01T00:00:00Z"),
+            ],
+            [member(2, "u2", None), member(3, "u1", None)],
         ),
     ],
     ids=[
@@ -193,7 +226,12 @@ def test_a_member_without_any_email_is_yielded_with_none(tmp_path: Path) -> None
         "older-timestamp-loses",
         "naive-sentAt-is-utc",
         "unreadable-time-falls-back-to-file-order",
-        "int-and-str-ids-differ",
+        "int-and-str-ids-are-one-user",
+        "numeric-entry-then-string-exit",
+        "float-id-is-the-int-id",
+        "untimed-event-between-timed-ones",
+        "untimed-event-after-timed-ones",
+        "untimed-event-takes-the-time-of-the-line-before",
     ],
 )
 def test_the_latest_event_per_user_decides(
@@ -230,13 +268,13 @@ def test_chunk_size_must_be_positive() -> None:
     [
         ('{"type": "identify", \n', "line 2: invalid JSON"),
         ('["identify"]\n', "line 2: expected a JSON object"),
-        (audience_event(None, True), "line 2: Engage event without a userId"),
+        (audience_event(None, True), "line 2: Engage event without a usable userId"),
         (
             {k: v for k, v in audience_event("x", True).items() if k != "userId"},
-            "line 2: Engage event without a userId",
+            "line 2: Engage event without a usable userId",
         ),
-        (audience_event("", True), "line 2: Engage event without a userId"),
-        (audience_event(True, True), "line 2: Engage event without a userId"),
+        (audience_event("", True), "line 2: Engage event without a usable userId"),
+        (audience_event(True, True), "line 2: Engage event without a usable userId"),
         (audience_event("u2", "yes"), "line 2: traits.first_time_shopper must be true or false"),
         (
             audience_event("u2", True, traits={"email": "a@example.com"}),

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -18,8 +17,8 @@ from audience_sync.models import (
     staged_members,
     sync_runs,
 )
-from audience_sync.sync import RunResult, exit_code, run_once, utcnow
-from tests.conftest import Workspace, write_members
+from audience_sync.sync import RunResult, exit_code, run_once
+from tests.conftest import Workspace, plant_lease, write_members
 
 KEY = "order_completed_last_30days"
 
@@ -163,13 +162,19 @@ def test_auth_failure_stops_the_run_at_once(
     assert run.status == "failed"
     assert "API key" in (run.error or "")
     assert len(gist.requests()) == 6  # five acknowledged, one refused, then nothing
-    assert run.delivered == 5
+    assert (run.delivered, run.failed) == (5, 1)
     assert acknowledged(engine) == in_gist(gist)
     with engine.connect() as connection:
-        pending = connection.scalar(
-            select(func.count()).where(member_changes.c.status == "pending")
+        by_status = dict(
+            connection.execute(
+                select(member_changes.c.status, func.count()).group_by(member_changes.c.status)
+            ).all()
         )
-    assert pending == 25
+        refused = connection.scalar(
+            select(member_changes.c.http_status).where(member_changes.c.status == "failed")
+        )
+    assert by_status == {"delivered": 5, "failed": 1, "pending": 24}
+    assert refused == status
 
 
 @pytest.mark.parametrize(
@@ -326,7 +331,7 @@ def test_held_lease_skips_the_audience(
 ) -> None:
     source = workspace.add_file_audience("Order Completed Last 30days")
     write_members(source, [1])
-    lease.acquire(engine, KEY, "other-host:1:abcd", utcnow())
+    lease.acquire(engine, KEY, "other-host:1:abcd")
 
     [run] = sync(workspace, engine)
 
@@ -341,8 +346,7 @@ def test_lease_of_a_dead_process_expires(
 ) -> None:
     source = workspace.add_file_audience("Order Completed Last 30days")
     write_members(source, [1])
-    stale = utcnow() - timedelta(seconds=lease.LEASE_SECONDS + 1)
-    lease.acquire(engine, KEY, "dead-host:1:abcd", stale)
+    plant_lease(engine, KEY, "dead-host:1:abcd", -1)
 
     [run] = sync(workspace, engine)
 

@@ -1,0 +1,148 @@
+"""Source rows and their checks: user-id canonicalisation, emails, trait value encoding.
+
+Pure: no database, no HTTP. Every reader (files, SQL, Engage exports) yields ``SourceRow``s
+and the staging step runs them through ``check_row`` and ``encode_value``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from datetime import date, time
+from decimal import Decimal
+from typing import Any, NamedTuple
+from uuid import UUID
+
+CHUNK_SIZE = 5000  # rows per chunk a source yields
+
+
+class SourceRow(NamedTuple):
+    """One row as the source gave it; ``row_number`` counts data rows from 1."""
+
+    row_number: int
+    user_id: Any
+    email: Any
+    value: Any = None  # a computed trait's value; unused for audiences
+
+
+# Control characters and lone surrogates (which no UTF-8 text can hold: a JSON "\ud800"
+# decodes to one) make a user id or an email unusable.
+_BAD_CHARACTERS = "\x00-\x1f\x7f\ud800-\udfff"
+EMAIL_PATTERN = re.compile(
+    f"^[^@\\s{_BAD_CHARACTERS}]+@[^@\\s{_BAD_CHARACTERS}]+\\.[^@\\s.{_BAD_CHARACTERS}]+$"
+)
+BAD_CHARACTERS = re.compile(f"[{_BAD_CHARACTERS}]")
+MAX_USER_ID = 255
+MAX_EMAIL = 320
+
+
+def canonical_user_id(value: Any) -> str:
+    """A user id as the one string Gist and the state know it by; ValueError with the reason.
+
+    One user is one user whatever type a source gives: ``42``, ``"42"``, ``42.0`` and
+    ``Decimal("42")`` are all ``"42"`` (a pandas export turns integer ids into floats); a
+    UUID is its canonical string. Strings are only stripped: ``"007"`` is not ``"7"``.
+    """
+    if type(value) is str:
+        text = value.strip()
+    elif value is None:
+        raise ValueError("missing user_id")
+    elif isinstance(value, bool):
+        raise ValueError("user_id has type bool")
+    elif isinstance(value, int):
+        text = str(value)
+    elif isinstance(value, float | Decimal):
+        if not (math.isfinite(value) and value == int(value)):
+            raise ValueError(f"user_id {value} is not a whole number")
+        text = str(int(value))
+    elif isinstance(value, UUID):
+        text = str(value)
+    elif isinstance(value, str):  # a str subclass
+        text = str(value).strip()
+    else:
+        raise ValueError(f"user_id has type {type(value).__name__}")
+    if not text:
+        raise ValueError("missing user_id")
+    if len(text) > MAX_USER_ID:
+        raise ValueError(f"user_id longer than {MAX_USER_ID} characters")
+    if BAD_CHARACTERS.search(text):
+        raise ValueError("user_id contains control characters or invalid Unicode")
+    return text
+
+
+def check_row(user_id: Any, email: Any) -> tuple[str, str] | str:
+    """``(user_id, email)`` cleaned, or the reason the row cannot be used."""
+    if type(user_id) is str and type(email) is str:
+        # The common case, checked in as few steps as possible: it runs once per source row.
+        user_id, email = user_id.strip(), email.strip()
+        if (
+            user_id
+            and len(user_id) <= MAX_USER_ID
+            and len(email) <= MAX_EMAIL
+            and EMAIL_PATTERN.match(email)
+            and not BAD_CHARACTERS.search(user_id)
+        ):
+            return user_id, email
+    try:
+        user_id = canonical_user_id(user_id)
+    except ValueError as exc:
+        return str(exc)
+    if email is None or (isinstance(email, str) and not email.strip()):
+        return "missing email"
+    if not isinstance(email, str):
+        return f"email has type {type(email).__name__}"
+    email = email.strip()
+    if len(email) > MAX_EMAIL:
+        return f"email longer than {MAX_EMAIL} characters"
+    if not EMAIL_PATTERN.match(email):
+        return (
+            "email contains control characters or invalid Unicode"
+            if BAD_CHARACTERS.search(email)
+            else "invalid email"
+        )
+    return user_id, email
+
+
+def encode_value(value: Any, value_type: str | None = None) -> str:
+    """A trait value as canonical JSON, so 1, 1.0, "1" and true stay four different values.
+
+    CSV gives strings: ``value_type`` (int, float, bool, string) converts them. SQL types map
+    to their JSON kin: exact decimals with no fraction digits to integers, other decimals to
+    floats, dates and times to ISO strings. Raises ValueError with the reason otherwise.
+    """
+    if value_type is not None and isinstance(value, str):
+        value = _convert(value.strip(), value_type)
+    if isinstance(value, Decimal):
+        value = int(value) if int(value.as_tuple().exponent) >= 0 else float(value)
+    elif isinstance(value, date | time):
+        value = value.isoformat()
+    try:
+        # Gist's client sends UTF-8: a lone surrogate anywhere in the value cannot be sent.
+        json.dumps(value, ensure_ascii=False, allow_nan=False).encode()
+        return json.dumps(value, separators=(",", ":"), sort_keys=True, allow_nan=False)
+    except UnicodeEncodeError:
+        raise ValueError("value contains invalid Unicode (a lone surrogate)") from None
+    except (TypeError, ValueError):
+        raise ValueError(f"value of type {type(value).__name__} cannot be sent") from None
+
+
+def _convert(text: str, value_type: str) -> Any:
+    if text == "":
+        return None  # an empty cell is no value
+    try:
+        if value_type == "int":
+            return int(text)
+        if value_type == "float":
+            return float(text)
+    except ValueError:
+        raise ValueError(f"value {text[:50]!r} is not {value_type}") from None
+    if value_type == "bool":
+        lowered = text.lower()
+        if lowered in BOOLEANS:
+            return BOOLEANS[lowered]
+        raise ValueError(f"value {text[:50]!r} is not bool")
+    return text
+
+
+BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}

@@ -1,0 +1,229 @@
+"""``sync_runs`` bookkeeping: opening a run, recording how it ended, and the results callers see."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+
+from sqlalchemy import Engine, delete, func, select, update
+
+from audience_sync.models import audiences, staged_members
+from audience_sync.models import member_changes as changes
+from audience_sync.models import sync_runs as runs
+from audience_sync.statuses import FAILED_STATUSES, RunKind, RunStatus
+
+log = logging.getLogger(__name__)
+
+Clock = Callable[[], datetime]
+
+
+def utcnow() -> datetime:
+    """Naive UTC now: how every timestamp is stored."""
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """How one audience's run ended (``run_id`` is None when it was skipped for a lock)."""
+
+    audience_key: str
+    name: str
+    kind: RunKind
+    status: RunStatus
+    run_id: int | None = None
+    source_rows: int = 0
+    members: int = 0
+    entered: int = 0
+    exited: int = 0
+    delivered: int = 0
+    failed: int = 0
+    rejected: int = 0
+    error: str | None = None
+    resent: int = 0  # members sent again unchanged, because their email changed
+    email_conflicts: int = 0  # rows whose email lost to another audience's for the same user
+
+
+def exit_code(results: Sequence[RunResult]) -> int:
+    """0 all succeeded; 1 any partial/failed/guarded; 3 any skipped for a lock (none failed)."""
+    if any(r.status in FAILED_STATUSES for r in results):
+        return 1
+    if any(r.status == "skipped" for r in results):
+        return 3
+    return 0
+
+
+def open_run(engine: Engine, key: str, name: str, source: str, kind: RunKind, now: datetime) -> int:
+    """Record a new ``running`` run of ``key`` and return its id.
+
+    The caller holds the key's lease, so any run of it still marked running is dead: it
+    becomes ``interrupted`` and its snapshot, if it died while staging, goes with it.
+    """
+    with engine.begin() as connection:
+        dead = select(runs.c.id).where(runs.c.audience_key == key, runs.c.status == "running")
+        connection.execute(delete(staged_members).where(staged_members.c.run_id.in_(dead)))
+        connection.execute(
+            update(runs)
+            .where(runs.c.audience_key == key, runs.c.status == "running")
+            .values(status="interrupted", finished_at=now, error="the process running it stopped")
+        )
+        known = connection.scalar(select(func.count()).where(audiences.c.key == key))
+        if known:
+            connection.execute(
+                update(audiences).where(audiences.c.key == key).values(name=name, source=source)
+            )
+        else:
+            connection.execute(audiences.insert().values(key=key, name=name, source=source))
+        run_id: int = connection.execute(
+            runs.insert()
+            .values(
+                audience_key=key,
+                kind=kind,
+                status="running",
+                started_at=now,
+                source_rows=0,
+                members=0,
+                entered=0,
+                exited=0,
+                delivered=0,
+                failed=0,
+                rejected=0,
+                resent=0,
+                email_conflicts=0,
+            )
+            .returning(runs.c.id)
+        ).scalar_one()
+    return run_id
+
+
+def load_key_kind(engine: Engine, key: str) -> str | None:
+    """The kind ("audience" or "trait") recorded for ``key``, if any."""
+    with engine.connect() as connection:
+        return connection.scalar(select(audiences.c.kind).where(audiences.c.key == key))
+
+
+def save_key_kind(engine: Engine, key: str, kind: str) -> None:
+    """Record what the key's state means from now on."""
+    with engine.begin() as connection:
+        connection.execute(update(audiences).where(audiences.c.key == key).values(kind=kind))
+
+
+def save_run(engine: Engine, result: RunResult, finished_at: datetime | None) -> None:
+    """Write the run's counts and status (``finished_at`` once it ended)."""
+    with engine.begin() as connection:
+        connection.execute(
+            update(runs)
+            .where(runs.c.id == result.run_id)
+            .values(
+                status=result.status,
+                finished_at=finished_at,
+                source_rows=result.source_rows,
+                members=result.members,
+                entered=result.entered,
+                exited=result.exited,
+                delivered=result.delivered,
+                failed=result.failed,
+                rejected=result.rejected,
+                resent=result.resent,
+                email_conflicts=result.email_conflicts,
+                error=result.error,
+            )
+        )
+        if finished_at is not None and result.status in ("succeeded", "partial"):
+            connection.execute(
+                update(audiences)
+                .where(audiences.c.key == result.audience_key)
+                .values(
+                    last_synced_at=finished_at,
+                    first_synced_at=func.coalesce(audiences.c.first_synced_at, finished_at),
+                )
+            )
+
+
+def finish_run(
+    engine: Engine,
+    result: RunResult,
+    error: str | None,
+    interrupted: bool,
+    clock: Clock,
+) -> RunResult:
+    """Count what was delivered and failed, settle the run's status and save it."""
+    counts = change_counts(engine, result.run_id)
+    delivered, failed, pending = (counts.get(s, 0) for s in ("delivered", "failed", "pending"))
+    status: RunStatus
+    if interrupted and pending:
+        status = "interrupted"
+    elif error is not None and not interrupted:
+        # Delivery stopped (key refused, Gist down, events owed): not a success, even if
+        # this audience's own changes all went through before it did.
+        status = "failed"
+    elif failed or pending:
+        status = "partial"
+    else:
+        status = "succeeded"
+    finished = replace(
+        result,
+        status=status,
+        delivered=delivered,
+        failed=failed,
+        error=error
+        if status in ("failed", "interrupted")
+        else (f"{failed} changes failed" if failed else None),
+    )
+    save_run(engine, finished, clock())
+    return finished
+
+
+def abandon_runs(
+    engine: Engine,
+    running: Sequence[RunResult],
+    status: RunStatus,
+    exc: BaseException,
+    clock: Clock,
+) -> None:
+    """Record runs cut short by a crash or Ctrl-C; acknowledged work is already saved."""
+    for result in running:
+        try:
+            counts = change_counts(engine, result.run_id)
+            save_run(
+                engine,
+                replace(
+                    result,
+                    status=status,
+                    delivered=counts.get("delivered", 0),
+                    failed=counts.get("failed", 0),
+                    error=f"{type(exc).__name__}: {exc}",
+                ),
+                clock(),
+            )
+        except Exception:
+            # The original error matters more than this one; the next run marks it interrupted.
+            log.exception("could not record run %s as %s", result.run_id, status)
+
+
+def change_counts(engine: Engine, run_id: int | None) -> dict[str, int]:
+    """How many of the run's changes are in each status."""
+    with engine.connect() as connection:
+        rows = connection.execute(
+            select(changes.c.status, func.count())
+            .where(changes.c.run_id == run_id)
+            .group_by(changes.c.status)
+        ).all()
+    return {status: count for status, count in rows}
+
+
+def unfinished_backfills(engine: Engine, key: str, run_id: int) -> list[int]:
+    """The backfill runs since the audience's last successful one: what a backfill resumes."""
+    with engine.connect() as connection:
+        rows = connection.execute(
+            select(runs.c.id, runs.c.status)
+            .where(runs.c.audience_key == key, runs.c.kind == "backfill", runs.c.id != run_id)
+            .order_by(runs.c.id.desc())
+        ).all()
+    chain: list[int] = []
+    for row in rows:
+        if row.status == "succeeded":
+            break
+        chain.append(row.id)
+    return chain
