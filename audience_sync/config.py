@@ -237,12 +237,48 @@ def load_settings(path: Path, environ: Mapping[str, str] | None = None) -> Setti
         raise ConfigError(_describe(exc, path, data)) from None
 
 
+# Query parameters that carry credentials in database URLs (libpq's password/sslpassword,
+# MySQL drivers' passwd/pwd, tokens of cloud warehouses' drivers).
+SECRET_PARAMETERS = frozenset(
+    {
+        "password", "passwd", "pwd", "pass", "sslpassword", "secret", "client_secret",
+        "token", "access_token", "auth_token", "api_key", "apikey", "private_key",
+        "private_key_passphrase", "credentials", "credentials_base64",
+    }
+)  # fmt: skip
+
+
 def redact_url(url: str) -> str:
-    """The URL with any password replaced by ``***``, for display."""
+    """The URL with its password and every credential-carrying query parameter replaced by
+    ``***``, for display."""
     try:
-        return make_url(url).render_as_string(hide_password=True)
+        parsed = make_url(url)
     except (ArgumentError, ValueError):
         return "<unparseable URL>"
+    hidden = {name: "***" for name in parsed.query if name.lower() in SECRET_PARAMETERS}
+    shown = parsed.update_query_dict(hidden).render_as_string(hide_password=True)
+    return shown.replace("%2A%2A%2A", "***")  # the query's *** comes back URL-encoded
+
+
+def url_secrets(url: str) -> list[str]:
+    """The secret values a URL carries (its password, credential query parameters), so an
+    error message that echoes one can be scrubbed."""
+    try:
+        parsed = make_url(url)
+    except (ArgumentError, ValueError):
+        return []
+    values: list[str] = [parsed.password] if parsed.password else []
+    for name, value in parsed.query.items():
+        if name.lower() in SECRET_PARAMETERS:
+            values += [value] if isinstance(value, str) else list(value)
+    return [v for v in values if v]
+
+
+def scrub(text: str, url: str) -> str:
+    """``text`` with every secret of ``url`` (and the raw URL itself) replaced by ``***``."""
+    for secret in sorted(url_secrets(url), key=len, reverse=True):
+        text = text.replace(secret, "***")
+    return text
 
 
 def _interpolate(value: Any, env: Mapping[str, str], path: Path, where: str) -> Any:

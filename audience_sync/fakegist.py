@@ -33,6 +33,7 @@ class RecordedRequest:
     body: Any
     status: int
     at: float
+    answered: bool = True  # False when the connection was dropped (after applying, or not)
 
 
 class _ApiError(Exception):
@@ -173,7 +174,10 @@ class FakeGist:
         self._fail_next_retry_after: str | None = None
         self._fail_next_message = "Service unavailable"
         self._drop_next = 0
+        self._drop_applied = 0
         self._fail_users: dict[str, tuple[int, str]] = {}
+        self._fail_in_batch: dict[str, str] = {}
+        self._batch_error_shape = "errors"
         self._fail_after: int | None = None
         self._fail_after_status = 503
         self._fail_after_message = ""
@@ -298,6 +302,22 @@ class FakeGist:
         with self._lock:
             self._drop_next = n
 
+    def drop_after_applying(self, n: int) -> None:
+        """The next ``n`` requests are applied, then their connection is dropped unanswered:
+        the client cannot know that Gist holds the change."""
+        with self._lock:
+            self._drop_applied = n
+
+    def fail_in_batch(
+        self, user_id: str, message: str = "Email is invalid", *, shape: str = "errors"
+    ) -> None:
+        """In ``POST /contacts/batch``, leave this user's contact unapplied and report it in a
+        2xx answer: ``shape="errors"`` lists ``{"user_id", "message"}`` under ``errors``;
+        ``shape="entries"`` gives that contact's entry in ``contacts`` an ``errors`` list."""
+        with self._lock:
+            self._fail_in_batch[str(user_id)] = message
+            self._batch_error_shape = shape
+
     def fail_user(self, user_id: str, status: int = 422, message: str = "Email is invalid") -> None:
         with self._lock:
             self._fail_users[str(user_id)] = (status, message)
@@ -312,7 +332,9 @@ class FakeGist:
         with self._lock:
             self._fail_next = 0
             self._drop_next = 0
+            self._drop_applied = 0
             self._fail_users.clear()
+            self._fail_in_batch.clear()
             self._fail_after = None
             self._latency = 0.0
             self._rate_limit = None
@@ -336,7 +358,7 @@ class FakeGist:
         with self._lock:
             if self._drop_next > 0:
                 self._drop_next -= 1
-                self._log.append(RecordedRequest(method, path, body, 0, at))
+                self._log.append(RecordedRequest(method, path, body, 0, at, False))
                 return None
             latency = self._latency
         if latency > 0:
@@ -344,8 +366,11 @@ class FakeGist:
 
         with self._lock:
             answer = self._decide(method, path, query, body, bad_json, authorization)
-            self._log.append(RecordedRequest(method, path, body, answer[0], at))
-            return answer
+            dropped = self._drop_applied > 0 and 200 <= answer[0] < 300
+            if dropped:
+                self._drop_applied -= 1
+            self._log.append(RecordedRequest(method, path, body, answer[0], at, not dropped))
+            return None if dropped else answer
 
     def _decide(
         self,
@@ -408,7 +433,23 @@ class FakeGist:
             if not isinstance(items, list):
                 raise _ApiError(400, "contacts must be a list")
             valid = [self._validate_contact(item) for item in items]
-            return {"contacts": [self._upsert(item) for item in valid]}
+            refused = [self._fail_in_batch.get(str(item["user_id"])) for item in valid]
+            applied = [
+                self._upsert(item)
+                if error is None
+                else {"user_id": item["user_id"], "errors": [{"message": error}]}
+                for item, error in zip(valid, refused, strict=True)
+            ]
+            if self._batch_error_shape == "entries" or not any(refused):
+                return {"contacts": applied}
+            return {
+                "contacts": [c for c, error in zip(applied, refused, strict=True) if error is None],
+                "errors": [
+                    {"user_id": item["user_id"], "message": error}
+                    for item, error in zip(valid, refused, strict=True)
+                    if error is not None
+                ],
+            }
         if path == "/contacts" and method == "GET":
             params = parse_qs(query)
             user_id = params.get("user_id", [None])[0]

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Engine, case, delete, func, select, union_all
+from sqlalchemy import Engine, case, delete, func, or_, select, union_all
 
 from audience_sync.models import (
     audiences,
+    email_conflicts,
     member_changes,
     memberships,
     rejected_rows,
@@ -32,6 +34,8 @@ RUN_FIELDS = (
     "delivered",
     "failed",
     "rejected",
+    "resent",
+    "email_conflicts",
     "error",
 )
 
@@ -84,6 +88,7 @@ def load_run(
                 member_changes.c.user_id,
                 member_changes.c.email,
                 member_changes.c.value,
+                member_changes.c.value_json,
                 member_changes.c.status,
                 member_changes.c.attempts,
                 member_changes.c.http_status,
@@ -108,11 +113,16 @@ def load_run(
             .offset(offset)
         ).mappings()
         run["changes_by_status"] = {status: count for status, count in by_status}
-        run["changes"] = [
-            {**change, "value": bool(change["value"]), "delivered_at": _iso(change["delivered_at"])}
-            for change in changes
-        ]
+        run["changes"] = [_change_dict(change) for change in changes]
         run["rejected_rows"] = [dict(r) for r in rejected]
+        conflicts = connection.execute(
+            select(email_conflicts.c.user_id, email_conflicts.c.email, email_conflicts.c.used_email)
+            .where(email_conflicts.c.run_id == run_id)
+            .order_by(email_conflicts.c.id)
+            .limit(limit)
+            .offset(offset)
+        ).mappings()
+        run["email_conflict_rows"] = [dict(r) for r in conflicts]
     return run
 
 
@@ -120,7 +130,8 @@ def prune(engine: Engine, older_than: datetime) -> dict[str, int]:
     """Delete the changes and rejected rows of runs that started before ``older_than``.
 
     ``sync_runs`` keeps every summary; a running run is never touched. A change still
-    ``pending`` is kept, so pruning cannot hide work that is owed.
+    ``pending``, or whose track event is still owed (``pending`` or ``failed``), is kept,
+    so pruning cannot hide work that is owed.
     """
     old_runs = select(sync_runs.c.id).where(
         sync_runs.c.started_at < older_than, sync_runs.c.status != "running"
@@ -128,7 +139,12 @@ def prune(engine: Engine, older_than: datetime) -> dict[str, int]:
     with engine.begin() as connection:
         changes = connection.execute(
             delete(member_changes).where(
-                member_changes.c.run_id.in_(old_runs), member_changes.c.status != "pending"
+                member_changes.c.run_id.in_(old_runs),
+                member_changes.c.status != "pending",
+                or_(
+                    member_changes.c.event_status.is_(None),
+                    member_changes.c.event_status.not_in(["pending", "failed"]),
+                ),
             )
         ).rowcount
         rejected = connection.execute(
@@ -166,6 +182,15 @@ def load_last_starts(engine: Engine) -> dict[str, datetime]:
     )
     with engine.connect() as connection:
         return {key: started for key, started in connection.execute(query)}
+
+
+def _change_dict(row: Any) -> dict[str, Any]:
+    """A change as shown: the value it sets (a trait's decoded JSON, ``null`` included)."""
+    change = dict(row)
+    value_json = change.pop("value_json")
+    change["value"] = json.loads(value_json) if value_json is not None else bool(change["value"])
+    change["delivered_at"] = _iso(change["delivered_at"])
+    return change
 
 
 def _run_dict(row: Any) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from sqlalchemy import create_engine, event, text
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import SQLAlchemyError
 
-from audience_sync.config import Computation, Settings, redact_url
+from audience_sync.config import Computation, Settings, redact_url, scrub
 from audience_sync.db import normalize_url
 from audience_sync.engage import read_engage
 from audience_sync.errors import SourceError
@@ -81,9 +81,13 @@ class SqlSource:
                         chunk.append(SourceRow(number, row[user_index], row[email_index], value))
                     yield chunk
         except SQLAlchemyError as exc:
-            raise SourceError(f"{self.description}: query failed: {_first_line(exc)}") from exc
+            raise SourceError(
+                f"{self.description}: query failed: {scrub(_first_line(exc), self.url)}"
+            ) from exc
         except ImportError as exc:
-            raise SourceError(f"{self.description}: database driver not installed: {exc}") from exc
+            raise SourceError(
+                f"{self.description}: database driver not installed: {scrub(str(exc), self.url)}"
+            ) from exc
         finally:
             if engine is not None:
                 engine.dispose()

@@ -19,7 +19,7 @@ from sqlalchemy import Engine, select
 from sqlalchemy.exc import SQLAlchemyError
 
 from audience_sync import lease
-from audience_sync.config import Computation, Settings, TraitConfig
+from audience_sync.config import Computation, Settings, TraitConfig, scrub
 from audience_sync.delivery import Deliverer, DeliveryReport, Pacer
 from audience_sync.errors import ConfigError, LockHeldError, SourceError, StopRequestedError
 from audience_sync.events import EventNames, send_events
@@ -273,17 +273,22 @@ def _guarded(
     except StopRequestedError as exc:
         return replace(result, status="interrupted", error=str(exc))
     except Exception as exc:
-        log.exception("%s: %s failed", target.key, step.__name__.strip("_"))
-        return replace(result, status="failed", error=describe_error(exc))
+        error = describe_error(exc, ctx.settings)
+        log.error("%s: %s failed: %s", target.key, step.__name__.strip("_"), error)
+        log.debug("the failure in detail", exc_info=True)
+        return replace(result, status="failed", error=error)
 
 
-def describe_error(exc: Exception) -> str:
+def describe_error(exc: Exception, settings: Settings) -> str:
     """One line naming an unexpected error, without the SQL or parameters (users' emails) a
-    database error carries."""
+    database error carries, nor any password of the configured URLs."""
     orig = getattr(exc, "orig", None) if isinstance(exc, SQLAlchemyError) else None
     cause = orig if isinstance(orig, BaseException) else exc
     lines = str(cause).strip().splitlines()
-    return f"{type(cause).__name__}: {lines[0]}" if lines else type(cause).__name__
+    text = f"{type(cause).__name__}: {lines[0]}" if lines else type(cause).__name__
+    for url in [settings.state.url, *(s.url for s in settings.sources.values())]:
+        text = scrub(text, url)
+    return text
 
 
 def _open(ctx: SyncContext, target: _Target, result: RunResult) -> RunResult:

@@ -1,0 +1,836 @@
+"""Regression tests for the exactness holes an adversarial review found (issue 9): each one
+reproduces the hole as the review did, against the loopback fake Gist, on both stores."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine, create_engine, select, text, update
+
+from audience_sync import lease
+from audience_sync.cli import run_cli
+from audience_sync.fakegist import FakeGist
+from audience_sync.history import load_run, prune
+from audience_sync.models import (
+    audiences,
+    leases,
+    member_changes,
+    memberships,
+    rejected_rows,
+    sync_runs,
+    trait_values,
+    uncertain_members,
+)
+from audience_sync.runs import utcnow
+from audience_sync.sync import RunResult, run_once
+from audience_sync.verify import save_repairs
+from tests.conftest import API_KEY, Workspace, plant_lease, postgres_admin_url, write_members
+
+VIP = "vip"
+TRAIT = "score"
+
+
+def sync(workspace: Workspace, engine: Engine, **options: Any) -> list[RunResult]:
+    return run_once(workspace.settings(), engine, **options)
+
+
+def add_audience(workspace: Workspace, key: str = VIP, **options: Any) -> Path:
+    path = workspace.root / f"{key}.jsonl"
+    path.write_text("")
+    workspace.audiences.append({"name": key.title(), "key": key, "file": path.name, **options})
+    workspace.write_config()
+    return path
+
+
+def add_trait(workspace: Workspace, key: str = TRAIT, **options: Any) -> Path:
+    path = workspace.root / f"{key}.jsonl"
+    path.write_text("")
+    workspace.traits.append({"name": key.title(), "key": key, "file": path.name, **options})
+    workspace.write_config()
+    return path
+
+
+def write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+def values(path: Path, by_user: dict[str, Any]) -> None:
+    write_rows(
+        path, [{"user_id": u, "email": f"{u}@example.com", "value": v} for u, v in by_user.items()]
+    )
+
+
+def lose_answers(workspace: Workspace, gist: FakeGist) -> None:
+    """Gist applies every request but its answer never arrives (the client times out)."""
+    workspace.gist_options.update(timeout_seconds=0.2, max_retries=0)
+    workspace.write_config()
+    gist.latency = 0.5
+
+
+def answers_again(workspace: Workspace, gist: FakeGist) -> None:
+    time.sleep(0.6)  # the fake finishes applying what it was still sleeping on
+    gist.reset_faults()
+    workspace.gist_options.update(timeout_seconds=2, max_retries=3)
+    workspace.write_config()
+
+
+def held(gist: FakeGist, key: str) -> dict[str, Any]:
+    return gist.properties(key)
+
+
+def table(engine: Engine, query: Any) -> list[Any]:
+    with engine.connect() as connection:
+        return list(connection.execute(query).all())
+
+
+# 1 ----------------------------------------------------------------------------------------
+
+
+def test_null_trait_value_then_lost_answer_then_leaving_sends_null(
+    workspace: Workspace, engine: Engine, gist: FakeGist
+) -> None:
+    source = add_trait(workspace)
+    values(source, {"u1": None, "u2": 1})
+    sync(workspace, engine)
+    assert held(gist, TRAIT) == {"u1": None, "u2": 1}
+
+    values(source, {"u1": 7, "u2": 1})
+    lose_answers(workspace, gist)
+    [lost] = sync(workspace, engine)
+    answers_again(workspace, gist)
+    assert lost.status == "failed"
+    assert held(gist, TRAIT)["u1"] == 7  # applied, though never acknowledged
+
+    values(source, {"u2": 1})  # u1 leaves the trait's result
+    [run] = sync(workspace, engine)
+
+    assert run.status == "succeeded"
+    assert held(gist, TRAIT) == {"u1": None, "u2": 1}
+    gist.clear_log()
+    assert (sync(workspace, engine)[0].entered, gist.requests()) == (0, [])
+
+
+# 2 ----------------------------------------------------------------------------------------
+
+
+def test_refused_request_leaves_the_member_uncertain(
+    workspace: Workspace, engine: Engine, gist: FakeGist
+) -> None:
+    source = add_audience(workspace)
+    write_members(source, [2])
+    sync(workspace, engine)
+    write_members(source, [1, 2])
+    lose_answers(workspace, gist)
+    sync(workspace, engine)  # u1's `true` is applied, its answer lost
+    answers_again(workspace, gist)
+    assert held(gist, VIP)["u1"] is True
+
+    write_members(source, [2])  # u1 leaves, and Gist refuses the exit
+    gist.fail_user("u1", 422)
+    [refused] = sync(workspace, engine)
+    assert refused.status == "partial"
+    gist.reset_faults()
+
+    [run] = sync(workspace, engine)  # the member is still uncertain: planned again
+
+    assert (run.exited, run.status) == (1, "succeeded")
+    assert held(gist, VIP) == {"u1": False, "u2": True}
+
+
+def test_refusal_of_a_certain_member_leaves_it_certain(
+    workspace: Workspace, engine: Engine, gist: FakeGist
+) -> None:
+    source = add_audience(workspace)
+    write_members(source, [1, 2])
+    sync(workspace, engine)
+    write_members(source, [2])
+    gist.fail_user("u1", 422)
+    sync(workspace, engine)
+    # Gist did not apply the exit, so it still holds the acknowledged `true`: nothing is
+    # uncertain, and the exit is simply planned again from the acknowledged state.
+    assert table(engine, select(uncertain_members.c.user_id)) == []
+    gist.reset_faults()
+    assert sync(workspace, engine)[0].exited == 1
+    assert held(gist, VIP) == {"u1": False, "u2": True}
+
+
+# 3 ----------------------------------------------------------------------------------------
+
+
+def test_every_request_carries_the_current_email(
+    workspace: Workspace, engine: Engine, gist: FakeGist
+) -> None:
+    vip = add_audience(workspace)
+    other = add_audience(workspace, "other")
+    write_members(vip, [("u1", "old@example.com"), 2, 3])
+    sync(workspace, engine)
+    assert gist.contacts()["u1"]["email"] == "old@example.com"
+
+    write_members(vip, [("u1", "new@example.com"), 2, 3])
+    write_members(other, [("u1", "new@example.com")])
+    sync(workspace, engine)
+    assert gist.contacts()["u1"]["email"] == "new@example.com"
+
+    write_members(vip, [2, 3])  # u1 leaves VIP; the exit must not carry old@
+    gist.clear_log()
+    sync(workspace, engine)
+
+    [request] = gist.requests("/contacts")
+    assert request.body == {
+        "user_id": "u1",
+        "email": "new@example.com",
+        "custom_properties": {VIP: False},
+    }
+    assert gist.contacts()["u1"]["email"] == "new@example.com"
+
+
+def test_exit_of_a_user_no_source_has_carries_the_last_acknowledged_email(
+    workspace: Workspace, engine: Engine, gist: FakeGist
+) -> None:
+    vip = add_audience(workspace)
+    other = add_audience(workspace, "other")
+    write_members(vip, [("u1", "old@example.com"), 2, 3])
+    sync(workspace, engine)
+    write_members(other, [("u1", "new@example.com")])
+    sync(workspace, engine, keys=["other"])  # only `other` runs: Gist now has new@
+    write_members(vip, [2, 3])
+    write_members(other, [])
+    gist.clear_log()
+
+    sync(workspace, engine, allow_mass_exit=True)
+
+    assert {r.body["email"] for r in gist.requests("/contacts")} == {"new@example.com"}
+    assert gist.contacts()["u1"]["email"] == "new@example.com"
+
+
+def test_changed_email_of_an_unchanged_member_is_sent_once(
+    workspace: Workspace, engine: Engine, gist: FakeGist
+) -> None:
+    vip = add_audience(workspace, send_track=True)
+    write_members(vip, [1, 2])
+    sync(workspace, engine)
+    write_members(vip, [("u1", "moved@example.com"), 2])
+    gist.clear_log()
+
+    [run] = sync(workspace, engine)
+
+    assert (run.entered, run.exited, run.resent, run.delivered) == (0, 0, 1, 1)
+    [request] = gist.requests("/contacts")
+    assert request.body["email"] == "moved@example.com"
+    assert request.body["custom_properties"] == {VIP: True}
+    assert gist.requests("/events") == []  # a re-send is not an entry
+    assert gist.contacts()["u1"]["email"] == "moved@example.com"
+    [change] = table(
+        engine,
+        select(member_changes.c.user_id, member_changes.c.email).where(
+            member_changes.c.run_id == run.run_id
+        ),
+    )
+    assert tuple(change) == ("u1", "moved@example.com")
+    gist.clear_log()
+    assert (sync(workspace, engine)[0].resent, gist.requests()) == (0, [])
+
+
+def test_two_audiences_disagreeing_on_an_email_use_the_first_and_report_it(
+    workspace: Workspace, engine: Engine, gist: FakeGist
+) -> None:
+    vip = add_audience(workspace)
+    other = add_audience(workspace, "other")
+    write_members(vip, [("u1", "first@example.com")])
+    write_members(other, [("u1", "second@example.com")])
+
+    first, second = sync(workspace, engine)
+
+    assert (first.email_conflicts, second.email_conflicts) == (0, 1)
+    assert gist.contacts()["u1"]["email"] == "first@example.com"
+    shown = load_run(engine, second.run_id or 0)
+    assert shown is not None
+    assert shown["email_conflict_rows"] == [
+        {"user_id": "u1", "email": "second@example.com", "used_email": "first@example.com"}
+    ]
+    gist.clear_log()
+    sync(workspace, engine)
+    assert gist.requests() == []  # stable: the conflict does not re-send every run
+
+
+# 4 ----------------------------------------------------------------------------------------
+
+
+def test_trait_guard_counts_values_not_nulls(
+    workspace: Workspace, engine: Engine, gist: FakeGist
+) -> None:
+    source = add_trait(workspace)
+    values(source, {"u1": 1, "u2": 2})
+    sync(workspace, engine)
+    values(source, {})
+    assert sync(workspace, engine)[0].status == "guarded"
+    assert sync(workspace, engine, allow_mass_exit=True)[0].status == "succeeded"
+    assert held(gist, TRAIT) == {"u1": None, "u2": None}
+
+    [later] = sync(workspace, engine)  # nothing left to remove: not "would remove 0 of 2"
+
+    assert (later.status, later.exited) == ("succeeded", 0)
+
+
+def test_trait_guard_stops_losing_every_value_among_many_nulls(
+    workspace: Workspace, engine: Engine, gist: FakeGist
+) -> None:
+    workspace.gist_options["batch_size"] = 100
+    workspace.write_config()
+    source = add_trait(workspace)
+    everyone = {f"u{n}": (n if n < 50 else None) for n in range(200)}
+    values(source, everyone)
+    sync(workspace, engine)
+
+    values(source, dict.fromkeys(everyone))  # all 50 values become null
+
+    [run] = sync(workspace, engine)
+    assert run.status == "guarded"
+    assert "would remove 50 of 50 values" in (run.error or "")
+    assert sum(v is not None for v in held(gist, TRAIT).values()) == 50
+
+
+def test_guard_counts_uncertain_members(
+    workspace: Workspace, engine: Engine, gist: FakeGist
+) -> None:
+    source = add_audience(workspace)
+    write_members(source, range(5))
+    lose_answers(workspace, gist)
+    sync(workspace, engine)  # every answer lost: 0 acknowledged, 5 uncertain
+    answers_again(workspace, gist)
+    write_members(source, [])
+    gist.clear_log()
+
+    [run] = sync(workspace, engine)
+
+    assert run.status == "guarded"
+    assert "would remove 5 of 5 members (100%" in (run.error or "")
+    assert gist.requests() == []
+
+
+def test_guard_percentages_stay_true_after_a_refused_backfill(
+    workspace: Workspace, engine: Engine, gist: FakeGist
+) -> None:
+    source = add_audience(workspace)
+    write_members(source, range(7))
+    sync(workspace, engine)
+    write_members(source, [*range(7), 7])
+    gist.fail_next(50, 401)
+    sync(workspace, engine, mode="backfill")  # every request refused: 401
+    gist.reset_faults()
+    write_members(source, [])
+
+    [run] = sync(workspace, engine)
+
+    assert run.status == "guarded"
+    assert "would remove 7 of 7 members (100%" in (run.error or "")
+
+
+# 6 ----------------------------------------------------------------------------------------
+
+
+def test_lease_times_come_from_the_database_not_the_client(
+    workspace: Workspace, engine: Engine, gist: FakeGist
+) -> None:
+    source = add_audience(workspace)
+    write_members(source, [1])
+    plant_lease(engine, VIP, "elsewhere/boot.1:1:live", 30)
+    from datetime import timedelta
+
+    # A client whose clock runs two minutes fast sees that lease as expired: it must not
+    # take it, since by the database's time it is live.
+    ahead = utcnow() + timedelta(seconds=120)
+    [run] = sync(workspace, engine, clock=lambda: ahead)
+
+    assert run.status == "skipped"
+    assert gist.requests() == []
+
+
+def test_a_holder_that_loses_its_lease_stops_and_records_nothing_more(
+    workspace: Workspace, engine: Engine, gist: FakeGist
+) -> None:
+    workspace.gist_options.update(max_concurrency=2)
+    workspace.write_config()
+    source = add_audience(workspace)
+    write_members(source, range(60))
+    gist.latency = 0.05
+    import threading
+
+    def steal() -> None:
+        while len(gist.requests("/contacts")) < 10:
+            time.sleep(0.005)
+        with engine.begin() as connection:
+            connection.execute(update(leases).values(owner="thief/boot.1:1:x"))
+
+    thief = threading.Thread(target=steal)
+    thief.start()
+    [run] = sync(workspace, engine)
+    thief.join()
+    stolen_at = len(gist.requests("/contacts"))
+
+    assert run.status == "interrupted"
+    assert "lost the lease" in (run.error or "")
+    # It stopped within one acknowledgement flush, not after all 60.
+    assert stolen_at < 60
+    acked = {u for (u,) in table(engine, select(memberships.c.user_id))}
+    in_gist = {u for u, v in held(gist, VIP).items() if v is True}
+    assert acked <= in_gist  # only what Gist acknowledged before the theft was recorded
+    with engine.begin() as connection:
+        connection.execute(leases.delete())
+    gist.latency = 0
+    assert sync(workspace, engine)[0].status == "succeeded"
+    assert {u for u, v in held(gist, VIP).items() if v is True} == {f"u{n}" for n in range(60)}
+
+
+def test_owners_on_two_hosts_with_one_name_are_not_mistaken_for_dead() -> None:
+    mine = lease.new_owner()
+    place, _pid, tag = mine.rsplit(":", 2)
+    host, rest = place.split("/", 1)
+    boot, namespace = rest.split(".", 1)
+    other_boot = f"{host}/{'0' * len(boot)}.{namespace}:999999:{tag}"  # same name, other host
+
+    assert lease.is_dead_local_owner(f"{place}:999999:{tag}")  # our host: pid is gone
+    assert not lease.is_dead_local_owner(other_boot)  # cannot know: left to expire
+
+
+# 7 ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.postgres
+def test_password_in_a_url_query_never_shows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    admin = postgres_admin_url()
+    if admin is None:
+        pytest.skip("PostgreSQL is not reachable at 127.0.0.1:5432 (database test)")
+    secret = f"pw-{uuid.uuid4().hex}"
+    bad = admin.replace("/test", "/no_such_database") + f"?password={secret}"
+    good = f"{admin}?password={secret}"
+    with FakeGist(api_key=API_KEY) as gist:
+        workspace = Workspace(tmp_path, f"sqlite:///{tmp_path / 'state.db'}", gist.url)
+        workspace.add_sql_audience("Broken", bad, "SELECT 'u1' AS user_id, 'a@b.co' AS email")
+        workspace.sources["ok"] = good
+        workspace.audiences.append(
+            {"name": "Fine", "source": "ok", "query": "SELECT 'u1' AS user_id, 'a@b.co' AS email"}
+        )
+        workspace.write_config()
+        monkeypatch.setenv("GIST_API_KEY", API_KEY)
+        config = str(workspace.config_path)
+        outputs = []
+        for args in (
+            ["run", "-vv"],
+            ["run", "--json"],
+            ["audiences", "--json"],
+            ["history", "--json"],
+            ["show", "1", "--json"],
+        ):
+            run_cli([*args, "--config", config])
+            outputs.append("".join(capsys.readouterr()))
+        state = create_engine(workspace.state_url)
+        with state.connect() as connection:
+            stored = [
+                str(row)
+                for t in (audiences, sync_runs, rejected_rows, member_changes)
+                for row in connection.execute(select(t)).all()
+            ]
+        state.dispose()
+    assert "no_such_database" in outputs[0]  # the failure is reported...
+    assert all(secret not in output for output in outputs)  # ...without the password
+    assert all(secret not in row for row in stored)
+    assert "password=***" in outputs[2]
+
+
+def test_redact_url_hides_credential_query_parameters() -> None:
+    from audience_sync.config import redact_url, scrub
+
+    assert (
+        redact_url("postgresql://u@h/db?password=s3cret&sslmode=require")
+        == "postgresql://u@h/db?password=***&sslmode=require"
+    )
+    assert redact_url("mysql+pymysql://u:pw@h/db?passwd=s3cret") == (
+        "mysql+pymysql://u:***@h/db?passwd=***"
+    )
+    assert scrub("FATAL: no s3cret here", "postgresql://u@h/db?password=s3cret") == (
+        "FATAL: no *** here"
+    )
+
+
+# 8 ----------------------------------------------------------------------------------------
+
+
+def test_a_lone_surrogate_is_rejected_and_the_others_still_sync(
+    workspace: Workspace, engine: Engine, gist: FakeGist
+) -> None:
+    broken = add_audience(workspace, "broken")
+    fine = add_audience(workspace, "fine")
+    broken.write_text(
+        '{"user_id": "\\ud800", "email": "a@example.com"}\n'
+        '{"user_id": "u2", "email": "b\\udfff@example.com"}\n'
+        '{"user_id": "u3", "email": "c@example.com"}\n'
+    )
+    write_members(fine, [1])
+
+    first, second = sync(workspace, engine)
+
+    assert (first.status, first.rejected, first.delivered) == ("succeeded", 2, 1)
+    reasons = [r for (r,) in table(engine, select(rejected_rows.c.reason))]
+    assert reasons == [
+        "user_id contains control characters or invalid Unicode",
+        "email contains control characters or invalid Unicode",
+    ]
+    assert second.status == "succeeded"
+
+
+def test_an_unexpected_error_fails_only_its_audience(
+    workspace: Workspace, engine: Engine, gist: FakeGist, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from audience_sync.sources import FileSource
+
+    broken = add_audience(workspace, "broken")
+    fine = add_audience(workspace, "fine")
+    write_members(broken, [1])
+    write_members(fine, [2])
+    original = FileSource.read_chunks
+
+    def read_chunks(self: FileSource, chunk_size: int = 5000) -> Any:
+        if self.path == broken:
+            raise RuntimeError("a bug in a reader")
+        return original(self, chunk_size)
+
+    monkeypatch.setattr(FileSource, "read_chunks", read_chunks)
+
+    first, second = sync(workspace, engine)
+
+    assert (first.status, first.error) == ("failed", "RuntimeError: a bug in a reader")
+    assert (second.status, second.delivered) == ("succeeded", 1)
+    statuses = dict(table(engine, select(sync_runs.c.audience_key, sync_runs.c.status)))
+    assert statuses == {"broken": "failed", "fine": "succeeded"}
+
+
+# 9 ----------------------------------------------------------------------------------------
+
+
+def test_retire_of_a_trait_with_only_uncertain_values_sends_null(
+    workspace: Workspace, engine: Engine, gist: FakeGist
+) -> None:
+    source = add_trait(workspace)
+    values(source, {"u1": 5, "u2": 6})
+    lose_answers(workspace, gist)
+    sync(workspace, engine)
+    answers_again(workspace, gist)
+    workspace.traits.clear()
+    add_audience(workspace, "other")
+    gist.clear_log()
+
+    [run] = sync(workspace, engine, keys=[TRAIT], mode="retire")
+
+    assert (run.status, run.exited) == ("succeeded", 2)
+    assert held(gist, TRAIT) == {"u1": None, "u2": None}
+
+
+def test_a_key_reused_from_trait_to_audience_is_retired_as_an_audience(
+    workspace: Workspace, engine: Engine, gist: FakeGist
+) -> None:
+    source = add_trait(workspace, "k")
+    values(source, {"u1": 5})
+    sync(workspace, engine)
+    workspace.traits.clear()
+    add_audience(workspace, "other")
+    sync(workspace, engine, keys=["k"], mode="retire")
+    assert held(gist, "k") == {"u1": None}
+
+    members = add_audience(workspace, "k")
+    write_members(members, [1, 2])
+    sync(workspace, engine)
+    assert held(gist, "k") == {"u1": True, "u2": True}
+    workspace.audiences[:] = [a for a in workspace.audiences if a["key"] != "k"]
+    workspace.write_config()
+
+    [run] = sync(workspace, engine, keys=["k"], mode="retire")
+
+    assert (run.status, run.exited) == ("succeeded", 2)
+    assert held(gist, "k") == {"u1": False, "u2": False}
+    assert table(engine, select(memberships)) == []
+
+
+def test_switching_a_key_between_kinds_without_retiring_is_refused(
+    workspace: Workspace, engine: Engine, gist: FakeGist
+) -> None:
+    source = add_trait(workspace, "k")
+    values(source, {"u1": 5})
+    sync(workspace, engine)
+    workspace.traits.clear()
+    members = add_audience(workspace, "k")
+    write_members(members, [2])
+    gist.clear_log()
+
+    [run] = sync(workspace, engine)
+
+    assert run.status == "failed"
+    assert "still holds trait values" in (run.error or "")
+    assert "audience-sync retire k" in (run.error or "")
+    assert gist.requests() == []
+
+
+# 10 ---------------------------------------------------------------------------------------
+
+
+def test_integer_ids_in_any_type_are_one_user(
+    workspace: Workspace, engine: Engine, gist: FakeGist
+) -> None:
+    source = add_audience(workspace)
+    write_rows(
+        source,
+        [{"user_id": 42, "email": "a@example.com"}, {"user_id": 7, "email": "b@example.com"}],
+    )
+    sync(workspace, engine)
+    write_rows(
+        source,
+        [{"user_id": 42.0, "email": "a@example.com"}, {"user_id": "7", "email": "b@example.com"}],
+    )
+    gist.clear_log()
+
+    [run] = sync(workspace, engine)
+
+    assert (run.entered, run.exited, run.rejected) == (0, 0, 0)
+    assert gist.requests() == []
+    assert held(gist, VIP) == {"42": True, "7": True}
+
+
+def test_fractional_ids_are_rejected_with_the_reason(
+    workspace: Workspace, engine: Engine, gist: FakeGist
+) -> None:
+    source = add_audience(workspace)
+    write_rows(
+        source,
+        [{"user_id": 42, "email": "a@example.com"}, {"user_id": 1, "email": "b@example.com"}],
+    )
+    sync(workspace, engine)
+    write_rows(
+        source,
+        [{"user_id": 42.5, "email": "a@example.com"}, {"user_id": 1, "email": "b@example.com"}],
+    )
+
+    [run] = sync(workspace, engine)
+
+    assert (run.rejected, run.exited) == (1, 1)  # 42.5 is not user 42, who left
+    assert [r for (r,) in table(engine, select(rejected_rows.c.reason))] == [
+        "user_id 42.5 is not a whole number"
+    ]
+
+
+def test_a_run_whose_rows_are_all_rejected_fails(
+    workspace: Workspace, engine: Engine, gist: FakeGist
+) -> None:
+    source = add_audience(workspace)
+    write_members(source, [1, 2])
+    sync(workspace, engine)
+    write_rows(source, [{"user_id": 1, "email": "not an email"}, {"user_id": True, "email": "x"}])
+    gist.clear_log()
+
+    [run] = sync(workspace, engine)
+
+    assert run.status == "failed"
+    assert "all 2 rows were rejected" in (run.error or "")
+    assert gist.requests() == []
+
+
+@pytest.mark.postgres
+def test_uuid_user_ids_from_postgresql(
+    workspace: Workspace, engine: Engine, gist: FakeGist
+) -> None:
+    admin = postgres_admin_url()
+    if admin is None:
+        pytest.skip("PostgreSQL is not reachable at 127.0.0.1:5432 (database test)")
+    ids = [uuid.uuid4() for _ in range(3)]
+    rows = ", ".join(f"('{i}'::uuid, 'u{n}@example.com')" for n, i in enumerate(ids))
+    workspace.add_sql_audience(
+        "Uuids",
+        admin,
+        f"SELECT id AS user_id, email FROM (VALUES {rows}) AS t(id, email)",
+        key="uuids",
+    )
+    [run] = sync(workspace, engine)
+
+    assert (run.status, run.rejected, run.delivered) == ("succeeded", 0, 3)
+    assert set(held(gist, "uuids")) == {str(i) for i in ids}
+
+
+# 13 ---------------------------------------------------------------------------------------
+
+
+def test_prune_keeps_changes_whose_event_is_owed(
+    workspace: Workspace, engine: Engine, gist: FakeGist
+) -> None:
+    source = add_audience(workspace, send_track=True)
+    write_members(source, [1, 2])
+    gist.fail_next(100, 503)  # contacts go through below, events do not
+    workspace.gist_options.update(max_retries=0)
+    workspace.write_config()
+    gist.reset_faults()
+    sync(workspace, engine)
+    with engine.begin() as connection:
+        connection.execute(update(member_changes).values(event_status="pending"))
+        connection.execute(update(sync_runs).values(started_at=utcnow().replace(year=2000)))
+
+    deleted = prune(engine, utcnow())
+
+    assert deleted["member_changes"] == 0
+    gist.clear_log()
+    sync(workspace, engine)
+    assert len(gist.requests("/events")) == 2  # the owed events are still sent
+
+
+def test_repair_resends_without_a_second_event(
+    workspace: Workspace, engine: Engine, gist: FakeGist
+) -> None:
+    source = add_audience(workspace, send_track=True)
+    write_members(source, [1])
+    sync(workspace, engine)
+    assert len(gist.requests("/events")) == 1
+    save_repairs(engine, VIP, [("u1", "u1@example.com")])
+    gist.clear_log()
+
+    sync(workspace, engine)
+
+    assert len(gist.requests("/contacts")) == 1
+    assert gist.requests("/events") == []
+
+
+def test_show_prints_trait_values(workspace: Workspace, engine: Engine, gist: FakeGist) -> None:
+    source = add_trait(workspace)
+    values(source, {"u1": 7, "u2": None, "u3": "gold"})
+    [run] = sync(workspace, engine)
+
+    shown = load_run(engine, run.run_id or 0)
+
+    assert shown is not None
+    assert {c["user_id"]: c["value"] for c in shown["changes"]} == {
+        "u1": 7,
+        "u2": None,
+        "u3": "gold",
+    }
+
+
+def test_jsonl_with_a_byte_order_mark_is_read(
+    workspace: Workspace, engine: Engine, gist: FakeGist
+) -> None:
+    source = add_audience(workspace)
+    source.write_bytes(b'\xef\xbb\xbf{"user_id": "u1", "email": "a@example.com"}\n')
+
+    [run] = sync(workspace, engine)
+
+    assert (run.status, run.delivered, run.rejected) == ("succeeded", 1, 0)
+
+
+def test_csv_naming_a_column_twice_is_refused(
+    workspace: Workspace, engine: Engine, gist: FakeGist
+) -> None:
+    path = workspace.root / "vip.csv"
+    path.write_text("user_id,email,email\nu1,a@example.com,b@example.com\n")
+    workspace.audiences.append({"name": "Vip", "file": path.name})
+    workspace.write_config()
+
+    [run] = sync(workspace, engine)
+
+    assert run.status == "failed"
+    assert "header names 'email' more than once" in (run.error or "")
+    assert gist.requests() == []
+
+
+# 14 ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", ["errors", "entries"])
+def test_batch_answer_errors_do_not_acknowledge_those_contacts(
+    workspace: Workspace, engine: Engine, gist: FakeGist, shape: str
+) -> None:
+    workspace.gist_options["batch_size"] = 10
+    workspace.write_config()
+    source = add_audience(workspace)
+    write_members(source, range(5))
+    gist.fail_in_batch("u3", shape=shape)
+
+    [run] = sync(workspace, engine)
+
+    assert run.status == "succeeded"
+    batches = gist.requests("/contacts/batch")
+    singles = [r.body["user_id"] for r in gist.requests("/contacts")]
+    assert len(batches) == 1
+    assert singles == ["u3"]  # reported failed in the batch: sent on its own
+    acked = {u for (u,) in table(engine, select(memberships.c.user_id))}
+    assert (
+        acked == {u for u, v in held(gist, VIP).items() if v is True} == {f"u{n}" for n in range(5)}
+    )
+
+
+def test_batch_errors_that_name_no_contact_acknowledge_none(
+    workspace: Workspace, engine: Engine
+) -> None:
+    import httpx
+
+    singles: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/contacts/batch":
+            return httpx.Response(200, json={"errors": [{"message": "something failed"}]})
+        singles.append(json.loads(request.content)["user_id"])
+        return httpx.Response(200, json={"contact": {}})
+
+    workspace.gist_options["batch_size"] = 10
+    workspace.write_config()
+    source = add_audience(workspace)
+    write_members(source, range(3))
+
+    [run] = sync(workspace, engine, transport=httpx.MockTransport(handler))
+
+    assert run.delivered == 3
+    assert sorted(singles) == ["u0", "u1", "u2"]  # each acknowledged by its own request
+
+
+def test_migration_0004_records_kinds_and_contacts(state_url: str) -> None:
+    from audience_sync import db
+
+    engine = db.make_engine(state_url)
+    try:
+        db.upgrade(engine, "0003")
+        now = utcnow()
+        with engine.begin() as connection:
+            connection.execute(
+                text(
+                    "INSERT INTO audiences (key, name, source) VALUES "
+                    "('a', 'A', 's'), ('t', 'T', 's'), ('both', 'B', 's')"
+                )
+            )
+            for key, user, email, run_id in (
+                ("a", "u1", "old@example.com", 1),
+                ("both", "u1", "new@example.com", 2),
+            ):
+                connection.execute(
+                    memberships.insert().values(
+                        audience_key=key, user_id=user, email=email, since=now, last_run_id=run_id
+                    )
+                )
+            for key in ("t", "both"):
+                connection.execute(
+                    trait_values.insert().values(
+                        trait_key=key,
+                        user_id="u2",
+                        email="t@example.com",
+                        value="1",
+                        since=now,
+                        last_run_id=1,
+                    )
+                )
+        db.upgrade(engine)
+        kinds = dict(table(engine, select(audiences.c.key, audiences.c.kind)))
+        emails = dict(table(engine, text("SELECT user_id, email FROM contacts")))
+    finally:
+        engine.dispose()
+    assert kinds == {"a": "audience", "t": "trait", "both": None}
+    assert emails == {"u1": "new@example.com", "u2": "t@example.com"}
