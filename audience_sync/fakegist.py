@@ -257,6 +257,15 @@ class FakeGist:
         with self._lock:
             return [dict(e) for e in self._events]
 
+    def edit_contact(self, user_id: str, properties: dict[str, Any]) -> None:
+        """Change a contact's properties as someone in Gist's own UI would, behind the
+        tool's back (what ``verify`` is for)."""
+        with self._lock:
+            contact = self._find(str(user_id), None)
+            if contact is None:
+                raise KeyError(user_id)
+            contact["custom_properties"].update(properties)
+
     def clear_log(self) -> None:
         with self._lock:
             self._log.clear()

@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Engine, case, delete, func, or_, select, union_all
+from sqlalchemy import Engine, case, delete, exists, func, or_, select, union_all
 
 from audience_sync.models import (
     audiences,
@@ -130,8 +130,9 @@ def prune(engine: Engine, older_than: datetime) -> dict[str, int]:
     """Delete the changes and rejected rows of runs that started before ``older_than``.
 
     ``sync_runs`` keeps every summary; a running run is never touched. A change still
-    ``pending``, or whose track event is still owed (``pending`` or ``failed``), is kept,
-    so pruning cannot hide work that is owed.
+    ``pending``, whose track event is still owed (``pending`` or ``failed``), or of a user
+    whose value in Gist is uncertain (its value may be sent again), is kept, so pruning
+    cannot hide work that is owed.
     """
     old_runs = select(sync_runs.c.id).where(
         sync_runs.c.started_at < older_than, sync_runs.c.status != "running"
@@ -144,6 +145,10 @@ def prune(engine: Engine, older_than: datetime) -> dict[str, int]:
                 or_(
                     member_changes.c.event_status.is_(None),
                     member_changes.c.event_status.not_in(["pending", "failed"]),
+                ),
+                ~exists().where(
+                    uncertain_members.c.audience_key == member_changes.c.audience_key,
+                    uncertain_members.c.user_id == member_changes.c.user_id,
                 ),
             )
         ).rowcount

@@ -162,6 +162,8 @@ def save_trait_plan(engine: Engine, target: PlanTarget, on_missing: str) -> Diff
         exits = _insert(connection, select(*row).where(owed, removal))
         if on_missing == "null":
             exits += _insert(connection, _trait_missing(target))
+        else:
+            entries += _insert(connection, _trait_kept(target))
         members = _count(
             connection,
             select(func.count()).where(staged.c.run_id == run_id, staged.c.value != NULL_JSON),
@@ -277,14 +279,24 @@ def save_backfill_plan(
 ) -> int:
     """Plan ``true`` (or the value) for every staged member, except those already delivered
     by the unfinished backfill runs in ``resumed_runs`` (so a backfill resumes, not restarts).
-    Returns how many changes were planned."""
+    A member Gist had not acknowledged owes its event like any entry. Returns how many
+    changes were planned."""
+    key = target.key
     done = exists().where(
         changes.c.run_id.in_(resumed_runs),
         changes.c.user_id == staged.c.user_id,
         changes.c.status == "delivered",
     )
-    value = (_NO_VALUE, staged.c.value) if trait else (true(), None)
-    row = _row(target, staged.c.user_id, staged.c.email, *value)
+    if trait:
+        same = exists().where(
+            trait_values.c.trait_key == key,
+            trait_values.c.user_id == staged.c.user_id,
+            trait_values.c.value == staged.c.value,
+        )
+        row = _row(target, staged.c.user_id, staged.c.email, _NO_VALUE, staged.c.value, event=~same)
+    else:
+        acknowledged = _member(key, staged.c.user_id)
+        row = _row(target, staged.c.user_id, staged.c.email, true(), event=~acknowledged)
     with engine.begin() as connection:
         return _insert(connection, select(*row).where(staged.c.run_id == target.run_id, ~done))
 
@@ -437,6 +449,40 @@ def _trait_missing(target: PlanTarget) -> Any:
         _gone(run_id, uncertain.c.user_id),
     )
     return union_all(acknowledged, unsure)
+
+
+def _trait_kept(target: PlanTarget) -> Any:
+    """``on_missing = "keep"``: a user gone from the source keeps the last value computed for
+    them. When a request for them went unanswered, Gist holds either that value or the one
+    acknowledged before, so the last value attempted (else the acknowledged one) is sent
+    again until Gist acknowledges it, and Gist and the state agree once more."""
+    key, run_id = target.key, target.run_id
+    prior = changes.alias("prior")  # not the table the plan is inserted into
+    attempted = (
+        select(prior.c.value_json)
+        .where(
+            prior.c.audience_key == key,
+            prior.c.user_id == uncertain.c.user_id,
+            prior.c.value_json.is_not(None),
+            prior.c.status != "planned",
+        )
+        .order_by(prior.c.id.desc())
+        .limit(1)
+        .scalar_subquery()
+    )
+    acknowledged = (
+        select(trait_values.c.value)
+        .where(trait_values.c.trait_key == key, trait_values.c.user_id == uncertain.c.user_id)
+        .scalar_subquery()
+    )
+    value = func.coalesce(attempted, acknowledged, literal(NULL_JSON))
+    same = exists().where(
+        trait_values.c.trait_key == key,
+        trait_values.c.user_id == uncertain.c.user_id,
+        trait_values.c.value == value,
+    )
+    row = _row(target, uncertain.c.user_id, uncertain.c.email, _NO_VALUE, value, event=~same)
+    return select(*row).where(uncertain.c.audience_key == key, _gone(run_id, uncertain.c.user_id))
 
 
 def _gone(run_id: int, user_id: Any) -> ColumnElement[bool]:

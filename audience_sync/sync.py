@@ -178,7 +178,7 @@ def run_once(
         tracked = {
             t.key: _event_names(t.audience)
             for t in held
-            if t.audience is not None and t.audience.send_track and mode == "run"
+            if t.audience is not None and t.audience.send_track
         }
         if (planned or tracked) and not ctx.dry_run:
             report = asyncio.run(_deliver(ctx, planned, tracked, heartbeat))
@@ -230,7 +230,7 @@ def _prepare(
                 )  # fmt: skip
                 continue
             result = RunResult(target.key, target.name, ctx.kind, "running")
-            result = _guarded(ctx, target, result, _open)
+            result = results[target.key] = _guarded(ctx, target, result, _open)
             if result.status == "running":
                 result = _guarded(ctx, target, result, _stage)
             results[target.key] = result
@@ -247,7 +247,8 @@ def _prepare(
         plans = [r.run_id for _, r in opened if r.run_id and r.status in ("running", "succeeded")]
         resolve_emails(ctx.engine, plans)
     finally:
-        clear_staging(ctx.engine, [r.run_id for _, r in opened if r.run_id is not None])
+        # Every snapshot of this invocation, also one cut short while staging.
+        clear_staging(ctx.engine, [r.run_id for r in results.values() if r.run_id is not None])
     for _, result in opened:
         log.info(
             "%s: %d rows, %d members, %d entered, %d exited, %d resent, %d rejected",
@@ -331,7 +332,7 @@ def _plan(ctx: SyncContext, target: _Target, result: RunResult) -> RunResult:
     """Diff the staged snapshot and write the plan; ``running`` when there is one to send."""
     assert result.run_id is not None
     engine, key, audience = ctx.engine, target.key, target.audience
-    track = audience is not None and audience.send_track and ctx.mode == "run"
+    track = audience is not None and audience.send_track
     plan = PlanTarget(result.run_id, key, dry_run=ctx.dry_run, track=track)
     done: RunStatus = "succeeded" if ctx.dry_run else "running"
     if audience is None:  # retire: clear what the key's recorded kind means

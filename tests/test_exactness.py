@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, create_engine, select, text, update
+from sqlalchemy import Engine, create_engine, func, select, text, update
 
 from audience_sync import lease
 from audience_sync.cli import run_cli
@@ -22,6 +22,7 @@ from audience_sync.models import (
     member_changes,
     memberships,
     rejected_rows,
+    staged_members,
     sync_runs,
     trait_values,
     uncertain_members,
@@ -834,3 +835,72 @@ def test_migration_0004_records_kinds_and_contacts(state_url: str) -> None:
         engine.dispose()
     assert kinds == {"a": "audience", "t": "trait", "both": None}
     assert emails == {"u1": "new@example.com", "u2": "t@example.com"}
+
+
+# Found by the model-based test (tests/test_model.py), kept as named regressions -----------
+
+
+def test_backfill_of_a_member_gist_never_acknowledged_owes_its_entered_event(
+    workspace: Workspace, engine: Engine, gist: FakeGist
+) -> None:
+    # Shrunk example: enter u2 into a tracked audience; backfill; a clean run. The backfill
+    # acknowledged u2's entry, but no `Audience Entered` was ever sent.
+    source = add_audience(workspace, send_track=True)
+    write_members(source, [2])
+
+    sync(workspace, engine, mode="backfill")
+    sync(workspace, engine)
+
+    assert [(e["user_id"], e["event_name"]) for e in gist.events()] == [("u2", "Audience Entered")]
+    sync(workspace, engine, mode="backfill")  # a member already acknowledged: no second one
+    assert len(gist.events()) == 1
+
+
+def test_a_run_cut_short_while_loading_is_recorded_and_leaves_no_snapshot(
+    workspace: Workspace, engine: Engine, gist: FakeGist
+) -> None:
+    # Shrunk example: a run stopped by Ctrl-C (or any BaseException) while its source was
+    # being staged stayed `running`, and its staged rows were never cleared.
+    source = add_audience(workspace)
+    write_members(source, [1, 2])
+
+    class Interrupt:
+        def loaded(self, audience_key: str, rows: int) -> None:
+            raise KeyboardInterrupt
+
+        def planned(self, changes: int) -> None: ...
+
+        def sent(self, changes: int) -> None: ...
+
+    with pytest.raises(KeyboardInterrupt):
+        sync(workspace, engine, progress=Interrupt())
+
+    with engine.connect() as connection:
+        statuses = list(connection.scalars(select(sync_runs.c.status)))
+        staged = connection.scalar(select(func.count()).select_from(staged_members))
+    assert (statuses, staged) == (["interrupted"], 0)
+
+
+def test_keep_resends_the_last_value_of_an_uncertain_user_who_left(
+    workspace: Workspace, engine: Engine, gist: FakeGist
+) -> None:
+    # With on_missing = "keep", a user who left while their last value went unanswered was
+    # never planned again: uncertain forever, and trait_values disagreeing with Gist.
+    source = add_trait(workspace, on_missing="keep")
+    values(source, {"u1": 1, "u2": 2})
+    sync(workspace, engine)
+    values(source, {"u1": 5, "u2": 2})
+    lose_answers(workspace, gist)
+    sync(workspace, engine)
+    answers_again(workspace, gist)
+    values(source, {"u2": 2})  # u1 leaves: keep their last value, 5
+
+    [run] = sync(workspace, engine)
+
+    assert run.status == "succeeded"
+    assert held(gist, TRAIT) == {"u1": 5, "u2": 2}
+    assert table(engine, select(uncertain_members.c.user_id)) == []
+    assert dict(table(engine, select(trait_values.c.user_id, trait_values.c.value))) == {
+        "u1": "5",
+        "u2": "2",
+    }
