@@ -380,8 +380,10 @@ def _result_notes(
             continue
         run = load_run(engine, r.run_id, limit=1)
         hint = f"see `{_again(args, 'show', str(r.run_id))}`"
-        if r.failed and run and run["changes"] and run["changes"][0]["status"] == "failed":
-            first = run["changes"][0]
+        first = run["changes"][0] if run and run["changes"] else None
+        # When delivery stopped, the change it stopped on carries the run's error: said once.
+        repeats = first is not None and str(first["last_error"]) in (r.error or "")
+        if r.failed and first is not None and first["status"] == "failed" and not repeats:
             notes.append(
                 (
                     r.audience_key,

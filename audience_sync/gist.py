@@ -198,7 +198,7 @@ def transport_error(exc: httpx.TransportError, base_url: str) -> RetriableApiErr
     if isinstance(cause, ssl.SSLError):
         reason = cause.reason or str(cause)
         return UnreachableError(
-            f"{where}: TLS failed ({reason}); is base_url's scheme (http/https) right?"
+            f"{where}: TLS failed ({reason}), check base_url's scheme (http or https)"
         )
     if isinstance(cause, ConnectionRefusedError):
         return RetriableApiError(f"{where}: connection refused")

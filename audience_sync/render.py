@@ -86,7 +86,11 @@ def render_table(
     console = Console(file=stream, force_terminal=True, width=width)
     shown = fit_columns(rows, columns, optional, console.width)
     table = Table(
-        box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False, header_style="bold", expand=False
+        box=box.SIMPLE_HEAD,
+        padding=(0, 1, 0, 0),  # with the box's blank separator: GAP spaces between columns
+        pad_edge=False,
+        show_edge=False,
+        header_style="bold",
     )
     for column in shown:
         wraps = column in WRAPPING
@@ -108,7 +112,10 @@ def render_table(
     console.print(table)
     hidden = [c for c in columns if c not in shown]
     if hidden:
-        console.print(f"[dim]({', '.join(hidden)} left out to fit; --json shows every field)[/]")
+        note = f"(hidden to fit: {', '.join(hidden)}; --json shows all)"
+        if len(note) > console.width:
+            note = f"(hidden to fit: {', '.join(hidden)})"
+        console.print(note, style="dim", overflow="ellipsis", no_wrap=True)
 
 
 def fit_columns(

@@ -24,10 +24,11 @@ __all__ = ["CHUNK_SIZE", "FileSource", "Source", "SourceRow", "SqlSource", "sour
 REQUIRED_COLUMNS = ("user_id", "email")
 # Statements that can only write: refused before they reach the database, whose own answer
 # (a syntax error from PostgreSQL's server-side cursor) would not say why.
-WRITE_STATEMENTS = frozenset(
-    "INSERT UPDATE DELETE MERGE UPSERT REPLACE DROP CREATE ALTER TRUNCATE GRANT REVOKE "
-    "COPY CALL DO VACUUM REINDEX CLUSTER COMMENT LOCK".split()
-)
+WRITE_STATEMENTS = frozenset({
+    "INSERT", "UPDATE", "DELETE", "MERGE", "UPSERT", "REPLACE", "DROP", "CREATE", "ALTER",
+    "TRUNCATE", "GRANT", "REVOKE", "COPY", "CALL", "DO", "VACUUM", "REINDEX", "CLUSTER",
+    "COMMENT", "LOCK",
+})  # fmt: skip
 # What databases say when a read-only transaction meets a write (PostgreSQL, SQLite, MySQL,
 # and PostgreSQL's server-side cursor refusing a data-modifying WITH).
 _WRITE_REFUSED = ("read-only transaction", "readonly database", "data-modifying", "read only")
