@@ -81,6 +81,8 @@ CHANGE_COLUMNS = (
 CHANGE_OPTIONAL = ("http_status", "attempts")
 # Loggers that chatter at INFO: shown from -vv on, never at -v.
 CHATTY = ("alembic", "apscheduler", "httpx")
+# psycopg warns of errors it ignored while cleaning up after one we report: -vv only.
+SECOND_HAND = ("psycopg",)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -746,7 +748,8 @@ def _logging(verbosity: int, log_format: str = "text") -> Iterator[None]:
     level and handler it touched (in-process callers, tests among them, see no leak)."""
     root = logging.getLogger()
     touched = [
-        logging.getLogger(name) for name in (*CHATTY, "audience_sync", "audience_sync.scheduler")
+        logging.getLogger(name)
+        for name in (*CHATTY, *SECOND_HAND, "audience_sync", "audience_sync.scheduler")
     ]
     saved_root = (root.level, list(root.handlers))
     saved = [(logger, logger.level) for logger in touched]
@@ -762,6 +765,8 @@ def _logging(verbosity: int, log_format: str = "text") -> Iterator[None]:
     for name in CHATTY:
         # httpx logs every request, Alembic and APScheduler their set-up: only at -vv.
         logging.getLogger(name).setLevel(logging.INFO if verbosity >= 2 else logging.WARNING)
+    for name in SECOND_HAND:
+        logging.getLogger(name).setLevel(logging.INFO if verbosity >= 2 else logging.ERROR)
     # -vv: our own DEBUG lines too (each request's body; never the key, which is a header).
     logging.getLogger("audience_sync").setLevel(logging.DEBUG if verbosity >= 2 else logging.NOTSET)
     try:
