@@ -54,17 +54,23 @@ def postgres_admin_url() -> str | None:
     return None
 
 
+def require_postgres() -> str:
+    """The local PostgreSQL server's admin URL; skips (fails in CI) when it is down."""
+    admin = postgres_admin_url()
+    if admin is None:
+        if os.environ.get("AUDIENCE_SYNC_REQUIRE_POSTGRES"):
+            pytest.fail("AUDIENCE_SYNC_REQUIRE_POSTGRES is set but PostgreSQL is not reachable")
+        pytest.skip("PostgreSQL is not reachable at 127.0.0.1:5432 (database test)")
+    return admin
+
+
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
 def state_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """An empty state database URL: a SQLite file, or a fresh schema on PostgreSQL."""
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'state.db'}"
         return
-    admin = postgres_admin_url()
-    if admin is None:
-        if os.environ.get("AUDIENCE_SYNC_REQUIRE_POSTGRES"):
-            pytest.fail("AUDIENCE_SYNC_REQUIRE_POSTGRES is set but PostgreSQL is not reachable")
-        pytest.skip("PostgreSQL is not reachable at 127.0.0.1:5432 (database test)")
+    admin = require_postgres()
     schema = f"t_{uuid.uuid4().hex[:12]}"
     engine = create_engine(admin, poolclass=NullPool)  # survives tests that kill connections
     with engine.begin() as connection:
