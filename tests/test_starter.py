@@ -30,9 +30,10 @@ def test_init_writes_a_config_that_runs_and_prints_the_next_commands(
         f"export GIST_API_KEY=...; audience-sync run --config {config}",
     ]
     # The first printed command works as printed.
-    done = subprocess.run(
+    # The command line init printed, run by a shell as a user would.
+    done = subprocess.run(  # noqa: S602
         commands[0].replace("audience-sync", EXECUTABLE, 1),
-        shell=True,  # noqa: S602 - the command line init printed, run as a user would
+        shell=True,
         capture_output=True,
         text=True,
         check=False,
@@ -42,9 +43,7 @@ def test_init_writes_a_config_that_runs_and_prints_the_next_commands(
     assert "nothing was sent" in done.stdout
 
 
-def test_init_in_the_current_folder_needs_no_config_flag(
-    tmp_path: Path, gist: FakeGist
-) -> None:
+def test_init_in_the_current_folder_needs_no_config_flag(tmp_path: Path, gist: FakeGist) -> None:
     done = run_process("init", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert "--config" not in done.stdout
@@ -65,7 +64,8 @@ def test_init_refuses_to_overwrite(tmp_path: Path, capsys: pytest.CaptureFixture
 
     out, err = capsys.readouterr()
     assert (code, out) == (2, "")
-    assert err == f"error: {tmp_path / 'members.csv'} already exists; init never overwrites a file\n"
+    existing = tmp_path / "members.csv"
+    assert err == f"error: {existing} already exists; init never overwrites a file\n"
     assert (tmp_path / "members.csv").read_text() == "mine\n"
     assert not (tmp_path / "audience_sync.toml").exists()  # nothing half-written
     assert_no_traceback(err)
