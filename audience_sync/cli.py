@@ -288,6 +288,43 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 SHELLS = ("bash", "zsh", "fish")
+HELP_WIDTH = 96  # the README's CLI reference is generated at this width, whatever the terminal
+
+
+def command_parsers(
+    parser: argparse.ArgumentParser | None = None,
+) -> dict[str, argparse.ArgumentParser]:
+    """Every command's parser by its name (``db upgrade`` for a nested one), in order."""
+    found: dict[str, argparse.ArgumentParser] = {}
+
+    def walk(current: argparse.ArgumentParser, prefix: str) -> None:
+        for action in current._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    found[f"{prefix}{name}"] = sub
+                    walk(sub, f"{prefix}{name} ")
+
+    walk(parser or build_parser(), "")
+    return found
+
+
+def help_pages() -> list[tuple[str, str]]:
+    """``--help`` of the program and of each command that runs (``db`` is only a group), as
+    the README's CLI reference shows them."""
+    previous = os.environ.get("COLUMNS")
+    os.environ["COLUMNS"] = str(HELP_WIDTH)  # argparse wraps help to the terminal's width
+    try:
+        parser = build_parser()
+        pages = [("", parser.format_help())]
+        for name, sub in command_parsers(parser).items():
+            if sub.get_default("handler") is not None:
+                pages.append((name, sub.format_help()))
+        return pages
+    finally:
+        if previous is None:
+            del os.environ["COLUMNS"]
+        else:
+            os.environ["COLUMNS"] = previous
 
 
 def _add_global_options(parser: argparse.ArgumentParser, *, argparse_default: bool) -> None:
