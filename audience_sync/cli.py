@@ -8,6 +8,7 @@ process holds its lease.
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 import logging
 import os
@@ -21,7 +22,7 @@ from dataclasses import asdict
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, NoReturn
 
 import argcomplete
 from argcomplete.shell_integration import shellcode
@@ -97,7 +98,16 @@ def run_cli(
     argv: Sequence[str] | None = None, parser: argparse.ArgumentParser | None = None
 ) -> int:
     """Run one command and return its exit code; every error becomes one line on stderr."""
-    args = (parser or build_parser()).parse_args(argv)
+    words = list(sys.argv[1:] if argv is None else argv)
+    parser = parser or build_parser()
+    # A usage error comes before the options are parsed: look for the log format by hand.
+    json_logs = any(
+        word == "--log-format=json" or (word == "--log-format" and following == "json")
+        for word, following in zip(words, [*words[1:], ""], strict=True)
+    )
+    for each in (parser, *command_parsers(parser).values()):
+        each.error = functools.partial(_usage_error, each, json_logs)  # type: ignore[method-assign]
+    args = parser.parse_args(words)
     with _logging(args.verbose, args.log_format):
         try:
             code: int = args.handler(args)
@@ -368,6 +378,7 @@ def _sync_command(
     settings = _settings(args)
     metrics = Metrics()
     show_progress = sys.stderr.isatty() and not (args.quiet or args.json)
+    show_progress = show_progress and args.log_format == "text"  # JSON lines only, then
     bars: AbstractContextManager[Progress | None] = (
         ProgressBars(sys.stderr) if show_progress else nullcontext(None)
     )
@@ -699,6 +710,19 @@ def _report_error(message: str, args: argparse.Namespace, prefix: str = "error: 
         print(f"{prefix}{message}", file=sys.stderr, flush=True)
 
 
+def _usage_error(parser: argparse.ArgumentParser, json_logs: bool, message: str) -> NoReturn:
+    """argparse's error exit (usage, then the message; exit 2), as a JSON line if asked."""
+    if json_logs:
+        record = logging.makeLogRecord(
+            {"name": __name__, "levelno": logging.ERROR, "levelname": "ERROR",
+             "msg": f"{parser.prog}: {message}"}
+        )  # fmt: skip
+        print(JsonFormatter().format(record), file=sys.stderr, flush=True)
+        sys.exit(EXIT_USAGE)
+    parser.print_usage(sys.stderr)
+    parser.exit(EXIT_USAGE, f"{parser.prog}: error: {message}\n")
+
+
 def _detach_stdout() -> None:
     """Point stdout at /dev/null so that flushing it at exit cannot raise again."""
     try:
@@ -796,6 +820,7 @@ def _logging(verbosity: int, log_format: str = "text") -> Iterator[None]:
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     handler.set_name("audience-sync")
+    logging.captureWarnings(True)  # a library's warning is a log line too (JSON with json)
     # Replace only our own handler: others (a test's log capture, say) stay.
     root.handlers = [h for h in root.handlers if h.get_name() != "audience-sync"] + [handler]
     root.setLevel(logging.WARNING if verbosity == 0 else logging.INFO)
@@ -810,6 +835,7 @@ def _logging(verbosity: int, log_format: str = "text") -> Iterator[None]:
         yield
     finally:
         handler.flush()
+        logging.captureWarnings(False)
         root.setLevel(saved_root[0])
         root.handlers = saved_root[1]
         for logger, level in saved:

@@ -202,6 +202,23 @@ def test_json_log_format_prints_only_json_lines(
     assert API_KEY not in err
 
 
+@pytest.mark.parametrize(
+    "args",
+    [["--log-format", "json", "run", "--bogus"], ["nope", "--log-format=json"]],
+    ids=["unknown-flag", "unknown-command"],
+)
+def test_json_log_format_covers_usage_errors(
+    args: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        run_cli(args)
+    _, err = capsys.readouterr()
+    assert exited.value.code == 2
+    [record] = [json.loads(line) for line in err.splitlines()]
+    assert record["level"] == "error"
+    assert record["message"].startswith("audience-sync: ")
+
+
 def test_v_hides_library_chatter_and_vv_shows_request_bodies(
     tmp_path: Path,
     gist: FakeGist,
