@@ -107,8 +107,9 @@ class SqlSource:
                 ) from exc
             raise SourceError(f"{self.description}: query failed: {message}") from exc
         except ImportError as exc:
+            missing = exc.name or scrub(str(exc), self.url)
             raise SourceError(
-                f"{self.description}: database driver not installed ({exc.name or scrub(str(exc), self.url)}); "
+                f"{self.description}: database driver not installed ({missing}); "
                 f"install it with: {driver_hint(self.url)}"
             ) from exc
         finally:
