@@ -107,9 +107,9 @@ class SqlSource:
                 ) from exc
             raise SourceError(f"{self.description}: query failed: {message}") from exc
         except ImportError as exc:
-            missing = exc.name or scrub(str(exc), self.url)
+            driver = exc.name or scrub(str(exc), self.url)
             raise SourceError(
-                f"{self.description}: database driver not installed ({missing}); "
+                f"{self.description}: database driver not installed ({driver}); "
                 f"install it with: {driver_hint(self.url)}"
             ) from exc
         finally:
