@@ -1,15 +1,18 @@
 """The ``audience-sync`` command line: parse flags, build objects, call the library, render.
 
-Exit codes: 0 all good; 1 a run partial, failed, guarded or interrupted; 2 usage, config
-or state-database error; 3 an audience skipped because another process holds its lease.
+Exit codes: 0 all good; 1 a run partial, failed, guarded or interrupted (or an unexpected
+error); 2 usage, config or state-database error; 3 an audience skipped because another
+process holds its lease.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import functools
+import io
 import logging
 import os
+import shlex
 import signal
 import sys
 import threading
@@ -19,10 +22,11 @@ from dataclasses import asdict
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, NoReturn
 
+import argcomplete
+from argcomplete.shell_integration import shellcode
 from sqlalchemy import Engine
-from sqlalchemy.exc import SQLAlchemyError
 
 from audience_sync import __version__, db
 from audience_sync.alerts import send_alerts
@@ -36,9 +40,16 @@ from audience_sync.config import (
 from audience_sync.errors import AudienceSyncError, ConfigError, StateError
 from audience_sync.history import load_last_starts, load_orphans, load_run, load_runs, prune
 from audience_sync.metrics import Metrics, MetricsServer
-from audience_sync.render import JsonFormatter, ProgressBars, render_table
+from audience_sync.render import (
+    JsonFormatter,
+    ProgressBars,
+    output_json,
+    output_rows,
+    short_time,
+)
 from audience_sync.scheduler import Daemon
 from audience_sync.sources import source_for
+from audience_sync.starter import write_starter
 from audience_sync.statuses import RUN_STATUSES, Mode
 from audience_sync.sync import Progress, RunResult, exit_code, run_once, utcnow
 from audience_sync.verify import verify_audience
@@ -47,60 +58,97 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_LOCKED = 0, 1, 2, 3
 SignalHandler = Callable[[int, FrameType | None], None]
 log = logging.getLogger(__name__)
 
+# One vocabulary for runs in every output: `run_id` and `audience`, as in tables. The old
+# names (`audience_key` in `run --json`, `id` in `history`/`show --json`) stay one release.
 RUN_COLUMNS = (
     "audience", "kind", "status", "members", "entered", "exited", "rejected", "delivered",
-    "failed", "run",
+    "failed", "run_id",
 )  # fmt: skip
+RUN_OPTIONAL = ("run_id", "entered", "exited", "failed", "delivered", "members", "rejected", "kind")
 HISTORY_COLUMNS = (
-    "id", "audience", "kind", "status", "started_at", "members", "entered", "exited",
+    "run_id", "audience", "kind", "status", "started_at", "members", "entered", "exited",
     "delivered", "failed", "rejected",
 )  # fmt: skip
+HISTORY_OPTIONAL = (
+    "started_at", "entered", "exited", "failed", "delivered", "members", "rejected", "kind",
+)  # fmt: skip
 SHOW_FIELDS = (
-    "id", "audience", "kind", "status", "started_at", "finished_at", "source_rows", "members",
-    "entered", "exited", "delivered", "failed", "rejected", "error",
+    "run_id", "audience", "kind", "status", "started_at", "finished_at", "source_rows",
+    "members", "entered", "exited", "delivered", "failed", "rejected", "error",
 )  # fmt: skip
 CHANGE_COLUMNS = (
     "user_id", "email", "value", "status", "attempts", "http_status", "last_error",
 )  # fmt: skip
+CHANGE_OPTIONAL = ("http_status", "attempts")
+# Loggers that chatter at INFO: shown from -vv on, never at -v.
+CHATTY = ("alembic", "apscheduler", "httpx")
+# psycopg warns of errors it ignored while cleaning up after one we report: -vv only.
+SECOND_HAND = ("psycopg",)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Console entry point."""
-    sys.exit(run_cli(argv))
+    parser = build_parser()
+    # Answers a shell's tab-completion request and exits; returns at once otherwise.
+    argcomplete.autocomplete(parser)
+    sys.exit(run_cli(argv, parser))
 
 
-def run_cli(argv: Sequence[str] | None = None) -> int:
-    """Run one command and return its exit code."""
-    args = build_parser().parse_args(argv)
-    _setup_logging(args.verbose, args.log_format)
-    try:
-        code: int = args.handler(args)
-        return code
-    except (ConfigError, StateError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except AudienceSyncError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_FAILED
-    except SQLAlchemyError as exc:
-        print(f"error: state database: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return EXIT_FAILED
+def run_cli(
+    argv: Sequence[str] | None = None, parser: argparse.ArgumentParser | None = None
+) -> int:
+    """Run one command and return its exit code; every error becomes one line on stderr."""
+    words = list(sys.argv[1:] if argv is None else argv)
+    parser = parser or build_parser()
+    # A usage error comes before the options are parsed: look for the log format by hand.
+    json_logs = any(
+        word == "--log-format=json" or (word == "--log-format" and following == "json")
+        for word, following in zip(words, [*words[1:], ""], strict=True)
+    )
+    for each in (parser, *command_parsers(parser).values()):
+        each.error = functools.partial(_usage_error, each, json_logs)  # type: ignore[method-assign]
+    args = parser.parse_args(words)
+    with _logging(args.verbose, args.log_format):
+        try:
+            code: int = args.handler(args)
+            sys.stdout.flush()
+            return code
+        except BrokenPipeError:
+            # The reader left (`| head`): not an error of ours, and nothing more to say.
+            _detach_stdout()
+            return EXIT_OK
+        except (ConfigError, StateError) as exc:
+            _report_error(str(exc), args)
+            return EXIT_USAGE
+        except AudienceSyncError as exc:
+            _report_error(str(exc), args)
+            return EXIT_FAILED
+        except KeyboardInterrupt:
+            _report_error("stopped at once by a second signal; the next run resumes", args)
+            return EXIT_FAILED
+        except Exception as exc:
+            log.debug("traceback of the unexpected error", exc_info=True)
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            _report_error(
+                f"`{_command_name(args)}` failed unexpectedly: {type(exc).__name__}"
+                + (f": {first}" if first else "")
+                + " (-vv shows the traceback)",
+                args,
+            )
+            return EXIT_FAILED
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser, with one sub-command per way of using audience-sync."""
+    parser = argparse.ArgumentParser(
+        prog="audience-sync",
+        description="Keep Gist contacts' audience properties in step with audience membership.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    # The global options go before the command or after it; given after, they win.
+    _add_global_options(parser, argparse_default=True)
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
-        "--config",
-        metavar="PATH",
-        help="config file (default: $AUDIENCE_SYNC_CONFIG, else ./audience_sync.toml)",
-    )
-    common.add_argument(
-        "-v", "--verbose", action="count", default=0, help="log progress (-vv: every request)"
-    )
-    common.add_argument(
-        "--log-format", choices=("text", "json"), default="text", help="log lines as text or JSON"
-    )
+    _add_global_options(common, argparse_default=False)
     syncing = argparse.ArgumentParser(add_help=False)
     syncing.add_argument("--dry-run", action="store_true", help="plan and print, send nothing")
     syncing.add_argument("--json", action="store_true", help="print the results as JSON")
@@ -112,11 +160,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="write Prometheus metrics for node-exporter's textfile collector",
     )  # fmt: skip
 
-    parser = argparse.ArgumentParser(
-        prog="audience-sync",
-        description="Keep Gist contacts' audience properties in step with audience membership.",
-    )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, summary: str, description: str, *parents: Any) -> Any:
@@ -168,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     history.add_argument("--limit", "-n", type=int, default=20, help="how many runs (default 20)")
     history.add_argument("--json", action="store_true", help="print a JSON array")
-    history.set_defaults(handler=cmd_history)
+    history.set_defaults(handler=cmd_history, needs_gist=False)
 
     show = command(
         "show", "one run with its changes and rejected rows",
@@ -178,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--limit", "-n", type=int, default=100, help="changes/rows per page")
     show.add_argument("--page", type=int, default=1, help="which page of changes/rows (from 1)")
     show.add_argument("--json", action="store_true", help="print a JSON object")
-    show.set_defaults(handler=cmd_show)
+    show.set_defaults(handler=cmd_show, needs_gist=False)
 
     prune_cmd = command(
         "prune", "delete old per-member history",
@@ -187,14 +230,14 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     prune_cmd.add_argument("--older-than", required=True, metavar="AGE", help="e.g. 90d, 12h")
     prune_cmd.add_argument("--json", action="store_true", help="print counts as JSON")
-    prune_cmd.set_defaults(handler=cmd_prune)
+    prune_cmd.set_defaults(handler=cmd_prune, needs_gist=False)
 
     audiences = command(
         "audiences", "list configured audiences (validates the config)",
         "List configured audiences with name, property key, source and schedule.",
     )  # fmt: skip
     audiences.add_argument("--json", action="store_true", help="print a JSON array")
-    audiences.set_defaults(handler=cmd_audiences)
+    audiences.set_defaults(handler=cmd_audiences, needs_gist=False)
 
     verify = command(
         "verify", "check a sample of members against Gist",
@@ -225,14 +268,96 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--keep", metavar="DIR", type=Path, help="keep the demo's files here")
     demo.set_defaults(handler=cmd_demo)
 
+    init = command(
+        "init", "write a starter config and example CSV",
+        "Write a commented starter config (audience_sync.toml) and an example members CSV "
+        "into DIR, then print the next two commands. Never overwrites a file.",
+    )  # fmt: skip
+    init.add_argument(
+        "dir", metavar="DIR", nargs="?", type=Path, default=Path("."),
+        help="where to write them (default: the current folder)",
+    )  # fmt: skip
+    init.set_defaults(handler=cmd_init)
+
+    completion = command(
+        "completion", "print a shell's tab-completion script",
+        "Print the tab-completion script for bash, zsh or fish. Load it from your shell's "
+        'start-up file, e.g. `eval "$(audience-sync completion bash)"` in ~/.bashrc.',
+    )  # fmt: skip
+    completion.add_argument("shell", choices=SHELLS, help="the shell to complete in")
+    completion.set_defaults(handler=cmd_completion)
+
     database = command("db", "state database maintenance", "State database maintenance.")
     db_commands = database.add_subparsers(dest="db_command", required=True, metavar="ACTION")
     upgrade = db_commands.add_parser(
         "upgrade", parents=[common], help="migrate the state database to the newest schema",
         description="Migrate the state database to the newest schema.",
     )  # fmt: skip
-    upgrade.set_defaults(handler=cmd_db_upgrade)
+    upgrade.set_defaults(handler=cmd_db_upgrade, needs_gist=False)
     return parser
+
+
+SHELLS = ("bash", "zsh", "fish")
+HELP_WIDTH = 96  # the README's CLI reference is generated at this width, whatever the terminal
+
+
+def command_parsers(
+    parser: argparse.ArgumentParser | None = None,
+) -> dict[str, argparse.ArgumentParser]:
+    """Every command's parser by its name (``db upgrade`` for a nested one), in order."""
+    found: dict[str, argparse.ArgumentParser] = {}
+
+    def walk(current: argparse.ArgumentParser, prefix: str) -> None:
+        for action in current._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    found[f"{prefix}{name}"] = sub
+                    walk(sub, f"{prefix}{name} ")
+
+    walk(parser or build_parser(), "")
+    return found
+
+
+def help_pages() -> list[tuple[str, str]]:
+    """``--help`` of the program and of each command that runs (``db`` is only a group), as
+    the README's CLI reference shows them."""
+    previous = os.environ.get("COLUMNS")
+    os.environ["COLUMNS"] = str(HELP_WIDTH)  # argparse wraps help to the terminal's width
+    try:
+        parser = build_parser()
+        pages = [("", parser.format_help())]
+        for name, sub in command_parsers(parser).items():
+            if sub.get_default("handler") is not None:
+                pages.append((name, sub.format_help()))
+        return pages
+    finally:
+        if previous is None:
+            del os.environ["COLUMNS"]
+        else:
+            os.environ["COLUMNS"] = previous
+
+
+def _add_global_options(parser: argparse.ArgumentParser, *, argparse_default: bool) -> None:
+    """``--config``, ``-v`` and ``--log-format``: on the top parser with their defaults, on
+    each command without (``SUPPRESS``), so one given after the command overrides one before."""
+
+    def default(value: Any) -> Any:
+        return value if argparse_default else argparse.SUPPRESS
+
+    parser.add_argument(
+        "--config",
+        metavar="PATH",
+        default=default(None),
+        help="config file (default: $AUDIENCE_SYNC_CONFIG, else ./audience_sync.toml)",
+    )
+    parser.add_argument(
+        "-v", "--verbose", action="count", default=default(0),
+        help="log progress (-vv: every request, with its body)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--log-format", choices=("text", "json"), default=default("text"),
+        help="log lines as text or JSON",
+    )  # fmt: skip
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -253,6 +378,7 @@ def _sync_command(
     settings = _settings(args)
     metrics = Metrics()
     show_progress = sys.stderr.isatty() and not (args.quiet or args.json)
+    show_progress = show_progress and args.log_format == "text"  # JSON lines only, then
     bars: AbstractContextManager[Progress | None] = (
         ProgressBars(sys.stderr) if show_progress else nullcontext(None)
     )
@@ -269,6 +395,7 @@ def _sync_command(
             progress=progress,
         )
         orphans = load_orphans(engine, [a.property_key for a in settings.computations])
+        notes = _result_notes(engine, results, args)
     metrics.record_results(results)
     if args.metrics_file:
         metrics.write_textfile(args.metrics_file)
@@ -281,13 +408,58 @@ def _sync_command(
                 "run `audience-sync retire %s` to send them false and forget it",
                 key, count, key,
             )  # fmt: skip
-    _print_results(results, args)
-    return exit_code(results)
+    code = exit_code(results)
+    try:
+        _print_results(results, notes, args)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _detach_stdout()  # the reader left; the sync's own outcome still decides the exit code
+    return code
 
 
-def _print_results(results: Sequence[RunResult], args: argparse.Namespace) -> None:
+def _result_notes(
+    engine: Engine, results: Sequence[RunResult], args: argparse.Namespace
+) -> list[tuple[str, str, bool]]:
+    """What to say under the table: (audience, message, is_error), errors first-hand."""
+    notes: list[tuple[str, str, bool]] = []
+    for r in results:
+        # A partial run's own error is only the count of failed changes, told better below.
+        if r.error and not (r.status == "partial" and r.failed):
+            notes.append((r.audience_key, r.error, True))
+        if r.run_id is None or not (r.failed or r.rejected):
+            continue
+        run = load_run(engine, r.run_id, limit=1)
+        hint = f"see `{_again(args, 'show', str(r.run_id))}`"
+        first = run["changes"][0] if run and run["changes"] else None
+        # When delivery stopped, the change it stopped on carries the run's error: said once.
+        repeats = first is not None and str(first["last_error"]) in (r.error or "")
+        if r.failed and first is not None and first["status"] == "failed" and not repeats:
+            notes.append(
+                (
+                    r.audience_key,
+                    f"{_count(r.failed, 'change')} failed (first: user {first['user_id']}: "
+                    f"{first['last_error']}); {hint}",
+                    True,
+                )
+            )
+        if r.rejected and run and run["rejected_rows"]:
+            first = run["rejected_rows"][0]
+            notes.append(
+                (
+                    r.audience_key,
+                    f"{_count(r.rejected, 'source row')} rejected (first: row "
+                    f"{first['row_number']}: {first['reason']}); {hint}",
+                    False,
+                )
+            )
+    return notes
+
+
+def _print_results(
+    results: Sequence[RunResult], notes: Sequence[tuple[str, str, bool]], args: argparse.Namespace
+) -> None:
     if args.json:
-        print(json.dumps([asdict(r) for r in results], indent=2))
+        output_json([_result_dict(r) for r in results], sys.stdout)
         return
     if not args.quiet:
         if args.dry_run:
@@ -297,26 +469,42 @@ def _print_results(results: Sequence[RunResult], args: argparse.Namespace) -> No
                 "audience": r.audience_key, "kind": r.kind, "status": r.status,
                 "members": r.members, "entered": r.entered, "exited": r.exited,
                 "rejected": r.rejected, "delivered": r.delivered, "failed": r.failed,
-                "run": r.run_id if r.run_id is not None else "-",
+                "run_id": r.run_id,
             }
             for r in results
         ]  # fmt: skip
-        render_table(rows, RUN_COLUMNS, sys.stdout, tty=sys.stdout.isatty())
-    for r in results:
-        if r.error:
-            print(f"{r.audience_key}: {r.error}", file=sys.stdout if not args.quiet else sys.stderr)
+        output_rows(rows, RUN_COLUMNS, sys.stdout, optional=RUN_OPTIONAL)
+    # The same message for several audiences (delivery stopped for all) is said once.
+    grouped: dict[tuple[str, bool], list[str]] = {}
+    for key, message, is_error in notes:
+        grouped.setdefault((message, is_error), []).append(key)
+    for (message, is_error), keys in grouped.items():
+        line = f"{', '.join(keys)}: {message}"
+        if not args.quiet:
+            print(line)
+        elif is_error:
+            _report_error(line, args, prefix="")
+
+
+def _result_dict(result: RunResult) -> dict[str, Any]:
+    fields = asdict(result)
+    key = fields.pop("audience_key")
+    run_id = fields.pop("run_id")
+    return {"audience": key, "run_id": run_id, **fields, "audience_key": key}
 
 
 def cmd_history(args: argparse.Namespace) -> int:
     since = _parse_since(args.since) if args.since else None
     with _state(_settings(args)) as engine:
-        runs = load_runs(engine, args.audience, args.limit, status=args.status, since=since)
-    if args.json:
-        print(json.dumps(runs, indent=2))
-    elif not runs:
+        runs = [
+            _run_vocabulary(r)
+            for r in load_runs(engine, args.audience, args.limit, status=args.status, since=since)
+        ]
+    if not runs and not args.json:
         print("No runs match." if args.audience or args.status or args.since else "No runs yet.")
-    else:
-        render_table(runs, HISTORY_COLUMNS, sys.stdout, tty=sys.stdout.isatty())
+        return EXIT_OK
+    rows = runs if args.json else [{**r, "started_at": short_time(r["started_at"])} for r in runs]
+    output_rows(rows, HISTORY_COLUMNS, sys.stdout, as_json=args.json, optional=HISTORY_OPTIONAL)
     return EXIT_OK
 
 
@@ -324,28 +512,39 @@ def cmd_show(args: argparse.Namespace) -> int:
     if args.page < 1 or args.limit < 1:
         raise ConfigError("--page and --limit must be at least 1")
     with _state(_settings(args)) as engine:
-        run = load_run(engine, args.run_id, args.limit, (args.page - 1) * args.limit)
-    if run is None:
-        print(f"error: no run with id {args.run_id}", file=sys.stderr)
-        return EXIT_USAGE
+        found = load_run(engine, args.run_id, args.limit, (args.page - 1) * args.limit)
+    if found is None:
+        raise ConfigError(f"no run with id {args.run_id}: `audience-sync history` lists them")
+    run = _run_vocabulary(found)
     if args.json:
-        print(json.dumps(run, indent=2))
+        output_json(run, sys.stdout)
         return EXIT_OK
     for field in SHOW_FIELDS:
-        print(f"{field + ':':<13}{run[field] if run[field] is not None else '-'}")
-    tty = sys.stdout.isatty()
+        value = run[field]
+        if field.endswith("_at"):
+            value = short_time(value)
+        print(f"{field + ':':<13}{value if value is not None else '-'}")
     by_status = ", ".join(f"{k} {v}" for k, v in sorted(run["changes_by_status"].items()))
     print(f"\nChanges ({by_status or 'none'}), page {args.page}:")
     if run["changes"]:
-        render_table(run["changes"], CHANGE_COLUMNS, sys.stdout, tty=tty)
+        changes = [{**c, "delivered_at": short_time(c["delivered_at"])} for c in run["changes"]]
+        output_rows(changes, CHANGE_COLUMNS, sys.stdout, optional=CHANGE_OPTIONAL)
     if run["rejected_rows"]:
         print(f"\nRejected rows ({run['rejected']}), page {args.page}:")
         columns = ("row_number", "user_id", "email", "reason")
-        render_table(run["rejected_rows"], columns, sys.stdout, tty=tty)
+        output_rows(run["rejected_rows"], columns, sys.stdout)
     total = max(sum(run["changes_by_status"].values()), run["rejected"])
     if args.page * args.limit < total:
-        print(f"\nMore: audience-sync show {args.run_id} --page {args.page + 1}")
+        more = [str(args.run_id), "--page", str(args.page + 1)]
+        if args.limit != 100:
+            more += ["--limit", str(args.limit)]
+        print(f"\nMore: {_again(args, 'show', *more)}")
     return EXIT_OK
+
+
+def _run_vocabulary(run: dict[str, Any]) -> dict[str, Any]:
+    """A run as ``history`` and ``show`` print it: ``run_id`` first, ``id`` kept as an alias."""
+    return {"run_id": run["id"], **run}
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
@@ -355,7 +554,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     with _state(_settings(args)) as engine:
         deleted = prune(engine, utcnow() - timedelta(seconds=age))
     if args.json:
-        print(json.dumps(deleted))
+        output_json(deleted, sys.stdout)
     else:
         print(", ".join(f"{count} {table} deleted" for table, count in deleted.items()))
     return EXIT_OK
@@ -373,11 +572,8 @@ def cmd_audiences(args: argparse.Namespace) -> int:
         }
         for a in settings.computations
     ]
-    if args.json:
-        print(json.dumps(rows, indent=2))
-    else:
-        columns = ("key", "kind", "name", "source", "schedule")
-        render_table(rows, columns, sys.stdout, tty=sys.stdout.isatty())
+    columns = ("key", "kind", "name", "source", "schedule")
+    output_rows(rows, columns, sys.stdout, as_json=args.json, optional=("schedule", "kind"))
     return EXIT_OK
 
 
@@ -387,7 +583,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     with _state(settings) as engine:
         report = verify_audience(settings, engine, args.key, sample=args.sample, repair=args.repair)
     if args.json:
-        print(json.dumps(report.to_dict(), indent=2))
+        output_json(report.to_dict(), sys.stdout)
     else:
         print(
             f"{report.audience_key}: {report.matching} of {report.sampled} sampled members "
@@ -396,8 +592,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         )
         if report.drifted:
             rows = [asdict(d) for d in report.drifted]
-            columns = ("user_id", "expected", "actual", "reason")
-            render_table(rows, columns, sys.stdout, tty=sys.stdout.isatty())
+            output_rows(rows, ("user_id", "expected", "actual", "reason"), sys.stdout)
     return EXIT_OK if not report.drifted else EXIT_FAILED
 
 
@@ -446,6 +641,23 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(sys.stdout, keep=args.keep)
 
 
+def cmd_init(args: argparse.Namespace) -> int:
+    folder: Path = args.dir
+    written = write_starter(folder)
+    here = folder.resolve() == Path.cwd().resolve()
+    config = written[0]
+    flag = "" if here else f" --config {shlex.quote(str(config))}"
+    print(f"Wrote {', '.join(str(p) for p in written)}. Next:")
+    print(f"  GIST_API_KEY=placeholder audience-sync run{flag} --dry-run   # plan, send nothing")
+    print(f"  export GIST_API_KEY=...; audience-sync run{flag}   # edit the config first")
+    return EXIT_OK
+
+
+def cmd_completion(args: argparse.Namespace) -> int:
+    print(shellcode(["audience-sync"], shell=args.shell), end="")
+    return EXIT_OK
+
+
 def cmd_db_upgrade(args: argparse.Namespace) -> int:
     settings = _settings(args)
     with _state(settings, migrate=True) as engine:
@@ -468,7 +680,57 @@ def _parse_since(text: str) -> datetime:
 
 
 def _settings(args: argparse.Namespace) -> Settings:
-    return load_settings(resolve_config_path(args.config, os.environ))
+    # Commands that never call Gist need no API key (nor its ${GIST_API_KEY}).
+    return load_settings(
+        resolve_config_path(args.config, os.environ), gist=getattr(args, "needs_gist", True)
+    )
+
+
+def _again(args: argparse.Namespace, *words: str) -> str:
+    """A command line to run next, with the ``--config`` this one was given."""
+    line = ["audience-sync", *words]
+    if args.config:
+        line += ["--config", args.config]
+    return shlex.join(line)
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
+def _command_name(args: argparse.Namespace) -> str:
+    return " ".join(w for w in (args.command, getattr(args, "db_command", None)) if w)
+
+
+def _report_error(message: str, args: argparse.Namespace, prefix: str = "error: ") -> None:
+    """One line on stderr: plain text, or a JSON log line with ``--log-format json``."""
+    if args.log_format == "json":
+        log.error("%s", message)
+    else:
+        print(f"{prefix}{message}", file=sys.stderr, flush=True)
+
+
+def _usage_error(parser: argparse.ArgumentParser, json_logs: bool, message: str) -> NoReturn:
+    """argparse's error exit (usage, then the message; exit 2), as a JSON line if asked."""
+    if json_logs:
+        record = logging.makeLogRecord(
+            {"name": __name__, "levelno": logging.ERROR, "levelname": "ERROR",
+             "msg": f"{parser.prog}: {message}"}
+        )  # fmt: skip
+        print(JsonFormatter().format(record), file=sys.stderr, flush=True)
+        sys.exit(EXIT_USAGE)
+    parser.print_usage(sys.stderr)
+    parser.exit(EXIT_USAGE, f"{parser.prog}: error: {message}\n")
+
+
+def _detach_stdout() -> None:
+    """Point stdout at /dev/null so that flushing it at exit cannot raise again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, io.UnsupportedOperation):
+        pass  # not a real file (a test's capture): nothing will flush it at exit
 
 
 @contextmanager
@@ -522,28 +784,59 @@ def _signal_handlers(
 
 @contextmanager
 def _state(settings: Settings, *, migrate: bool = False) -> Iterator[Engine]:
-    """The state database, at head (see ``db.ensure_schema``), closed afterwards."""
-    engine = db.make_engine(settings.state.url)
-    try:
-        if migrate:
-            db.upgrade(engine)
-        else:
-            db.ensure_schema(engine)
-        yield engine
-    finally:
-        engine.dispose()
+    """The state database, at head (see ``db.ensure_schema``), closed afterwards.
+
+    The one boundary of state-database errors: whatever the body raises from the database
+    becomes a ``StateError`` with its first line only (no SQL, no bound parameters).
+    """
+    with db.state_errors(settings.state.url):
+        engine = db.make_engine(settings.state.url, schema=settings.state.db_schema)
+        try:
+            if migrate:
+                if settings.state.db_schema:
+                    db.create_schema(engine, settings.state.db_schema)
+                db.upgrade(engine)
+            else:
+                db.ensure_schema(engine)
+            yield engine
+        finally:
+            engine.dispose()
 
 
-def _setup_logging(verbosity: int, log_format: str = "text") -> None:
+@contextmanager
+def _logging(verbosity: int, log_format: str = "text") -> Iterator[None]:
+    """Log to stderr as the flags ask for the length of one command, then put back every
+    level and handler it touched (in-process callers, tests among them, see no leak)."""
+    root = logging.getLogger()
+    touched = [
+        logging.getLogger(name)
+        for name in (*CHATTY, *SECOND_HAND, "audience_sync", "audience_sync.scheduler")
+    ]
+    saved_root = (root.level, list(root.handlers))
+    saved = [(logger, logger.level) for logger in touched]
     handler = logging.StreamHandler(sys.stderr)
     if log_format == "json":
         handler.setFormatter(JsonFormatter())
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     handler.set_name("audience-sync")
-    root = logging.getLogger()
+    logging.captureWarnings(True)  # a library's warning is a log line too (JSON with json)
     # Replace only our own handler: others (a test's log capture, say) stay.
     root.handlers = [h for h in root.handlers if h.get_name() != "audience-sync"] + [handler]
     root.setLevel(logging.WARNING if verbosity == 0 else logging.INFO)
-    # httpx logs one line per request at INFO: only at -vv.
-    logging.getLogger("httpx").setLevel(logging.INFO if verbosity >= 2 else logging.WARNING)
+    for name in CHATTY:
+        # httpx logs every request, Alembic and APScheduler their set-up: only at -vv.
+        logging.getLogger(name).setLevel(logging.INFO if verbosity >= 2 else logging.WARNING)
+    for name in SECOND_HAND:
+        logging.getLogger(name).setLevel(logging.INFO if verbosity >= 2 else logging.ERROR)
+    # -vv: our own DEBUG lines too (each request's body; never the key, which is a header).
+    logging.getLogger("audience_sync").setLevel(logging.DEBUG if verbosity >= 2 else logging.NOTSET)
+    try:
+        yield
+    finally:
+        handler.flush()
+        logging.captureWarnings(False)
+        root.setLevel(saved_root[0])
+        root.handlers = saved_root[1]
+        for logger, level in saved:
+            logger.setLevel(level)

@@ -8,10 +8,20 @@ import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from apscheduler.triggers.cron import CronTrigger
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
@@ -22,6 +32,11 @@ DEFAULT_CONFIG = "audience_sync.toml"
 CONFIG_ENV = "AUDIENCE_SYNC_CONFIG"
 _DURATION = re.compile(r"(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?")
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_SCHEMA = re.compile(r"[a-z_][a-z0-9_]{0,62}")
+FileFormat = Literal["csv", "jsonl", "engage"]
+FILE_FORMATS: dict[str, FileFormat] = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
+STATE_BACKENDS = ("sqlite", "postgresql")
+UNUSED_KEY = "unused: this command never calls Gist"
 
 
 class _Frozen(BaseModel):
@@ -29,9 +44,37 @@ class _Frozen(BaseModel):
 
 
 class StateConfig(_Frozen):
-    """Where audience-sync keeps what Gist acknowledged (any SQLAlchemy URL)."""
+    """Where audience-sync keeps what Gist acknowledged: SQLite or PostgreSQL."""
 
     url: str = "sqlite:///audience_sync.db"
+    # `schema` in the file; a field named so would shadow BaseModel.schema.
+    db_schema: str | None = Field(None, alias="schema")
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, url: str) -> str:
+        try:
+            backend = make_url(url).get_backend_name()
+        except (ArgumentError, ValueError):
+            raise ValueError(f"{redact_url(url)!r} is not a SQLAlchemy URL") from None
+        if backend not in STATE_BACKENDS:
+            raise ValueError(
+                f"the state is kept in SQLite or PostgreSQL, not {backend} "
+                "(`sqlite:///audience_sync.db` or `postgresql://user@host/db`)"
+            )
+        return url
+
+    @field_validator("db_schema")
+    @classmethod
+    def _check_schema(cls, schema: str | None, info: ValidationInfo) -> str | None:
+        if schema is None:
+            return None
+        url = info.data.get("url")
+        if url is not None and make_url(url).get_backend_name() != "postgresql":
+            raise ValueError("`schema` applies to a PostgreSQL state only")
+        if not _SCHEMA.fullmatch(schema):
+            raise ValueError(f"schema {schema!r} must be a lowercase name (^[a-z_][a-z0-9_]*$)")
+        return schema
 
 
 class GistConfig(_Frozen):
@@ -45,6 +88,16 @@ class GistConfig(_Frozen):
     max_retries: int = Field(5, ge=0, le=20)
     retry_backoff_seconds: float = Field(1.0, gt=0, le=300)
     batch_size: int = Field(1, ge=1, le=1000)
+
+    @field_validator("base_url")
+    @classmethod
+    def _check_base_url(cls, base_url: str) -> str:
+        parts = urlsplit(base_url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(
+                f"{base_url!r} must be an http(s) URL with a host, like https://api.getgist.com"
+            )
+        return base_url
 
 
 class DaemonConfig(_Frozen):
@@ -87,7 +140,7 @@ class _Computation(_Frozen):
     source: str | None = None
     query: str | None = None
     file: Path | None = None
-    format: Literal["csv", "jsonl", "engage"] | None = None  # default: by the file's suffix
+    format: FileFormat | None = None  # default: by the file's suffix
     schedule: str | None = None
     every: str | None = None
     send_track: bool = False
@@ -103,6 +156,13 @@ class _Computation(_Frozen):
     def is_trait(self) -> bool:
         """True for a computed trait, False for an audience."""
         return False
+
+    @property
+    def file_format(self) -> FileFormat | None:
+        """How ``file`` is read: ``format``, else by its suffix; None for a query."""
+        if self.file is None:
+            return None
+        return self.format or FILE_FORMATS.get(self.file.suffix.lower())
 
     @model_validator(mode="after")
     def _check(self) -> _Computation:
@@ -121,6 +181,11 @@ class _Computation(_Frozen):
             raise ValueError("`source` and `query` go together")
         if self.format is not None and self.file is None:
             raise ValueError("`format` applies to a `file` only")
+        if self.file is not None and self.format is None and self.file_format is None:
+            raise ValueError(
+                f"file {self.file.name!r}: set `format` to csv, jsonl or engage (only .csv, "
+                ".jsonl and .ndjson files are recognised by their suffix)"
+            )
         if self.schedule is not None and self.every is not None:
             raise ValueError("give either `schedule` (cron) or `every` (interval), not both")
         if self.every is not None and parse_duration(self.every) is None:
@@ -185,8 +250,7 @@ class Settings(_Frozen):
                     f"audience {audience.name!r}: source {audience.source!r} is not defined "
                     f"under [sources] (defined: {known})"
                 )
-            if audience.file is not None and not audience.file.is_file():
-                raise ValueError(f"audience {audience.name!r}: file {audience.file} not found")
+            # A missing `file` is not checked here: it fails that audience's run only.
         try:
             check_unique_keys((a.name, a.property_key) for a in self.computations)
         except ConfigError as exc:
@@ -217,8 +281,14 @@ def resolve_config_path(cli_path: str | None, environ: Mapping[str, str]) -> Pat
     return Path(cli_path or environ.get(CONFIG_ENV) or DEFAULT_CONFIG)
 
 
-def load_settings(path: Path, environ: Mapping[str, str] | None = None) -> Settings:
-    """Read, interpolate and validate the config file; errors name the file and key."""
+def load_settings(
+    path: Path, environ: Mapping[str, str] | None = None, *, gist: bool = True
+) -> Settings:
+    """Read, interpolate and validate the config file; errors name the file and key.
+
+    ``gist=False`` is for commands that never call Gist: ``gist.api_key`` (and the
+    environment variable it names) is then not needed, and never read.
+    """
     env = os.environ if environ is None else environ
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
@@ -228,6 +298,8 @@ def load_settings(path: Path, environ: Mapping[str, str] | None = None) -> Setti
         raise ConfigError(f"{path}: cannot read config file: {exc}") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: invalid TOML: {exc}") from exc
+    if not gist and isinstance(raw.get("gist", {}), dict):
+        raw["gist"] = {**raw.get("gist", {}), "api_key": UNUSED_KEY}
     data = _interpolate(raw, env, path, "")
     base = path.resolve().parent
     _resolve_paths(data, base, path)

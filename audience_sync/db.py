@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -36,12 +38,24 @@ def normalize_url(url: str) -> str:
     return parsed.render_as_string(hide_password=False)
 
 
-def make_engine(url: str) -> Engine:
-    """An engine for the state database; SQLite gets WAL, a busy timeout and foreign keys."""
+def make_engine(url: str, *, schema: str | None = None) -> Engine:
+    """An engine for the state database; SQLite gets WAL, a busy timeout and foreign keys.
+
+    ``schema`` (PostgreSQL) puts the state tables in that schema: it is the connections'
+    ``search_path``, so every statement, Alembic's included, stays unqualified.
+    """
     url = normalize_url(url)
-    if make_url(url).get_backend_name() != "sqlite":
-        return create_engine(url, pool_pre_ping=True)
-    engine = create_engine(url, connect_args={"timeout": 60})
+    try:
+        if make_url(url).get_backend_name() != "sqlite":
+            connect_args = {"options": f"-csearch_path={quote_schema(schema)}"} if schema else {}
+            return create_engine(url, pool_pre_ping=True, connect_args=connect_args)
+        engine = create_engine(url, connect_args={"timeout": 60})
+    except ImportError as exc:
+        # The driver is imported when the engine is made: say which extra brings it.
+        raise StateError(
+            f"state.url {redact_url(url)}: its database driver is not installed "
+            f"({exc.name or exc}); install it with: {driver_hint(url)}"
+        ) from exc
 
     @event.listens_for(engine, "connect")
     def _pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -53,6 +67,46 @@ def make_engine(url: str) -> Engine:
         cursor.close()
 
     return engine
+
+
+def driver_hint(url: str) -> str:
+    """How to install the driver of ``url``'s database."""
+    backend = make_url(url).get_backend_name()
+    if backend == "postgresql":
+        return "pip install 'audience-sync[postgres]'"
+    return f"pip install the SQLAlchemy driver for {backend}"
+
+
+def quote_schema(schema: str) -> str:
+    """``schema`` as a PostgreSQL identifier (config validation allows ``[a-z_][a-z0-9_]*``)."""
+    return f'"{schema}"'
+
+
+def describe_error(exc: BaseException) -> str:
+    """A database error's first line, naming its kind: never the SQL, never bound parameters
+    (they hold users' emails)."""
+    orig = getattr(exc, "orig", None)
+    source = orig if isinstance(orig, BaseException) else exc
+    lines = str(source).strip().splitlines()
+    first = lines[0].strip() if lines else ""
+    # SQLAlchemy's own messages append the statement after the first line; a driver's may
+    # put a "DETAIL: Key (email)=(...)" there. Only the first line goes out.
+    return f"{type(source).__name__}: {first}" if first else type(source).__name__
+
+
+def create_schema(engine: Engine, schema: str) -> None:
+    """Create the PostgreSQL schema ``state.schema`` names, unless it exists."""
+    with engine.begin() as connection:
+        connection.exec_driver_sql(f"CREATE SCHEMA IF NOT EXISTS {quote_schema(schema)}")
+
+
+@contextmanager
+def state_errors(url: str) -> Iterator[None]:
+    """Translate the state database's errors into ``StateError``: the one place it happens."""
+    try:
+        yield
+    except SQLAlchemyError as exc:
+        raise StateError(f"state database {redact_url(url)}: {describe_error(exc)}") from exc
 
 
 def upsert(engine: Engine, table: Table) -> Any:
@@ -80,7 +134,9 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
     try:
         command.upgrade(alembic_config(engine), revision)
     except SQLAlchemyError as exc:
-        raise StateError(f"cannot migrate {redact_url(str(engine.url))}: {exc}") from exc
+        raise StateError(
+            f"cannot migrate {redact_url(str(engine.url))}: {describe_error(exc)}"
+        ) from exc
 
 
 def downgrade(engine: Engine, revision: str) -> None:
@@ -109,7 +165,7 @@ def ensure_schema(engine: Engine) -> None:
         current = current_revision(engine)
     except SQLAlchemyError as exc:
         raise StateError(
-            f"cannot open state database {redact_url(str(engine.url))}: {exc}"
+            f"cannot open state database {redact_url(str(engine.url))}: {describe_error(exc)}"
         ) from exc
     head = head_revision()
     if current == head:

@@ -26,7 +26,7 @@ from tenacity import (
 from audience_sync import lease
 from audience_sync.config import GistConfig
 from audience_sync.db import upsert
-from audience_sync.errors import AuthError, FatalApiError, RetriableApiError
+from audience_sync.errors import AuthError, FatalApiError, RetriableApiError, UnreachableError
 from audience_sync.gist import GistClient
 from audience_sync.models import contacts, memberships, trait_values, uncertain_members
 from audience_sync.models import member_changes as changes
@@ -541,6 +541,9 @@ class Deliverer:
         except AuthError as exc:
             self._stop(f"Gist refused the API key ({exc}); nothing more was sent")
             return []
+        except UnreachableError as exc:
+            self._stop(f"{exc}; nothing more was sent")
+            return []
         except (FatalApiError, RetriableApiError) as exc:
             log.info("batch of %d refused (%s): sending one by one", len(batch), exc)
             return batch
@@ -568,6 +571,11 @@ class Deliverer:
             # The key is refused: every later request would be too; this one was not applied.
             self._acks.add(Result(update, False, True, attempt.count, exc.status, str(exc)))
             self._stop(f"Gist refused the API key ({exc}); nothing more was sent")
+        except UnreachableError as exc:
+            # A wrong scheme or TLS set-up: no request gets through, so none is retried; this
+            # one never reached Gist.
+            self._acks.add(Result(update, False, True, attempt.count, None, str(exc)))
+            self._stop(f"{exc}; nothing more was sent")
         except FatalApiError as exc:
             self._acks.add(Result(update, False, True, attempt.count, exc.status, str(exc)))
         except RetriableApiError as exc:
@@ -585,7 +593,8 @@ class Deliverer:
 
     def _stop(self, reason: str) -> None:
         if self._report.error is None:
-            log.error(reason)
+            # INFO: the reason becomes each run's error, which the CLI and daemon report.
+            log.info(reason)
             self._report.error = reason
 
     def _save(self, results: list[Result]) -> None:

@@ -11,6 +11,7 @@ from typing import IO
 
 from audience_sync import db
 from audience_sync.config import load_settings
+from audience_sync.errors import ConfigError
 from audience_sync.fakegist import FakeGist
 from audience_sync.history import load_runs
 from audience_sync.render import render_table
@@ -18,11 +19,17 @@ from audience_sync.sync import RunResult, run_once
 
 DEMO_KEY = "demo-key-not-secret"  # the fake Gist's key; never a real one
 RUN_COLUMNS = ("audience", "status", "members", "entered", "exited", "delivered", "failed")
+# Everything a demo writes into its folder (SQLite adds -wal/-shm beside its file).
+DEMO_FILES = (
+    "audience_sync.toml", "vip.csv", "newsletter.jsonl", "state.db", "state.db-wal",
+    "state.db-shm",
+)  # fmt: skip
 
 
 def run_demo(out: IO[str], keep: Path | None = None) -> int:
     """Seed two audiences, sync, change them, sync again, show the history. Returns 0."""
     folder = Path(tempfile.mkdtemp(prefix="audience-sync-demo-")) if keep is None else keep
+    replaced = _clear_earlier_demo(folder) if keep is not None else False
     folder.mkdir(parents=True, exist_ok=True)
     tty = out.isatty()
     try:
@@ -32,6 +39,8 @@ def run_demo(out: IO[str], keep: Path | None = None) -> int:
             engine = db.make_engine(settings.state.url)
             try:
                 db.ensure_schema(engine)
+                if replaced:
+                    out.write(f"Replaced the earlier demo in {folder}.\n")
                 out.write(f"Fake Gist at {gist.url}; files in {folder}\n\n")
                 out.write("1. First sync: every member is sent `true`.\n")
                 _show(out, run_once(settings, engine), tty)
@@ -65,6 +74,29 @@ def run_demo(out: IO[str], keep: Path | None = None) -> int:
         if keep is None:
             shutil.rmtree(folder, ignore_errors=True)
     return 0
+
+
+def _clear_earlier_demo(folder: Path) -> bool:
+    """Make ``folder`` ready for a fresh demo: remove an earlier demo's files (each demo
+    starts a new, empty fake Gist, so its old state would be wrong), refuse anything else."""
+    if not folder.exists():
+        return False
+    if not folder.is_dir():
+        raise ConfigError(f"demo --keep {folder}: not a folder")
+    present = {p.name for p in folder.iterdir()}
+    if not present:
+        return False
+    config = folder / "audience_sync.toml"
+    others = present - set(DEMO_FILES)
+    is_demo = config.is_file() and DEMO_KEY in config.read_text(errors="replace")
+    if others or not is_demo:
+        raise ConfigError(
+            f"demo --keep {folder}: the folder holds files that are not an earlier demo's "
+            f"({', '.join(sorted(others or present))}); give a new or empty folder"
+        )
+    for name in present:
+        (folder / name).unlink()
+    return True
 
 
 def _seed(folder: Path, gist_url: str) -> Path:

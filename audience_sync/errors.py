@@ -9,7 +9,8 @@ AudienceSyncError
 └── ApiError               Gist answered something other than 2xx, or not at all
     ├── RetriableApiError  429, 5xx, timeouts, dropped connections: try again later
     └── FatalApiError      other 4xx: this change cannot be delivered as it is
-        └── AuthError      401/403: the API key is wrong; stop the whole run
+        ├── AuthError      401/403: the API key is wrong; stop the whole run
+        └── UnreachableError  Gist cannot be reached as configured (TLS, protocol): stop
 """
 
 from __future__ import annotations
@@ -68,3 +69,8 @@ class FatalApiError(ApiError):
 
 class AuthError(FatalApiError):
     """Gist refused the API key; no further request can succeed."""
+
+
+class UnreachableError(FatalApiError):
+    """Gist cannot be reached at the configured URL in a way no retry can mend (an
+    unsupported protocol, a TLS handshake that fails): no further request can succeed."""

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import email.utils
 import json
+import logging
+import socket
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -13,8 +16,9 @@ from typing import Any
 import httpx
 
 from audience_sync.config import GistConfig
-from audience_sync.errors import AuthError, FatalApiError, RetriableApiError
+from audience_sync.errors import AuthError, FatalApiError, RetriableApiError, UnreachableError
 
+log = logging.getLogger(__name__)
 USER_AGENT = "audience-sync"
 MAX_MESSAGE = 500
 
@@ -107,14 +111,15 @@ class GistClient:
     async def _request(self, endpoint: str, method: str, url: str, **kwargs: Any) -> httpx.Response:
         started = time.monotonic()
         status: int | None = None
+        if "json" in kwargs:
+            # -vv shows what is sent; the key travels in a header and is never logged.
+            log.debug("%s %s %s", method, url, json.dumps(kwargs["json"], default=str))
         try:
             response = await self._http.request(method, url, **kwargs)
             status = response.status_code
             return response
-        except httpx.TimeoutException as exc:
-            raise RetriableApiError(f"timed out: {type(exc).__name__}") from exc
         except httpx.TransportError as exc:
-            raise RetriableApiError(f"connection failed: {type(exc).__name__}: {exc}") from exc
+            raise transport_error(exc, str(self._http.base_url)) from exc
         finally:
             if self._observer is not None:
                 self._observer(endpoint, status, time.monotonic() - started)
@@ -177,6 +182,39 @@ def _position(
     if isinstance(email, str) and email in by_email:
         return by_email[email]
     return None
+
+
+def transport_error(exc: httpx.TransportError, base_url: str) -> RetriableApiError | FatalApiError:
+    """What a request that got no answer means: retry what can succeed later (a refused
+    connection, an unknown host, a timeout, a dropped connection), stop on what never can
+    (a scheme or a TLS set-up that is wrong). Every message names the URL and the cause."""
+    url = base_url.rstrip("/")
+    where = f"cannot reach Gist at {url}"
+    if isinstance(exc, httpx.UnsupportedProtocol):
+        return UnreachableError(f"{where}: {exc}")
+    if isinstance(exc, httpx.TimeoutException):
+        return RetriableApiError(f"Gist at {url} timed out: {type(exc).__name__}")
+    cause = _root_cause(exc)
+    if isinstance(cause, ssl.SSLError):
+        reason = cause.reason or str(cause)
+        return UnreachableError(
+            f"{where}: TLS failed ({reason}), check base_url's scheme (http or https)"
+        )
+    if isinstance(cause, ConnectionRefusedError):
+        return RetriableApiError(f"{where}: connection refused")
+    if isinstance(cause, socket.gaierror):
+        return RetriableApiError(f"{where}: host not found ({cause.strerror or cause})")
+    if isinstance(exc, httpx.ConnectError):
+        return RetriableApiError(f"{where}: connection failed: {type(exc).__name__}: {exc}")
+    return RetriableApiError(f"Gist at {url}: connection failed: {type(exc).__name__}: {exc}")
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    seen: set[int] = set()
+    while (nxt := exc.__cause__ or exc.__context__) is not None and id(nxt) not in seen:
+        seen.add(id(exc))
+        exc = nxt
+    return exc
 
 
 def check_response(response: httpx.Response) -> None:

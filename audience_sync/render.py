@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 from types import TracebackType
 from typing import IO, Any
 
+from rich import box
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -36,28 +37,103 @@ STATUS_STYLES: dict[RunStatus, str] = {
     "interrupted": "red",
     "running": "blue",
 }
+# Columns whose text may wrap on a terminal; every other column keeps a value on one line.
+WRAPPING = frozenset({"error", "last_error", "reason", "source", "name", "email"})
+WRAP_MIN = 16  # the narrowest a wrapping column is squeezed to
+GAP = 2  # spaces between columns
+
+
+def output_json(value: Any, stream: IO[str]) -> None:
+    """Write ``value`` as indented JSON: what every ``--json`` prints."""
+    stream.write(json.dumps(value, indent=2, default=str) + "\n")
+
+
+def output_rows(
+    rows: Sequence[dict[str, Any]],
+    columns: Sequence[str],
+    stream: IO[str],
+    *,
+    as_json: bool = False,
+    optional: Sequence[str] = (),
+    width: int | None = None,
+) -> None:
+    """Rows as a JSON array (every field) or as a table of ``columns`` for people.
+
+    On a terminal the table fits its width: ``optional`` columns are left out, last first,
+    until it does (``--json`` always has them). Piped, it is plain aligned text.
+    """
+    if as_json:
+        output_json(list(rows), stream)
+        return
+    render_table(rows, columns, stream, tty=_is_tty(stream), optional=optional, width=width)
 
 
 def render_table(
-    rows: Sequence[dict[str, Any]], columns: Sequence[str], stream: IO[str], *, tty: bool
+    rows: Sequence[dict[str, Any]],
+    columns: Sequence[str],
+    stream: IO[str],
+    *,
+    tty: bool,
+    optional: Sequence[str] = (),
+    width: int | None = None,
 ) -> None:
     """Write ``rows`` as a table: rich with colour on a terminal, aligned plain text otherwise."""
-    numeric = [all(isinstance(row.get(c), int) for row in rows) for c in columns]
+    numeric = {c: all(isinstance(row.get(c), int) for row in rows) for c in columns}
     if not tty:
-        stream.write(plain_table(rows, columns, numeric) + "\n")
+        shown = list(columns)
+        stream.write(plain_table(rows, shown, [numeric[c] for c in shown]) + "\n")
         return
-    table = Table(header_style="bold")
-    for column, is_number in zip(columns, numeric, strict=True):
-        table.add_column(column, justify="right" if is_number else "left", overflow="fold")
+    console = Console(file=stream, force_terminal=True, width=width)
+    shown = fit_columns(rows, columns, optional, console.width)
+    table = Table(
+        box=box.SIMPLE_HEAD,
+        padding=(0, 1, 0, 0),  # with the box's blank separator: GAP spaces between columns
+        pad_edge=False,
+        show_edge=False,
+        header_style="bold",
+    )
+    for column in shown:
+        wraps = column in WRAPPING
+        table.add_column(
+            column,
+            justify="right" if numeric[column] else "left",
+            no_wrap=not wraps,
+            overflow="fold" if wraps else "ellipsis",
+            min_width=min(WRAP_MIN, _natural_width(rows, column)) if wraps else None,
+        )
     for row in rows:
-        cells = [_cell(row.get(c)) for c in columns]
-        if "status" in columns:
-            index = list(columns).index("status")
+        cells = [_cell(row.get(c)) for c in shown]
+        if "status" in shown:
+            index = shown.index("status")
             # A cell is any text; only a run status has a style.
             style = STATUS_STYLES.get(cells[index])  # type: ignore[call-overload]
             cells[index] = f"[{style}]{cells[index]}[/]" if style else cells[index]
         table.add_row(*cells)
-    Console(file=stream, force_terminal=True).print(table)
+    console.print(table)
+    hidden = [c for c in columns if c not in shown]
+    if hidden:
+        note = f"(hidden to fit: {', '.join(hidden)}; --json shows all)"
+        if len(note) > console.width:
+            note = f"(hidden to fit: {', '.join(hidden)})"
+        console.print(note, style="dim", overflow="ellipsis", no_wrap=True)
+
+
+def fit_columns(
+    rows: Sequence[dict[str, Any]], columns: Sequence[str], optional: Sequence[str], width: int
+) -> list[str]:
+    """``columns`` less as many ``optional`` ones (dropped last first) as it takes to fit."""
+    shown = list(columns)
+    droppable = [c for c in reversed(optional) if c in shown]
+
+    def needed() -> int:
+        return sum(
+            min(WRAP_MIN, _natural_width(rows, c)) if c in WRAPPING else _natural_width(rows, c)
+            for c in shown
+        ) + GAP * len(shown)
+
+    while droppable and needed() > width:
+        shown.remove(droppable.pop(0))
+    return shown
 
 
 def plain_table(
@@ -74,6 +150,28 @@ def plain_table(
         return "  ".join(parts).rstrip()
 
     return "\n".join([line(list(columns)), *(line(r) for r in cells)])
+
+
+def short_time(value: str | None) -> str | None:
+    """An ISO timestamp as ``2026-12-01 03:01`` (UTC), the form tables show."""
+    if value is None:
+        return None
+    try:
+        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return value
+    return moment.strftime("%Y-%m-%d %H:%M")
+
+
+def _natural_width(rows: Sequence[dict[str, Any]], column: str) -> int:
+    return max([len(column), *(len(_cell(row.get(column))) for row in rows)])
+
+
+def _is_tty(stream: IO[str]) -> bool:
+    try:
+        return stream.isatty()
+    except ValueError:  # a closed stream
+        return False
 
 
 def _cell(value: Any) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal, Protocol
@@ -12,8 +13,8 @@ from sqlalchemy import create_engine, event, text
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import SQLAlchemyError
 
-from audience_sync.config import Computation, Settings, redact_url, scrub
-from audience_sync.db import normalize_url
+from audience_sync.config import FILE_FORMATS, Computation, Settings, redact_url, scrub
+from audience_sync.db import driver_hint, normalize_url
 from audience_sync.engage import read_engage
 from audience_sync.errors import SourceError
 from audience_sync.rows import CHUNK_SIZE, SourceRow
@@ -21,6 +22,17 @@ from audience_sync.rows import CHUNK_SIZE, SourceRow
 __all__ = ["CHUNK_SIZE", "FileSource", "Source", "SourceRow", "SqlSource", "source_for"]
 
 REQUIRED_COLUMNS = ("user_id", "email")
+# Statements that can only write: refused before they reach the database, whose own answer
+# (a syntax error from PostgreSQL's server-side cursor) would not say why.
+WRITE_STATEMENTS = frozenset({
+    "INSERT", "UPDATE", "DELETE", "MERGE", "UPSERT", "REPLACE", "DROP", "CREATE", "ALTER",
+    "TRUNCATE", "GRANT", "REVOKE", "COPY", "CALL", "DO", "VACUUM", "REINDEX", "CLUSTER",
+    "COMMENT", "LOCK",
+})  # fmt: skip
+# What databases say when a read-only transaction meets a write (PostgreSQL, SQLite, MySQL,
+# and PostgreSQL's server-side cursor refusing a data-modifying WITH).
+_WRITE_REFUSED = ("read-only transaction", "readonly database", "data-modifying", "read only")
+_COMMENTS = re.compile(r"\s*(?:--[^\n]*(?:\n|$)|/\*.*?\*/)", re.DOTALL)
 # Python's csv stops at 128 KiB per field; allow more so an oversized value becomes a
 # rejected row with a reason instead of failing the whole file.
 csv.field_size_limit(16 * 1024 * 1024)
@@ -46,6 +58,12 @@ class SqlSource:
         self.columns = (*REQUIRED_COLUMNS, "value") if with_value else REQUIRED_COLUMNS
 
     def read_chunks(self, chunk_size: int = CHUNK_SIZE) -> Iterator[list[SourceRow]]:
+        statement = first_keyword(self.query)
+        if statement in WRITE_STATEMENTS:
+            raise SourceError(
+                f"{self.description}: the query must be read-only, a SELECT returning "
+                f"{_names(self.columns)}; it is a {statement}"
+            )
         engine = None
         try:
             # Inside the try: an unknown dialect or a missing driver is this source's failure
@@ -81,12 +99,18 @@ class SqlSource:
                         chunk.append(SourceRow(number, row[user_index], row[email_index], value))
                     yield chunk
         except SQLAlchemyError as exc:
-            raise SourceError(
-                f"{self.description}: query failed: {scrub(_first_line(exc), self.url)}"
-            ) from exc
+            message = scrub(_first_line(exc), self.url)
+            if any(phrase in message.lower() for phrase in _WRITE_REFUSED):
+                raise SourceError(
+                    f"{self.description}: the query must be read-only (it tried to write: "
+                    f"{message})"
+                ) from exc
+            raise SourceError(f"{self.description}: query failed: {message}") from exc
         except ImportError as exc:
+            driver = exc.name or scrub(str(exc), self.url)
             raise SourceError(
-                f"{self.description}: database driver not installed: {scrub(str(exc), self.url)}"
+                f"{self.description}: database driver not installed ({driver}); "
+                f"install it with: {driver_hint(self.url)}"
             ) from exc
         finally:
             if engine is not None:
@@ -107,12 +131,16 @@ class FileSource:
     ) -> None:
         self.path = path
         self.description = str(path)
-        self.format = format or ("jsonl" if path.suffix in (".jsonl", ".ndjson") else "csv")
+        self.format = format or FILE_FORMATS.get(path.suffix.lower())
         self.key = key
         self.with_value = with_value
         self.columns = (*REQUIRED_COLUMNS, "value") if with_value else REQUIRED_COLUMNS
 
     def read_chunks(self, chunk_size: int = CHUNK_SIZE) -> Iterator[list[SourceRow]]:
+        if not self.path.is_file():
+            raise SourceError(f"{self.path}: file not found")
+        if self.format is None:
+            raise SourceError(f"{self.path}: set `format` (csv, jsonl or engage) for this file")
         if self.format == "engage":
             kind: Literal["audience", "trait"] = "trait" if self.with_value else "audience"
             yield from read_engage(self.path, self.key, kind=kind, chunk_size=chunk_size)
@@ -158,7 +186,14 @@ class FileSource:
                 user_index, email_index = header.index("user_id"), header.index("email")
                 value_index = header.index("value") if self.with_value else None
                 width = max(user_index, email_index, value_index or 0)
-                for number, record in enumerate(reader, start=1):
+                number = 0
+                for record in reader:
+                    # Only a short row or one without user_id can be blank: test just those.
+                    if (len(record) <= width or not record[user_index].strip()) and not any(
+                        field.strip() for field in record
+                    ):
+                        continue  # a blank line, as in JSONL: not a row
+                    number += 1
                     if len(record) <= width:  # a short row: what is missing reads as None
                         record = [*record, *[None] * (width + 1 - len(record))]  # type: ignore[list-item]
                     value = record[value_index] if value_index is not None else None
@@ -206,6 +241,18 @@ def source_for(settings: Settings, audience: Computation) -> Source:
 def _names(columns: tuple[str, ...]) -> str:
     """("user_id", "email", "value") → "user_id, email and value"."""
     return " and ".join([", ".join(columns[:-1]), columns[-1]])
+
+
+def first_keyword(query: str) -> str:
+    """The statement's first word, upper-cased, after comments and opening parentheses."""
+    rest = query
+    while True:
+        match = _COMMENTS.match(rest)
+        if not match or not match.group(0).strip():
+            break
+        rest = rest[match.end() :]
+    word = re.match(r"[\s(]*([A-Za-z]+)", rest)
+    return word.group(1).upper() if word else ""
 
 
 def _read_only(connection: Connection) -> None:

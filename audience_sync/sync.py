@@ -211,7 +211,14 @@ def _targets(settings: Settings, engine: Engine, keys: Sequence[str], mode: Mode
         )
     with engine.connect() as connection:
         names = dict(connection.execute(select(audiences.c.key, audiences.c.name)).all())
-    return [_Target(k, names.get(k, k), None) for k in keys]
+    unknown = [k for k in keys if k not in names]
+    if unknown:
+        retirable = ", ".join(sorted(set(names) - configured)) or "none"
+        raise ConfigError(
+            f"{', '.join(unknown)}: no such audience in the state, nothing to retire "
+            f"(retirable: {retirable})"
+        )
+    return [_Target(k, names[k], None) for k in keys]
 
 
 def _prepare(

@@ -6,6 +6,9 @@ from __future__ import annotations
 import csv
 import json
 import os
+import socket
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterable, Iterator
 from functools import cache
@@ -23,6 +26,8 @@ from audience_sync.fakegist import FakeGist
 from audience_sync.models import leases
 
 API_KEY = "test-key-SECRET-1234"
+# The installed console script beside this interpreter: what a user types.
+EXECUTABLE = str(Path(sys.executable).with_name("audience-sync"))
 
 # CI replays the same examples every time, so a landing never hinges on a lucky draw;
 # developers' runs keep exploring new ones.
@@ -49,17 +54,23 @@ def postgres_admin_url() -> str | None:
     return None
 
 
+def require_postgres() -> str:
+    """The local PostgreSQL server's admin URL; skips (fails in CI) when it is down."""
+    admin = postgres_admin_url()
+    if admin is None:
+        if os.environ.get("AUDIENCE_SYNC_REQUIRE_POSTGRES"):
+            pytest.fail("AUDIENCE_SYNC_REQUIRE_POSTGRES is set but PostgreSQL is not reachable")
+        pytest.skip("PostgreSQL is not reachable at 127.0.0.1:5432 (database test)")
+    return admin
+
+
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
 def state_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """An empty state database URL: a SQLite file, or a fresh schema on PostgreSQL."""
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'state.db'}"
         return
-    admin = postgres_admin_url()
-    if admin is None:
-        if os.environ.get("AUDIENCE_SYNC_REQUIRE_POSTGRES"):
-            pytest.fail("AUDIENCE_SYNC_REQUIRE_POSTGRES is set but PostgreSQL is not reachable")
-        pytest.skip("PostgreSQL is not reachable at 127.0.0.1:5432 (database test)")
+    admin = require_postgres()
     schema = f"t_{uuid.uuid4().hex[:12]}"
     engine = create_engine(admin, poolclass=NullPool)  # survives tests that kill connections
     with engine.begin() as connection:
@@ -209,3 +220,33 @@ def plant_lease(engine: Engine, key: str, owner: str, seconds_left: int) -> None
                 expires_at=lease.database_now(dialect, seconds_left),
             )
         )
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on (bound, then released)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def run_process(
+    *args: str, env: dict[str, str] | None = None, cwd: Path | None = None, stdout: Any = None
+) -> subprocess.CompletedProcess[str]:
+    """Run the installed ``audience-sync`` as a user would; ``stdout`` may be a file
+    descriptor (a pipe), else it is captured."""
+    return subprocess.run(
+        [EXECUTABLE, *args],
+        env={**os.environ, **(env or {})},
+        cwd=cwd,
+        stdout=subprocess.PIPE if stdout is None else stdout,
+        stderr=subprocess.PIPE,
+        text=True,
+        check=False,
+        timeout=120,
+    )
+
+
+def assert_no_traceback(stderr: str) -> None:
+    """What a user must never see: a Python traceback or an ignored exception."""
+    for sign in ("Traceback", "Exception ignored", "BrokenPipeError"):
+        assert sign not in stderr, stderr

@@ -284,9 +284,9 @@ BAD_CONFIGS: list[tuple[str, str, str]] = [
         "audience 'Buyers': source 'nowhere' is not defined under [sources] (defined: none)",
     ),
     (
-        "missing-file",
-        GIST + '[[audiences]]\nname = "Buyers"\nfile = "absent.csv"\n',
-        "absent.csv not found",
+        "txt-file-without-format",
+        GIST + '[[audiences]]\nname = "Buyers"\nfile = "buyers.txt"\n',
+        "file 'buyers.txt': set `format` to csv, jsonl or engage",
     ),
     (
         "invalid-cron",

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
 import pytest
 
-from audience_sync.cli import build_parser
+from audience_sync.cli import command_parsers
 from audience_sync.config import (
     AlertsConfig,
     AudienceConfig,
@@ -23,17 +25,7 @@ README = (ROOT / "README.md").read_text()
 
 
 def _commands() -> dict[str, argparse.ArgumentParser]:
-    found: dict[str, argparse.ArgumentParser] = {}
-
-    def walk(parser: argparse.ArgumentParser, prefix: str) -> None:
-        for action in parser._actions:
-            if isinstance(action, argparse._SubParsersAction):
-                for name, sub in action.choices.items():
-                    found[f"{prefix}{name}"] = sub
-                    walk(sub, f"{prefix}{name} ")
-
-    walk(build_parser(), "")
-    return found
+    return command_parsers()
 
 
 @pytest.mark.parametrize("command", sorted(_commands()), ids=str)
@@ -55,8 +47,9 @@ def test_command_has_help_and_is_documented(command: str) -> None:
     ids=["state", "gist", "daemon", "alerts", "audiences"],
 )
 def test_every_config_key_is_documented(section: str, model: type) -> None:
-    for field in model.model_fields:
-        assert f"`{section}.{field}`" in README, f"README lacks {section}.{field}"
+    for name, field in model.model_fields.items():
+        key = field.alias or name  # as written in the file (`state.schema`)
+        assert f"`{section}.{key}`" in README, f"README lacks {section}.{key}"
 
 
 def test_every_trait_key_is_documented() -> None:
@@ -67,3 +60,20 @@ def test_every_trait_key_is_documented() -> None:
 def test_example_config_is_valid_toml_and_names_every_gist_key() -> None:
     example = tomllib.loads((ROOT / "config.example.toml").read_text())
     assert set(example["gist"]) == set(GistConfig.model_fields)
+
+
+def test_cli_reference_is_generated_from_help() -> None:
+    # The README's CLI reference is cog's output of every command's --help: never stale.
+    done = subprocess.run(
+        [sys.executable, "-m", "cogapp", "--check", str(ROOT / "README.md")],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr + "\nrun: cog -r README.md"
+
+
+def test_example_config_documents_the_state_keys() -> None:
+    example = (ROOT / "config.example.toml").read_text()
+    assert "pip install 'audience-sync[postgres]'" in example
+    assert "schema = " in example

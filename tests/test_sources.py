@@ -212,7 +212,16 @@ WRITES = [
 ]
 
 
-@pytest.mark.parametrize("query", WRITES)
+# Writes that start like a read: only the database's read-only transaction stops them.
+SNEAKY_SQLITE = [
+    pytest.param(
+        "WITH x AS (SELECT 1) INSERT INTO users VALUES (9, 'z@example.com')", id="with-insert"
+    ),
+    pytest.param("-- a comment first\nDELETE FROM users RETURNING *", id="comment-then-delete"),
+]
+
+
+@pytest.mark.parametrize("query", [*WRITES, *SNEAKY_SQLITE])
 def test_sqlite_warehouse_is_never_written(tmp_path: Path, query: str) -> None:
     path = tmp_path / "warehouse.db"
     url = sqlite_warehouse(path)
@@ -220,8 +229,7 @@ def test_sqlite_warehouse_is_never_written(tmp_path: Path, query: str) -> None:
     with pytest.raises(SourceError) as info:
         flatten(SqlSource(url, query, "warehouse").read_chunks())
 
-    assert str(info.value).startswith(f"warehouse: {url}: query failed: ")
-    assert "readonly database" in str(info.value)
+    assert str(info.value).startswith(f"warehouse: {url}: the query must be read-only")
     with closing(sqlite3.connect(path)) as connection:
         assert connection.execute("SELECT * FROM users ORDER BY 1").fetchall() == USERS
 
@@ -229,7 +237,14 @@ def test_sqlite_warehouse_is_never_written(tmp_path: Path, query: str) -> None:
 @pytest.mark.postgres
 @pytest.mark.parametrize(
     "query",
-    [*WRITES, pytest.param("SELECT user_id, email FROM purge()", id="function-that-deletes")],
+    [
+        *WRITES,
+        pytest.param("SELECT user_id, email FROM purge()", id="function-that-deletes"),
+        pytest.param(
+            "WITH gone AS (DELETE FROM users RETURNING user_id, email) SELECT * FROM gone",
+            id="data-modifying-with",
+        ),
+    ],
 )
 def test_postgresql_warehouse_is_never_written(pg_warehouse: PgWarehouse, query: str) -> None:
     with pytest.raises(SourceError) as info:
@@ -237,11 +252,20 @@ def test_postgresql_warehouse_is_never_written(pg_warehouse: PgWarehouse, query:
 
     message = str(info.value)
     assert message.startswith("warehouse: postgresql")
-    assert "query failed: " in message
-    # A bare DML statement is refused by the server-side cursor, anything sneakier by
-    # the read-only transaction; either way the message is the server's own.
-    assert "read-only transaction" in message or "syntax error at or near" in message
+    # A bare write is refused before it is sent, anything sneakier by the read-only
+    # transaction (or the server-side cursor); the message says why either way, never
+    # "syntax error", which is what PostgreSQL answers a DELETE ... RETURNING in a cursor.
+    assert "the query must be read-only" in message
+    assert "syntax error" not in message
     assert pg_warehouse.rows() == USERS
+
+
+def test_a_typo_is_reported_by_the_database_not_as_a_write(tmp_path: Path) -> None:
+    url = sqlite_warehouse(tmp_path / "warehouse.db")
+    with pytest.raises(SourceError) as info:
+        flatten(SqlSource(url, "SELEC user_id, email FROM users", "warehouse").read_chunks())
+    assert "query failed: " in str(info.value)
+    assert "read-only" not in str(info.value)
 
 
 @pytest.mark.postgres

@@ -1,0 +1,297 @@
+"""What the command line shows a newcomer: options in either place, one vocabulary, tables
+that fit the terminal, errors once (text or JSON), hints that lead to `show` (issue 11)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import subprocess
+import termios
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine
+
+from audience_sync.cli import run_cli
+from audience_sync.fakegist import FakeGist
+from tests.conftest import (
+    API_KEY,
+    EXECUTABLE,
+    Workspace,
+    assert_no_traceback,
+    invoker,
+    write_members,
+)
+
+KEY = "order_completed_last_30days"
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+SHORT_TIME = re.compile(r"\b\d{4}-\d\d-\d\d \d\d:\d\d\b")
+
+
+def run_on_terminal(args: list[str], columns: int) -> str:
+    """Run the CLI on a pseudo-terminal ``columns`` wide; what it showed, colours removed."""
+    master, slave = os.openpty()
+    termios.tcsetwinsize(slave, (40, columns))
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
+    process = subprocess.Popen(
+        [EXECUTABLE, *args],
+        stdin=slave,
+        stdout=slave,
+        stderr=slave,
+        env={**env, "GIST_API_KEY": API_KEY, "TERM": "xterm-256color"},
+    )
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 65536)
+        except OSError:  # EIO: the process closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    process.wait(timeout=60)
+    os.close(master)
+    return ANSI.sub("", b"".join(chunks).decode()).replace("\r\n", "\n")
+
+
+# ---------------------------------------------------------------- options and keys
+
+
+def test_global_options_go_before_or_after_the_command(
+    workspace: Workspace, gist: FakeGist, engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write_members(workspace.add_file_audience("Order Completed Last 30days"), [1])
+    monkeypatch.setenv("GIST_API_KEY", API_KEY)
+    config = str(workspace.config_path)
+
+    assert run_cli(["--config", config, "-v", "--log-format", "json", "run", "--json"]) == 0
+    # Given in both places, the one after the command wins.
+    assert run_cli(["--config", "/nowhere.toml", "history", "--config", config]) == 0
+    assert run_cli(["--config", config, "history", "--config", "/nowhere.toml"]) == 2
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["history"],
+        ["show", "1"],
+        ["audiences"],
+        ["prune", "--older-than", "90d"],
+        ["db", "upgrade"],
+    ],
+    ids=["history", "show", "audiences", "prune", "db-upgrade"],
+)
+def test_commands_that_never_call_gist_need_no_api_key(
+    workspace: Workspace,
+    engine: Engine,
+    gist: FakeGist,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    command: list[str],
+) -> None:
+    write_members(workspace.add_file_audience("Order Completed Last 30days"), [1])
+    cli = invoker(workspace, capsys)
+    monkeypatch.setenv("GIST_API_KEY", API_KEY)
+    assert cli("run")[0] == 0
+    monkeypatch.delenv("GIST_API_KEY")
+
+    code, _, err = cli(*command)
+    assert (code, err) == (0, "")
+
+    code, _, err = cli("run")  # this one does call Gist
+    assert code == 2
+    assert "${GIST_API_KEY} is not set" in err
+
+
+def test_one_vocabulary_run_id_and_audience_in_every_json(
+    workspace: Workspace, gist: FakeGist, cli: Any
+) -> None:
+    write_members(workspace.add_file_audience("Order Completed Last 30days"), [1])
+
+    _, out, _ = cli("run", "--json")
+    [ran] = json.loads(out)
+    _, out, _ = cli("history", "--json")
+    [listed] = json.loads(out)
+    _, out, _ = cli("show", str(ran["run_id"]), "--json")
+    shown = json.loads(out)
+
+    for run in (ran, listed, shown):
+        assert (run["run_id"], run["audience"]) == (ran["run_id"], KEY)
+    # The old names, kept one release as aliases.
+    assert ran["audience_key"] == KEY
+    assert listed["id"] == shown["id"] == ran["run_id"]
+
+
+# ---------------------------------------------------------------- hints that lead to `show`
+
+
+def test_failed_changes_and_rejected_rows_point_at_show(
+    workspace: Workspace, gist: FakeGist, cli: Any
+) -> None:
+    source = workspace.add_file_audience("Order Completed Last 30days")
+    write_members(source, [1, 2, ("u3", "not-an-email"), 4])
+    gist.fail_user("u2", 422, "Email is invalid")
+    config = workspace.config_path
+
+    code, out, err = cli("run")
+
+    assert code == 1
+    run_id = json.loads(cli("history", "--json")[1])[0]["run_id"]
+    show = f"see `audience-sync show {run_id} --config {config}`"
+    assert f"{KEY}: 1 change failed (first: user u2: HTTP 422: Email is invalid); {show}" in out, (
+        out
+    )
+    assert f"{KEY}: 1 source row rejected (first: row 3: invalid email); {show}" in out
+    assert "changes failed" not in out  # the bare count no longer stands alone
+
+    gist.fail_user("u5", 422, "Email is invalid")
+    write_members(source, [1, 2, ("u3", "not-an-email"), 4, 5])
+    code, out, err = cli("run", "--quiet")
+    assert (code, out) == (1, "")
+    assert "2 changes failed (first: user u2: HTTP 422: Email is invalid)" in err
+    assert "rejected" not in err  # --quiet: errors only
+
+
+def test_show_paging_hint_keeps_the_config(workspace: Workspace, gist: FakeGist, cli: Any) -> None:
+    write_members(workspace.add_file_audience("Order Completed Last 30days"), range(5))
+    cli("run")
+
+    code, out, _ = cli("show", "1", "--limit", "2")
+
+    assert code == 0
+    assert f"More: audience-sync show 1 --page 2 --limit 2 --config {workspace.config_path}" in out
+
+
+# ---------------------------------------------------------------- logging
+
+
+def test_quiet_prints_each_error_once(workspace: Workspace, gist: FakeGist, cli: Any) -> None:
+    write_members(workspace.add_file_audience("Order Completed Last 30days"), [1, 2])
+    write_members(workspace.add_file_audience("Newsletter Signups"), [3])
+    gist.fail_after(0, 401)
+
+    code, out, err = cli("run", "--quiet")
+
+    assert (code, out) == (1, "")
+    assert err.count("Gist refused the API key") == 1, err
+    assert err.startswith(f"{KEY}, newsletter_signups: Gist refused the API key")
+
+
+@pytest.mark.parametrize(
+    "args", [["run", "--quiet"], ["run", "-v"], ["retire", KEY]], ids=["quiet", "verbose", "usage"]
+)
+def test_json_log_format_prints_only_json_lines(
+    workspace: Workspace, gist: FakeGist, cli: Any, args: list[str]
+) -> None:
+    write_members(workspace.add_file_audience("Order Completed Last 30days"), [1, 2])
+    gist.fail_after(0, 401)
+
+    code, _, err = cli(*args, "--log-format", "json")
+
+    assert code in (1, 2)
+    lines = err.splitlines()
+    assert lines
+    records = [json.loads(line) for line in lines]  # every line, or this raises
+    # Without --quiet a run's errors are part of its output (stdout); logs are on stderr.
+    wanted = "info" if "-v" in args else "error"
+    assert any(r["level"] == wanted for r in records), records
+    assert API_KEY not in err
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["--log-format", "json", "run", "--bogus"], ["nope", "--log-format=json"]],
+    ids=["unknown-flag", "unknown-command"],
+)
+def test_json_log_format_covers_usage_errors(
+    args: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        run_cli(args)
+    _, err = capsys.readouterr()
+    assert exited.value.code == 2
+    [record] = [json.loads(line) for line in err.splitlines()]
+    assert record["level"] == "error"
+    assert record["message"].startswith("audience-sync: ")
+
+
+def test_v_hides_library_chatter_and_vv_shows_request_bodies(
+    tmp_path: Path,
+    gist: FakeGist,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # A new SQLite state: the first command migrates it, which Alembic likes to narrate.
+    workspace = Workspace(tmp_path, f"sqlite:///{tmp_path / 'state.db'}", gist.url)
+    source = workspace.add_file_audience("Order Completed Last 30days")
+    write_members(source, [1])
+    monkeypatch.setenv("GIST_API_KEY", API_KEY)
+    cli = invoker(workspace, capsys)
+
+    code, _, err = cli("run", "-v")
+    assert code == 0
+    assert f"audience_sync.sync: {KEY}: 1 rows" in err
+    for chatter in ("alembic", "Context impl", "httpx", "HTTP Request"):
+        assert chatter not in err
+
+    write_members(source, [1, ("u2", "two@example.com")])
+    code, _, err = cli("run", "-vv")
+    assert code == 0
+    body = json.dumps(
+        {"user_id": "u2", "email": "two@example.com", "custom_properties": {KEY: True}}
+    )
+    assert f"POST /contacts {body}" in err
+    assert "HTTP Request: POST" in err
+    assert API_KEY not in err
+
+
+def test_logging_set_up_by_a_command_is_put_back(
+    workspace: Workspace, gist: FakeGist, cli: Any
+) -> None:
+    names = ("", "httpx", "alembic", "apscheduler", "psycopg", "audience_sync")
+    before = {name: logging.getLogger(name).level for name in names}
+    handlers = list(logging.getLogger().handlers)
+    write_members(workspace.add_file_audience("Order Completed Last 30days"), [1])
+
+    assert cli("run", "-vv", "--log-format", "json")[0] == 0
+    assert cli("daemon", "--once")[0] == 0
+
+    assert {name: logging.getLogger(name).level for name in names} == before
+    assert logging.getLogger().handlers == handlers
+
+
+# ---------------------------------------------------------------- tables on a terminal
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("columns", [80, 120], ids=["80", "120"])
+def test_tables_fit_the_terminal(
+    workspace: Workspace, gist: FakeGist, cli: Any, columns: int
+) -> None:
+    write_members(workspace.add_file_audience("Order Completed Last 30days"), range(3))
+    write_members(workspace.add_file_audience("Newsletter Signups"), [1, ("u9", "bad")])
+    cli("run")
+    config = ["--config", str(workspace.config_path)]
+
+    for args in (["history"], ["run", "--dry-run"], ["audiences"], ["show", "2"]):
+        shown = run_on_terminal([*args, *config], columns)
+        assert_no_traceback(shown)
+        lines = shown.splitlines()
+        # Tables fit; a sentence under them (a hint naming a path) may wrap like any text.
+        too_wide = [line for line in lines if len(line) > columns and "`audience-sync" not in line]
+        assert not too_wide, "\n".join(too_wide)
+        if args[0] in ("history", "run", "audiences"):
+            # Keys are never broken over lines.
+            assert any(KEY in line for line in lines), shown
+            assert any("newsletter_signups" in line for line in lines), shown
+    history = run_on_terminal(["history", *config], columns)
+    assert SHORT_TIME.search(history), history
+    assert "T" not in "".join(re.findall(r"\d{4}-\d\d-\d\dT", history))
+    if columns == 120:
+        assert "delivered" in history  # room for the counts
+    else:
+        assert "hidden to fit" in history
