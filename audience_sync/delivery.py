@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Generic, TypeVar
 
-from sqlalchemy import Engine, and_, bindparam, delete, select
+from sqlalchemy import Engine, Table, and_, bindparam, delete, select
 from sqlalchemy.engine import Connection
 from tenacity import (
     AsyncRetrying,
@@ -255,32 +255,10 @@ def _save(connection: Connection, engine: Engine, results: Sequence[Result], now
         for r in results
         for c in r.update.changes
     ]
-    if entries:
-        statement = upsert(engine, memberships)
-        connection.execute(
-            statement.on_conflict_do_update(
-                index_elements=[memberships.c.audience_key, memberships.c.user_id],
-                set_={
-                    "email": statement.excluded.email,
-                    "last_run_id": statement.excluded.last_run_id,
-                },
-            ),
-            entries,
-        )
-    if values:
-        statement = upsert(engine, trait_values)
-        connection.execute(
-            statement.on_conflict_do_update(
-                index_elements=[trait_values.c.trait_key, trait_values.c.user_id],
-                set_={
-                    "email": statement.excluded.email,
-                    "value": statement.excluded.value,
-                    "since": statement.excluded.since,
-                    "last_run_id": statement.excluded.last_run_id,
-                },
-            ),
-            values,
-        )
+    _upsert(connection, engine, memberships, ["audience_key", "user_id"], entries,
+            ["email", "last_run_id"])  # fmt: skip
+    _upsert(connection, engine, trait_values, ["trait_key", "user_id"], values,
+            ["email", "value", "since", "last_run_id"])  # fmt: skip
     for table, column, pairs in (
         (memberships, memberships.c.audience_key, not_members),
         (trait_values, trait_values.c.trait_key, not_valued),
@@ -293,19 +271,8 @@ def _save(connection: Connection, engine: Engine, results: Sequence[Result], now
                 ),
                 pairs,
             )
-    if emails:
-        statement = upsert(engine, contacts)
-        connection.execute(
-            statement.on_conflict_do_update(
-                index_elements=[contacts.c.user_id],
-                set_={
-                    "email": statement.excluded.email,
-                    "updated_at": statement.excluded.updated_at,
-                    "last_run_id": statement.excluded.last_run_id,
-                },
-            ),
-            list(emails.values()),
-        )
+    _upsert(connection, engine, contacts, ["user_id"], list(emails.values()),
+            ["email", "updated_at", "last_run_id"])  # fmt: skip
     if refused:
         unmark_uncertain(connection, [c for c, _ in refused], [u for _, u in refused])
     if statuses:
@@ -320,6 +287,26 @@ def _save(connection: Connection, engine: Engine, results: Sequence[Result], now
                 delivered_at=bindparam("delivered_at"),
             ),
             statuses,
+        )
+
+
+def _upsert(
+    connection: Connection,
+    engine: Engine,
+    table: Table,
+    keys: list[str],
+    rows: list[dict[str, Any]],
+    columns: list[str],
+) -> None:
+    """Insert ``rows`` into ``table``, or set ``columns`` of the rows whose ``keys`` exist."""
+    if rows:
+        statement = upsert(engine, table)
+        connection.execute(
+            statement.on_conflict_do_update(
+                index_elements=[table.c[k] for k in keys],
+                set_={c: statement.excluded[c] for c in columns},
+            ),
+            rows,
         )
 
 
