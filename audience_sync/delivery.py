@@ -363,7 +363,9 @@ class Pacer:
         # such a bunch from exceeding the rate over any second.
         while True:
             now = self._monotonic()
-            while self._sent and self._sent[0] <= now - self._window:
+            # A nanosecond of slack: without it, rounding can leave a request a hair inside
+            # the window at the very moment it should leave it, and the wait rounds to 0.
+            while self._sent and self._sent[0] + self._window <= now + 1e-9:
                 self._sent.popleft()
             if len(self._sent) < self._window_limit:
                 break

@@ -114,9 +114,8 @@ def test_client_waits_as_told_and_never_exceeds_its_rate(
 
     assert run.status == "succeeded"
     requests = gist.requests("/contacts")
-    stamps = sorted(r.at for r in requests)
-    busiest = max(sum(1 for t in stamps if start <= t < start + 1.0) for start in stamps)
-    assert busiest <= 11  # 10/s, plus one for where the window's edges fall
+    # The rate itself is proven to the millisecond in simulated time (tests/test_delivery.py);
+    # here: the waits Gist asked for were kept, over real HTTP.
     by_user: dict[str, list[Any]] = defaultdict(list)
     for r in requests:
         by_user[r.body["user_id"]].append(r)
