@@ -74,12 +74,13 @@ HISTORY_OPTIONAL = (
 )  # fmt: skip
 SHOW_FIELDS = (
     "run_id", "audience", "kind", "status", "started_at", "finished_at", "source_rows",
-    "members", "entered", "exited", "delivered", "failed", "rejected", "error",
+    "members", "entered", "exited", "resent", "delivered", "failed", "rejected",
+    "email_conflicts", "error",
 )  # fmt: skip
 CHANGE_COLUMNS = (
-    "user_id", "email", "value", "status", "attempts", "http_status", "last_error",
+    "user_id", "email", "value", "status", "event", "attempts", "http_status", "last_error",
 )  # fmt: skip
-CHANGE_OPTIONAL = ("http_status", "attempts")
+CHANGE_OPTIONAL = ("http_status", "attempts", "event")
 # Loggers that chatter at INFO: shown from -vv on, never at -v.
 CHATTY = ("alembic", "apscheduler", "httpx")
 # psycopg warns of errors it ignored while cleaning up after one we report: -vv only.
@@ -426,10 +427,21 @@ def _result_notes(
         # A partial run's own error is only the count of failed changes, told better below.
         if r.error and not (r.status == "partial" and r.failed):
             notes.append((r.audience_key, r.error, True))
-        if r.run_id is None or not (r.failed or r.rejected):
+        if r.run_id is None or not (r.failed or r.rejected or r.email_conflicts):
             continue
         run = load_run(engine, r.run_id, limit=1)
         hint = f"see `{_again(args, 'show', str(r.run_id))}`"
+        if r.email_conflicts and run and run["email_conflict_rows"]:
+            first = run["email_conflict_rows"][0]
+            notes.append(
+                (
+                    r.audience_key,
+                    f"{_count(r.email_conflicts, 'user')} with another email in an earlier "
+                    f"audience's source, whose email was sent (first: user {first['user_id']}: "
+                    f"{first['email']} here, {first['used_email']} sent); {hint}",
+                    False,
+                )
+            )
         first = run["changes"][0] if run and run["changes"] else None
         # When delivery stopped, the change it stopped on carries the run's error: said once.
         repeats = first is not None and str(first["last_error"]) in (r.error or "")
@@ -533,7 +545,15 @@ def cmd_show(args: argparse.Namespace) -> int:
         print(f"\nRejected rows ({run['rejected']}), page {args.page}:")
         columns = ("row_number", "user_id", "email", "reason")
         output_rows(run["rejected_rows"], columns, sys.stdout)
-    total = max(sum(run["changes_by_status"].values()), run["rejected"])
+    if run["email_conflict_rows"]:
+        print(
+            f"\nEmails that differed from an earlier audience's ({run['email_conflicts']}), "
+            f"page {args.page}:"
+        )
+        output_rows(run["email_conflict_rows"], ("user_id", "email", "used_email"), sys.stdout)
+    total = max(
+        sum(run["changes_by_status"].values()), run["rejected"], run["email_conflicts"] or 0
+    )
     if args.page * args.limit < total:
         more = [str(args.run_id), "--page", str(args.page + 1)]
         if args.limit != 100:

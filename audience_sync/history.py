@@ -94,6 +94,7 @@ def load_run(
                 member_changes.c.http_status,
                 member_changes.c.last_error,
                 member_changes.c.delivered_at,
+                member_changes.c.event_status.label("event"),
             )
             .where(member_changes.c.run_id == run_id)
             .order_by(failed_first, member_changes.c.id)

@@ -295,3 +295,50 @@ def test_tables_fit_the_terminal(
         assert "delivered" in history  # room for the counts
     else:
         assert "hidden to fit" in history
+
+
+def test_a_dry_run_records_the_requests_it_would_send(
+    workspace: Workspace, engine: Engine, gist: FakeGist, cli: Any
+) -> None:
+    source = workspace.add_file_audience("Order Completed Last 30days", send_track=True)
+    write_members(source, [1, 2])
+
+    code, out, _ = cli("run", "--dry-run", "--json")
+
+    assert code == 0
+    [result] = json.loads(out)
+    assert (result["kind"], result["status"], result["entered"]) == ("dry-run", "succeeded", 2)
+    assert gist.requests() == []
+    code, out, _ = cli("show", str(result["run_id"]), "--json")
+    shown = json.loads(out)
+    assert shown["changes_by_status"] == {"planned": 2}
+    assert {(c["user_id"], c["email"], c["value"], c["event"]) for c in shown["changes"]} == {
+        ("u1", "u1@example.com", True, "planned"),
+        ("u2", "u2@example.com", True, "planned"),
+    }
+    code, out, _ = cli("run", "--json")  # the next real run plans afresh
+    [real] = json.loads(out)
+    assert (real["entered"], real["delivered"]) == (2, 2)
+    assert len(gist.requests("/contacts")) == 2
+
+
+def test_an_email_two_audiences_disagree_on_is_reported(
+    workspace: Workspace, engine: Engine, gist: FakeGist, cli: Any
+) -> None:
+    first = workspace.add_file_audience("VIP")
+    second = workspace.add_file_audience("Newsletter")
+    write_members(first, [("u1", "one@example.com")])
+    write_members(second, [("u1", "two@example.com")])
+
+    code, out, _ = cli("run")
+
+    assert code == 0
+    assert (
+        "newsletter: 1 user with another email in an earlier audience's source, whose email "
+        "was sent (first: user u1: two@example.com here, one@example.com sent)"
+    ) in out
+    run_id = json.loads(cli("history", "--json")[1])[0]["run_id"]
+    code, out, _ = cli("show", str(run_id))
+    assert "Emails that differed from an earlier audience's (1)" in out
+    assert "two@example.com" in out
+    assert "one@example.com" in out
