@@ -40,8 +40,8 @@ def read_engage(
     time for lines before any), so it counts as happening just after that line. ``userId``s
     are canonical (``42``, ``42.0`` and ``"42"`` are one user):
 
-    - ``kind="audience"``: one ``SourceRow(line, userId, email)`` per current member;
-    - ``kind="trait"``: ``SourceRow(line, userId, email, value)``, the JSON type kept.
+    - ``kind="audience"``: one ``(line, userId, email, None)`` per current member;
+    - ``kind="trait"``: ``(line, userId, email, value)``, the JSON type kept.
 
     ``line`` is the 1-based line of the deciding event; ``email`` is the latest non-empty one
     seen for the user in any counted event, or None (the caller rejects such a row).
@@ -78,14 +78,12 @@ def read_engage(
     except OSError as exc:
         raise SourceError(f"{path}: cannot read: {exc}") from exc
 
-    rows = [
-        SourceRow(
-            order[1], user, emails.get(user, (None, None))[1], None if kind == "audience" else value
-        )
+    rows: list[SourceRow] = [
+        (order[1], user, emails.get(user, (None, None))[1], None if kind == "audience" else value)
         for user, (order, value) in decided.items()
         if kind == "trait" or value is True
     ]
-    rows.sort(key=lambda row: row.row_number)
+    rows.sort(key=lambda row: row[0])
     for start in range(0, len(rows), chunk_size):
         yield rows[start : start + chunk_size]
 

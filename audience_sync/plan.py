@@ -1,10 +1,15 @@
-"""The set-based diff of staged snapshots against what Gist acknowledged, written as the plan.
+"""The set-based diff of staged snapshots against what Gist may hold, written as the plan.
 
 Every plan row says what one request will set for one user and key. A member is planned
 from what Gist *may* hold: acknowledged rows (``memberships``, ``trait_values``) and
 ``uncertain_members`` (a request went out and no answer settled it). A track event is owed
 only for a change of the acknowledged value: re-sending a value Gist already acknowledged
 (a repair, a new email) sends no second ``Audience Entered``.
+
+The diff is one pass over the snapshot (outer joins to the acknowledged rows and the
+uncertain ones: entries, changes and new emails together) and one anti-join over what Gist
+may hold (exits); both are hash joins on PostgreSQL and index probes on SQLite. Counts are
+taken from the (small) plan, not from the snapshot.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from typing import Any
 from sqlalchemy import (
     Boolean,
     ColumnElement,
-    Engine,
+    Table,
     Text,
     and_,
     case,
@@ -31,6 +36,7 @@ from sqlalchemy import (
     select,
     true,
     union_all,
+    update,
 )
 from sqlalchemy.engine import Connection
 
@@ -39,14 +45,13 @@ from audience_sync.models import (
     email_conflicts,
     memberships,
     rejected_rows,
-    staged_members,
     trait_values,
     uncertain_members,
 )
 from audience_sync.models import member_changes as changes
+from audience_sync.stage import Snapshot
 from audience_sync.statuses import ChangeStatus
 
-staged = staged_members
 uncertain = uncertain_members
 NULL_JSON = "null"
 OPEN_STATUSES: tuple[ChangeStatus, ...] = ("pending", "planned")
@@ -54,10 +59,12 @@ OPEN_STATUSES: tuple[ChangeStatus, ...] = ("pending", "planned")
 
 @dataclass(frozen=True)
 class PlanTarget:
-    """The run a plan is written for: its key, and whether it is a dry run or owes events."""
+    """The run a plan is written for: its key, its snapshot (none for retire), and whether
+    it is a dry run or owes events."""
 
     run_id: int
     key: str
+    staged: Table | None = None
     dry_run: bool = False
     track: bool = False  # send_track: changes of the acknowledged value owe an event
 
@@ -66,6 +73,11 @@ class PlanTarget:
         """``planned`` rows of a dry run are only shown; ``pending`` ones are sent."""
         return "planned" if self.dry_run else "pending"
 
+    @property
+    def snapshot(self) -> Table:
+        assert self.staged is not None, "only retire plans without a snapshot"
+        return self.staged
+
 
 @dataclass(frozen=True)
 class Diff:
@@ -73,12 +85,14 @@ class Diff:
 
     ``held``: users Gist may hold a value for (acknowledged members or non-null values,
     plus uncertain ones); ``exited`` counts only such users, so it never exceeds ``held``.
+    ``resent``: unchanged members sent again because their email changed.
     """
 
     members: int
     held: int
     entered: int
     exited: int
+    resent: int = 0
 
     def is_mass_exit(self, threshold: float, min_members: int) -> bool:
         """True when the exits exceed ``threshold`` of an audience of ``min_members``+,
@@ -91,12 +105,12 @@ class Diff:
         return self.held >= min_members and self.exited / self.held > threshold
 
 
-def start_plan(engine: Engine, target: PlanTarget) -> None:
+def start_plan(connection: Connection, target: PlanTarget) -> None:
     """Before a real run plans a key: older pending rows of it are superseded, since every
     plan re-plans everything still owed."""
     if target.dry_run:
         return
-    with engine.begin() as connection:
+    with connection.begin():
         connection.execute(
             changes.update()
             .where(
@@ -108,28 +122,44 @@ def start_plan(engine: Engine, target: PlanTarget) -> None:
         )
 
 
-def save_plan(engine: Engine, target: PlanTarget) -> Diff:
-    """Plan ``true`` for staged members Gist is not known to hold and ``false`` for those
-    Gist may hold who are gone from the source; return the diff."""
-    key, run_id = target.key, target.run_id
-    acknowledged = _member(key, staged.c.user_id)
-    entered = select(
-        *_row(target, staged.c.user_id, staged.c.email, true(), event=~acknowledged)
-    ).where(staged.c.run_id == run_id, or_(~acknowledged, _uncertain(key, staged.c.user_id)))
+def save_plan(connection: Connection, target: PlanTarget) -> Diff:
+    """Plan ``true`` for staged members Gist is not known to hold (and again, with the new
+    email, for members whose email in the source changed) and ``false`` for those Gist may
+    hold who are gone from the source; return the diff."""
+    key, s = target.key, target.snapshot
+    m, u = memberships.alias("m"), uncertain.alias("u")
+    joined = s.outerjoin(m, and_(m.c.audience_key == key, m.c.user_id == s.c.user_id)).outerjoin(
+        u, and_(u.c.audience_key == key, u.c.user_id == s.c.user_id)
+    )
+    unknown = m.c.user_id.is_(None)
+    unsure = u.c.user_id.is_not(None)
+    entered = (
+        select(*_row(target, s.c.user_id, s.c.email, true(), event=unknown))
+        .select_from(joined)
+        .where(or_(unknown, unsure, m.c.email != s.c.email))
+    )
     exited = union_all(
         select(
             *_row(target, memberships.c.user_id, memberships.c.email, false(), event=true())
-        ).where(memberships.c.audience_key == key, _gone(run_id, memberships.c.user_id)),
+        ).where(memberships.c.audience_key == key, _gone(target, memberships.c.user_id)),
         select(*_row(target, uncertain.c.user_id, uncertain.c.email, false(), event=false())).where(
             uncertain.c.audience_key == key,
             ~_member(key, uncertain.c.user_id),
-            _gone(run_id, uncertain.c.user_id),
+            _gone(target, uncertain.c.user_id),
         ),
     )
-    with engine.begin() as connection:
-        entries = _insert(connection, entered)
+    with connection.begin():
+        sent_true = _insert(connection, entered)
         exits = _insert(connection, exited)
-        members = _count(connection, select(func.count()).where(staged.c.run_id == run_id))
+        resent = _count(
+            connection,
+            select(func.count()).where(
+                *_planned(target, changes.c.value == true()),
+                _member(key, changes.c.user_id),
+                ~_uncertain(key, changes.c.user_id),
+            ),
+        )
+        members = _count(connection, select(func.count()).select_from(s))
         held = _count(
             connection, select(func.count()).where(memberships.c.audience_key == key)
         ) + _count(
@@ -138,170 +168,149 @@ def save_plan(engine: Engine, target: PlanTarget) -> Diff:
                 uncertain.c.audience_key == key, ~_member(key, uncertain.c.user_id)
             ),
         )
-    return Diff(members, held, entries, exits)
+    return Diff(members, held, sent_true - resent, exits, resent)
 
 
-def save_trait_plan(engine: Engine, target: PlanTarget, on_missing: str) -> Diff:
-    """Plan each staged value Gist is not known to hold, and ``null`` for users gone from the
-    source who may hold a value when ``on_missing`` is "null"; return the diff (a change to
-    ``null`` of a user who may hold a value is an exit)."""
-    key, run_id = target.key, target.run_id
-    same = exists().where(
-        trait_values.c.trait_key == key,
-        trait_values.c.user_id == staged.c.user_id,
-        trait_values.c.value == staged.c.value,
+def save_trait_plan(connection: Connection, target: PlanTarget, on_missing: str) -> Diff:
+    """Plan each staged value Gist is not known to hold (and again, with the new email, the
+    values of users whose email changed), and for users gone from the source ``null`` (when
+    ``on_missing`` is "null") or the last value attempted while unanswered ("keep"); return
+    the diff (a change to ``null`` of a user who may hold a value is an exit)."""
+    key, s = target.key, target.snapshot
+    tv, u = trait_values.alias("tv"), uncertain.alias("u")
+    joined = s.outerjoin(tv, and_(tv.c.trait_key == key, tv.c.user_id == s.c.user_id)).outerjoin(
+        u, and_(u.c.audience_key == key, u.c.user_id == s.c.user_id)
     )
-    owed = and_(staged.c.run_id == run_id, or_(~same, _uncertain(key, staged.c.user_id)))
-    removal = and_(
-        staged.c.value == NULL_JSON,
-        or_(_valued(key, staged.c.user_id), _uncertain(key, staged.c.user_id)),
-    )
-    row = _row(target, staged.c.user_id, staged.c.email, _NO_VALUE, staged.c.value, event=~same)
-    with engine.begin() as connection:
-        entries = _insert(connection, select(*row).where(owed, ~removal))
-        exits = _insert(connection, select(*row).where(owed, removal))
+    same = and_(tv.c.user_id.is_not(None), tv.c.value == s.c.value)
+    owed = select(
+        *_row(target, s.c.user_id, s.c.email, _NO_VALUE, s.c.value, event=~same)
+    ).select_from(joined)
+    owed = owed.where(or_(~same, u.c.user_id.is_not(None), tv.c.email != s.c.email))
+    with connection.begin():
+        planned = _insert(connection, owed)
+        exits = resent = 0
         if on_missing == "null":
             exits += _insert(connection, _trait_missing(target))
         else:
-            entries += _insert(connection, _trait_kept(target))
-        members = _count(
+            planned += _insert(connection, _trait_kept(target))
+        removals = _count(
             connection,
-            select(func.count()).where(staged.c.run_id == run_id, staged.c.value != NULL_JSON),
+            select(func.count()).where(
+                *_planned(target, changes.c.value_json == NULL_JSON),
+                or_(_valued(key, changes.c.user_id), _uncertain(key, changes.c.user_id)),
+                _present(target, changes.c.user_id),
+            ),
+        )
+        resent = _count(
+            connection,
+            select(func.count()).where(
+                *_planned(target),
+                ~_uncertain(key, changes.c.user_id),
+                exists().where(
+                    trait_values.c.trait_key == key,
+                    trait_values.c.user_id == changes.c.user_id,
+                    trait_values.c.value == changes.c.value_json,
+                ),
+            ),
+        )
+        members = _count(
+            connection, select(func.count()).select_from(s).where(s.c.value != NULL_JSON)
         )
         held = _count(connection, _held_values(key))
-    return Diff(members, held, entries, exits)
+    return Diff(members, held, planned - removals - resent, exits + removals, resent)
 
 
-def save_email_updates(engine: Engine, target: PlanTarget, *, trait: bool) -> int:
-    """Plan a re-send of the acknowledged value for staged members whose email in the source
-    differs from the one Gist holds, so that Gist's contact email follows the source.
-    Returns how many were planned; they owe no event."""
-    key, run_id = target.key, target.run_id
-    moved = exists().where(
-        contacts.c.user_id == staged.c.user_id, contacts.c.email != staged.c.email
-    )
-    if trait:
-        unchanged: ColumnElement[bool] = exists().where(
-            trait_values.c.trait_key == key,
-            trait_values.c.user_id == staged.c.user_id,
-            trait_values.c.value == staged.c.value,
-        )
-        row = _row(target, staged.c.user_id, staged.c.email, _NO_VALUE, staged.c.value)
-    else:
-        unchanged = _member(key, staged.c.user_id)
-        row = _row(target, staged.c.user_id, staged.c.email, true())
-    query = select(*row).where(
-        staged.c.run_id == run_id, unchanged, ~_uncertain(key, staged.c.user_id), moved
-    )
-    with engine.begin() as connection:
-        return _insert(connection, query)
-
-
-def unify_emails(engine: Engine, run_ids: Sequence[int]) -> dict[int, int]:
+def unify_emails(connection: Connection, snapshots: Sequence[Snapshot]) -> dict[int, int]:
     """Give a user staged by several runs of one invocation one email: the first run's (in
-    config order). Returns, per run, how many of its rows carried another email."""
-    if len(run_ids) < 2:
-        return {}
-    other = staged.alias("other")
-    first = (
-        select(other.c.email)
-        .where(other.c.run_id.in_(run_ids), other.c.user_id == staged.c.user_id)
-        .order_by(other.c.run_id)
-        .limit(1)
-        .scalar_subquery()
-    )
-    earlier_differs = exists().where(
-        other.c.run_id.in_(run_ids),
-        other.c.run_id < staged.c.run_id,
-        other.c.user_id == staged.c.user_id,
-        other.c.email != staged.c.email,
-    )
+    config order). The rows that carried another are kept in ``email_conflicts``. Returns,
+    per run, how many of its rows did."""
     conflicts: dict[int, int] = {}
-    with engine.begin() as connection:
-        for run_id in run_ids[1:]:
-            connection.execute(
-                email_conflicts.insert().from_select(
-                    ["run_id", "user_id", "email", "used_email"],
-                    select(staged.c.run_id, staged.c.user_id, staged.c.email, first).where(
-                        staged.c.run_id == run_id, earlier_differs
-                    ),
+    with connection.begin():
+        for index, later in enumerate(snapshots):
+            for earlier in snapshots[:index]:
+                a, b = later.table, earlier.table
+                differs = and_(a.c.user_id == b.c.user_id, a.c.email != b.c.email)
+                connection.execute(
+                    email_conflicts.insert().from_select(
+                        ["run_id", "user_id", "email", "used_email"],
+                        select(literal(later.run_id), a.c.user_id, a.c.email, b.c.email).where(
+                            differs
+                        ),
+                    )
                 )
-            )
-            updated = connection.execute(
-                staged.update()
-                .where(staged.c.run_id == run_id, earlier_differs)
-                .values(email=first)
-            ).rowcount
-            if updated:
-                conflicts[run_id] = updated
+                moved = connection.execute(
+                    update(a).where(differs).values(email=b.c.email)
+                ).rowcount
+                if moved:
+                    conflicts[later.run_id] = conflicts.get(later.run_id, 0) + moved
     return conflicts
 
 
-def resolve_emails(engine: Engine, run_ids: Sequence[int]) -> None:
+def resolve_emails(
+    connection: Connection, snapshots: Sequence[Snapshot], run_ids: Sequence[int]
+) -> None:
     """Every planned request carries the user's current email: the one staged for them by
     any run of this invocation (unified by ``unify_emails``), else the one Gist last
     acknowledged for them under any key."""
     if not run_ids:
         return
     open_change = and_(changes.c.run_id.in_(run_ids), changes.c.status.in_(OPEN_STATUSES))
-    staged_here = and_(staged.c.run_id.in_(run_ids), staged.c.user_id == changes.c.user_id)
-    from_source = select(func.min(staged.c.email)).where(staged_here).scalar_subquery()
-    from_contact = (
-        select(contacts.c.email).where(contacts.c.user_id == changes.c.user_id).scalar_subquery()
-    )
-    with engine.begin() as connection:
+    with connection.begin():
+        for snapshot in snapshots:
+            s = snapshot.table
+            connection.execute(
+                update(changes)
+                .where(open_change, changes.c.user_id == s.c.user_id, changes.c.email != s.c.email)
+                .values(email=s.c.email)
+            )
+        staged_anywhere = [
+            exists().where(s.table.c.user_id == changes.c.user_id) for s in snapshots
+        ]
         connection.execute(
-            changes.update()
-            .where(open_change, exists().where(staged_here, staged.c.email != changes.c.email))
-            .values(email=from_source)
-        )
-        connection.execute(
-            changes.update()
+            update(changes)
             .where(
                 open_change,
-                ~exists().where(staged_here),
-                exists().where(
-                    contacts.c.user_id == changes.c.user_id, contacts.c.email != changes.c.email
-                ),
+                *(~present for present in staged_anywhere),
+                changes.c.user_id == contacts.c.user_id,
+                changes.c.email != contacts.c.email,
             )
-            .values(email=from_contact)
+            .values(email=contacts.c.email)
         )
 
 
-def discard_plan(engine: Engine, run_id: int) -> None:
+def discard_plan(connection: Connection, run_id: int) -> None:
     """Drop a run's plan before anything of it was sent (the mass-exit guard)."""
-    with engine.begin() as connection:
+    with connection.begin():
         connection.execute(delete(changes).where(changes.c.run_id == run_id))
 
 
 def save_backfill_plan(
-    engine: Engine, target: PlanTarget, resumed_runs: Sequence[int], *, trait: bool
+    connection: Connection, target: PlanTarget, resumed_runs: Sequence[int], *, trait: bool
 ) -> int:
     """Plan ``true`` (or the value) for every staged member, except those already delivered
     by the unfinished backfill runs in ``resumed_runs`` (so a backfill resumes, not restarts).
     A member Gist had not acknowledged owes its event like any entry. Returns how many
     changes were planned."""
-    key = target.key
+    key, s = target.key, target.snapshot
     done = exists().where(
         changes.c.run_id.in_(resumed_runs),
-        changes.c.user_id == staged.c.user_id,
+        changes.c.user_id == s.c.user_id,
         changes.c.status == "delivered",
     )
     if trait:
         same = exists().where(
             trait_values.c.trait_key == key,
-            trait_values.c.user_id == staged.c.user_id,
-            trait_values.c.value == staged.c.value,
+            trait_values.c.user_id == s.c.user_id,
+            trait_values.c.value == s.c.value,
         )
-        row = _row(target, staged.c.user_id, staged.c.email, _NO_VALUE, staged.c.value, event=~same)
+        row = _row(target, s.c.user_id, s.c.email, _NO_VALUE, s.c.value, event=~same)
     else:
-        acknowledged = _member(key, staged.c.user_id)
-        row = _row(target, staged.c.user_id, staged.c.email, true(), event=~acknowledged)
-    with engine.begin() as connection:
-        return _insert(connection, select(*row).where(staged.c.run_id == target.run_id, ~done))
+        row = _row(target, s.c.user_id, s.c.email, true(), event=~_member(key, s.c.user_id))
+    with connection.begin():
+        return _insert(connection, select(*row).where(~done))
 
 
-def save_retire_plan(engine: Engine, target: PlanTarget, *, trait: bool) -> int:
+def save_retire_plan(connection: Connection, target: PlanTarget, *, trait: bool) -> int:
     """Plan the key's cleared value (``false`` for an audience, ``null`` for a trait) for
     everyone Gist may hold a value of it for: acknowledged members, acknowledged non-null
     values and uncertain users, whichever kind wrote them. Returns how many were planned."""
@@ -320,14 +329,14 @@ def save_retire_plan(engine: Engine, target: PlanTarget, *, trait: bool) -> int:
         ~_member(key, uncertain.c.user_id),
         ~_valued(key, uncertain.c.user_id),
     )
-    with engine.begin() as connection:
+    with connection.begin():
         return _insert(connection, union_all(member_rows, valued_rows, uncertain_rows))
 
 
-def held_kind(engine: Engine, key: str) -> str | None:
+def held_kind(connection: Connection, key: str) -> str | None:
     """Which kind of state the key holds: "audience" (members), "trait" (non-null values),
     "both", or None when it holds neither."""
-    with engine.connect() as connection:
+    with connection.begin():
         members = connection.scalar(select(exists().where(memberships.c.audience_key == key)))
         values = connection.scalar(
             select(
@@ -339,15 +348,15 @@ def held_kind(engine: Engine, key: str) -> str | None:
     return "audience" if members else "trait" if values else None
 
 
-def count_staged(engine: Engine, run_id: int) -> int:
-    """How many members the run's snapshot holds."""
-    with engine.connect() as connection:
-        return _count(connection, select(func.count()).where(staged.c.run_id == run_id))
+def count_staged(connection: Connection, snapshot: Snapshot) -> int:
+    """How many members the snapshot holds."""
+    with connection.begin():
+        return _count(connection, select(func.count()).select_from(snapshot.table))
 
 
-def count_planned(engine: Engine, run_id: int) -> int:
+def count_planned(connection: Connection, run_id: int) -> int:
     """How many changes the run planned."""
-    with engine.connect() as connection:
+    with connection.begin():
         return _count(connection, select(func.count()).where(changes.c.run_id == run_id))
 
 
@@ -398,6 +407,11 @@ def _count(connection: Connection, query: Any) -> int:
     return int(connection.scalar(query) or 0)
 
 
+def _planned(target: PlanTarget, *where: ColumnElement[bool]) -> list[ColumnElement[bool]]:
+    """This run's plan rows (matching ``where``)."""
+    return [changes.c.run_id == target.run_id, *where]
+
+
 def _member(key: str, user_id: Any) -> ColumnElement[bool]:
     return exists().where(memberships.c.audience_key == key, memberships.c.user_id == user_id)
 
@@ -415,6 +429,12 @@ def _valued(key: str, user_id: Any) -> ColumnElement[bool]:
     )
 
 
+def _present(target: PlanTarget, user_id: Any) -> ColumnElement[bool]:
+    """The user is in this run's snapshot."""
+    s = target.snapshot
+    return exists().where(s.c.user_id == user_id)
+
+
 def _held_values(key: str) -> Any:
     """How many users may hold a non-null value of trait ``key``."""
     valued = select(func.count()).where(
@@ -430,7 +450,7 @@ def _trait_missing(target: PlanTarget) -> Any:
     """Users gone from the source who may hold a non-null value: acknowledged non-null
     values (an acknowledged change, so it owes an event), and uncertain users whatever
     their acknowledged value (``null`` included: a lost answer may have set another)."""
-    key, run_id = target.key, target.run_id
+    key = target.key
     nothing = literal(NULL_JSON)
     acknowledged = select(
         *_row(
@@ -439,14 +459,14 @@ def _trait_missing(target: PlanTarget) -> Any:
     ).where(
         trait_values.c.trait_key == key,
         trait_values.c.value != NULL_JSON,
-        _gone(run_id, trait_values.c.user_id),
+        _gone(target, trait_values.c.user_id),
     )
     unsure = select(
         *_row(target, uncertain.c.user_id, uncertain.c.email, _NO_VALUE, nothing, event=false())
     ).where(
         uncertain.c.audience_key == key,
         ~_valued(key, uncertain.c.user_id),
-        _gone(run_id, uncertain.c.user_id),
+        _gone(target, uncertain.c.user_id),
     )
     return union_all(acknowledged, unsure)
 
@@ -456,7 +476,7 @@ def _trait_kept(target: PlanTarget) -> Any:
     them. When a request for them went unanswered, Gist holds either that value or the one
     acknowledged before, so the last value attempted (else the acknowledged one) is sent
     again until Gist acknowledges it, and Gist and the state agree once more."""
-    key, run_id = target.key, target.run_id
+    key = target.key
     prior = changes.alias("prior")  # not the table the plan is inserted into
     attempted = (
         select(prior.c.value_json)
@@ -482,12 +502,13 @@ def _trait_kept(target: PlanTarget) -> Any:
         trait_values.c.value == value,
     )
     row = _row(target, uncertain.c.user_id, uncertain.c.email, _NO_VALUE, value, event=~same)
-    return select(*row).where(uncertain.c.audience_key == key, _gone(run_id, uncertain.c.user_id))
+    return select(*row).where(uncertain.c.audience_key == key, _gone(target, uncertain.c.user_id))
 
 
-def _gone(run_id: int, user_id: Any) -> ColumnElement[bool]:
+def _gone(target: PlanTarget, user_id: Any) -> ColumnElement[bool]:
     """Not in this run's snapshot, and not a row of it that was rejected (a glitch is not
     a departure)."""
-    present = exists().where(staged.c.run_id == run_id, staged.c.user_id == user_id)
-    glitch = exists().where(rejected_rows.c.run_id == run_id, rejected_rows.c.user_id == user_id)
-    return and_(~present, ~glitch)
+    glitch = exists().where(
+        rejected_rows.c.run_id == target.run_id, rejected_rows.c.user_id == user_id
+    )
+    return and_(~_present(target, user_id), ~glitch)

@@ -1,7 +1,9 @@
 """Source rows and their checks: user-id canonicalisation, emails, trait value encoding.
 
-Pure: no database, no HTTP. Every reader (files, SQL, Engage exports) yields ``SourceRow``s
-and the staging step runs them through ``check_row`` and ``encode_value``.
+Pure: no database, no HTTP. Every reader (files, SQL, Engage exports) yields chunks of
+``SourceRow`` tuples and the staging step splits each chunk with ``split_chunk``: the rows it
+can use, cleaned, and the ones it cannot, with the reason. Rows are plain tuples and the
+common case is checked inline: this loop runs once per source row, millions of times.
 """
 
 from __future__ import annotations
@@ -11,19 +13,20 @@ import math
 import re
 from datetime import date, time
 from decimal import Decimal
-from typing import Any, NamedTuple
+from typing import Any
 from uuid import UUID
 
 CHUNK_SIZE = 5000  # rows per chunk a source yields
 
+SourceRow = tuple[int, Any, Any, Any]
+"""One row as the source gave it: (row number counting data rows from 1, user_id, email,
+value — a computed trait's value, None for audiences)."""
 
-class SourceRow(NamedTuple):
-    """One row as the source gave it; ``row_number`` counts data rows from 1."""
+Staged = tuple[str, str, str | None]
+"""A usable row: (canonical user_id, email, value as canonical JSON or None)."""
 
-    row_number: int
-    user_id: Any
-    email: Any
-    value: Any = None  # a computed trait's value; unused for audiences
+Rejected = tuple[int, str | None, str | None, str]
+"""An unusable row: (row number, user_id and email as storable text, reason)."""
 
 
 # Control characters and lone surrogates (which no UTF-8 text can hold: a JSON "\ud800"
@@ -146,3 +149,56 @@ def _convert(text: str, value_type: str) -> Any:
 
 
 BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+
+
+def split_chunk(
+    chunk: list[SourceRow], *, with_value: bool = False, value_type: str | None = None
+) -> tuple[list[Staged], list[Rejected]]:
+    """The chunk's usable rows, cleaned (``with_value``: the value as canonical JSON), and
+    its unusable ones with the reason."""
+    good: list[Staged] = []
+    bad: list[Rejected] = []
+    append, match, search = good.append, EMAIL_PATTERN.match, BAD_CHARACTERS.search
+    for number, user_id, email, value in chunk:
+        if type(user_id) is str and type(email) is str and not with_value:
+            # The common case, in as few steps as possible.
+            user_id, email = user_id.strip(), email.strip()
+            if (
+                user_id
+                and len(user_id) <= MAX_USER_ID
+                and len(email) <= MAX_EMAIL
+                and match(email)
+                and not search(user_id)
+            ):
+                append((user_id, email, None))
+                continue
+        checked = check_row(user_id, email)
+        encoded: str | None = None
+        if with_value and not isinstance(checked, str):
+            try:
+                encoded = encode_value(value, value_type)
+            except ValueError as exc:
+                checked = str(exc)
+        if isinstance(checked, str):
+            bad.append((number, rejected_text(user_id, canonical=True), rejected_text(email),
+                        checked))  # fmt: skip
+        else:
+            append((checked[0], checked[1], encoded))
+    return good, bad
+
+
+def rejected_text(value: Any, *, canonical: bool = False, limit: int = 500) -> str | None:
+    """A bounded, storable text form of a rejected row's value. A user id is canonical when
+    it can be, so the rejected row of a member (say with a broken email) matches their
+    membership and protects it."""
+    if value is None:
+        return None
+    if canonical:
+        try:
+            return canonical_user_id(value)
+        except ValueError:
+            pass
+    text = str(value).strip().replace("\x00", "\\x00")  # PostgreSQL text cannot hold NUL
+    # Nor can any UTF-8 column hold a lone surrogate: show it escaped.
+    text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text if len(text) <= limit else text[:limit] + "…"

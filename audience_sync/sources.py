@@ -96,7 +96,7 @@ class SqlSource:
                     for row in partition:
                         number += 1
                         value = row[value_index] if value_index is not None else None
-                        chunk.append(SourceRow(number, row[user_index], row[email_index], value))
+                        chunk.append((number, row[user_index], row[email_index], value))
                     yield chunk
         except SQLAlchemyError as exc:
             message = scrub(_first_line(exc), self.url)
@@ -145,27 +145,25 @@ class FileSource:
             kind: Literal["audience", "trait"] = "trait" if self.with_value else "audience"
             yield from read_engage(self.path, self.key, kind=kind, chunk_size=chunk_size)
             return
-        rows = self._json_rows() if self.format == "jsonl" else self._csv_rows()
-        chunk: list[SourceRow] = []
-        last = 0  # across chunks: the row a decoding error follows
+        chunks = (
+            self._json_chunks(chunk_size)
+            if self.format == "jsonl"
+            else self._csv_chunks(chunk_size)
+        )
+        done = 0  # rows yielded so far: a decoding error follows them
         try:
-            for row in rows:
-                last = row.row_number
-                chunk.append(row)
-                if len(chunk) >= chunk_size:
-                    yield chunk
-                    chunk = []
+            for chunk in chunks:
+                done = chunk[-1][0]
+                yield chunk
         except UnicodeDecodeError as exc:
             # Text is decoded in buffers, so the bad byte is at or a little after this row.
             raise SourceError(
-                f"{self.path}: not UTF-8 near data row {last + 1}: {exc.reason}"
+                f"{self.path}: not UTF-8 near data row {done + 1}: {exc.reason}"
             ) from exc
         except OSError as exc:
             raise SourceError(f"{self.path}: cannot read: {exc}") from exc
-        if chunk:
-            yield chunk
 
-    def _csv_rows(self) -> Iterator[SourceRow]:
+    def _csv_chunks(self, chunk_size: int) -> Iterator[list[SourceRow]]:
         with self.path.open(encoding="utf-8-sig", newline="") as handle:
             reader = csv.reader(handle)
             try:
@@ -187,24 +185,33 @@ class FileSource:
                 value_index = header.index("value") if self.with_value else None
                 width = max(user_index, email_index, value_index or 0)
                 number = 0
+                chunk: list[SourceRow] = []
+                append = chunk.append
                 for record in reader:
                     # Only a short row or one without user_id can be blank: test just those.
-                    if (len(record) <= width or not record[user_index].strip()) and not any(
-                        field.strip() for field in record
-                    ):
-                        continue  # a blank line, as in JSONL: not a row
+                    user = record[user_index] if len(record) > width else ""
+                    if not user or user.isspace():
+                        if not any(field.strip() for field in record):
+                            continue  # a blank line, as in JSONL: not a row
+                        if len(record) <= width:  # a short row: what is missing reads as None
+                            record = [*record, *[None] * (width + 1 - len(record))]  # type: ignore[list-item]
                     number += 1
-                    if len(record) <= width:  # a short row: what is missing reads as None
-                        record = [*record, *[None] * (width + 1 - len(record))]  # type: ignore[list-item]
                     value = record[value_index] if value_index is not None else None
-                    yield SourceRow(number, record[user_index], record[email_index], value)
+                    append((number, record[user_index], record[email_index], value))
+                    if number % chunk_size == 0:
+                        yield chunk
+                        chunk = []
+                        append = chunk.append
+                if chunk:
+                    yield chunk
             except csv.Error as exc:
                 raise SourceError(f"{self.path}: line {reader.line_num}: {exc}") from exc
 
-    def _json_rows(self) -> Iterator[SourceRow]:
+    def _json_chunks(self, chunk_size: int) -> Iterator[list[SourceRow]]:
         # utf-8-sig: an export that starts with a byte-order mark reads like one without.
         with self.path.open(encoding="utf-8-sig") as handle:
             number = 0
+            chunk: list[SourceRow] = []
             for line_number, line in enumerate(handle, start=1):
                 if not line.strip():
                     continue
@@ -217,9 +224,14 @@ class FileSource:
                     ) from exc
                 if not isinstance(record, dict):
                     raise SourceError(f"{self.path}: line {line_number}: expected a JSON object")
-                yield SourceRow(
-                    number, record.get("user_id"), record.get("email"), record.get("value")
+                chunk.append(
+                    (number, record.get("user_id"), record.get("email"), record.get("value"))
                 )
+                if len(chunk) >= chunk_size:
+                    yield chunk
+                    chunk = []
+            if chunk:
+                yield chunk
 
 
 def source_for(settings: Settings, audience: Computation) -> Source:

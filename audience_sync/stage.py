@@ -1,150 +1,213 @@
-"""Staging a source snapshot: rows checked, deduplicated and written to ``staged_members``."""
+"""Staging a source snapshot: rows checked, deduplicated and written to a temporary table.
+
+Each run of an invocation stages into a temporary table of its own on the one connection
+the invocation plans with. A temporary table is gone with its connection, so a kill at any
+point leaves nothing a later run could misread, and nothing has to be deleted row by row.
+
+- SQLite: ``INSERT OR IGNORE`` into a ``WITHOUT ROWID`` table keyed on ``user_id`` (the
+  first row of a user wins), in one transaction of the temporary database.
+- PostgreSQL: one binary ``COPY`` into an unindexed table, then a unique index built once
+  (duplicates, rare, are removed first: the first row copied wins) and fresh statistics.
+
+Rejected rows go to a temporary table too and reach ``rejected_rows`` in one short
+transaction, so staging never holds a write lock on the state database itself.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass
-from typing import Any
 
-from sqlalchemy import Engine, delete
-from sqlalchemy import insert as generic_insert
+from sqlalchemy import Column, MetaData, Table, Text
 from sqlalchemy.engine import Connection
 
 from audience_sync.errors import StopRequestedError
-from audience_sync.models import rejected_rows, staged_members
-from audience_sync.rows import canonical_user_id, check_row, encode_value
+from audience_sync.rows import split_chunk
 from audience_sync.sources import Source
+
+REJECTED = "staged_rejected"
 
 
 @dataclass(frozen=True)
-class StageResult:
-    """What loading a source into staging saw."""
+class Snapshot:
+    """One run's staged source: its temporary table (``user_id`` unique, ``email``,
+    ``value``) and what loading it saw."""
 
+    run_id: int
+    table: Table
     source_rows: int
     rejected: int
-    first_rejection: str | None = None  # the reason of the first rejected row
+    first_rejection: str | None = None  # "row N: reason" of the first rejected row
 
 
-def stage_source(
-    engine: Engine,
-    run_id: int,
-    source: Source,
-    should_stop: Callable[[], bool] = lambda: False,
-    on_rows: Callable[[int], None] = lambda rows: None,
-    *,
-    with_value: bool = False,
-    value_type: str | None = None,
-) -> StageResult:
-    """Stream ``source`` into ``staged_members`` in chunks; a duplicate user keeps its first row.
+class Staging:
+    """The temporary tables of one invocation's snapshots, on one connection."""
 
-    ``with_value``: a computed trait's source, whose ``value`` is staged as canonical JSON.
-    """
-    total = rejected = 0
-    first_rejection: str | None = None
-    for chunk in source.read_chunks():
-        if should_stop():
-            raise StopRequestedError("stopped by a signal while reading the source")
-        members: dict[str, tuple[str, str | None]] = {}
-        bad: list[dict[str, Any]] = []
-        for row in chunk:
-            checked = check_row(row.user_id, row.email)
-            value: str | None = None
-            if with_value and not isinstance(checked, str):
-                try:
-                    value = encode_value(row.value, value_type)
-                except ValueError as exc:
-                    checked = str(exc)
-            if isinstance(checked, str):
-                bad.append(
-                    {
-                        "run_id": run_id,
-                        "row_number": row.row_number,
-                        "user_id": rejected_user_id(row.user_id),
-                        "email": _clip(row.email),
-                        "reason": checked,
-                    }
+    def __init__(self, connection: Connection) -> None:
+        self._connection = connection
+        self._postgres = connection.dialect.name == "postgresql"
+        self._tables: list[str] = []
+
+    def stage(
+        self,
+        run_id: int,
+        source: Source,
+        should_stop: Callable[[], bool] = lambda: False,
+        on_rows: Callable[[int], None] = lambda rows: None,
+        *,
+        with_value: bool = False,
+        value_type: str | None = None,
+    ) -> Snapshot:
+        """Read ``source`` chunk by chunk into run ``run_id``'s table.
+
+        ``with_value``: a computed trait's source, whose ``value`` is staged as canonical
+        JSON (typed by ``value_type`` when the source gives text).
+        """
+        connection = self._connection
+        table = self._create(run_id)
+        total = rejected = 0
+        first: str | None = None
+        insert = f'INSERT OR IGNORE INTO "{table.name}" VALUES (?, ?, ?)'
+        keep = f"INSERT INTO {REJECTED} VALUES ({', '.join([self._mark] * 5)})"
+        copy: _Copy | None = None  # PostgreSQL: open while good rows stream in
+        with connection.begin():
+            try:
+                for chunk in source.read_chunks():
+                    if should_stop():
+                        raise StopRequestedError("stopped by a signal while reading the source")
+                    good, bad = split_chunk(chunk, with_value=with_value, value_type=value_type)
+                    if bad:
+                        if copy is not None:  # no other statement while a COPY runs
+                            copy.close(None)
+                            copy = None
+                        first = first or f"row {bad[0][0]}: {bad[0][3]}"
+                        connection.exec_driver_sql(keep, [(run_id, *row) for row in bad])
+                    if self._postgres and good:
+                        copy = copy or _Copy(connection, table.name)
+                        write = copy.write_row
+                        for row in good:
+                            write(row)
+                    elif good:
+                        connection.exec_driver_sql(insert, good)
+                    total += len(chunk)
+                    rejected += len(bad)
+                    on_rows(len(chunk))
+            except BaseException as exc:
+                if copy is not None:
+                    copy.close(exc)
+                raise
+            if copy is not None:
+                copy.close(None)
+            if self._postgres:
+                self._index(table.name)
+        self._keep_rejected(run_id, rejected)
+        return Snapshot(run_id, table, total, rejected, first)
+
+    def drop(self) -> None:
+        """Drop every table this staging made (the connection may go back to a pool)."""
+        with self._connection.begin():
+            for name in reversed(self._tables):
+                self._connection.exec_driver_sql(f'DROP TABLE IF EXISTS "{name}"')
+        self._tables.clear()
+
+    @property
+    def _mark(self) -> str:
+        return "%s" if self._postgres else "?"
+
+    def _create(self, run_id: int) -> Table:
+        name = f"staged_{run_id}"
+        connection = self._connection
+        with connection.begin():
+            if not self._tables:
+                connection.exec_driver_sql(
+                    f"CREATE TEMPORARY TABLE IF NOT EXISTS {REJECTED} (run_id INTEGER, "
+                    "row_number INTEGER, user_id TEXT, email TEXT, reason TEXT)"
+                )
+                self._tables.append(REJECTED)
+            if self._postgres:
+                connection.exec_driver_sql(
+                    f'CREATE TEMPORARY TABLE "{name}" (user_id TEXT NOT NULL, '
+                    "email TEXT NOT NULL, value TEXT)"
                 )
             else:
-                members.setdefault(checked[0], (checked[1], value))
-        total += len(chunk)
-        rejected += len(bad)
-        if bad and first_rejection is None:
-            first_rejection = f"row {bad[0]['row_number']}: {bad[0]['reason']}"
-        with engine.begin() as connection:
-            if members:
-                # Straight to the driver's executemany: SQLAlchemy's per-row parameter
-                # processing cost more than the insert itself.
-                rows = [(run_id, u, e, v) for u, (e, v) in members.items()]
-                if engine.dialect.name != "postgresql" or not _copy_rows(connection, rows):
-                    connection.exec_driver_sql(_stage_sql(engine), rows)
-            if bad:
-                connection.execute(generic_insert(rejected_rows), bad)
-        on_rows(len(chunk))
-    return StageResult(source_rows=total, rejected=rejected, first_rejection=first_rejection)
+                connection.exec_driver_sql(
+                    f'CREATE TEMPORARY TABLE "{name}" (user_id TEXT NOT NULL PRIMARY KEY, '
+                    "email TEXT NOT NULL, value TEXT) WITHOUT ROWID"
+                )
+        self._tables.append(name)
+        return snapshot_table(name)
 
-
-def _copy_rows(connection: Connection, rows: list[tuple[Any, ...]]) -> bool:
-    """PostgreSQL's COPY into staging, several times faster than inserts; False when a user
-    is already staged (a duplicate across chunks), so the caller inserts this chunk with
-    ON CONFLICT DO NOTHING instead."""
-    savepoint = connection.begin_nested()
-    cursor = connection.connection.driver_connection.cursor()  # type: ignore[union-attr]
-    try:
-        with cursor.copy("COPY staged_members (run_id, user_id, email, value) FROM STDIN") as copy:
-            for row in rows:
-                copy.write_row(row)
-    except Exception as exc:
-        if getattr(exc, "sqlstate", None) != "23505":  # unique_violation
-            raise
-        savepoint.rollback()
-        return False
-    finally:
-        cursor.close()
-    savepoint.commit()
-    return True
-
-
-def _stage_sql(engine: Engine) -> str:
-    mark = "?" if engine.dialect.paramstyle == "qmark" else "%s"
-    return (
-        "INSERT INTO staged_members (run_id, user_id, email, value) "
-        f"VALUES ({mark}, {mark}, {mark}, {mark}) ON CONFLICT DO NOTHING"
-    )
-
-
-def analyze(engine: Engine) -> None:
-    """Refresh PostgreSQL's statistics after staging: planning the anti-joins on a freshly
-    filled staging table without them picks nested loops (20k members: 11 s instead of
-    0.3 s). Sampling keeps it cheap at any size. SQLite plans from its indexes alone."""
-    if engine.dialect.name == "postgresql":
-        with engine.begin() as connection:
+    def _index(self, name: str) -> None:
+        """A unique index on ``user_id``, built once after the copy; a user copied twice
+        keeps the first row (the lowest physical position in a table filled by one COPY)."""
+        connection = self._connection
+        savepoint = connection.begin_nested()
+        try:
+            connection.exec_driver_sql(f'CREATE UNIQUE INDEX ON "{name}" (user_id)')
+        except Exception as exc:
+            if getattr(getattr(exc, "orig", exc), "sqlstate", None) != "23505":
+                raise
+            savepoint.rollback()
             connection.exec_driver_sql(
-                "ANALYZE staged_members, memberships, uncertain_members, trait_values, "
-                "rejected_rows, contacts"
+                f'DELETE FROM "{name}" later USING "{name}" earlier '
+                "WHERE later.user_id = earlier.user_id AND later.ctid > earlier.ctid"
+            )
+            connection.exec_driver_sql(f'CREATE UNIQUE INDEX ON "{name}" (user_id)')
+        else:
+            savepoint.commit()
+        connection.exec_driver_sql(f'ANALYZE "{name}"')
+
+    def _keep_rejected(self, run_id: int, rejected: int) -> None:
+        if not rejected:
+            return
+        with self._connection.begin():
+            self._connection.exec_driver_sql(
+                "INSERT INTO rejected_rows (run_id, row_number, user_id, email, reason) "
+                f"SELECT run_id, row_number, user_id, email, reason FROM {REJECTED} "
+                f"WHERE run_id = {self._mark}",
+                (run_id,),
             )
 
 
-def clear_staging(engine: Engine, run_ids: list[int]) -> None:
-    """Drop the snapshots of ``run_ids`` once their plans are written."""
-    if run_ids:
-        with engine.begin() as connection:
-            connection.execute(delete(staged_members).where(staged_members.c.run_id.in_(run_ids)))
+class _Copy:
+    """A binary ``COPY … FROM STDIN`` into a staging table on the connection's driver."""
+
+    def __init__(self, connection: Connection, name: str) -> None:
+        self._stack = ExitStack()
+        driver = connection.connection.driver_connection
+        cursor = self._stack.enter_context(driver.cursor())  # type: ignore[union-attr]
+        copy = self._stack.enter_context(
+            cursor.copy(f'COPY "{name}" (user_id, email, value) FROM STDIN (FORMAT BINARY)')
+        )
+        copy.set_types(["text", "text", "text"])
+        self.write_row = copy.write_row
+
+    def close(self, error: BaseException | None) -> None:
+        """End the copy: complete it, or abort it when ``error`` cut it short."""
+        if error is None:
+            self._stack.close()
+        else:
+            self._stack.__exit__(type(error), error, error.__traceback__)
 
 
-def rejected_user_id(value: Any) -> str | None:
-    """How a rejected row names its user: canonical when it can be, so the rejected row of a
-    member (say with a broken email) matches their membership and protects it."""
-    try:
-        return canonical_user_id(value)
-    except ValueError:
-        return _clip(value)
+def snapshot_table(name: str) -> Table:
+    """The SQLAlchemy table of a staged snapshot, for the diff's statements."""
+    return Table(
+        name,
+        MetaData(),
+        Column("user_id", Text, primary_key=True),
+        Column("email", Text),
+        Column("value", Text),
+        prefixes=["TEMPORARY"],
+    )
 
 
-def _clip(value: Any, limit: int = 500) -> str | None:
-    """A bounded, storable text form of a bad value, for the rejected_rows table."""
-    if value is None:
-        return None
-    text = str(value).strip().replace("\x00", "\\x00")  # PostgreSQL text cannot hold NUL
-    # Nor can any UTF-8 column hold a lone surrogate: show it escaped.
-    text = text.encode("utf-8", "backslashreplace").decode("utf-8")
-    return text if len(text) <= limit else text[:limit] + "…"
+def analyze_state(connection: Connection) -> None:
+    """Refresh PostgreSQL's statistics of the tables the diff joins (sampling keeps it cheap
+    at any size); SQLite plans from its indexes alone."""
+    if connection.dialect.name == "postgresql":
+        with connection.begin():
+            connection.exec_driver_sql(
+                "ANALYZE memberships, uncertain_members, trait_values, rejected_rows, contacts"
+            )

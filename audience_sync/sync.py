@@ -16,6 +16,7 @@ from typing import Protocol
 
 import httpx
 from sqlalchemy import Engine, select
+from sqlalchemy.engine import Connection
 from sqlalchemy.exc import SQLAlchemyError
 
 from audience_sync import lease
@@ -33,7 +34,6 @@ from audience_sync.plan import (
     held_kind,
     resolve_emails,
     save_backfill_plan,
-    save_email_updates,
     save_plan,
     save_retire_plan,
     save_trait_plan,
@@ -54,7 +54,7 @@ from audience_sync.runs import (
     utcnow,
 )
 from audience_sync.sources import source_for
-from audience_sync.stage import analyze, clear_staging, stage_source
+from audience_sync.stage import Snapshot, Staging, analyze_state
 from audience_sync.statuses import MODES, Mode, RunKind, RunStatus
 
 __all__ = ["Progress", "RunResult", "SyncContext", "exit_code", "run_once", "utcnow"]
@@ -226,36 +226,55 @@ def _prepare(
 ) -> list[RunResult]:
     """Stage every held target, then plan each; returns the runs left ``running`` (planned,
     to deliver). Every run's result goes into ``results``; one audience's failure never
-    stops the others."""
+    stops the others. Staging and planning share one connection: the snapshots are its
+    temporary tables."""
     opened: list[tuple[_Target, RunResult]] = []
-    try:
-        for target in held:
-            if ctx.stop.is_set():
-                results[target.key] = RunResult(
-                    target.key, target.name, ctx.kind, "interrupted",
-                    error="stopped before this audience started",
-                )  # fmt: skip
-                continue
-            result = RunResult(target.key, target.name, ctx.kind, "running")
-            result = results[target.key] = _guarded(ctx, target, result, _open)
-            if result.status == "running":
-                result = _guarded(ctx, target, result, _stage)
-            results[target.key] = result
-            opened.append((target, result))
-        staged_ids = [r.run_id for _, r in opened if r.status == "running" and r.run_id]
-        conflicts = unify_emails(ctx.engine, staged_ids)
-        for index, (target, result) in enumerate(opened):
-            if result.status != "running":
-                continue
-            result = replace(result, email_conflicts=conflicts.get(result.run_id or 0, 0))
-            result = _guarded(ctx, target, result, _plan)
-            opened[index] = (target, result)
-            results[target.key] = result
-        plans = [r.run_id for _, r in opened if r.run_id and r.status in ("running", "succeeded")]
-        resolve_emails(ctx.engine, plans)
-    finally:
-        # Every snapshot of this invocation, also one cut short while staging.
-        clear_staging(ctx.engine, [r.run_id for r in results.values() if r.run_id is not None])
+    snapshots: dict[int, Snapshot] = {}
+    with ctx.engine.connect() as connection:
+        staging = Staging(connection)
+        try:
+            for target in held:
+                if ctx.stop.is_set():
+                    results[target.key] = RunResult(
+                        target.key, target.name, ctx.kind, "interrupted",
+                        error="stopped before this audience started",
+                    )  # fmt: skip
+                    continue
+                result = RunResult(target.key, target.name, ctx.kind, "running")
+                result = results[target.key] = _guarded(ctx, target, result, _open)
+                if result.status == "running" and target.audience is not None:
+
+                    def stage(c: SyncContext, t: _Target, r: RunResult) -> RunResult:
+                        return _stage(c, staging, snapshots, t, r)
+
+                    result = _guarded(ctx, target, result, stage)
+                results[target.key] = result
+                opened.append((target, result))
+            staged = [
+                snapshots[r.run_id]
+                for _, r in opened
+                if r.status == "running" and r.run_id in snapshots
+            ]
+            conflicts = unify_emails(connection, staged)
+            analyze_state(connection)
+            for index, (target, result) in enumerate(opened):
+                if result.status != "running":
+                    continue
+                result = replace(result, email_conflicts=conflicts.get(result.run_id or 0, 0))
+
+                def plan(c: SyncContext, t: _Target, r: RunResult) -> RunResult:
+                    return _plan(c, connection, snapshots.get(r.run_id or 0), t, r)
+
+                result = _guarded(ctx, target, result, plan)
+                opened[index] = (target, result)
+                results[target.key] = result
+            plans = [
+                r.run_id for _, r in opened if r.run_id and r.status in ("running", "succeeded")
+            ]
+            resolve_emails(connection, staged, plans)
+        finally:
+            # Every snapshot of this invocation, also one cut short while staging.
+            _drop_quietly(staging)
     for _, result in opened:
         log.info(
             "%s: %d rows, %d members, %d entered, %d exited, %d resent, %d rejected",
@@ -265,6 +284,14 @@ def _prepare(
         if result.run_id is not None:
             save_run(ctx.engine, result, None if result.status == "running" else ctx.clock())
     return [r for _, r in opened if r.status == "running"]
+
+
+def _drop_quietly(staging: Staging) -> None:
+    """Drop the snapshots; a connection that broke took its temporary tables with it."""
+    try:
+        staging.drop()
+    except SQLAlchemyError as exc:
+        log.debug("staging tables not dropped (the connection is gone): %s", exc)
 
 
 def _guarded(
@@ -309,13 +336,18 @@ def _open(ctx: SyncContext, target: _Target, result: RunResult) -> RunResult:
     return replace(result, run_id=run_id)
 
 
-def _stage(ctx: SyncContext, target: _Target, result: RunResult) -> RunResult:
-    """Stage the run's source (retire has none)."""
+def _stage(
+    ctx: SyncContext,
+    staging: Staging,
+    snapshots: dict[int, Snapshot],
+    target: _Target,
+    result: RunResult,
+) -> RunResult:
+    """Stage the run's source into its snapshot."""
     audience = target.audience
-    if audience is None or result.run_id is None:
-        return result
-    staged = stage_source(
-        ctx.engine,
+    assert audience is not None
+    assert result.run_id is not None
+    snapshot = staging.stage(
         result.run_id,
         source_for(ctx.settings, audience),
         ctx.stop.is_set,
@@ -323,32 +355,40 @@ def _stage(ctx: SyncContext, target: _Target, result: RunResult) -> RunResult:
         with_value=audience.is_trait,
         value_type=audience.type if isinstance(audience, TraitConfig) else None,
     )
-    result = replace(result, source_rows=staged.source_rows, rejected=staged.rejected)
-    if staged.source_rows and staged.rejected == staged.source_rows:
+    snapshots[result.run_id] = snapshot
+    result = replace(result, source_rows=snapshot.source_rows, rejected=snapshot.rejected)
+    if snapshot.source_rows and snapshot.rejected == snapshot.source_rows:
         return replace(
             result,
             status="failed",
-            error=f"all {staged.rejected} rows were rejected ({staged.first_rejection}); "
+            error=f"all {snapshot.rejected} rows were rejected ({snapshot.first_rejection}); "
             "nothing was planned",
         )
-    analyze(ctx.engine)
     return result
 
 
-def _plan(ctx: SyncContext, target: _Target, result: RunResult) -> RunResult:
+def _plan(
+    ctx: SyncContext,
+    connection: Connection,
+    snapshot: Snapshot | None,
+    target: _Target,
+    result: RunResult,
+) -> RunResult:
     """Diff the staged snapshot and write the plan; ``running`` when there is one to send."""
     assert result.run_id is not None
     engine, key, audience = ctx.engine, target.key, target.audience
     track = audience is not None and audience.send_track
-    plan = PlanTarget(result.run_id, key, dry_run=ctx.dry_run, track=track)
+    staged = snapshot.table if snapshot is not None else None
+    plan = PlanTarget(result.run_id, key, staged, dry_run=ctx.dry_run, track=track)
     done: RunStatus = "succeeded" if ctx.dry_run else "running"
     if audience is None:  # retire: clear what the key's recorded kind means
-        kind = load_key_kind(engine, key) or held_kind(engine, key)
-        start_plan(engine, plan)
-        exits = save_retire_plan(engine, plan, trait=kind == "trait")
+        kind = load_key_kind(engine, key) or held_kind(connection, key)
+        start_plan(connection, plan)
+        exits = save_retire_plan(connection, plan, trait=kind == "trait")
         return replace(result, exited=exits, status=done)
+    assert snapshot is not None
     kind = "trait" if audience.is_trait else "audience"
-    holds = held_kind(engine, key)
+    holds = held_kind(connection, key)
     if holds not in (None, kind):
         return replace(
             result,
@@ -362,35 +402,41 @@ def _plan(ctx: SyncContext, target: _Target, result: RunResult) -> RunResult:
         )
     if not ctx.dry_run:
         save_key_kind(engine, key, kind)
-    start_plan(engine, plan)
+    start_plan(connection, plan)
     if ctx.mode == "backfill":
         resumed = unfinished_backfills(engine, key, plan.run_id)
         if resumed:
             log.warning("%s: resuming the backfill of runs %s", key, ", ".join(map(str, resumed)))
-        entered = save_backfill_plan(engine, plan, resumed, trait=audience.is_trait)
-        members = count_staged(engine, plan.run_id)
+        entered = save_backfill_plan(connection, plan, resumed, trait=audience.is_trait)
+        members = count_staged(connection, snapshot)
         return replace(result, members=members, entered=entered, status=done)
     if isinstance(audience, TraitConfig):
-        diff = save_trait_plan(engine, plan, audience.on_missing)
+        diff = save_trait_plan(connection, plan, audience.on_missing)
     else:
-        diff = save_plan(engine, plan)
-    result = replace(result, members=diff.members, entered=diff.entered, exited=diff.exited)
+        diff = save_plan(connection, plan)
+    result = replace(
+        result,
+        members=diff.members,
+        entered=diff.entered,
+        exited=diff.exited,
+        resent=diff.resent,
+    )
     if not ctx.allow_mass_exit and diff.is_mass_exit(
         audience.mass_exit_threshold, audience.mass_exit_min_members
     ):
-        discard_plan(engine, plan.run_id)
+        discard_plan(connection, plan.run_id)
         noun = "values" if audience.is_trait else "members"
         return replace(
             result,
             status="guarded",
+            resent=0,
             error=(
                 f"would remove {diff.exited} of {diff.held} {noun} "
                 f"({diff.exited / diff.held:.0%} > {audience.mass_exit_threshold:.0%}); "
                 "nothing was sent. If this is intended, run again with --allow-mass-exit"
             ),
         )
-    resent = save_email_updates(engine, plan, trait=audience.is_trait)
-    return replace(result, resent=resent, status=done)
+    return replace(result, status=done)
 
 
 async def _deliver(
@@ -421,7 +467,8 @@ async def _deliver(
             pacer=pacer,
         )
         run_ids = [r.run_id for r in planned if r.run_id is not None]
-        ctx.progress.planned(sum(count_planned(ctx.engine, run_id) for run_id in run_ids))
+        with ctx.engine.connect() as connection:
+            ctx.progress.planned(sum(count_planned(connection, run_id) for run_id in run_ids))
         report = await deliverer.run(run_ids)
         if tracked and report.error is None:
             # Events describe acknowledged changes only: they go after the contacts.

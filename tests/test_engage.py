@@ -36,7 +36,8 @@ def read(
 
 
 def flat(row: SourceRow) -> Row:
-    return (row.row_number, row.user_id, row.email, type(row.value), row.value)
+    number, user_id, email, value = row
+    return (number, user_id, email, type(value), value)
 
 
 def member(line: int, user: Any, email: str | None) -> Row:
@@ -249,7 +250,7 @@ def test_rows_come_in_chunks(tmp_path: Path, chunk_size: int, sizes: list[int]) 
     path = write(tmp_path / "e.jsonl", [audience_event(f"u{i}", True) for i in range(5)])
     chunks = list(read_engage(path, AUDIENCE, kind="audience", chunk_size=chunk_size))
     assert [len(chunk) for chunk in chunks] == sizes
-    assert [row.user_id for chunk in chunks for row in chunk] == [f"u{i}" for i in range(5)]
+    assert [row[1] for chunk in chunks for row in chunk] == [f"u{i}" for i in range(5)]
 
 
 def test_an_empty_export_yields_nothing(tmp_path: Path) -> None:

@@ -22,7 +22,7 @@ USERS = [(1, "a@example.com"), (2, "b@example.com"), (3, "c@example.com")]
 
 
 def flatten(chunks: Iterator[list[SourceRow]]) -> list[tuple[int, object, object]]:
-    return [(r.row_number, r.user_id, r.email) for chunk in chunks for r in chunk]
+    return [(number, user_id, email) for chunk in chunks for number, user_id, email, _ in chunk]
 
 
 def sqlite_warehouse(path: Path, rows: list[tuple[object, object]] = USERS) -> str:

@@ -276,12 +276,12 @@ def test_engage_audience_export(
     )
     workspace.write_config()
     expected = {
-        row.user_id
+        user_id
         for chunk in read_engage(
             workspace.root / "engage.jsonl", "first_time_shopper", kind="audience"
         )
-        for row in chunk
-        if row.email
+        for _, user_id, email, _ in chunk
+        if email
     }
     gist.fail_after(1, 503)
     workspace.gist_options.update(max_concurrency=1, max_retries=0)
@@ -304,12 +304,12 @@ def test_engage_trait_export(workspace: Workspace, engine: Engine, gist: FakeGis
     )
     workspace.write_config()
     expected = {
-        row.user_id: row.value
+        user_id: value
         for chunk in read_engage(
             workspace.root / "engage.jsonl", "total_revenue_180_days", kind="trait"
         )
-        for row in chunk
-        if row.email
+        for _, user_id, email, value in chunk
+        if email
     }
 
     [run] = run_once(workspace.settings(), engine)
