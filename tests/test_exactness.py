@@ -904,3 +904,21 @@ def test_keep_resends_the_last_value_of_an_uncertain_user_who_left(
         "u1": "5",
         "u2": "2",
     }
+
+
+def test_audiences_disagreeing_on_an_email_in_separate_runs_do_not_resend_forever(
+    workspace: Workspace, engine: Engine, gist: FakeGist
+) -> None:
+    vip = add_audience(workspace)
+    other = add_audience(workspace, "other")
+    write_members(vip, [("u1", "a@example.com")])
+    write_members(other, [("u1", "b@example.com")])
+    sync(workspace, engine, keys=[VIP])
+    sync(workspace, engine, keys=["other"])
+    gist.clear_log()
+
+    for key in (VIP, "other", VIP, "other"):  # e.g. daemon jobs on different schedules
+        [run] = sync(workspace, engine, keys=[key])
+        assert (run.entered, run.resent) == (0, 0)
+
+    assert gist.requests() == []
