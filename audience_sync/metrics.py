@@ -5,13 +5,10 @@ from __future__ import annotations
 import json
 import logging
 import os
-import socket
-import threading
 import time
 from collections.abc import Callable, Sequence
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
-from types import TracebackType
 from typing import Any, cast
 
 from prometheus_client import (
@@ -24,6 +21,7 @@ from prometheus_client import (
     write_to_textfile,
 )
 
+from audience_sync.httpserver import BackgroundServer, JoiningHTTPServer
 from audience_sync.sync import RunResult
 
 __all__ = ["REQUEST_BUCKETS", "HealthCheck", "Metrics", "MetricsServer"]
@@ -124,23 +122,13 @@ def _has_read_source(result: RunResult) -> bool:
     )
 
 
-class _Server(ThreadingHTTPServer):
-    """Joins its handler threads on close, so stopping leaves no socket behind."""
+class _Server(JoiningHTTPServer):
+    """Carries the metrics and the health check to its request handlers."""
 
-    daemon_threads = False
-    block_on_close = True
-
-    def __init__(
-        self, address: tuple[str, int], metrics: Metrics, health: HealthCheck, family: int
-    ) -> None:
-        self.address_family = family
+    def __init__(self, address: tuple[str, int], metrics: Metrics, health: HealthCheck) -> None:
         self.metrics = metrics
         self.health = health
         super().__init__(address, _Handler)
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        # Scrapers that hang up early are not worth a traceback on stderr.
-        log.debug("metrics request from %s failed", client_address, exc_info=True)
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -174,60 +162,15 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
 
-class MetricsServer:
+class MetricsServer(BackgroundServer):
     """Serves ``/metrics`` and ``/healthz`` from a background thread; port 0 picks a free one."""
 
+    thread_name = "audience-sync-metrics"
+
     def __init__(self, metrics: Metrics, host: str, port: int, health: HealthCheck) -> None:
+        super().__init__(host, port)
         self.metrics = metrics
-        self.host = host
-        self.port = port
         self.health = health
-        self._server: _Server | None = None
-        self._thread: threading.Thread | None = None
 
-    @property
-    def url(self) -> str:
-        """``http://host:port`` as bound (the real port when 0 was asked for)."""
-        if self._server is None:
-            raise RuntimeError("MetricsServer is not started")
-        host, port = cast(tuple[str, int], self._server.server_address[:2])
-        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
-
-    def start(self) -> MetricsServer:
-        """Bind and serve in a daemon thread; returns self."""
-        if self._server is not None:
-            raise RuntimeError("MetricsServer is already started")
-        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
-        server = _Server((self.host, self.port), self.metrics, self.health, family)
-        self._server = server
-        self._thread = threading.Thread(
-            target=server.serve_forever,
-            kwargs={"poll_interval": 0.05},
-            name="audience-sync-metrics",
-            daemon=True,
-        )
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        """Stop serving, wait for requests in progress and close the socket; idempotent."""
-        server, thread = self._server, self._thread
-        if server is None:
-            return
-        server.shutdown()
-        server.server_close()  # joins handler threads
-        if thread is not None:
-            thread.join()
-        self._server = None
-        self._thread = None
-
-    def __enter__(self) -> MetricsServer:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
+    def _make_server(self, address: tuple[str, int]) -> JoiningHTTPServer:
+        return _Server(address, self.metrics, self.health)
