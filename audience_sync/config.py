@@ -11,7 +11,6 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from apscheduler.triggers.cron import CronTrigger
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -25,6 +24,7 @@ from pydantic import (
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
+from audience_sync.cron import parse_crontab
 from audience_sync.errors import ConfigError
 from audience_sync.naming import check_unique_keys, is_valid_key, property_key
 
@@ -192,7 +192,7 @@ class _Computation(_Frozen):
             raise ValueError(f"every {self.every!r} is not an interval like 30s, 15m, 2h or 1d")
         if self.schedule is not None:
             try:
-                CronTrigger.from_crontab(self.schedule)
+                parse_crontab(self.schedule)
             except ValueError as exc:
                 raise ValueError(
                     f"schedule {self.schedule!r} is not a cron expression: {exc}"

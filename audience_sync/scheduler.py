@@ -17,11 +17,11 @@ from apscheduler.events import EVENT_SCHEDULER_STARTED
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers import SchedulerNotRunningError
 from apscheduler.schedulers.blocking import BlockingScheduler
-from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 from apscheduler.util import undefined
 
 from audience_sync.config import Computation, Settings, parse_duration
+from audience_sync.cron import cron_trigger
 from audience_sync.errors import ConfigError
 from audience_sync.sync import RunResult
 
@@ -105,6 +105,15 @@ class Daemon:
         keys = [a.property_key for a in self._settings.computations if a.property_key in jobs]
         return [key for key in keys if _is_due(jobs[key], lasts.get(key), now)]
 
+    def missed(self, now: datetime | None = None) -> list[str]:
+        """What start-up runs at once: audiences never run, or whose newest fire time since
+        their last start passed at most ``misfire_grace_seconds`` ago."""
+        now = now or self._clock()
+        lasts, jobs = self._load_starts(), self.jobs()
+        grace = self._settings.daemon.misfire_grace_seconds
+        keys = [a.property_key for a in self._settings.computations if a.property_key in jobs]
+        return [key for key in keys if _is_due(jobs[key], lasts.get(key), now, grace)]
+
     def run_due(self) -> list[RunResult]:
         """Sync every due audience now in one ``sync`` call (``--once``); their results."""
         keys = self.due()
@@ -158,11 +167,8 @@ class Daemon:
             return 0
         with self._lock:  # a reload from now on catches up new audiences itself
             self._serve_thread = threading.current_thread()
-            now, lasts = self._clock(), self._load_starts()
-            grace = self._settings.daemon.misfire_grace_seconds
-            for key, trigger in self.jobs().items():
-                if _is_due(trigger, lasts.get(key), now, grace):
-                    self._scheduler.modify_job(key, next_run_time=datetime.now(UTC))
+            for key in self.missed():
+                self._scheduler.modify_job(key, next_run_time=datetime.now(UTC))
         self._scheduler.add_job(
             self._write_heartbeat,
             IntervalTrigger(seconds=HEARTBEAT_SECONDS, timezone=UTC),
@@ -319,7 +325,7 @@ def _spec(audience: Computation, tz: str) -> _Spec | None:
 
 def _trigger(audience: Computation, tz: str, last: datetime | None) -> Any:
     if audience.schedule is not None:
-        return CronTrigger.from_crontab(audience.schedule, timezone=ZoneInfo(tz))
+        return cron_trigger(audience.schedule, ZoneInfo(tz))
     interval = timedelta(seconds=parse_duration(audience.every or "") or 0)
     # Anchored on the last run, so a restart keeps the cadence rather than waiting a full
     # interval from the restart.
@@ -328,12 +334,19 @@ def _trigger(audience: Computation, tz: str, last: datetime | None) -> Any:
 
 
 def _is_due(trigger: Any, last: datetime | None, now: datetime, grace: int | None = None) -> bool:
-    """Never run, or the first fire time after ``last`` has passed (at most ``grace`` s ago)."""
+    """Never run, or a fire time after ``last`` has passed (with ``grace``: the newest such
+    fire time is at most ``grace`` seconds old)."""
     if last is None:
         return True
-    fire: datetime | None = trigger.get_next_fire_time(last, last)  # strictly after `last`
-    late = timedelta(seconds=grace) if grace is not None else timedelta.max
-    return fire is not None and fire <= now and now - fire <= late
+    earliest = now - timedelta(seconds=grace) if grace is not None else None
+    fire: datetime | None
+    if earliest is None or earliest <= last:
+        fire = trigger.get_next_fire_time(last, last)  # strictly after `last`
+    else:
+        # Is there a fire time in [now - grace, now]? Older misses do not count: the
+        # newest one decides, so a long outage still runs once if its last miss is recent.
+        fire = trigger.get_next_fire_time(None, earliest)
+    return fire is not None and fire <= now
 
 
 def _iso(moment: datetime) -> str:

@@ -13,10 +13,10 @@ from zoneinfo import ZoneInfo
 
 import pytest
 from apscheduler.events import EVENT_SCHEDULER_STARTED
-from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
 from audience_sync.config import Settings, load_settings
+from audience_sync.cron import CronSchedule
 from audience_sync.scheduler import Daemon
 from audience_sync.sync import RunResult
 
@@ -107,7 +107,7 @@ def test_scheduled_audiences_become_jobs_with_deliberate_options(tmp_path: Path)
     jobs = daemon.jobs()
     assert set(jobs) == {"nightly", "vip"}
     berlin = ZoneInfo("Europe/Berlin")
-    assert isinstance(jobs["nightly"], CronTrigger)
+    assert isinstance(jobs["nightly"], CronSchedule)
     assert str(jobs["nightly"].timezone) == "Europe/Berlin"
     after = datetime(2024, 5, 1, 10, 30, tzinfo=berlin)
     assert jobs["nightly"].get_next_fire_time(None, after) == datetime(
@@ -404,3 +404,92 @@ def test_reload_from_the_scheduler_thread_is_applied(tmp_path: Path) -> None:
         daemon.request_stop()
         thread.join(WAIT)
     assert codes == [0]
+
+
+def fire_days(trigger: Any, start: datetime, days: int) -> list[str]:
+    found, previous, now = [], None, start
+    while True:
+        fire = trigger.get_next_fire_time(previous, now)
+        if fire is None or fire >= start + timedelta(days=days):
+            return found
+        found.append(fire.strftime("%a"))
+        previous = now = fire
+
+
+@pytest.mark.parametrize(
+    ("schedule", "days"),
+    [
+        ("0 9 * * 1-5", ["Mon", "Tue", "Wed", "Thu", "Fri"]),
+        ("0 9 * * 0", ["Sun"]),
+        ("0 9 * * 7", ["Sun"]),
+        ("0 9 * * sat,sun", ["Sat", "Sun"]),
+    ],
+    ids=["weekdays", "sunday-as-0", "sunday-as-7", "weekend-by-name"],
+)
+def test_daemon_jobs_fire_on_the_days_crontab_means(
+    tmp_path: Path, schedule: str, days: list[str]
+) -> None:
+    h = Harness(tmp_path, [{"name": "job", "schedule": schedule}])
+    trigger = h.daemon().jobs()["job"]
+    assert fire_days(trigger, datetime(2024, 4, 29, tzinfo=UTC), 7) == days  # from a Monday
+
+
+def test_start_up_runs_once_when_the_newest_missed_fire_is_within_the_grace(
+    tmp_path: Path,
+) -> None:
+    h = Harness(tmp_path, [{"name": "hourly", "every": "1h"}], misfire_grace_seconds=300)
+    h.starts["hourly"] = naive(T0 - timedelta(hours=3, minutes=2))  # newest miss: 2 min ago
+    assert h.daemon().missed() == ["hourly"]
+    h.starts["hourly"] = naive(T0 - timedelta(hours=3, minutes=6))  # newest miss: 6 min ago
+    assert h.daemon().missed() == []
+    h.starts["hourly"] = naive(T0 - timedelta(minutes=59))  # nothing missed yet
+    assert h.daemon().missed() == []
+
+
+def test_start_up_catch_up_for_cron_looks_at_the_newest_missed_fire(tmp_path: Path) -> None:
+    h = Harness(tmp_path, [NIGHTLY], misfire_grace_seconds=300)  # every 2 hours on the hour
+    h.clock.now = datetime(2024, 5, 1, 10, 3, tzinfo=UTC)
+    h.starts["nightly"] = naive(datetime(2024, 5, 1, 4, 0, 2, tzinfo=UTC))  # missed 6, 8, 10
+    assert h.daemon().missed() == ["nightly"]
+    h.clock.now = datetime(2024, 5, 1, 10, 6, tzinfo=UTC)
+    assert h.daemon().missed() == []
+
+
+class OnceEveryFiveMinutes:
+    """``daemon --once`` from cron every 5 minutes through a night, on a fake clock."""
+
+    def __init__(self, h: Harness) -> None:
+        self.h = h
+        self.runs: list[datetime] = []
+
+        def sync(settings: Settings, keys: list[str], stop: threading.Event) -> Any:
+            self.runs.append(h.clock.now)
+            for key in keys:
+                h.starts[key] = naive(h.clock.now)
+            return [RunResult(k, k, "run", "succeeded") for k in keys]
+
+        self.sync = sync
+
+    def night(self, start: datetime, hours: int) -> list[str]:
+        self.h.starts["nightly"] = naive(start - timedelta(hours=12))
+        self.h.clock.now = start
+        while self.h.clock.now < start + timedelta(hours=hours):
+            self.h.daemon(sync=self.sync).run_due()
+            self.h.clock.now += timedelta(minutes=5)
+        return [r.astimezone(ZoneInfo("Europe/Berlin")).strftime("%d %H:%M") for r in self.runs]
+
+
+def test_once_runs_a_daily_job_once_when_clocks_go_back(tmp_path: Path) -> None:
+    h = Harness(tmp_path, [{"name": "nightly", "schedule": "0 2 * * *"}], timezone="Europe/Berlin")
+    cron = OnceEveryFiveMinutes(h)
+    # 2026-10-25: 03:00 CEST becomes 02:00 CET, so 02:00 local comes twice.
+    runs = cron.night(datetime(2026, 10, 24, 22, 0, tzinfo=UTC), hours=6)
+    assert runs == ["25 02:00"]
+
+
+def test_once_runs_a_daily_job_once_when_clocks_go_forward(tmp_path: Path) -> None:
+    h = Harness(tmp_path, [{"name": "nightly", "schedule": "0 2 * * *"}], timezone="Europe/Berlin")
+    cron = OnceEveryFiveMinutes(h)
+    # 2026-03-29: 02:00 CET becomes 03:00 CEST, so 02:00 local never comes.
+    runs = cron.night(datetime(2026, 3, 28, 22, 0, tzinfo=UTC), hours=6)
+    assert runs == ["29 03:00"]
