@@ -55,6 +55,8 @@ from audience_sync.sync import Progress, RunResult, exit_code, run_once, utcnow
 from audience_sync.verify import verify_audience
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_LOCKED = 0, 1, 2, 3
+# Bounds of numeric flags: large enough for any real use, small enough for every database.
+MAX_ROWS, MAX_PAGE, MAX_SAMPLE, MAX_ID = 100_000, 1_000_000_000, 100_000, 2**63 - 1
 SignalHandler = Callable[[int, FrameType | None], None]
 log = logging.getLogger(__name__)
 
@@ -208,9 +210,13 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"only runs with this status: {', '.join(RUN_STATUSES)}",
     )  # fmt: skip
     history.add_argument(
-        "--since", metavar="WHEN", help="only runs started since: 7d, 12h, or an ISO date"
-    )
-    history.add_argument("--limit", "-n", type=int, default=20, help="how many runs (default 20)")
+        "--since", metavar="WHEN", type=_since_arg,
+        help="only runs started since: 7d, 12h, 2w, or an ISO date",
+    )  # fmt: skip
+    history.add_argument(
+        "--limit", "-n", type=_int_arg(1, MAX_ROWS), default=20,
+        help="how many runs (default 20)",
+    )  # fmt: skip
     history.add_argument("--json", action="store_true", help="print a JSON array")
     history.set_defaults(handler=cmd_history, needs_gist=False)
 
@@ -218,9 +224,14 @@ def build_parser() -> argparse.ArgumentParser:
         "show", "one run with its changes and rejected rows",
         "Show one run: counts, timings, error, its changes (failed first) and rejected rows.",
     )  # fmt: skip
-    show.add_argument("run_id", type=int, metavar="RUN_ID")
-    show.add_argument("--limit", "-n", type=int, default=100, help="changes/rows per page")
-    show.add_argument("--page", type=int, default=1, help="which page of changes/rows (from 1)")
+    show.add_argument("run_id", type=_int_arg(1, MAX_ID), metavar="RUN_ID")
+    show.add_argument(
+        "--limit", "-n", type=_int_arg(1, MAX_ROWS), default=100, help="changes/rows per page"
+    )
+    show.add_argument(
+        "--page", type=_int_arg(1, MAX_PAGE), default=1,
+        help="which page of changes/rows (from 1)",
+    )  # fmt: skip
     show.add_argument("--json", action="store_true", help="print a JSON object")
     show.set_defaults(handler=cmd_show, needs_gist=False)
 
@@ -229,7 +240,13 @@ def build_parser() -> argparse.ArgumentParser:
         "Delete member_changes and rejected_rows of runs older than the given age; sync_runs "
         "summaries are kept.",
     )  # fmt: skip
-    prune_cmd.add_argument("--older-than", required=True, metavar="AGE", help="e.g. 90d, 12h")
+    prune_cmd.add_argument(
+        "--older-than", required=True, metavar="AGE", type=_age_arg,
+        help="e.g. 90d, 2w, 12h; 0d prunes every finished run",
+    )  # fmt: skip
+    prune_cmd.add_argument(
+        "--dry-run", action="store_true", help="count what would be deleted, delete nothing"
+    )
     prune_cmd.add_argument("--json", action="store_true", help="print counts as JSON")
     prune_cmd.set_defaults(handler=cmd_prune, needs_gist=False)
 
@@ -246,7 +263,10 @@ def build_parser() -> argparse.ArgumentParser:
         "expected property value (drift from edits made in Gist itself).",
     )  # fmt: skip
     verify.add_argument("key", metavar="KEY", help="the audience's property key")
-    verify.add_argument("--sample", type=int, default=100, help="members to check (default 100)")
+    verify.add_argument(
+        "--sample", type=_int_arg(1, MAX_SAMPLE), default=100,
+        help="members to check (default 100)",
+    )  # fmt: skip
     verify.add_argument(
         "--repair", action="store_true", help="re-plan drifted members for the next run"
     )
@@ -506,11 +526,12 @@ def _result_dict(result: RunResult) -> dict[str, Any]:
 
 
 def cmd_history(args: argparse.Namespace) -> int:
-    since = _parse_since(args.since) if args.since else None
     with _state(_settings(args)) as engine:
         runs = [
             _run_vocabulary(r)
-            for r in load_runs(engine, args.audience, args.limit, status=args.status, since=since)
+            for r in load_runs(
+                engine, args.audience, args.limit, status=args.status, since=args.since
+            )
         ]
     if not runs and not args.json:
         print("No runs match." if args.audience or args.status or args.since else "No runs yet.")
@@ -521,8 +542,6 @@ def cmd_history(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    if args.page < 1 or args.limit < 1:
-        raise ConfigError("--page and --limit must be at least 1")
     with _state(_settings(args)) as engine:
         found = load_run(engine, args.run_id, args.limit, (args.page - 1) * args.limit)
     if found is None:
@@ -568,15 +587,15 @@ def _run_vocabulary(run: dict[str, Any]) -> dict[str, Any]:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    age = parse_duration(args.older_than)
-    if age is None:
-        raise ConfigError(f"--older-than {args.older_than!r} is not an age like 90d or 12h")
     with _state(_settings(args)) as engine:
-        deleted = prune(engine, utcnow() - timedelta(seconds=age))
+        counts = prune(engine, utcnow() - timedelta(seconds=args.older_than), dry_run=args.dry_run)
     if args.json:
-        output_json(deleted, sys.stdout)
+        output_json(counts, sys.stdout)
+    elif args.dry_run:
+        listed = " and ".join(f"{count} {table}" for table, count in counts.items())
+        print(f"would delete {listed} (dry run)")
     else:
-        print(", ".join(f"{count} {table} deleted" for table, count in deleted.items()))
+        print(", ".join(f"{count} {table} deleted" for table, count in counts.items()))
     return EXIT_OK
 
 
@@ -686,15 +705,46 @@ def cmd_db_upgrade(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _parse_since(text: str) -> datetime:
+def _int_arg(low: int, high: int) -> Callable[[str], int]:
+    """An argparse type: a whole number from ``low`` to ``high``, else a usage error."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{text} is not a whole number from {low} to {high}")
+        return value
+
+    return parse
+
+
+def _age_arg(text: str) -> float:
+    """An argparse type: an age such as 90d, 2w, 12h or 0d, in seconds."""
+    try:
+        age = parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if age is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an age like 90d, 2w, 12h or 0d")
+    return age
+
+
+def _since_arg(text: str) -> datetime:
     """``--since``: an age (7d) or an ISO date, as the naive UTC the state stores."""
-    age = parse_duration(text)
+    try:
+        age = parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
     if age is not None:
         return utcnow() - timedelta(seconds=age)
     try:
         when = datetime.fromisoformat(text)
     except ValueError:
-        raise ConfigError(f"--since {text!r} is neither an age (7d, 12h) nor an ISO date") from None
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is neither an age (7d, 12h) nor an ISO date"
+        ) from None
     # An explicit offset is honoured; a date without one is taken as UTC.
     return when.astimezone(UTC).replace(tzinfo=None) if when.tzinfo else when
 

@@ -108,7 +108,8 @@ def test_history_filters_show_pages_and_prune(
     assert len(json.loads(out)) == 1
     _, out, _ = cli("history", "--json", "--since", "2999-01-01")
     assert json.loads(out) == []
-    assert cli("history", "--since", "soon")[0] == 2
+    with pytest.raises(SystemExit, match="2"):
+        cli("history", "--since", "soon")  # argparse: a usage error, exit 2
 
     _, out, _ = cli("show", str(partial["id"]), "--json", "--limit", "3")
     first = json.loads(out)
@@ -127,7 +128,8 @@ def test_history_filters_show_pages_and_prune(
     with engine.connect() as connection:
         assert connection.scalar(select(func.count()).select_from(member_changes)) == 0
         assert connection.scalar(select(func.count()).select_from(sync_runs)) == 1
-    assert cli("prune", "--older-than", "whenever")[0] == 2
+    with pytest.raises(SystemExit, match="2"):
+        cli("prune", "--older-than", "whenever")
 
 
 def test_verify_command(workspace: Workspace, gist: FakeGist, cli: Any) -> None:
@@ -266,3 +268,65 @@ def test_tables_are_plain_when_piped_and_rich_on_a_terminal() -> None:
     ]
     assert "\x1b[" in terminal.getvalue()  # colour
     assert "─" in terminal.getvalue()  # a rule under the header
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (("history", "--since", "99999999999d"), "argument --since: '99999999999d' is longer"),
+        (("history", "--limit", "0"), "argument --limit/-n: 0 is not a whole number from 1"),
+        (("history", "--limit", "-3"), "argument --limit/-n: -3 is not a whole number from 1"),
+        (("prune", "--older-than", "99999999d"), "argument --older-than: '99999999d' is longer"),
+        (("prune", "--older-than", "soon"), "argument --older-than: 'soon' is not an age"),
+        (("show", "1", "--page", "1e17"), "argument --page: 1e17 is not a whole number from 1"),
+        (("show", "1", "--page", "100000000000000000"), "argument --page: 100000000000000000"),
+        (("show", "1", "--limit", "0"), "argument --limit/-n: 0 is not a whole number from 1"),
+        (("show", "99999999999999999999"), "argument RUN_ID: 99999999999999999999 is not"),
+        (("verify", KEY, "--sample", "-5"), "argument --sample: -5 is not a whole number from 1"),
+    ],
+    ids=[
+        "since-overflows",
+        "history-limit-zero",
+        "history-limit-negative",
+        "prune-overflows",
+        "prune-not-an-age",
+        "page-float",
+        "page-huge",
+        "show-limit-zero",
+        "run-id-huge",
+        "sample-negative",
+    ],
+)
+def test_numeric_flags_are_bounded_with_the_flag_named(
+    workspace: Workspace, cli: Any, capsys: pytest.CaptureFixture[str], args: tuple[str, ...],
+    fragment: str,
+) -> None:  # fmt: skip
+    workspace.add_file_audience("Order Completed Last 30days")
+    with pytest.raises(SystemExit) as info:
+        cli(*args)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert fragment in err
+    assert "Traceback" not in err
+
+
+def test_prune_takes_zero_and_weeks_and_has_a_dry_run(
+    workspace: Workspace, engine: Engine, gist: FakeGist, cli: Any
+) -> None:
+    source = workspace.add_file_audience("Order Completed Last 30days")
+    write_members(source, [*range(3), ("u9", "bad")])
+    assert cli("run")[0] == 0
+    with engine.begin() as connection:
+        connection.execute(update(sync_runs).values(started_at=utcnow() - timedelta(days=8)))
+
+    code, out, _ = cli("prune", "--older-than", "2w", "--json")
+    assert (code, json.loads(out)) == (0, {"member_changes": 0, "rejected_rows": 0})
+
+    code, out, _ = cli("prune", "--older-than", "1w", "--dry-run")
+    assert code == 0
+    assert "would delete 3 member_changes and 1 rejected_rows (dry run)" in out
+    with engine.connect() as connection:
+        assert connection.scalar(select(func.count()).select_from(member_changes)) == 3
+
+    code, out, _ = cli("prune", "--older-than", "0d", "--json")
+    assert (code, json.loads(out)) == (0, {"member_changes": 3, "rejected_rows": 1})
