@@ -29,7 +29,7 @@ from argcomplete.shell_integration import shellcode
 from sqlalchemy import Engine
 
 from audience_sync import __version__, db
-from audience_sync.alerts import send_alerts
+from audience_sync.alerts import Alert, AlertMemory, AlertSender, post_alert, select_alerts
 from audience_sync.config import (
     Settings,
     load_settings,
@@ -38,7 +38,15 @@ from audience_sync.config import (
     resolve_config_path,
 )
 from audience_sync.errors import AudienceSyncError, ConfigError, StateError
-from audience_sync.history import load_last_starts, load_orphans, load_run, load_runs, prune
+from audience_sync.history import (
+    load_last_starts,
+    load_last_successes,
+    load_orphans,
+    load_recent_statuses,
+    load_run,
+    load_runs,
+    prune,
+)
 from audience_sync.metrics import Metrics, MetricsServer
 from audience_sync.render import (
     JsonFormatter,
@@ -57,6 +65,7 @@ from audience_sync.verify import verify_audience
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_LOCKED = 0, 1, 2, 3
 # Bounds of numeric flags: large enough for any real use, small enough for every database.
 MAX_ROWS, MAX_PAGE, MAX_SAMPLE, MAX_ID = 100_000, 1_000_000_000, 100_000, 2**63 - 1
+ALERT_STOP_GRACE = 5.0  # seconds a stopping daemon gives alerts still being posted
 SignalHandler = Callable[[int, FrameType | None], None]
 log = logging.getLogger(__name__)
 
@@ -397,12 +406,15 @@ def _sync_command(
     args: argparse.Namespace, mode: Mode, keys: Sequence[str], *, allow_mass_exit: bool = False
 ) -> int:
     settings = _settings(args)
+    if args.metrics_file:
+        _check_metrics_file(args.metrics_file)  # fail now, not after a sync that went well
     metrics = Metrics()
     show_progress = sys.stderr.isatty() and not (args.quiet or args.json)
     show_progress = show_progress and args.log_format == "text"  # JSON lines only, then
     bars: AbstractContextManager[Progress | None] = (
         ProgressBars(sys.stderr) if show_progress else nullcontext(None)
     )
+    alerts: list[Alert] = []
     with _state(settings) as engine, _stop_on_signals() as stop, bars as progress:
         results = run_once(
             settings,
@@ -415,13 +427,17 @@ def _sync_command(
             observer=metrics.observe_request,
             progress=progress,
         )
+        # Decided at once from sync_runs: nothing that follows may cost the alert it owes.
+        if not args.dry_run:
+            alerts = select_alerts(settings.alerts, results, engine)
         orphans = load_orphans(engine, [a.property_key for a in settings.computations])
         notes = _result_notes(engine, results, args)
+        last_successes = _load_last_successes(engine, settings)
+    post_alert(settings.alerts, alerts)
     metrics.record_results(results)
+    metrics.set_last_successes(last_successes)
     if args.metrics_file:
-        metrics.write_textfile(args.metrics_file)
-    if not args.dry_run:
-        send_alerts(settings.alerts, results)
+        _write_metrics_file(metrics, args.metrics_file)
     if mode == "run":
         for key, count in orphans.items():
             log.warning(
@@ -436,6 +452,39 @@ def _sync_command(
     except BrokenPipeError:
         _detach_stdout()  # the reader left; the sync's own outcome still decides the exit code
     return code
+
+
+def _check_metrics_file(path: Path) -> None:
+    """Refuse a ``--metrics-file`` that cannot be written, before anything is synced."""
+    folder = path.parent
+    if not folder.is_dir():
+        raise ConfigError(f"--metrics-file {path}: folder {folder} does not exist")
+    if path.is_dir():
+        raise ConfigError(f"--metrics-file {path} is a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ConfigError(f"--metrics-file {path}: folder {folder} is not writable")
+
+
+def _write_metrics_file(metrics: Metrics, path: Path) -> None:
+    """Write the textfile; a failure is reported and never changes the run's outcome."""
+    try:
+        metrics.write_textfile(path)
+    except OSError as exc:
+        print(
+            f"error: cannot write --metrics-file {path}: {exc.strerror or exc}; "
+            "the sync itself is unaffected",
+            file=sys.stderr,
+        )
+
+
+def _load_last_successes(engine: Engine, settings: Settings) -> dict[str, datetime]:
+    """The last-success times for the metrics; an unreadable state only leaves them out."""
+    try:
+        with db.state_errors(settings.state.url):
+            return load_last_successes(engine, [a.property_key for a in settings.computations])
+    except StateError as exc:
+        log.warning("cannot read the last successes for metrics: %s", exc)
+        return {}
 
 
 def _result_notes(
@@ -640,31 +689,28 @@ def cmd_daemon(args: argparse.Namespace) -> int:
     logging.getLogger("audience_sync.scheduler").setLevel(logging.INFO)
     settings = _settings(args)
     metrics = Metrics()
+    memory = AlertMemory()  # what this process told the webhook, for runs without an id
     with _state(settings) as engine:
-
-        def sync(current: Settings, keys: list[str], stop: threading.Event) -> list[RunResult]:
-            return run_once(current, engine, keys, stop=stop, observer=metrics.observe_request)
-
-        def on_results(results: list[RunResult]) -> None:
-            metrics.record_results(results)
-            send_alerts(daemon.settings.alerts, results)
-
-        daemon = Daemon(
-            lambda: _settings(args),
-            sync,
-            lambda: load_last_starts(engine),
-            on_results=on_results,
-        )
         if args.once:
-            return exit_code(daemon.run_due())
+            # `--once` is a run from cron: the signals mean what they mean for `run`.
+            with _stop_on_signals() as stop:
+                daemon = _make_daemon(args, engine, metrics, memory, None, stop)
+                results = daemon.run_due()
+            return exit_code(results)
+        sender = AlertSender(lambda: daemon.settings.alerts)  # its thread starts when needed
+        daemon = _make_daemon(args, engine, metrics, memory, sender, None)
+        metrics.set_last_successes(_load_last_successes(engine, settings))
         server = None
         if settings.daemon.metrics_port is not None:
-            server = MetricsServer(
-                metrics,
-                settings.daemon.metrics_host,
-                settings.daemon.metrics_port,
-                lambda: (True, {"status": "ok", "audiences": sorted(daemon.jobs())}),
-            ).start()
+            host, port = settings.daemon.metrics_host, settings.daemon.metrics_port
+            try:
+                server = MetricsServer(metrics, host, port, daemon.health).start()
+            except OSError as exc:
+                where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+                raise ConfigError(
+                    f"{settings.path}: daemon.metrics_port: cannot serve /metrics on {where}: "
+                    f"{exc.strerror or exc}"
+                ) from None
             print(f"serving /metrics and /healthz at {server.url}", file=sys.stderr, flush=True)
         with _daemon_signals(daemon):
             try:
@@ -672,6 +718,49 @@ def cmd_daemon(args: argparse.Namespace) -> int:
             finally:
                 if server is not None:
                     server.stop()
+                # A hung webhook must not hold up the stop; what is left is logged.
+                sender.close(min(ALERT_STOP_GRACE, daemon.settings.alerts.timeout_seconds))
+
+
+def _make_daemon(
+    args: argparse.Namespace,
+    engine: Engine,
+    metrics: Metrics,
+    memory: AlertMemory,
+    sender: AlertSender | None,
+    stop: threading.Event | None,
+) -> Daemon:
+    """The daemon over ``engine``; alerts go to ``sender`` (or are posted at once)."""
+
+    def sync(current: Settings, keys: list[str], stop: threading.Event) -> list[RunResult]:
+        return run_once(
+            current,
+            engine,
+            keys,
+            stop=stop,
+            observer=metrics.observe_request,
+            progress=daemon.progress,
+        )
+
+    def on_results(results: list[RunResult]) -> None:
+        current = daemon.settings
+        alerts = select_alerts(current.alerts, results, engine, memory)
+        if sender is not None:
+            sender.submit(alerts)  # posted from the sender's thread; syncing goes on
+        else:
+            post_alert(current.alerts, alerts)
+        metrics.record_results(results)
+        metrics.set_last_successes(_load_last_successes(engine, current))
+
+    daemon = Daemon(
+        lambda: _settings(args),
+        sync,
+        lambda: load_last_starts(engine),
+        on_results=on_results,
+        stop=stop,
+        recent_statuses=lambda keys, n: load_recent_statuses(engine, keys, n),
+    )
+    return daemon
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -805,7 +894,8 @@ def _detach_stdout() -> None:
 
 @contextmanager
 def _stop_on_signals() -> Iterator[threading.Event]:
-    """SIGTERM or Ctrl-C asks the run to stop gracefully; a second one stops it at once."""
+    """SIGTERM, SIGHUP or Ctrl-C asks the run to stop gracefully; a second one stops it at
+    once. (A hang-up no longer kills a run half-way, leaving it marked running.)"""
     stop = threading.Event()
 
     def handle(signum: int, _frame: FrameType | None) -> None:
@@ -817,7 +907,7 @@ def _stop_on_signals() -> Iterator[threading.Event]:
         )
         stop.set()
 
-    with _signal_handlers({signal.SIGTERM: handle, signal.SIGINT: handle}):
+    with _signal_handlers({signal.SIGTERM: handle, signal.SIGINT: handle, signal.SIGHUP: handle}):
         yield stop
 
 

@@ -42,6 +42,20 @@ STATE_BACKENDS = ("sqlite", "postgresql")
 UNUSED_KEY = "unused: this command never calls Gist"
 
 
+def parse_duration(text: str) -> float | None:
+    """Seconds in ``"90s"``, ``"15m"``, ``"2h"``, ``"1d"``, ``"1w"`` or ``"1h30m"`` (0 allowed);
+    None if ``text`` is not one. ``ValueError`` beyond ``MAX_DURATION_DAYS``, so no caller
+    overflows a date or a timer."""
+    match = _DURATION.fullmatch(text.strip())
+    if not match or not any(match.groups()):
+        return None
+    weeks, days, hours, minutes, seconds = (int(g) if g else 0 for g in match.groups())
+    total = (((weeks * 7 + days) * 24 + hours) * 60 + minutes) * 60 + seconds
+    if total > MAX_DURATION_SECONDS:
+        raise ValueError(f"{text.strip()!r} is longer than {MAX_DURATION_DAYS}d")
+    return float(total)
+
+
 class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -111,6 +125,8 @@ class DaemonConfig(_Frozen):
     heartbeat_file: Path | None = None
     metrics_host: str = "127.0.0.1"
     metrics_port: int | None = Field(None, ge=0, le=65535)
+    health_stall_seconds: int = Field(900, ge=10, le=7 * 86400)
+    health_failed_runs: int = Field(3, ge=1, le=1000)
 
     @model_validator(mode="after")
     def _check(self) -> DaemonConfig:
@@ -127,6 +143,20 @@ class AlertsConfig(_Frozen):
     webhook_url: str | None = None
     always: bool = False  # also for runs that succeeded
     timeout_seconds: float = Field(10.0, gt=0, le=300)  # the whole alert, not one read
+    remind_every: str = "6h"  # while an audience keeps failing
+
+    @model_validator(mode="after")
+    def _check(self) -> AlertsConfig:
+        try:
+            seconds = parse_duration(self.remind_every)
+        except ValueError as exc:
+            raise ValueError(f"remind_every {exc}") from None
+        if seconds is None or seconds < 60:
+            raise ValueError(
+                f"remind_every {self.remind_every!r} is not an interval of at least 1m "
+                "(like 30m, 6h or 1d)"
+            )
+        return self
 
 
 class SourceConfig(_Frozen):
@@ -274,20 +304,6 @@ class Settings(_Frozen):
                 return audience
         known = ", ".join(a.property_key for a in self.computations)
         raise ConfigError(f"{self.path}: no audience with key {key!r} (configured: {known})")
-
-
-def parse_duration(text: str) -> float | None:
-    """Seconds in ``"90s"``, ``"15m"``, ``"2h"``, ``"1d"``, ``"1w"`` or ``"1h30m"`` (0 allowed);
-    None if ``text`` is not one. ``ValueError`` beyond ``MAX_DURATION_DAYS``, so no caller
-    overflows a date or a timer."""
-    match = _DURATION.fullmatch(text.strip())
-    if not match or not any(match.groups()):
-        return None
-    weeks, days, hours, minutes, seconds = (int(g) if g else 0 for g in match.groups())
-    total = (((weeks * 7 + days) * 24 + hours) * 60 + minutes) * 60 + seconds
-    if total > MAX_DURATION_SECONDS:
-        raise ValueError(f"{text.strip()!r} is longer than {MAX_DURATION_DAYS}d")
-    return float(total)
 
 
 def resolve_config_path(cli_path: str | None, environ: Mapping[str, str]) -> Path:

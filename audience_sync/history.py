@@ -202,6 +202,42 @@ def _change_dict(row: Any) -> dict[str, Any]:
     return change
 
 
+def load_last_successes(engine: Engine, keys: Iterable[str]) -> dict[str, datetime]:
+    """When each of ``keys`` last finished a real run that succeeded (naive UTC)."""
+    wanted = list(keys)
+    query = (
+        select(sync_runs.c.audience_key, func.max(sync_runs.c.finished_at))
+        .where(
+            sync_runs.c.status == "succeeded",
+            sync_runs.c.kind != "dry-run",
+            sync_runs.c.audience_key.in_(wanted),
+        )
+        .group_by(sync_runs.c.audience_key)
+    )
+    with engine.connect() as connection:
+        return {key: at for key, at in connection.execute(query) if at is not None}
+
+
+def load_recent_statuses(engine: Engine, keys: Iterable[str], n: int) -> dict[str, list[str]]:
+    """The statuses of each audience's latest ``n`` finished real runs, newest first."""
+    found: dict[str, list[str]] = {}
+    with engine.connect() as connection:
+        for key in keys:
+            found[key] = list(
+                connection.scalars(
+                    select(sync_runs.c.status)
+                    .where(
+                        sync_runs.c.audience_key == key,
+                        sync_runs.c.kind != "dry-run",
+                        sync_runs.c.status != "running",
+                    )
+                    .order_by(sync_runs.c.id.desc())
+                    .limit(n)
+                )
+            )
+    return found
+
+
 def _run_dict(row: Any) -> dict[str, Any]:
     run = dict(row)
     run["audience"] = run.pop("audience_key")

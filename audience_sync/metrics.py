@@ -6,7 +6,8 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any, cast
@@ -103,6 +104,13 @@ class Metrics:
                 self.last_success.labels(audience).set(self._clock())
             if _has_read_source(result):
                 self.members.labels(audience).set(result.members)
+
+    def set_last_successes(self, finished: Mapping[str, datetime]) -> None:
+        """Set the last-success gauge from ``sync_runs`` (naive UTC finish times), so it is
+        there after a failed run and after a restart, once an audience ever succeeded."""
+        for audience, at in finished.items():
+            moment = at.replace(tzinfo=UTC) if at.tzinfo is None else at
+            self.last_success.labels(audience).set(moment.timestamp())
 
     def write_textfile(self, path: Path) -> None:
         """Write every metric for node-exporter's textfile collector, atomically."""

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import asdict
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -23,12 +24,20 @@ from apscheduler.util import undefined
 from audience_sync.config import Computation, Settings, parse_duration
 from audience_sync.cron import cron_trigger
 from audience_sync.errors import ConfigError
+from audience_sync.statuses import FAILED_STATUSES
 from audience_sync.sync import RunResult
 
 log = logging.getLogger(__name__)
 
 SyncFn = Callable[[Settings, list[str], threading.Event], list[RunResult]]
 """Syncs the given audience keys once (a closure over ``run_once`` and the state engine)."""
+
+RecentStatuses = Callable[[list[str], int], dict[str, list[str]]]
+"""The statuses of each audience's latest N finished runs, newest first (reads the state
+database, so it raising means the database cannot be reached)."""
+
+# Keys a reload cannot apply to a running daemon: it would need a new engine or server.
+RESTART_KEYS = ("state.url", "daemon.metrics_host", "daemon.metrics_port")
 
 HEARTBEAT_JOB = "daemon:heartbeat"  # ':' never occurs in an audience key
 HEARTBEAT_SECONDS = 60
@@ -56,14 +65,25 @@ class Daemon:
         *,
         clock: Callable[[], datetime] = _utcnow,
         on_results: Callable[[list[RunResult]], None] = _ignore,
+        stop: threading.Event | None = None,
+        recent_statuses: RecentStatuses | None = None,
     ) -> None:
-        """Load the config and schedule its audiences (the scheduler starts in :meth:`serve`)."""
+        """Load the config and schedule its audiences (the scheduler starts in :meth:`serve`).
+
+        ``ConfigError`` when no audience has a ``schedule`` or ``every``: such a daemon
+        would idle forever. ``stop`` is the event that ends the running sync (a signal
+        handler's, for ``--once``).
+        """
         self._load_settings = load_settings
         self._sync = sync
         self._last_starts = last_starts
         self._clock = clock
         self._on_results = on_results
-        self._stop = threading.Event()
+        self._recent_statuses = recent_statuses
+        self._stop = stop if stop is not None else threading.Event()
+        self._tick_at: datetime | None = None  # the scheduler loop's last heartbeat job
+        self._progress_at = clock()  # the sync thread's last sign of life
+        self.progress = _ProgressTracker(self._touch)
         self._lock = threading.RLock()  # reloads, last results and the heartbeat file
         self._idle = threading.Condition()  # guards _active and _running
         self._active = 0  # sync calls not yet reported; serve() waits for none
@@ -72,6 +92,8 @@ class Daemon:
         self._specs: dict[str, _Spec] = {}
         self._serve_thread: threading.Thread | None = None
         self._settings = load_settings()
+        _check_scheduled(self._settings)
+        self._heartbeat = HeartbeatFile(self._settings.daemon.heartbeat_file)
         self._scheduler = BlockingScheduler(
             timezone=ZoneInfo(self._settings.daemon.timezone),
             # One sync at a time, so gist.requests_per_second holds for the daemon as a whole;
@@ -135,6 +157,7 @@ class Daemon:
     def _reload(self) -> None:
         try:
             settings = self._load_settings()
+            _check_scheduled(settings)
             lasts = self._load_starts()
         except ConfigError as exc:
             log.error("config reload failed, keeping the previous config: %s", exc)
@@ -142,9 +165,18 @@ class Daemon:
         except Exception:
             log.exception("config reload failed, keeping the previous config")
             return
+        changed_keys = _restart_keys_changed(self._settings, settings)
+        if changed_keys:
+            log.error(
+                "config reload refused, keeping the previous config: %s changed, which "
+                "only a restart applies; restart the daemon to use the new config",
+                ", ".join(changed_keys),
+            )
+            return
         with self._lock:
             added, removed, changed = self._apply(settings, lasts)
             self._settings = settings
+            self._heartbeat.move_to(settings.daemon.heartbeat_file)
         log.info(
             "config reloaded: added %s; removed %s; rescheduled %s",
             *(", ".join(keys) or "none" for keys in (added, removed, changed)),
@@ -169,8 +201,9 @@ class Daemon:
             self._serve_thread = threading.current_thread()
             for key in self.missed():
                 self._scheduler.modify_job(key, next_run_time=datetime.now(UTC))
+        self._tick_at = self._clock()
         self._scheduler.add_job(
-            self._write_heartbeat,
+            self._tick,
             IntervalTrigger(seconds=HEARTBEAT_SECONDS, timezone=UTC),
             id=HEARTBEAT_JOB,
             name=HEARTBEAT_JOB,
@@ -234,12 +267,65 @@ class Daemon:
             if self._stop.is_set():
                 return []
             self._active += 1
+        self._touch()
         try:
             return self._sync_logged(keys)
         finally:
+            self._touch()
             with self._idle:
                 self._active -= 1
                 self._idle.notify_all()
+
+    def health(self) -> tuple[bool, dict[str, Any]]:
+        """The health rule behind ``/healthz``: unhealthy (with the reasons) when
+
+        - the scheduler loop has not run its heartbeat job, or a running sync has shown no
+          progress (rows read, answers from Gist), for ``daemon.health_stall_seconds``;
+        - the state database cannot be reached;
+        - the latest ``daemon.health_failed_runs`` runs of every scheduled audience failed.
+        """
+        config = self._settings.daemon
+        now = self._clock()
+        stall = timedelta(seconds=config.health_stall_seconds)
+        reasons: list[str] = []
+        with self._idle:
+            busy, running = self._active > 0, list(self._running)
+        if self._tick_at is not None and now - self._tick_at > stall:
+            quiet = (now - self._tick_at).total_seconds()
+            reasons.append(f"the scheduler loop has not ticked for {quiet:.0f}s")
+        if busy and now - self._progress_at > stall:
+            quiet = (now - self._progress_at).total_seconds()
+            what = f" (syncing {', '.join(running)})" if running else ""
+            reasons.append(f"the scheduler thread has made no progress for {quiet:.0f}s{what}")
+        keys = sorted(self.jobs())
+        if self._recent_statuses is not None:
+            n = config.health_failed_runs
+            try:
+                recent = self._recent_statuses(keys, n)
+            except Exception as exc:
+                reasons.append(f"the state database cannot be reached: {type(exc).__name__}")
+            else:
+                if keys and all(
+                    len(recent.get(k, [])) >= n
+                    and all(status in FAILED_STATUSES for status in recent[k])
+                    for k in keys
+                ):
+                    reasons.append(f"the last {n} runs of every audience failed")
+        info: dict[str, Any] = {
+            "status": "unhealthy" if reasons else "ok",
+            "audiences": keys,
+            "running": running,
+        }
+        if reasons:
+            info["reasons"] = reasons
+        return not reasons, info
+
+    def _touch(self) -> None:
+        self._progress_at = self._clock()
+
+    def _tick(self) -> None:
+        self._tick_at = self._clock()
+        self._write_heartbeat()
 
     def _sync_logged(self, keys: list[str]) -> list[RunResult]:
         """Call ``sync``, then log a line per run, refresh the heartbeat and call ``on_results``."""
@@ -277,28 +363,21 @@ class Daemon:
         return results
 
     def _write_heartbeat(self) -> None:
-        """Atomically rewrite the heartbeat file (if configured) for a supervisor to watch."""
-        path = self._settings.daemon.heartbeat_file
-        if path is None:
-            return
+        """Rewrite the heartbeat file (if configured) for a supervisor to watch."""
         with self._lock:
             with self._idle:
                 running = list(self._running)
-            body = {
-                "pid": os.getpid(),
-                "updated_at": _iso(self._clock()),
-                "running": running,
-                "last_results": [
-                    {**asdict(result), "finished_at": _iso(at)}
-                    for result, at in self._last_results.values()
-                ],
-            }
-            temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            try:
-                temporary.write_text(json.dumps(body, indent=2) + "\n", encoding="utf-8")
-                os.replace(temporary, path)  # readers never see a half-written file
-            except OSError as exc:
-                log.warning("cannot write heartbeat file %s: %s", path, exc)
+            self._heartbeat.write(
+                {
+                    "pid": os.getpid(),
+                    "updated_at": _iso(self._clock()),
+                    "running": running,
+                    "last_results": [
+                        {**asdict(result), "finished_at": _iso(at)}
+                        for result, at in self._last_results.values()
+                    ],
+                }
+            )
 
     def _load_starts(self) -> dict[str, datetime]:
         return {
@@ -313,6 +392,72 @@ class Daemon:
     def _shutdown(self) -> None:
         with suppress(SchedulerNotRunningError):
             self._scheduler.shutdown(wait=False)
+
+
+class HeartbeatFile:
+    """The daemon's heartbeat file: JSON rewritten atomically, for a supervisor to watch.
+
+    (Not the lease heartbeat of ``lease.Heartbeat``, which renews leases in the database.)
+    """
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+
+    def write(self, body: dict[str, Any]) -> None:
+        """Replace the file with ``body``; a failure is logged, never raised."""
+        path = self.path
+        if path is None:
+            return
+        temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            temporary.write_text(json.dumps(body, indent=2) + "\n", encoding="utf-8")
+            os.replace(temporary, path)  # readers never see a half-written file
+        except OSError as exc:
+            log.warning("cannot write heartbeat file %s: %s", path, exc)
+
+    def move_to(self, path: Path | None) -> None:
+        """Write from now on to ``path``; the old file goes, so nobody watches a stale one."""
+        old = self.path
+        if path == old:
+            return
+        self.path = path
+        if old is not None:
+            with suppress(FileNotFoundError):
+                old.unlink()
+            log.info("heartbeat file moved from %s to %s", old, path or "(none)")
+
+
+class _ProgressTracker:
+    """A ``sync.Progress`` that only notes that the sync thread is moving."""
+
+    def __init__(self, touch: Callable[[], None]) -> None:
+        self._touch = touch
+
+    def loaded(self, audience_key: str, rows: int) -> None:
+        self._touch()
+
+    def planned(self, changes: int) -> None:
+        self._touch()
+
+    def sent(self, changes: int) -> None:
+        self._touch()
+
+
+def _check_scheduled(settings: Settings) -> None:
+    if not any(_spec(a, "") is not None for a in settings.computations):
+        raise ConfigError(
+            f"{settings.path}: no audience or trait has a `schedule` or `every`, so the "
+            "daemon would have nothing to run; add one, or use `audience-sync run` from cron"
+        )
+
+
+def _restart_keys_changed(old: Settings, new: Settings) -> list[str]:
+    values = {
+        "state.url": (old.state.url, new.state.url),
+        "daemon.metrics_host": (old.daemon.metrics_host, new.daemon.metrics_host),
+        "daemon.metrics_port": (old.daemon.metrics_port, new.daemon.metrics_port),
+    }
+    return [key for key in RESTART_KEYS if values[key][0] != values[key][1]]
 
 
 def _spec(audience: Computation, tz: str) -> _Spec | None:
