@@ -575,7 +575,7 @@ def _result_dict(result: RunResult) -> dict[str, Any]:
 
 
 def cmd_history(args: argparse.Namespace) -> int:
-    with _state(_settings(args)) as engine:
+    with _state(_settings(args), writes=False) as engine:
         runs = [
             _run_vocabulary(r)
             for r in load_runs(
@@ -591,7 +591,7 @@ def cmd_history(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    with _state(_settings(args)) as engine:
+    with _state(_settings(args), writes=False) as engine:
         found = load_run(engine, args.run_id, args.limit, (args.page - 1) * args.limit)
     if found is None:
         raise ConfigError(f"no run with id {args.run_id}: `audience-sync history` lists them")
@@ -636,7 +636,7 @@ def _run_vocabulary(run: dict[str, Any]) -> dict[str, Any]:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    with _state(_settings(args)) as engine:
+    with _state(_settings(args), writes=False) as engine:
         counts = prune(engine, utcnow() - timedelta(seconds=args.older_than), dry_run=args.dry_run)
     if args.json:
         output_json(counts, sys.stdout)
@@ -668,7 +668,7 @@ def cmd_audiences(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     settings = _settings(args)
     settings.audience(args.key)  # a clear error for a key that is not configured
-    with _state(settings) as engine:
+    with _state(settings, writes=False) as engine:
         report = verify_audience(settings, engine, args.key, sample=args.sample, repair=args.repair)
     if args.json:
         output_json(report.to_dict(), sys.stdout)
@@ -788,9 +788,19 @@ def cmd_completion(args: argparse.Namespace) -> int:
 
 def cmd_db_upgrade(args: argparse.Namespace) -> int:
     settings = _settings(args)
-    with _state(settings, migrate=True) as engine:
-        revision = db.current_revision(engine)
-    print(f"{redact_url(settings.state.url)} is at revision {revision}")
+    with db.state_errors(settings.state.url):
+        engine = db.make_engine(settings.state.url, schema=settings.state.db_schema)
+        try:
+            if settings.state.db_schema:
+                db.create_schema(engine, settings.state.db_schema)
+            before, after = db.upgrade(engine)
+        finally:
+            engine.dispose()
+    shown = redact_url(settings.state.url)
+    if before == after:
+        print(f"{shown} is already at revision {after} (the newest)")
+    else:
+        print(f"{shown}: migrated {before or 'empty'} → {after}")
     return EXIT_OK
 
 
@@ -943,21 +953,20 @@ def _signal_handlers(
 
 
 @contextmanager
-def _state(settings: Settings, *, migrate: bool = False) -> Iterator[Engine]:
-    """The state database, at head (see ``db.ensure_schema``), closed afterwards.
+def _state(settings: Settings, *, writes: bool = True) -> Iterator[Engine]:
+    """The state database, at head, closed afterwards.
+
+    Commands that sync (``writes``) create a missing SQLite file and upgrade an old one on
+    the fly (atomically); the others (``history``, ``show``, ``verify``, ``prune``) never
+    create or migrate it and ask for ``db upgrade`` instead (see ``db.ensure_schema``).
 
     The one boundary of state-database errors: whatever the body raises from the database
     becomes a ``StateError`` with its first line only (no SQL, no bound parameters).
     """
     with db.state_errors(settings.state.url):
-        engine = db.make_engine(settings.state.url, schema=settings.state.db_schema)
+        engine = db.make_engine(settings.state.url, schema=settings.state.db_schema, create=writes)
         try:
-            if migrate:
-                if settings.state.db_schema:
-                    db.create_schema(engine, settings.state.db_schema)
-                db.upgrade(engine)
-            else:
-                db.ensure_schema(engine)
+            db.ensure_schema(engine, migrate=writes)
             yield engine
         finally:
             engine.dispose()
