@@ -37,7 +37,7 @@ from audience_sync.config import (
     redact_url,
     resolve_config_path,
 )
-from audience_sync.errors import AudienceSyncError, ConfigError, StateError
+from audience_sync.errors import ApiError, AudienceSyncError, AuthError, ConfigError, StateError
 from audience_sync.history import (
     load_last_starts,
     load_last_successes,
@@ -437,7 +437,7 @@ def _sync_command(
     metrics.record_results(results)
     metrics.set_last_successes(last_successes)
     if args.metrics_file:
-        _write_metrics_file(metrics, args.metrics_file)
+        _write_metrics_file(metrics, args.metrics_file, args)
     if mode == "run":
         for key, count in orphans.items():
             log.warning(
@@ -465,15 +465,15 @@ def _check_metrics_file(path: Path) -> None:
         raise ConfigError(f"--metrics-file {path}: folder {folder} is not writable")
 
 
-def _write_metrics_file(metrics: Metrics, path: Path) -> None:
+def _write_metrics_file(metrics: Metrics, path: Path, args: argparse.Namespace) -> None:
     """Write the textfile; a failure is reported and never changes the run's outcome."""
     try:
         metrics.write_textfile(path)
     except OSError as exc:
-        print(
-            f"error: cannot write --metrics-file {path}: {exc.strerror or exc}; "
-            "the sync itself is unaffected",
-            file=sys.stderr,
+        _report_error(
+            f"cannot write --metrics-file {path}: {exc.strerror or exc}; the sync itself is "
+            "unaffected",
+            args,
         )
 
 
@@ -669,18 +669,35 @@ def cmd_verify(args: argparse.Namespace) -> int:
     settings = _settings(args)
     settings.audience(args.key)  # a clear error for a key that is not configured
     with _state(settings, writes=False) as engine:
-        report = verify_audience(settings, engine, args.key, sample=args.sample, repair=args.repair)
+        try:
+            report = verify_audience(
+                settings, engine, args.key, sample=args.sample, repair=args.repair
+            )
+        except AuthError as exc:
+            # Not drift: nothing could be checked.
+            _report_error(f"Gist refused the API key ({exc}); nothing was checked", args)
+            return EXIT_USAGE
+        except ApiError as exc:
+            _report_error(f"{exc}; nothing was checked", args)
+            return EXIT_USAGE
     if args.json:
         output_json(report.to_dict(), sys.stdout)
     else:
         print(
             f"{report.audience_key}: {report.matching} of {report.sampled} sampled members "
             f"carry the expected value; {len(report.drifted)} drifted"
+            + (f"; {len(report.errors)} could not be read" if report.errors else "")
             + (f", {report.repaired} re-planned for the next run" if args.repair else "")
         )
         if report.drifted:
             rows = [asdict(d) for d in report.drifted]
             output_rows(rows, ("user_id", "expected", "actual", "reason"), sys.stdout)
+        if report.errors:
+            first = report.errors[0]
+            _report_error(f"{first.user_id}: {first.error}", args, prefix="first read error: ")
+    # 2: could not check everything; 1: drift found; 0: every sampled value matches.
+    if report.errors:
+        return EXIT_USAGE
     return EXIT_OK if not report.drifted else EXIT_FAILED
 
 

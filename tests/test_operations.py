@@ -587,3 +587,36 @@ def test_healthz_reports_failing_audiences_and_recovers(
         process.send_signal(signal.SIGTERM)
         _out, err = process.communicate(timeout=30)
     assert process.returncode == 0, err
+
+
+def test_verify_reports_gist_errors_as_errors_not_drift(
+    workspace: Workspace, gist: FakeGist, cli: Any
+) -> None:
+    source = workspace.add_file_audience("Order Completed Last 30days")
+    write_members(source, range(5))
+    assert cli("run")[0] == 0
+
+    gist.fail_after(0, 401)
+    code, out, err = cli("verify", KEY)
+    assert code == 2
+    assert "Gist refused the API key" in err
+    assert "drifted" not in out + err
+    gist.reset_faults()
+
+    gist.fail_user("u3", 422, "Nope")
+    code, out, err = cli("verify", KEY, "--json")
+    assert code == 2
+    report = json.loads(out)
+    assert (report["matching"], report["drifted"]) == (4, [])
+    assert report["errors"] == [{"user_id": "u3", "error": "HTTP 422: Nope"}]
+    code, out, _ = cli("verify", KEY)
+    assert "4 of 5 sampled members carry the expected value; 0 drifted; 1 could not be read" in out
+    gist.reset_faults()
+
+    workspace.gist_url = f"http://127.0.0.1:{free_port()}"
+    workspace.gist_options["max_retries"] = 0
+    workspace.write_config()
+    code, out, err = cli("verify", KEY)
+    assert code == 2
+    assert f"cannot reach Gist at {workspace.gist_url}" in err
+    assert "drifted" not in out + err
