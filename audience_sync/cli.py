@@ -783,7 +783,11 @@ def _make_daemon(
 def cmd_demo(args: argparse.Namespace) -> int:
     from audience_sync.demo import run_demo  # imported here: only the demo needs it
 
-    return run_demo(sys.stdout, keep=args.keep)
+    try:
+        return run_demo(sys.stdout, keep=args.keep)
+    except KeyboardInterrupt:
+        print("\ndemo interrupted", file=sys.stderr)
+        return 128 + signal.SIGINT
 
 
 def cmd_init(args: argparse.Namespace) -> int:

@@ -620,3 +620,20 @@ def test_verify_reports_gist_errors_as_errors_not_drift(
     assert code == 2
     assert f"cannot reach Gist at {workspace.gist_url}" in err
     assert "drifted" not in out + err
+
+
+def test_ctrl_c_in_demo_stops_without_a_traceback(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import audience_sync.demo
+
+    def interrupted(*args: Any, **kwargs: Any) -> Any:
+        raise KeyboardInterrupt  # what Ctrl-C raises in the main thread mid-sync
+
+    monkeypatch.setattr(audience_sync.demo, "run_once", interrupted)
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    assert run_cli(["demo"]) == 130
+    err = capsys.readouterr().err
+    assert "demo interrupted" in err
+    assert "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []  # its temporary folder is gone too
