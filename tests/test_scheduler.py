@@ -330,18 +330,20 @@ def test_request_stop_before_serve_returns_at_once(tmp_path: Path) -> None:
 
 def test_serve_catches_up_only_misses_within_the_grace_time(tmp_path: Path) -> None:
     hour = {"every": "1h"}
-    names = ("fresh", "late", "stale", "recent")
+    names = ("fresh", "late", "stale", "recent", "down")
     h = Harness(tmp_path, [{"name": n, **hour} for n in names], misfire_grace_seconds=300)
     now = datetime.now(UTC)
     h.starts["late"] = naive(now - timedelta(hours=1, seconds=60))  # missed by 1 min
     h.starts["stale"] = naive(now - timedelta(hours=1, minutes=10))  # missed by 10 min
     h.starts["recent"] = naive(now - timedelta(minutes=10))
+    # Down for three hours: the oldest miss is 2 h old, the newest only 2 min.
+    h.starts["down"] = naive(now - timedelta(hours=3, minutes=2))
     calls: list[str] = []
     both = threading.Event()
 
     def sync(settings: Settings, keys: list[str], stop: threading.Event) -> Any:
         calls.extend(keys)
-        if {"fresh", "late"} <= set(calls):
+        if {"fresh", "late", "down"} <= set(calls):
             both.set()
         return [RunResult(k, k, "run", "succeeded") for k in keys]
 
@@ -354,7 +356,7 @@ def test_serve_catches_up_only_misses_within_the_grace_time(tmp_path: Path) -> N
     finally:
         daemon.request_stop()
         thread.join(WAIT)
-    assert sorted(calls) == ["fresh", "late"]
+    assert sorted(calls) == ["down", "fresh", "late"]
     assert codes == [0]
 
 
