@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading
@@ -10,7 +9,6 @@ from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import asdict
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -24,7 +22,7 @@ from apscheduler.util import undefined
 from audience_sync.config import Computation, Settings, parse_duration
 from audience_sync.cron import cron_trigger
 from audience_sync.errors import ConfigError
-from audience_sync.statuses import FAILED_STATUSES
+from audience_sync.health import HeartbeatFile, Signs, SyncProgress, assess
 from audience_sync.sync import RunResult
 
 log = logging.getLogger(__name__)
@@ -83,7 +81,7 @@ class Daemon:
         self._stop = stop if stop is not None else threading.Event()
         self._tick_at: datetime | None = None  # the scheduler loop's last heartbeat job
         self._progress_at = clock()  # the sync thread's last sign of life
-        self.progress = _ProgressTracker(self._touch)
+        self.progress = SyncProgress(self._touch)
         self._lock = threading.RLock()  # reloads, last results and the heartbeat file
         self._idle = threading.Condition()  # guards _active and _running
         self._active = 0  # sync calls not yet reported; serve() waits for none
@@ -277,48 +275,29 @@ class Daemon:
                 self._idle.notify_all()
 
     def health(self) -> tuple[bool, dict[str, Any]]:
-        """The health rule behind ``/healthz``: unhealthy (with the reasons) when
-
-        - the scheduler loop has not run its heartbeat job, or a running sync has shown no
-          progress (rows read, answers from Gist), for ``daemon.health_stall_seconds``;
-        - the state database cannot be reached;
-        - the latest ``daemon.health_failed_runs`` runs of every scheduled audience failed.
-        """
+        """Whether the daemon is healthy, with details for ``/healthz`` (see ``health.assess``)."""
         config = self._settings.daemon
-        now = self._clock()
-        stall = timedelta(seconds=config.health_stall_seconds)
-        reasons: list[str] = []
         with self._idle:
             busy, running = self._active > 0, list(self._running)
-        if self._tick_at is not None and now - self._tick_at > stall:
-            quiet = (now - self._tick_at).total_seconds()
-            reasons.append(f"the scheduler loop has not ticked for {quiet:.0f}s")
-        if busy and now - self._progress_at > stall:
-            quiet = (now - self._progress_at).total_seconds()
-            what = f" (syncing {', '.join(running)})" if running else ""
-            reasons.append(f"the scheduler thread has made no progress for {quiet:.0f}s{what}")
         keys = sorted(self.jobs())
+        recent: dict[str, list[str]] | Exception | None = None
         if self._recent_statuses is not None:
-            n = config.health_failed_runs
             try:
-                recent = self._recent_statuses(keys, n)
-            except Exception as exc:
-                reasons.append(f"the state database cannot be reached: {type(exc).__name__}")
-            else:
-                if keys and all(
-                    len(recent.get(k, [])) >= n
-                    and all(status in FAILED_STATUSES for status in recent[k])
-                    for k in keys
-                ):
-                    reasons.append(f"the last {n} runs of every audience failed")
-        info: dict[str, Any] = {
-            "status": "unhealthy" if reasons else "ok",
-            "audiences": keys,
-            "running": running,
-        }
-        if reasons:
-            info["reasons"] = reasons
-        return not reasons, info
+                recent = self._recent_statuses(keys, config.health_failed_runs)
+            except Exception as exc:  # any failure to read is "cannot be reached"
+                recent = exc
+        return assess(
+            Signs(
+                now=self._clock(),
+                tick_at=self._tick_at,
+                progress_at=self._progress_at if busy else None,
+                running=running,
+                keys=keys,
+                recent=recent,
+            ),
+            stall_seconds=config.health_stall_seconds,
+            failed_runs=config.health_failed_runs,
+        )
 
     def _touch(self) -> None:
         self._progress_at = self._clock()
@@ -392,55 +371,6 @@ class Daemon:
     def _shutdown(self) -> None:
         with suppress(SchedulerNotRunningError):
             self._scheduler.shutdown(wait=False)
-
-
-class HeartbeatFile:
-    """The daemon's heartbeat file: JSON rewritten atomically, for a supervisor to watch.
-
-    (Not the lease heartbeat of ``lease.Heartbeat``, which renews leases in the database.)
-    """
-
-    def __init__(self, path: Path | None) -> None:
-        self.path = path
-
-    def write(self, body: dict[str, Any]) -> None:
-        """Replace the file with ``body``; a failure is logged, never raised."""
-        path = self.path
-        if path is None:
-            return
-        temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
-            temporary.write_text(json.dumps(body, indent=2) + "\n", encoding="utf-8")
-            os.replace(temporary, path)  # readers never see a half-written file
-        except OSError as exc:
-            log.warning("cannot write heartbeat file %s: %s", path, exc)
-
-    def move_to(self, path: Path | None) -> None:
-        """Write from now on to ``path``; the old file goes, so nobody watches a stale one."""
-        old = self.path
-        if path == old:
-            return
-        self.path = path
-        if old is not None:
-            with suppress(FileNotFoundError):
-                old.unlink()
-            log.info("heartbeat file moved from %s to %s", old, path or "(none)")
-
-
-class _ProgressTracker:
-    """A ``sync.Progress`` that only notes that the sync thread is moving."""
-
-    def __init__(self, touch: Callable[[], None]) -> None:
-        self._touch = touch
-
-    def loaded(self, audience_key: str, rows: int) -> None:
-        self._touch()
-
-    def planned(self, changes: int) -> None:
-        self._touch()
-
-    def sent(self, changes: int) -> None:
-        self._touch()
 
 
 def _check_scheduled(settings: Settings) -> None:
