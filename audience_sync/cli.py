@@ -944,10 +944,21 @@ def _stop_on_signals() -> Iterator[threading.Event]:
 
 @contextmanager
 def _daemon_signals(daemon: Daemon) -> Iterator[None]:
-    """SIGTERM/SIGINT stop the daemon after the running sync; SIGHUP reloads the config."""
+    """SIGTERM/SIGINT stop the daemon after the running sync (a second one at once);
+    SIGHUP reloads the config."""
+    asked: list[int] = []
 
     def stop(signum: int, _frame: FrameType | None) -> None:
-        log.warning("%s: stopping after the running sync", signal.Signals(signum).name)
+        name = signal.Signals(signum).name
+        if asked:
+            # The running sync is stuck (a source or the state database hangs): leave it.
+            # Its run stays `running` until the next run marks it interrupted; what Gist
+            # acknowledged is saved already.
+            log.warning("%s again: stopping now, without waiting for the running sync", name)
+            logging.shutdown()
+            os._exit(128 + signum)
+        asked.append(signum)
+        log.warning("%s: stopping after the running sync (again to stop now)", name)
         daemon.request_stop()
 
     def reload(_signum: int, _frame: FrameType | None) -> None:

@@ -637,3 +637,30 @@ def test_ctrl_c_in_demo_stops_without_a_traceback(
     assert "demo interrupted" in err
     assert "Traceback" not in err
     assert list(tmp_path.iterdir()) == []  # its temporary folder is gone too
+
+
+@pytest.mark.slow
+def test_a_second_sigterm_stops_a_daemon_whose_sync_is_stuck(
+    workspace: Workspace, gist: FakeGist, engine: Engine
+) -> None:
+    workspace.gist_options["timeout_seconds"] = 60
+    source = workspace.add_file_audience("Order Completed Last 30days", every="1h")
+    write_members(source, range(3))
+    gist.latency = 8  # every request hangs longer than the test waits for the stop
+    process = start_daemon(workspace)
+    try:
+        wait_for(lambda: run_statuses(engine) == ["running"], "the run to start")
+        time.sleep(0.5)  # its requests are in flight
+        process.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        assert process.poll() is None  # the first one waits for the requests in flight
+        asked = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        _out, err = process.communicate(timeout=30)
+        stopped_in = time.monotonic() - asked
+    finally:
+        process.kill()
+    assert process.returncode == 128 + signal.SIGTERM, err
+    assert stopped_in < 5, f"the second SIGTERM took {stopped_in:.1f}s"
+    assert "SIGTERM again: stopping now" in err
+    assert "Traceback" not in err
