@@ -786,7 +786,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     try:
         return run_demo(sys.stdout, keep=args.keep)
     except KeyboardInterrupt:
-        print("\ndemo interrupted", file=sys.stderr)
+        _report_error("demo interrupted", args, prefix="\n")
         return 128 + signal.SIGINT
 
 
