@@ -29,7 +29,7 @@ from argcomplete.shell_integration import shellcode
 from sqlalchemy import Engine
 
 from audience_sync import __version__, db
-from audience_sync.alerts import send_alerts
+from audience_sync.alerts import Alert, AlertMemory, AlertSender, post_alert, select_alerts
 from audience_sync.config import (
     Settings,
     load_settings,
@@ -37,8 +37,16 @@ from audience_sync.config import (
     redact_url,
     resolve_config_path,
 )
-from audience_sync.errors import AudienceSyncError, ConfigError, StateError
-from audience_sync.history import load_last_starts, load_orphans, load_run, load_runs, prune
+from audience_sync.errors import ApiError, AudienceSyncError, AuthError, ConfigError, StateError
+from audience_sync.history import (
+    load_last_starts,
+    load_last_successes,
+    load_orphans,
+    load_recent_statuses,
+    load_run,
+    load_runs,
+    prune,
+)
 from audience_sync.metrics import Metrics, MetricsServer
 from audience_sync.render import (
     JsonFormatter,
@@ -55,6 +63,9 @@ from audience_sync.sync import Progress, RunResult, exit_code, run_once, utcnow
 from audience_sync.verify import verify_audience
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_LOCKED = 0, 1, 2, 3
+# Bounds of numeric flags: large enough for any real use, small enough for every database.
+MAX_ROWS, MAX_PAGE, MAX_SAMPLE, MAX_ID = 100_000, 1_000_000_000, 100_000, 2**63 - 1
+ALERT_STOP_GRACE = 5.0  # seconds a stopping daemon gives alerts still being posted
 SignalHandler = Callable[[int, FrameType | None], None]
 log = logging.getLogger(__name__)
 
@@ -208,9 +219,13 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"only runs with this status: {', '.join(RUN_STATUSES)}",
     )  # fmt: skip
     history.add_argument(
-        "--since", metavar="WHEN", help="only runs started since: 7d, 12h, or an ISO date"
-    )
-    history.add_argument("--limit", "-n", type=int, default=20, help="how many runs (default 20)")
+        "--since", metavar="WHEN", type=_since_arg,
+        help="only runs started since: 7d, 12h, 2w, or an ISO date",
+    )  # fmt: skip
+    history.add_argument(
+        "--limit", "-n", type=_int_arg(1, MAX_ROWS), default=20,
+        help="how many runs (default 20)",
+    )  # fmt: skip
     history.add_argument("--json", action="store_true", help="print a JSON array")
     history.set_defaults(handler=cmd_history, needs_gist=False)
 
@@ -218,9 +233,14 @@ def build_parser() -> argparse.ArgumentParser:
         "show", "one run with its changes and rejected rows",
         "Show one run: counts, timings, error, its changes (failed first) and rejected rows.",
     )  # fmt: skip
-    show.add_argument("run_id", type=int, metavar="RUN_ID")
-    show.add_argument("--limit", "-n", type=int, default=100, help="changes/rows per page")
-    show.add_argument("--page", type=int, default=1, help="which page of changes/rows (from 1)")
+    show.add_argument("run_id", type=_int_arg(1, MAX_ID), metavar="RUN_ID")
+    show.add_argument(
+        "--limit", "-n", type=_int_arg(1, MAX_ROWS), default=100, help="changes/rows per page"
+    )
+    show.add_argument(
+        "--page", type=_int_arg(1, MAX_PAGE), default=1,
+        help="which page of changes/rows (from 1)",
+    )  # fmt: skip
     show.add_argument("--json", action="store_true", help="print a JSON object")
     show.set_defaults(handler=cmd_show, needs_gist=False)
 
@@ -229,7 +249,13 @@ def build_parser() -> argparse.ArgumentParser:
         "Delete member_changes and rejected_rows of runs older than the given age; sync_runs "
         "summaries are kept.",
     )  # fmt: skip
-    prune_cmd.add_argument("--older-than", required=True, metavar="AGE", help="e.g. 90d, 12h")
+    prune_cmd.add_argument(
+        "--older-than", required=True, metavar="AGE", type=_age_arg,
+        help="e.g. 90d, 2w, 12h; 0d prunes every finished run",
+    )  # fmt: skip
+    prune_cmd.add_argument(
+        "--dry-run", action="store_true", help="count what would be deleted, delete nothing"
+    )
     prune_cmd.add_argument("--json", action="store_true", help="print counts as JSON")
     prune_cmd.set_defaults(handler=cmd_prune, needs_gist=False)
 
@@ -246,7 +272,10 @@ def build_parser() -> argparse.ArgumentParser:
         "expected property value (drift from edits made in Gist itself).",
     )  # fmt: skip
     verify.add_argument("key", metavar="KEY", help="the audience's property key")
-    verify.add_argument("--sample", type=int, default=100, help="members to check (default 100)")
+    verify.add_argument(
+        "--sample", type=_int_arg(1, MAX_SAMPLE), default=100,
+        help="members to check (default 100)",
+    )  # fmt: skip
     verify.add_argument(
         "--repair", action="store_true", help="re-plan drifted members for the next run"
     )
@@ -377,12 +406,15 @@ def _sync_command(
     args: argparse.Namespace, mode: Mode, keys: Sequence[str], *, allow_mass_exit: bool = False
 ) -> int:
     settings = _settings(args)
+    if args.metrics_file:
+        _check_metrics_file(args.metrics_file)  # fail now, not after a sync that went well
     metrics = Metrics()
     show_progress = sys.stderr.isatty() and not (args.quiet or args.json)
     show_progress = show_progress and args.log_format == "text"  # JSON lines only, then
     bars: AbstractContextManager[Progress | None] = (
         ProgressBars(sys.stderr) if show_progress else nullcontext(None)
     )
+    alerts: list[Alert] = []
     with _state(settings) as engine, _stop_on_signals() as stop, bars as progress:
         results = run_once(
             settings,
@@ -395,13 +427,17 @@ def _sync_command(
             observer=metrics.observe_request,
             progress=progress,
         )
+        # Decided at once from sync_runs: nothing that follows may cost the alert it owes.
+        if not args.dry_run:
+            alerts = select_alerts(settings.alerts, results, engine)
         orphans = load_orphans(engine, [a.property_key for a in settings.computations])
         notes = _result_notes(engine, results, args)
+        last_successes = _load_last_successes(engine, settings)
+    post_alert(settings.alerts, alerts)
     metrics.record_results(results)
+    metrics.set_last_successes(last_successes)
     if args.metrics_file:
-        metrics.write_textfile(args.metrics_file)
-    if not args.dry_run:
-        send_alerts(settings.alerts, results)
+        _write_metrics_file(metrics, args.metrics_file, args)
     if mode == "run":
         for key, count in orphans.items():
             log.warning(
@@ -416,6 +452,39 @@ def _sync_command(
     except BrokenPipeError:
         _detach_stdout()  # the reader left; the sync's own outcome still decides the exit code
     return code
+
+
+def _check_metrics_file(path: Path) -> None:
+    """Refuse a ``--metrics-file`` that cannot be written, before anything is synced."""
+    folder = path.parent
+    if not folder.is_dir():
+        raise ConfigError(f"--metrics-file {path}: folder {folder} does not exist")
+    if path.is_dir():
+        raise ConfigError(f"--metrics-file {path} is a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ConfigError(f"--metrics-file {path}: folder {folder} is not writable")
+
+
+def _write_metrics_file(metrics: Metrics, path: Path, args: argparse.Namespace) -> None:
+    """Write the textfile; a failure is reported and never changes the run's outcome."""
+    try:
+        metrics.write_textfile(path)
+    except OSError as exc:
+        _report_error(
+            f"cannot write --metrics-file {path}: {exc.strerror or exc}; the sync itself is "
+            "unaffected",
+            args,
+        )
+
+
+def _load_last_successes(engine: Engine, settings: Settings) -> dict[str, datetime]:
+    """The last-success times for the metrics; an unreadable state only leaves them out."""
+    try:
+        with db.state_errors(settings.state.url):
+            return load_last_successes(engine, [a.property_key for a in settings.computations])
+    except StateError as exc:
+        log.warning("cannot read the last successes for metrics: %s", exc)
+        return {}
 
 
 def _result_notes(
@@ -506,11 +575,12 @@ def _result_dict(result: RunResult) -> dict[str, Any]:
 
 
 def cmd_history(args: argparse.Namespace) -> int:
-    since = _parse_since(args.since) if args.since else None
-    with _state(_settings(args)) as engine:
+    with _state(_settings(args), writes=False) as engine:
         runs = [
             _run_vocabulary(r)
-            for r in load_runs(engine, args.audience, args.limit, status=args.status, since=since)
+            for r in load_runs(
+                engine, args.audience, args.limit, status=args.status, since=args.since
+            )
         ]
     if not runs and not args.json:
         print("No runs match." if args.audience or args.status or args.since else "No runs yet.")
@@ -521,9 +591,7 @@ def cmd_history(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    if args.page < 1 or args.limit < 1:
-        raise ConfigError("--page and --limit must be at least 1")
-    with _state(_settings(args)) as engine:
+    with _state(_settings(args), writes=False) as engine:
         found = load_run(engine, args.run_id, args.limit, (args.page - 1) * args.limit)
     if found is None:
         raise ConfigError(f"no run with id {args.run_id}: `audience-sync history` lists them")
@@ -568,15 +636,15 @@ def _run_vocabulary(run: dict[str, Any]) -> dict[str, Any]:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    age = parse_duration(args.older_than)
-    if age is None:
-        raise ConfigError(f"--older-than {args.older_than!r} is not an age like 90d or 12h")
-    with _state(_settings(args)) as engine:
-        deleted = prune(engine, utcnow() - timedelta(seconds=age))
+    with _state(_settings(args), writes=False) as engine:
+        counts = prune(engine, utcnow() - timedelta(seconds=args.older_than), dry_run=args.dry_run)
     if args.json:
-        output_json(deleted, sys.stdout)
+        output_json(counts, sys.stdout)
+    elif args.dry_run:
+        listed = " and ".join(f"{count} {table}" for table, count in counts.items())
+        print(f"would delete {listed} (dry run)")
     else:
-        print(", ".join(f"{count} {table} deleted" for table, count in deleted.items()))
+        print(", ".join(f"{count} {table} deleted" for table, count in counts.items()))
     return EXIT_OK
 
 
@@ -600,19 +668,36 @@ def cmd_audiences(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     settings = _settings(args)
     settings.audience(args.key)  # a clear error for a key that is not configured
-    with _state(settings) as engine:
-        report = verify_audience(settings, engine, args.key, sample=args.sample, repair=args.repair)
+    with _state(settings, writes=False) as engine:
+        try:
+            report = verify_audience(
+                settings, engine, args.key, sample=args.sample, repair=args.repair
+            )
+        except AuthError as exc:
+            # Not drift: nothing could be checked.
+            _report_error(f"Gist refused the API key ({exc}); nothing was checked", args)
+            return EXIT_USAGE
+        except ApiError as exc:
+            _report_error(f"{exc}; nothing was checked", args)
+            return EXIT_USAGE
     if args.json:
         output_json(report.to_dict(), sys.stdout)
     else:
         print(
             f"{report.audience_key}: {report.matching} of {report.sampled} sampled members "
             f"carry the expected value; {len(report.drifted)} drifted"
+            + (f"; {len(report.errors)} could not be read" if report.errors else "")
             + (f", {report.repaired} re-planned for the next run" if args.repair else "")
         )
         if report.drifted:
             rows = [asdict(d) for d in report.drifted]
             output_rows(rows, ("user_id", "expected", "actual", "reason"), sys.stdout)
+        if report.errors:
+            first = report.errors[0]
+            _report_error(f"{first.user_id}: {first.error}", args, prefix="first read error: ")
+    # 2: could not check everything; 1: drift found; 0: every sampled value matches.
+    if report.errors:
+        return EXIT_USAGE
     return EXIT_OK if not report.drifted else EXIT_FAILED
 
 
@@ -621,31 +706,28 @@ def cmd_daemon(args: argparse.Namespace) -> int:
     logging.getLogger("audience_sync.scheduler").setLevel(logging.INFO)
     settings = _settings(args)
     metrics = Metrics()
+    memory = AlertMemory()  # what this process told the webhook, for runs without an id
     with _state(settings) as engine:
-
-        def sync(current: Settings, keys: list[str], stop: threading.Event) -> list[RunResult]:
-            return run_once(current, engine, keys, stop=stop, observer=metrics.observe_request)
-
-        def on_results(results: list[RunResult]) -> None:
-            metrics.record_results(results)
-            send_alerts(daemon.settings.alerts, results)
-
-        daemon = Daemon(
-            lambda: _settings(args),
-            sync,
-            lambda: load_last_starts(engine),
-            on_results=on_results,
-        )
         if args.once:
-            return exit_code(daemon.run_due())
+            # `--once` is a run from cron: the signals mean what they mean for `run`.
+            with _stop_on_signals() as stop:
+                daemon = _make_daemon(args, engine, metrics, memory, None, stop)
+                results = daemon.run_due()
+            return exit_code(results)
+        sender = AlertSender(lambda: daemon.settings.alerts)  # its thread starts when needed
+        daemon = _make_daemon(args, engine, metrics, memory, sender, None)
+        metrics.set_last_successes(_load_last_successes(engine, settings))
         server = None
         if settings.daemon.metrics_port is not None:
-            server = MetricsServer(
-                metrics,
-                settings.daemon.metrics_host,
-                settings.daemon.metrics_port,
-                lambda: (True, {"status": "ok", "audiences": sorted(daemon.jobs())}),
-            ).start()
+            host, port = settings.daemon.metrics_host, settings.daemon.metrics_port
+            try:
+                server = MetricsServer(metrics, host, port, daemon.health).start()
+            except OSError as exc:
+                where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+                raise ConfigError(
+                    f"{settings.path}: daemon.metrics_port: cannot serve /metrics on {where}: "
+                    f"{exc.strerror or exc}"
+                ) from None
             print(f"serving /metrics and /healthz at {server.url}", file=sys.stderr, flush=True)
         with _daemon_signals(daemon):
             try:
@@ -653,12 +735,59 @@ def cmd_daemon(args: argparse.Namespace) -> int:
             finally:
                 if server is not None:
                     server.stop()
+                # A hung webhook must not hold up the stop; what is left is logged.
+                sender.close(min(ALERT_STOP_GRACE, daemon.settings.alerts.timeout_seconds))
+
+
+def _make_daemon(
+    args: argparse.Namespace,
+    engine: Engine,
+    metrics: Metrics,
+    memory: AlertMemory,
+    sender: AlertSender | None,
+    stop: threading.Event | None,
+) -> Daemon:
+    """The daemon over ``engine``; alerts go to ``sender`` (or are posted at once)."""
+
+    def sync(current: Settings, keys: list[str], stop: threading.Event) -> list[RunResult]:
+        return run_once(
+            current,
+            engine,
+            keys,
+            stop=stop,
+            observer=metrics.observe_request,
+            progress=daemon.progress,
+        )
+
+    def on_results(results: list[RunResult]) -> None:
+        current = daemon.settings
+        alerts = select_alerts(current.alerts, results, engine, memory)
+        if sender is not None:
+            sender.submit(alerts)  # posted from the sender's thread; syncing goes on
+        else:
+            post_alert(current.alerts, alerts)
+        metrics.record_results(results)
+        metrics.set_last_successes(_load_last_successes(engine, current))
+
+    daemon = Daemon(
+        lambda: _settings(args),
+        sync,
+        lambda: load_last_starts(engine),
+        on_results=on_results,
+        stop=stop,
+        recent_statuses=lambda keys, n: load_recent_statuses(engine, keys, n),
+    )
+    return daemon
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from audience_sync.demo import run_demo  # imported here: only the demo needs it
 
-    return run_demo(sys.stdout, keep=args.keep)
+    try:
+        return run_demo(sys.stdout, keep=args.keep)
+    except KeyboardInterrupt:
+        _report_error("demo interrupted", args, prefix="\n")
+        return 128 + signal.SIGINT
 
 
 def cmd_init(args: argparse.Namespace) -> int:
@@ -680,21 +809,62 @@ def cmd_completion(args: argparse.Namespace) -> int:
 
 def cmd_db_upgrade(args: argparse.Namespace) -> int:
     settings = _settings(args)
-    with _state(settings, migrate=True) as engine:
-        revision = db.current_revision(engine)
-    print(f"{redact_url(settings.state.url)} is at revision {revision}")
+    with db.state_errors(settings.state.url):
+        engine = db.make_engine(settings.state.url, schema=settings.state.db_schema)
+        try:
+            if settings.state.db_schema:
+                db.create_schema(engine, settings.state.db_schema)
+            before, after = db.upgrade(engine)
+        finally:
+            engine.dispose()
+    shown = redact_url(settings.state.url)
+    if before == after:
+        print(f"{shown} is already at revision {after} (the newest)")
+    else:
+        print(f"{shown}: migrated {before or 'empty'} → {after}")
     return EXIT_OK
 
 
-def _parse_since(text: str) -> datetime:
+def _int_arg(low: int, high: int) -> Callable[[str], int]:
+    """An argparse type: a whole number from ``low`` to ``high``, else a usage error."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{text} is not a whole number from {low} to {high}")
+        return value
+
+    return parse
+
+
+def _age_arg(text: str) -> float:
+    """An argparse type: an age such as 90d, 2w, 12h or 0d, in seconds."""
+    try:
+        age = parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if age is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an age like 90d, 2w, 12h or 0d")
+    return age
+
+
+def _since_arg(text: str) -> datetime:
     """``--since``: an age (7d) or an ISO date, as the naive UTC the state stores."""
-    age = parse_duration(text)
+    try:
+        age = parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
     if age is not None:
         return utcnow() - timedelta(seconds=age)
     try:
         when = datetime.fromisoformat(text)
     except ValueError:
-        raise ConfigError(f"--since {text!r} is neither an age (7d, 12h) nor an ISO date") from None
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is neither an age (7d, 12h) nor an ISO date"
+        ) from None
     # An explicit offset is honoured; a date without one is taken as UTC.
     return when.astimezone(UTC).replace(tzinfo=None) if when.tzinfo else when
 
@@ -755,7 +925,8 @@ def _detach_stdout() -> None:
 
 @contextmanager
 def _stop_on_signals() -> Iterator[threading.Event]:
-    """SIGTERM or Ctrl-C asks the run to stop gracefully; a second one stops it at once."""
+    """SIGTERM, SIGHUP or Ctrl-C asks the run to stop gracefully; a second one stops it at
+    once. (A hang-up no longer kills a run half-way, leaving it marked running.)"""
     stop = threading.Event()
 
     def handle(signum: int, _frame: FrameType | None) -> None:
@@ -767,16 +938,27 @@ def _stop_on_signals() -> Iterator[threading.Event]:
         )
         stop.set()
 
-    with _signal_handlers({signal.SIGTERM: handle, signal.SIGINT: handle}):
+    with _signal_handlers({signal.SIGTERM: handle, signal.SIGINT: handle, signal.SIGHUP: handle}):
         yield stop
 
 
 @contextmanager
 def _daemon_signals(daemon: Daemon) -> Iterator[None]:
-    """SIGTERM/SIGINT stop the daemon after the running sync; SIGHUP reloads the config."""
+    """SIGTERM/SIGINT stop the daemon after the running sync (a second one at once);
+    SIGHUP reloads the config."""
+    asked: list[int] = []
 
     def stop(signum: int, _frame: FrameType | None) -> None:
-        log.warning("%s: stopping after the running sync", signal.Signals(signum).name)
+        name = signal.Signals(signum).name
+        if asked:
+            # The running sync is stuck (a source or the state database hangs): leave it.
+            # Its run stays `running` until the next run marks it interrupted; what Gist
+            # acknowledged is saved already.
+            log.warning("%s again: stopping now, without waiting for the running sync", name)
+            logging.shutdown()
+            os._exit(128 + signum)
+        asked.append(signum)
+        log.warning("%s: stopping after the running sync (again to stop now)", name)
         daemon.request_stop()
 
     def reload(_signum: int, _frame: FrameType | None) -> None:
@@ -803,21 +985,20 @@ def _signal_handlers(
 
 
 @contextmanager
-def _state(settings: Settings, *, migrate: bool = False) -> Iterator[Engine]:
-    """The state database, at head (see ``db.ensure_schema``), closed afterwards.
+def _state(settings: Settings, *, writes: bool = True) -> Iterator[Engine]:
+    """The state database, at head, closed afterwards.
+
+    Commands that sync (``writes``) create a missing SQLite file and upgrade an old one on
+    the fly (atomically); the others (``history``, ``show``, ``verify``, ``prune``) never
+    create or migrate it and ask for ``db upgrade`` instead (see ``db.ensure_schema``).
 
     The one boundary of state-database errors: whatever the body raises from the database
     becomes a ``StateError`` with its first line only (no SQL, no bound parameters).
     """
     with db.state_errors(settings.state.url):
-        engine = db.make_engine(settings.state.url, schema=settings.state.db_schema)
+        engine = db.make_engine(settings.state.url, schema=settings.state.db_schema, create=writes)
         try:
-            if migrate:
-                if settings.state.db_schema:
-                    db.create_schema(engine, settings.state.db_schema)
-                db.upgrade(engine)
-            else:
-                db.ensure_schema(engine)
+            db.ensure_schema(engine, migrate=writes)
             yield engine
         finally:
             engine.dispose()

@@ -11,7 +11,6 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from apscheduler.triggers.cron import CronTrigger
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -25,18 +24,36 @@ from pydantic import (
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
+from audience_sync.cron import parse_crontab
 from audience_sync.errors import ConfigError
 from audience_sync.naming import check_unique_keys, is_valid_key, property_key
 
 DEFAULT_CONFIG = "audience_sync.toml"
 CONFIG_ENV = "AUDIENCE_SYNC_CONFIG"
-_DURATION = re.compile(r"(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?")
-_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_DURATION = re.compile(r"(?:(\d+)w)?(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?")
+MAX_DURATION_DAYS = 3650
+MAX_DURATION_SECONDS = MAX_DURATION_DAYS * 86400.0
+# `$${X}` is a literal `${X}` and `$$` a literal `$`, as in Docker Compose files.
+_ENV_REF = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _SCHEMA = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 FileFormat = Literal["csv", "jsonl", "engage"]
 FILE_FORMATS: dict[str, FileFormat] = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
 STATE_BACKENDS = ("sqlite", "postgresql")
 UNUSED_KEY = "unused: this command never calls Gist"
+
+
+def parse_duration(text: str) -> float | None:
+    """Seconds in ``"90s"``, ``"15m"``, ``"2h"``, ``"1d"``, ``"1w"`` or ``"1h30m"`` (0 allowed);
+    None if ``text`` is not one. ``ValueError`` beyond ``MAX_DURATION_DAYS``, so no caller
+    overflows a date or a timer."""
+    match = _DURATION.fullmatch(text.strip())
+    if not match or not any(match.groups()):
+        return None
+    weeks, days, hours, minutes, seconds = (int(g) if g else 0 for g in match.groups())
+    total = (((weeks * 7 + days) * 24 + hours) * 60 + minutes) * 60 + seconds
+    if total > MAX_DURATION_SECONDS:
+        raise ValueError(f"{text.strip()!r} is longer than {MAX_DURATION_DAYS}d")
+    return float(total)
 
 
 class _Frozen(BaseModel):
@@ -82,9 +99,9 @@ class GistConfig(_Frozen):
 
     api_key: SecretStr
     base_url: str = "https://api.getgist.com"
-    requests_per_second: float = Field(10.0, gt=0)
+    requests_per_second: float = Field(10.0, gt=0, le=10_000)
     max_concurrency: int = Field(8, ge=1, le=256)
-    timeout_seconds: float = Field(30.0, gt=0)
+    timeout_seconds: float = Field(30.0, gt=0, le=3600)
     max_retries: int = Field(5, ge=0, le=20)
     retry_backoff_seconds: float = Field(1.0, gt=0, le=300)
     batch_size: int = Field(1, ge=1, le=1000)
@@ -104,10 +121,12 @@ class DaemonConfig(_Frozen):
     """How ``audience-sync daemon`` schedules and reports."""
 
     timezone: str = "UTC"
-    misfire_grace_seconds: int = Field(300, ge=1)
+    misfire_grace_seconds: int = Field(300, ge=1, le=7 * 86400)
     heartbeat_file: Path | None = None
     metrics_host: str = "127.0.0.1"
     metrics_port: int | None = Field(None, ge=0, le=65535)
+    health_stall_seconds: int = Field(900, ge=10, le=7 * 86400)
+    health_failed_runs: int = Field(3, ge=1, le=1000)
 
     @model_validator(mode="after")
     def _check(self) -> DaemonConfig:
@@ -123,7 +142,21 @@ class AlertsConfig(_Frozen):
 
     webhook_url: str | None = None
     always: bool = False  # also for runs that succeeded
-    timeout_seconds: float = Field(10.0, gt=0)
+    timeout_seconds: float = Field(10.0, gt=0, le=300)  # the whole alert, not one read
+    remind_every: str = "6h"  # while an audience keeps failing
+
+    @model_validator(mode="after")
+    def _check(self) -> AlertsConfig:
+        try:
+            seconds = parse_duration(self.remind_every)
+        except ValueError as exc:
+            raise ValueError(f"remind_every {exc}") from None
+        if seconds is None or seconds < 60:
+            raise ValueError(
+                f"remind_every {self.remind_every!r} is not an interval of at least 1m "
+                "(like 30m, 6h or 1d)"
+            )
+        return self
 
 
 class SourceConfig(_Frozen):
@@ -145,7 +178,7 @@ class _Computation(_Frozen):
     every: str | None = None
     send_track: bool = False
     mass_exit_threshold: float = Field(0.5, gt=0, le=1)
-    mass_exit_min_members: int = Field(100, ge=0)
+    mass_exit_min_members: int = Field(100, ge=0, le=1_000_000_000)
 
     @property
     def property_key(self) -> str:
@@ -188,11 +221,18 @@ class _Computation(_Frozen):
             )
         if self.schedule is not None and self.every is not None:
             raise ValueError("give either `schedule` (cron) or `every` (interval), not both")
-        if self.every is not None and parse_duration(self.every) is None:
-            raise ValueError(f"every {self.every!r} is not an interval like 30s, 15m, 2h or 1d")
+        if self.every is not None:
+            try:
+                seconds = parse_duration(self.every)
+            except ValueError as exc:
+                raise ValueError(f"every {exc}") from None
+            if seconds is None:
+                raise ValueError(f"every {self.every!r} is not an interval like 30s, 15m, 2h or 1d")
+            if seconds < 1:
+                raise ValueError(f"every {self.every!r} must be at least 1s")
         if self.schedule is not None:
             try:
-                CronTrigger.from_crontab(self.schedule)
+                parse_crontab(self.schedule)
             except ValueError as exc:
                 raise ValueError(
                     f"schedule {self.schedule!r} is not a cron expression: {exc}"
@@ -264,16 +304,6 @@ class Settings(_Frozen):
                 return audience
         known = ", ".join(a.property_key for a in self.computations)
         raise ConfigError(f"{self.path}: no audience with key {key!r} (configured: {known})")
-
-
-def parse_duration(text: str) -> float | None:
-    """Seconds in ``"90s"``, ``"15m"``, ``"2h"``, ``"1d"`` or ``"1h30m"``; None if not one."""
-    match = _DURATION.fullmatch(text.strip())
-    if not match or not any(match.groups()):
-        return None
-    days, hours, minutes, seconds = (float(g) if g else 0.0 for g in match.groups())
-    total = ((days * 24 + hours) * 60 + minutes) * 60 + seconds
-    return total if total > 0 else None
 
 
 def resolve_config_path(cli_path: str | None, environ: Mapping[str, str]) -> Path:
@@ -358,6 +388,8 @@ def _interpolate(value: Any, env: Mapping[str, str], path: Path, where: str) -> 
 
         def replace(match: re.Match[str]) -> str:
             name = match.group(1)
+            if name is None:  # `$$`
+                return "$"
             if name not in env:
                 raise ConfigError(f"{path}: {where}: environment variable ${{{name}}} is not set")
             return env[name]
@@ -402,13 +434,17 @@ def _absolute_sqlite(url: str, base: Path, path: Path, where: str) -> str:
     except (ArgumentError, ValueError):
         raise ConfigError(f"{path}: {where}: {redact_url(url)!r} is not a SQLAlchemy URL") from None
     database = parsed.database
-    if (
-        parsed.get_backend_name() != "sqlite"
-        or not database
-        or database == ":memory:"
-        or database.startswith("file:")
-        or Path(database).is_absolute()
-    ):
+    if parsed.get_backend_name() != "sqlite" or not database or database == ":memory:":
+        return url
+    if database.startswith("file:") and parsed.query.get("uri") == "true":
+        # A SQLite URI filename: `file:relative.db` is relative, `file:/abs`, `file://…`,
+        # `file::memory:` and in-memory modes are not paths to resolve.
+        name = database.removeprefix("file:")
+        if not name or name.startswith(("/", ":")) or parsed.query.get("mode") == "memory":
+            return url
+        resolved = parsed.set(database=f"file:{base / name}")
+        return resolved.render_as_string(hide_password=False)
+    if Path(database).is_absolute():
         return url
     return parsed.set(database=str(base / database)).render_as_string(hide_password=False)
 

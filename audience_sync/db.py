@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import importlib
-from collections.abc import Iterator
+import logging
+import os
+import stat
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -12,14 +15,18 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine, Table, create_engine, event
+from sqlalchemy import Connection, Engine, Table, create_engine, event, text
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
 from audience_sync.config import redact_url
 from audience_sync.errors import StateError
+
+log = logging.getLogger(__name__)
+
+UPGRADE_WAIT_SECONDS = 120  # how long a second upgrader waits for the first (PostgreSQL)
 
 
 def migrations_dir() -> Path:
@@ -38,24 +45,40 @@ def normalize_url(url: str) -> str:
     return parsed.render_as_string(hide_password=False)
 
 
-def make_engine(url: str, *, schema: str | None = None) -> Engine:
+def make_engine(url: str, *, schema: str | None = None, create: bool = True) -> Engine:
     """An engine for the state database; SQLite gets WAL, a busy timeout and foreign keys.
 
     ``schema`` (PostgreSQL) puts the state tables in that schema: it is the connections'
     ``search_path``, so every statement, Alembic's included, stays unqualified.
+
+    A SQLite state file is created owner-only (0600; its -wal and -shm files take the
+    same mode), because it holds every member's email; an existing one that others can
+    read is warned about once. ``create=False`` refuses a file that does not exist yet
+    (read-only commands never create one). ``StateError`` names ``state.url`` and the path
+    when its folder is missing.
     """
     url = normalize_url(url)
     try:
         if make_url(url).get_backend_name() != "sqlite":
-            connect_args = {"options": f"-csearch_path={quote_schema(schema)}"} if schema else {}
+            # A database that does not answer must not hang a command (or /healthz) for ever.
+            connect_args: dict[str, Any] = {"connect_timeout": 10}
+            if schema:
+                connect_args["options"] = f"-csearch_path={quote_schema(schema)}"
             return create_engine(url, pool_pre_ping=True, connect_args=connect_args)
-        engine = create_engine(url, connect_args={"timeout": 60})
+        path = sqlite_path(url)
+        if path is not None:
+            _prepare_sqlite_file(url, path, create)
+        return _sqlite_engine(url)
     except ImportError as exc:
         # The driver is imported when the engine is made: say which extra brings it.
         raise StateError(
             f"state.url {redact_url(url)}: its database driver is not installed "
             f"({exc.name or exc}); install it with: {driver_hint(url)}"
         ) from exc
+
+
+def _sqlite_engine(url: str, *, immediate: bool = False) -> Engine:
+    engine = create_engine(url, connect_args={"timeout": 60})
 
     @event.listens_for(engine, "connect")
     def _pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -65,6 +88,18 @@ def make_engine(url: str, *, schema: str | None = None) -> Engine:
         cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.close()
+        if immediate:
+            # pysqlite leaves DDL outside any transaction; SQLAlchemy's recipe hands
+            # transaction control to the begin event below instead.
+            dbapi_connection.isolation_level = None
+
+    if immediate:
+
+        @event.listens_for(engine, "begin")
+        def _begin(connection: Any) -> None:
+            # IMMEDIATE takes the write lock at once: a second upgrader waits here (busy
+            # timeout) and then finds the schema already upgraded.
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
 
     return engine
 
@@ -109,6 +144,55 @@ def state_errors(url: str) -> Iterator[None]:
         raise StateError(f"state database {redact_url(url)}: {describe_error(exc)}") from exc
 
 
+def sqlite_path(url: str) -> Path | None:
+    """The file behind a SQLite URL, or None for an in-memory database."""
+    parsed = make_url(url)
+    database = parsed.database
+    if not database or database == ":memory:":
+        return None
+    if database.startswith("file:") and parsed.query.get("uri") == "true":
+        name = database.removeprefix("file:")
+        if not name or name.startswith(":") or parsed.query.get("mode") == "memory":
+            return None
+        if name.startswith("//"):  # file://host/path: only the path part names the file
+            name = "/" + name[2:].partition("/")[2]
+        return Path(name)
+    return Path(database)
+
+
+_warned_readable: set[Path] = set()
+
+
+def _prepare_sqlite_file(url: str, path: Path, create: bool) -> None:
+    shown = redact_url(url)
+    if not path.exists():
+        if not path.parent.is_dir():
+            raise StateError(
+                f"state.url: folder {path.parent} does not exist ({shown}); create it or "
+                "point state.url elsewhere"
+            )
+        if not create:
+            raise StateError(
+                f"no state database at {path} (state.url {shown}) yet: run "
+                "`audience-sync run` or `audience-sync db upgrade` first"
+            )
+        try:
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        except FileExistsError:
+            pass  # another process created it first: it is as private as ours
+        except OSError as exc:
+            raise StateError(f"state.url {shown}: cannot create {path}: {exc.strerror}") from None
+        return
+    mode = path.stat().st_mode
+    if mode & 0o077 and path not in _warned_readable:
+        _warned_readable.add(path)
+        log.warning(
+            "state database %s is readable by other users (mode %s) and holds members' "
+            "emails: run `chmod 600 %s`",
+            path, oct(stat.S_IMODE(mode)), path,
+        )  # fmt: skip
+
+
 def upsert(engine: Engine, table: Table) -> Any:
     """``INSERT ... ON CONFLICT`` for the state database's dialect (SQLite or PostgreSQL)."""
     dialect_insert = pg_insert if engine.dialect.name == "postgresql" else sqlite_insert
@@ -129,19 +213,72 @@ def alembic_config(engine: Engine | None = None) -> Config:
     return config
 
 
-def upgrade(engine: Engine, revision: str = "head") -> None:
-    """Migrate the state database to ``revision``."""
+def upgrade(engine: Engine, revision: str = "head") -> tuple[str | None, str | None]:
+    """Migrate the state database to ``revision``; returns the revisions before and after.
+
+    All migrations run in one transaction, so a crash or ``kill -9`` leaves the old schema
+    or the new one, never half of it (on SQLite as on PostgreSQL). Upgrades are serialized:
+    on SQLite by ``BEGIN IMMEDIATE``, on PostgreSQL by an advisory lock per schema; the
+    second upgrader waits, then finds the work done.
+    """
+    return _migrate(engine, lambda config: command.upgrade(config, revision))
+
+
+def downgrade(engine: Engine, revision: str) -> tuple[str | None, str | None]:
+    """Migrate the state database down to ``revision``, in one transaction like upgrade."""
+    return _migrate(engine, lambda config: command.downgrade(config, revision))
+
+
+def _migrate(engine: Engine, run: Callable[[Config], None]) -> tuple[str | None, str | None]:
+    shown = redact_url(str(engine.url))
+    migrating = _migration_engine(engine)
     try:
-        command.upgrade(alembic_config(engine), revision)
+        with migrating.connect() as connection, connection.begin():
+            if connection.dialect.name == "postgresql":
+                _lock_schema(connection, shown)
+            before = MigrationContext.configure(connection).get_current_revision()
+            config = alembic_config()
+            config.attributes["connection"] = connection
+            run(config)
+            after = MigrationContext.configure(connection).get_current_revision()
+    except OperationalError as exc:
+        if "database is locked" in str(exc):
+            raise StateError(
+                f"cannot migrate {shown}: another process kept the state database locked "
+                "for 60 s (another upgrade or a running sync); try again when it ends"
+            ) from None
+        raise StateError(f"cannot migrate {shown}: {describe_error(exc)}") from exc
     except SQLAlchemyError as exc:
+        raise StateError(f"cannot migrate {shown}: {describe_error(exc)}") from exc
+    finally:
+        if migrating is not engine:
+            migrating.dispose()
+    return before, after
+
+
+def _migration_engine(engine: Engine) -> Engine:
+    """SQLite: a twin engine whose transactions cover DDL and take the write lock at once."""
+    url = engine.url.render_as_string(hide_password=False)
+    if not is_sqlite(engine) or sqlite_path(url) is None:
+        return engine  # PostgreSQL's DDL is transactional already; memory has one user
+    return _sqlite_engine(url, immediate=True)
+
+
+def _lock_schema(connection: Connection, shown: str) -> None:
+    """Take this schema's migration lock for the transaction, waiting a bounded time."""
+    key = "hashtext(current_schema() || '.audience_sync.migrations')"
+    if connection.scalar(text(f"SELECT pg_try_advisory_xact_lock({key})")):
+        return
+    log.warning("another upgrade of %s is running; waiting for it to finish", shown)
+    connection.execute(text(f"SET LOCAL lock_timeout = '{UPGRADE_WAIT_SECONDS}s'"))
+    try:
+        connection.execute(text(f"SELECT pg_advisory_xact_lock({key})"))
+    except OperationalError:
         raise StateError(
-            f"cannot migrate {redact_url(str(engine.url))}: {describe_error(exc)}"
-        ) from exc
-
-
-def downgrade(engine: Engine, revision: str) -> None:
-    """Migrate the state database down to ``revision``."""
-    command.downgrade(alembic_config(engine), revision)
+            f"cannot migrate {shown}: another upgrade has been running for over "
+            f"{UPGRADE_WAIT_SECONDS} s; try again when it ends"
+        ) from None
+    connection.execute(text("SET LOCAL lock_timeout = 0"))
 
 
 def head_revision() -> str | None:
@@ -155,25 +292,31 @@ def current_revision(engine: Engine) -> str | None:
         return MigrationContext.configure(connection).get_current_revision()
 
 
-def ensure_schema(engine: Engine) -> None:
-    """Migrate SQLite to head on the fly; refuse to touch any other store that is behind.
+def ensure_schema(engine: Engine, *, migrate: bool = False) -> None:
+    """Check that the state database is at head; with ``migrate``, upgrade SQLite to it.
 
-    The embedded SQLite file belongs to this tool alone, so upgrading it is safe. A shared
-    production database (PostgreSQL) is migrated only on purpose, with ``db upgrade``.
+    Only commands that sync (``run``, ``backfill``, ``retire``, ``daemon``) pass ``migrate``:
+    the embedded SQLite file belongs to this tool alone, so they upgrade it on the fly,
+    atomically. Reading never migrates, and a shared production database (PostgreSQL) is
+    migrated only on purpose, with ``db upgrade``.
     """
+    shown = redact_url(str(engine.url))
     try:
         current = current_revision(engine)
     except SQLAlchemyError as exc:
-        raise StateError(
-            f"cannot open state database {redact_url(str(engine.url))}: {describe_error(exc)}"
-        ) from exc
+        raise StateError(f"cannot open state database {shown}: {describe_error(exc)}") from exc
     head = head_revision()
     if current == head:
         return
-    if is_sqlite(engine):
+    if migrate and is_sqlite(engine):
         upgrade(engine)
         return
+    if current is None:
+        raise StateError(
+            f"state database {shown} has no audience-sync schema yet: run "
+            "`audience-sync db upgrade` (or a `run`) first"
+        )
     raise StateError(
-        f"state database {redact_url(str(engine.url))} is at revision {current or 'none'}, "
-        f"this version needs {head}: run `audience-sync db upgrade`"
+        f"state database {shown} is at revision {current}, this version needs {head}: "
+        "run `audience-sync db upgrade`"
     )

@@ -38,7 +38,7 @@ def run_demo(out: IO[str], keep: Path | None = None) -> int:
             settings = load_settings(config, {})
             engine = db.make_engine(settings.state.url)
             try:
-                db.ensure_schema(engine)
+                db.ensure_schema(engine, migrate=True)
                 if replaced:
                     out.write(f"Replaced the earlier demo in {folder}.\n")
                 out.write(f"Fake Gist at {gist.url}; files in {folder}\n\n")

@@ -13,10 +13,12 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from types import FrameType, TracebackType
+from http.server import BaseHTTPRequestHandler
+from types import FrameType
 from typing import Any, cast
 from urllib.parse import parse_qs, urlsplit
+
+from audience_sync.httpserver import BackgroundServer, JoiningHTTPServer
 
 __all__ = ["FakeGist", "RecordedRequest", "main"]
 
@@ -47,11 +49,9 @@ def _errors(message: str) -> dict[str, Any]:
     return {"errors": [{"message": message}]}
 
 
-class _Server(ThreadingHTTPServer):
-    """Threading server that joins its handler threads and can cut live keep-alive connections."""
+class _Server(JoiningHTTPServer):
+    """A server that can cut live keep-alive connections."""
 
-    daemon_threads = False
-    block_on_close = True
     request_queue_size = 128
 
     def __init__(self, address: tuple[str, int], gist: FakeGist) -> None:
@@ -76,9 +76,6 @@ class _Server(ThreadingHTTPServer):
         for sock in live:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        """Broken pipes and resets from clients are expected; stay quiet."""
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -148,18 +145,20 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(payload)
 
 
-class FakeGist:
-    """In-memory Gist `/contacts` and `/events` API served over real HTTP on 127.0.0.1."""
+class FakeGist(BackgroundServer):
+    """In-memory Gist `/contacts` and `/events` API served over real HTTP on 127.0.0.1.
+
+    ``start()``/``stop()``, ``url`` and ``with FakeGist(...)`` come from ``BackgroundServer``.
+    """
+
+    thread_name = "fakegist"
 
     def __init__(
         self, api_key: str = "test-key", *, host: str = "127.0.0.1", port: int = 0
     ) -> None:
+        super().__init__(host, port)
         self.api_key = api_key
-        self._host = host
-        self._port = port
         self._lock = threading.RLock()
-        self._server: _Server | None = None
-        self._thread: threading.Thread | None = None
         self._contacts: dict[int, dict[str, Any]] = {}
         self._by_user: dict[str, int] = {}  # user_id → contact id
         self._by_email: dict[str, list[int]] = {}  # email → contact ids, oldest first
@@ -184,48 +183,12 @@ class FakeGist:
 
     # ----------------------------------------------------------------- lifecycle
 
-    @property
-    def url(self) -> str:
-        if self._server is None:
-            raise RuntimeError("FakeGist is not started")
-        host, port = self._server.server_address[:2]
-        return f"http://{host!s}:{port}"
+    def _make_server(self, address: tuple[str, int]) -> JoiningHTTPServer:
+        return _Server(address, self)
 
-    def start(self) -> FakeGist:
-        if self._server is not None:
-            raise RuntimeError("FakeGist is already started")
-        self._server = _Server((self._host, self._port), self)
-        self._thread = threading.Thread(
-            target=self._server.serve_forever,
-            kwargs={"poll_interval": 0.05},
-            name="fakegist",
-            daemon=True,
-        )
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        server, thread = self._server, self._thread
-        if server is None:
-            return
-        server.shutdown()
-        server.cut_connections()
-        server.server_close()  # joins handler threads
-        if thread is not None:
-            thread.join()
-        self._server = None
-        self._thread = None
-
-    def __enter__(self) -> FakeGist:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
+    def _before_close(self, server: JoiningHTTPServer) -> None:
+        # Idle keep-alive connections would otherwise hold their handler threads (and stop()).
+        cast(_Server, server).cut_connections()
 
     # ------------------------------------------------------------------- state
 

@@ -127,8 +127,9 @@ def load_run(
     return run
 
 
-def prune(engine: Engine, older_than: datetime) -> dict[str, int]:
-    """Delete the changes and rejected rows of runs that started before ``older_than``.
+def prune(engine: Engine, older_than: datetime, *, dry_run: bool = False) -> dict[str, int]:
+    """Delete the changes and rejected rows of runs that started before ``older_than``;
+    with ``dry_run``, only count them. Returns the count per table.
 
     ``sync_runs`` keeps every summary; a running run is never touched. A change still
     ``pending``, whose track event is still owed (``pending`` or ``failed``), or of a user
@@ -138,24 +139,26 @@ def prune(engine: Engine, older_than: datetime) -> dict[str, int]:
     old_runs = select(sync_runs.c.id).where(
         sync_runs.c.started_at < older_than, sync_runs.c.status != "running"
     )
+    old_changes = (
+        member_changes.c.run_id.in_(old_runs),
+        member_changes.c.status != "pending",
+        or_(
+            member_changes.c.event_status.is_(None),
+            member_changes.c.event_status.not_in(["pending", "failed"]),
+        ),
+        ~exists().where(
+            uncertain_members.c.audience_key == member_changes.c.audience_key,
+            uncertain_members.c.user_id == member_changes.c.user_id,
+        ),
+    )
+    old_rejected = (rejected_rows.c.run_id.in_(old_runs),)
     with engine.begin() as connection:
-        changes = connection.execute(
-            delete(member_changes).where(
-                member_changes.c.run_id.in_(old_runs),
-                member_changes.c.status != "pending",
-                or_(
-                    member_changes.c.event_status.is_(None),
-                    member_changes.c.event_status.not_in(["pending", "failed"]),
-                ),
-                ~exists().where(
-                    uncertain_members.c.audience_key == member_changes.c.audience_key,
-                    uncertain_members.c.user_id == member_changes.c.user_id,
-                ),
-            )
-        ).rowcount
-        rejected = connection.execute(
-            delete(rejected_rows).where(rejected_rows.c.run_id.in_(old_runs))
-        ).rowcount
+        if dry_run:
+            changes = connection.scalar(select(func.count()).where(*old_changes)) or 0
+            rejected = connection.scalar(select(func.count()).where(*old_rejected)) or 0
+        else:
+            changes = connection.execute(delete(member_changes).where(*old_changes)).rowcount
+            rejected = connection.execute(delete(rejected_rows).where(*old_rejected)).rowcount
     return {"member_changes": changes, "rejected_rows": rejected}
 
 
@@ -197,6 +200,42 @@ def _change_dict(row: Any) -> dict[str, Any]:
     change["value"] = json.loads(value_json) if value_json is not None else bool(change["value"])
     change["delivered_at"] = _iso(change["delivered_at"])
     return change
+
+
+def load_last_successes(engine: Engine, keys: Iterable[str]) -> dict[str, datetime]:
+    """When each of ``keys`` last finished a real run that succeeded (naive UTC)."""
+    wanted = list(keys)
+    query = (
+        select(sync_runs.c.audience_key, func.max(sync_runs.c.finished_at))
+        .where(
+            sync_runs.c.status == "succeeded",
+            sync_runs.c.kind != "dry-run",
+            sync_runs.c.audience_key.in_(wanted),
+        )
+        .group_by(sync_runs.c.audience_key)
+    )
+    with engine.connect() as connection:
+        return {key: at for key, at in connection.execute(query) if at is not None}
+
+
+def load_recent_statuses(engine: Engine, keys: Iterable[str], n: int) -> dict[str, list[str]]:
+    """The statuses of each audience's latest ``n`` finished real runs, newest first."""
+    found: dict[str, list[str]] = {}
+    with engine.connect() as connection:
+        for key in keys:
+            found[key] = list(
+                connection.scalars(
+                    select(sync_runs.c.status)
+                    .where(
+                        sync_runs.c.audience_key == key,
+                        sync_runs.c.kind != "dry-run",
+                        sync_runs.c.status != "running",
+                    )
+                    .order_by(sync_runs.c.id.desc())
+                    .limit(n)
+                )
+            )
+    return found
 
 
 def _run_dict(row: Any) -> dict[str, Any]:

@@ -5,13 +5,11 @@ from __future__ import annotations
 import json
 import logging
 import os
-import socket
-import threading
 import time
-from collections.abc import Callable, Sequence
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Callable, Mapping, Sequence
+from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
-from types import TracebackType
 from typing import Any, cast
 
 from prometheus_client import (
@@ -24,6 +22,7 @@ from prometheus_client import (
     write_to_textfile,
 )
 
+from audience_sync.httpserver import BackgroundServer, JoiningHTTPServer
 from audience_sync.sync import RunResult
 
 __all__ = ["REQUEST_BUCKETS", "HealthCheck", "Metrics", "MetricsServer"]
@@ -106,6 +105,13 @@ class Metrics:
             if _has_read_source(result):
                 self.members.labels(audience).set(result.members)
 
+    def set_last_successes(self, finished: Mapping[str, datetime]) -> None:
+        """Set the last-success gauge from ``sync_runs`` (naive UTC finish times), so it is
+        there after a failed run and after a restart, once an audience ever succeeded."""
+        for audience, at in finished.items():
+            moment = at.replace(tzinfo=UTC) if at.tzinfo is None else at
+            self.last_success.labels(audience).set(moment.timestamp())
+
     def write_textfile(self, path: Path) -> None:
         """Write every metric for node-exporter's textfile collector, atomically."""
         write_to_textfile(os.fspath(path), self.registry)
@@ -124,23 +130,13 @@ def _has_read_source(result: RunResult) -> bool:
     )
 
 
-class _Server(ThreadingHTTPServer):
-    """Joins its handler threads on close, so stopping leaves no socket behind."""
+class _Server(JoiningHTTPServer):
+    """Carries the metrics and the health check to its request handlers."""
 
-    daemon_threads = False
-    block_on_close = True
-
-    def __init__(
-        self, address: tuple[str, int], metrics: Metrics, health: HealthCheck, family: int
-    ) -> None:
-        self.address_family = family
+    def __init__(self, address: tuple[str, int], metrics: Metrics, health: HealthCheck) -> None:
         self.metrics = metrics
         self.health = health
         super().__init__(address, _Handler)
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        # Scrapers that hang up early are not worth a traceback on stderr.
-        log.debug("metrics request from %s failed", client_address, exc_info=True)
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -174,60 +170,15 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
 
-class MetricsServer:
+class MetricsServer(BackgroundServer):
     """Serves ``/metrics`` and ``/healthz`` from a background thread; port 0 picks a free one."""
 
+    thread_name = "audience-sync-metrics"
+
     def __init__(self, metrics: Metrics, host: str, port: int, health: HealthCheck) -> None:
+        super().__init__(host, port)
         self.metrics = metrics
-        self.host = host
-        self.port = port
         self.health = health
-        self._server: _Server | None = None
-        self._thread: threading.Thread | None = None
 
-    @property
-    def url(self) -> str:
-        """``http://host:port`` as bound (the real port when 0 was asked for)."""
-        if self._server is None:
-            raise RuntimeError("MetricsServer is not started")
-        host, port = cast(tuple[str, int], self._server.server_address[:2])
-        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
-
-    def start(self) -> MetricsServer:
-        """Bind and serve in a daemon thread; returns self."""
-        if self._server is not None:
-            raise RuntimeError("MetricsServer is already started")
-        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
-        server = _Server((self.host, self.port), self.metrics, self.health, family)
-        self._server = server
-        self._thread = threading.Thread(
-            target=server.serve_forever,
-            kwargs={"poll_interval": 0.05},
-            name="audience-sync-metrics",
-            daemon=True,
-        )
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        """Stop serving, wait for requests in progress and close the socket; idempotent."""
-        server, thread = self._server, self._thread
-        if server is None:
-            return
-        server.shutdown()
-        server.server_close()  # joins handler threads
-        if thread is not None:
-            thread.join()
-        self._server = None
-        self._thread = None
-
-    def __enter__(self) -> MetricsServer:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
+    def _make_server(self, address: tuple[str, int]) -> JoiningHTTPServer:
+        return _Server(address, self.metrics, self.health)

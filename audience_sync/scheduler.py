@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading
@@ -17,18 +16,26 @@ from apscheduler.events import EVENT_SCHEDULER_STARTED
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers import SchedulerNotRunningError
 from apscheduler.schedulers.blocking import BlockingScheduler
-from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 from apscheduler.util import undefined
 
 from audience_sync.config import Computation, Settings, parse_duration
+from audience_sync.cron import cron_trigger
 from audience_sync.errors import ConfigError
+from audience_sync.health import HeartbeatFile, Signs, SyncProgress, assess
 from audience_sync.sync import RunResult
 
 log = logging.getLogger(__name__)
 
 SyncFn = Callable[[Settings, list[str], threading.Event], list[RunResult]]
 """Syncs the given audience keys once (a closure over ``run_once`` and the state engine)."""
+
+RecentStatuses = Callable[[list[str], int], dict[str, list[str]]]
+"""The statuses of each audience's latest N finished runs, newest first (reads the state
+database, so it raising means the database cannot be reached)."""
+
+# Keys a reload cannot apply to a running daemon: it would need a new engine or server.
+RESTART_KEYS = ("state.url", "daemon.metrics_host", "daemon.metrics_port")
 
 HEARTBEAT_JOB = "daemon:heartbeat"  # ':' never occurs in an audience key
 HEARTBEAT_SECONDS = 60
@@ -56,14 +63,25 @@ class Daemon:
         *,
         clock: Callable[[], datetime] = _utcnow,
         on_results: Callable[[list[RunResult]], None] = _ignore,
+        stop: threading.Event | None = None,
+        recent_statuses: RecentStatuses | None = None,
     ) -> None:
-        """Load the config and schedule its audiences (the scheduler starts in :meth:`serve`)."""
+        """Load the config and schedule its audiences (the scheduler starts in :meth:`serve`).
+
+        ``ConfigError`` when no audience has a ``schedule`` or ``every``: such a daemon
+        would idle forever. ``stop`` is the event that ends the running sync (a signal
+        handler's, for ``--once``).
+        """
         self._load_settings = load_settings
         self._sync = sync
         self._last_starts = last_starts
         self._clock = clock
         self._on_results = on_results
-        self._stop = threading.Event()
+        self._recent_statuses = recent_statuses
+        self._stop = stop if stop is not None else threading.Event()
+        self._tick_at: datetime | None = None  # the scheduler loop's last heartbeat job
+        self._progress_at = clock()  # the sync thread's last sign of life
+        self.progress = SyncProgress(self._touch)
         self._lock = threading.RLock()  # reloads, last results and the heartbeat file
         self._idle = threading.Condition()  # guards _active and _running
         self._active = 0  # sync calls not yet reported; serve() waits for none
@@ -72,6 +90,8 @@ class Daemon:
         self._specs: dict[str, _Spec] = {}
         self._serve_thread: threading.Thread | None = None
         self._settings = load_settings()
+        _check_scheduled(self._settings)
+        self._heartbeat = HeartbeatFile(self._settings.daemon.heartbeat_file)
         self._scheduler = BlockingScheduler(
             timezone=ZoneInfo(self._settings.daemon.timezone),
             # One sync at a time, so gist.requests_per_second holds for the daemon as a whole;
@@ -105,6 +125,15 @@ class Daemon:
         keys = [a.property_key for a in self._settings.computations if a.property_key in jobs]
         return [key for key in keys if _is_due(jobs[key], lasts.get(key), now)]
 
+    def missed(self, now: datetime | None = None) -> list[str]:
+        """What start-up runs at once: audiences never run, or whose newest fire time since
+        their last start passed at most ``misfire_grace_seconds`` ago."""
+        now = now or self._clock()
+        lasts, jobs = self._load_starts(), self.jobs()
+        grace = self._settings.daemon.misfire_grace_seconds
+        keys = [a.property_key for a in self._settings.computations if a.property_key in jobs]
+        return [key for key in keys if _is_due(jobs[key], lasts.get(key), now, grace)]
+
     def run_due(self) -> list[RunResult]:
         """Sync every due audience now in one ``sync`` call (``--once``); their results."""
         keys = self.due()
@@ -126,6 +155,7 @@ class Daemon:
     def _reload(self) -> None:
         try:
             settings = self._load_settings()
+            _check_scheduled(settings)
             lasts = self._load_starts()
         except ConfigError as exc:
             log.error("config reload failed, keeping the previous config: %s", exc)
@@ -133,9 +163,18 @@ class Daemon:
         except Exception:
             log.exception("config reload failed, keeping the previous config")
             return
+        changed_keys = _restart_keys_changed(self._settings, settings)
+        if changed_keys:
+            log.error(
+                "config reload refused, keeping the previous config: %s changed, which "
+                "only a restart applies; restart the daemon to use the new config",
+                ", ".join(changed_keys),
+            )
+            return
         with self._lock:
             added, removed, changed = self._apply(settings, lasts)
             self._settings = settings
+            self._heartbeat.move_to(settings.daemon.heartbeat_file)
         log.info(
             "config reloaded: added %s; removed %s; rescheduled %s",
             *(", ".join(keys) or "none" for keys in (added, removed, changed)),
@@ -158,13 +197,11 @@ class Daemon:
             return 0
         with self._lock:  # a reload from now on catches up new audiences itself
             self._serve_thread = threading.current_thread()
-            now, lasts = self._clock(), self._load_starts()
-            grace = self._settings.daemon.misfire_grace_seconds
-            for key, trigger in self.jobs().items():
-                if _is_due(trigger, lasts.get(key), now, grace):
-                    self._scheduler.modify_job(key, next_run_time=datetime.now(UTC))
+            for key in self.missed():
+                self._scheduler.modify_job(key, next_run_time=datetime.now(UTC))
+        self._tick_at = self._clock()
         self._scheduler.add_job(
-            self._write_heartbeat,
+            self._tick,
             IntervalTrigger(seconds=HEARTBEAT_SECONDS, timezone=UTC),
             id=HEARTBEAT_JOB,
             name=HEARTBEAT_JOB,
@@ -228,12 +265,46 @@ class Daemon:
             if self._stop.is_set():
                 return []
             self._active += 1
+        self._touch()
         try:
             return self._sync_logged(keys)
         finally:
+            self._touch()
             with self._idle:
                 self._active -= 1
                 self._idle.notify_all()
+
+    def health(self) -> tuple[bool, dict[str, Any]]:
+        """Whether the daemon is healthy, with details for ``/healthz`` (see ``health.assess``)."""
+        config = self._settings.daemon
+        with self._idle:
+            busy, running = self._active > 0, list(self._running)
+        keys = sorted(self.jobs())
+        recent: dict[str, list[str]] | Exception | None = None
+        if self._recent_statuses is not None:
+            try:
+                recent = self._recent_statuses(keys, config.health_failed_runs)
+            except Exception as exc:  # any failure to read is "cannot be reached"
+                recent = exc
+        return assess(
+            Signs(
+                now=self._clock(),
+                tick_at=self._tick_at,
+                progress_at=self._progress_at if busy else None,
+                running=running,
+                keys=keys,
+                recent=recent,
+            ),
+            stall_seconds=config.health_stall_seconds,
+            failed_runs=config.health_failed_runs,
+        )
+
+    def _touch(self) -> None:
+        self._progress_at = self._clock()
+
+    def _tick(self) -> None:
+        self._tick_at = self._clock()
+        self._write_heartbeat()
 
     def _sync_logged(self, keys: list[str]) -> list[RunResult]:
         """Call ``sync``, then log a line per run, refresh the heartbeat and call ``on_results``."""
@@ -271,28 +342,21 @@ class Daemon:
         return results
 
     def _write_heartbeat(self) -> None:
-        """Atomically rewrite the heartbeat file (if configured) for a supervisor to watch."""
-        path = self._settings.daemon.heartbeat_file
-        if path is None:
-            return
+        """Rewrite the heartbeat file (if configured) for a supervisor to watch."""
         with self._lock:
             with self._idle:
                 running = list(self._running)
-            body = {
-                "pid": os.getpid(),
-                "updated_at": _iso(self._clock()),
-                "running": running,
-                "last_results": [
-                    {**asdict(result), "finished_at": _iso(at)}
-                    for result, at in self._last_results.values()
-                ],
-            }
-            temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            try:
-                temporary.write_text(json.dumps(body, indent=2) + "\n", encoding="utf-8")
-                os.replace(temporary, path)  # readers never see a half-written file
-            except OSError as exc:
-                log.warning("cannot write heartbeat file %s: %s", path, exc)
+            self._heartbeat.write(
+                {
+                    "pid": os.getpid(),
+                    "updated_at": _iso(self._clock()),
+                    "running": running,
+                    "last_results": [
+                        {**asdict(result), "finished_at": _iso(at)}
+                        for result, at in self._last_results.values()
+                    ],
+                }
+            )
 
     def _load_starts(self) -> dict[str, datetime]:
         return {
@@ -309,6 +373,23 @@ class Daemon:
             self._scheduler.shutdown(wait=False)
 
 
+def _check_scheduled(settings: Settings) -> None:
+    if not any(_spec(a, "") is not None for a in settings.computations):
+        raise ConfigError(
+            f"{settings.path}: no audience or trait has a `schedule` or `every`, so the "
+            "daemon would have nothing to run; add one, or use `audience-sync run` from cron"
+        )
+
+
+def _restart_keys_changed(old: Settings, new: Settings) -> list[str]:
+    values = {
+        "state.url": (old.state.url, new.state.url),
+        "daemon.metrics_host": (old.daemon.metrics_host, new.daemon.metrics_host),
+        "daemon.metrics_port": (old.daemon.metrics_port, new.daemon.metrics_port),
+    }
+    return [key for key in RESTART_KEYS if values[key][0] != values[key][1]]
+
+
 def _spec(audience: Computation, tz: str) -> _Spec | None:
     if audience.schedule is not None:
         return (f"cron {audience.schedule}", tz)
@@ -319,7 +400,7 @@ def _spec(audience: Computation, tz: str) -> _Spec | None:
 
 def _trigger(audience: Computation, tz: str, last: datetime | None) -> Any:
     if audience.schedule is not None:
-        return CronTrigger.from_crontab(audience.schedule, timezone=ZoneInfo(tz))
+        return cron_trigger(audience.schedule, ZoneInfo(tz))
     interval = timedelta(seconds=parse_duration(audience.every or "") or 0)
     # Anchored on the last run, so a restart keeps the cadence rather than waiting a full
     # interval from the restart.
@@ -328,12 +409,19 @@ def _trigger(audience: Computation, tz: str, last: datetime | None) -> Any:
 
 
 def _is_due(trigger: Any, last: datetime | None, now: datetime, grace: int | None = None) -> bool:
-    """Never run, or the first fire time after ``last`` has passed (at most ``grace`` s ago)."""
+    """Never run, or a fire time after ``last`` has passed (with ``grace``: the newest such
+    fire time is at most ``grace`` seconds old)."""
     if last is None:
         return True
-    fire: datetime | None = trigger.get_next_fire_time(last, last)  # strictly after `last`
-    late = timedelta(seconds=grace) if grace is not None else timedelta.max
-    return fire is not None and fire <= now and now - fire <= late
+    earliest = now - timedelta(seconds=grace) if grace is not None else None
+    fire: datetime | None
+    if earliest is None or earliest <= last:
+        fire = trigger.get_next_fire_time(last, last)  # strictly after `last`
+    else:
+        # Is there a fire time in [now - grace, now]? Older misses do not count: the
+        # newest one decides, so a long outage still runs once if its last miss is recent.
+        fire = trigger.get_next_fire_time(None, earliest)
+    return fire is not None and fire <= now
 
 
 def _iso(moment: datetime) -> str:

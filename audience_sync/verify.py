@@ -1,10 +1,16 @@
-"""``verify``: read a random sample of an audience back from Gist and report drift."""
+"""``verify``: read a random sample of an audience (or a trait) back from Gist, report drift.
+
+Reads that fail are errors, apart from drift: a refused key or a Gist that cannot be
+reached stops the verify; another failed read is listed, and neither is ever repaired.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from functools import partial
 from typing import Any
 
 import httpx
@@ -15,7 +21,7 @@ from audience_sync.db import upsert
 from audience_sync.delivery import Pacer
 from audience_sync.errors import ApiError, AuthError
 from audience_sync.gist import GistClient, make_http_client
-from audience_sync.models import audiences, memberships, uncertain_members
+from audience_sync.models import audiences, memberships, trait_values, uncertain_members
 from audience_sync.models import member_changes as changes
 from audience_sync.models import sync_runs as runs
 
@@ -28,20 +34,29 @@ class Drift:
     """A sampled user whose value in Gist is not the one we last delivered."""
 
     user_id: str
-    expected: bool
+    expected: Any  # True/False for an audience, the trait's value for a trait
     actual: Any  # Gist's value; None when the property is absent; MISSING when the contact is
-    reason: str  # "value differs" | "property missing" | "contact missing" | "error: ..."
+    reason: str  # "value differs" | "property missing" | "contact missing"
+
+
+@dataclass(frozen=True)
+class ReadError:
+    """A sampled user Gist did not answer for (after retries): not checked, not drift."""
+
+    user_id: str
+    error: str
 
 
 @dataclass(frozen=True)
 class VerifyReport:
-    """What ``verify_audience`` found: ``matching + len(drifted) == sampled``."""
+    """What ``verify_audience`` found: ``matching + len(drifted) + len(errors) == sampled``."""
 
     audience_key: str
     sampled: int
     matching: int
     drifted: list[Drift]
     repaired: int  # drifted users marked uncertain, so the next run re-sends their value
+    errors: list[ReadError] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable form, for ``--json``."""
@@ -54,7 +69,7 @@ class Sample:
 
     user_id: str
     email: str
-    expected: bool
+    expected: Any  # True/False (audience member / exit) or a trait's value
 
 
 def verify_audience(
@@ -68,31 +83,44 @@ def verify_audience(
     seed: int | None = None,
 ) -> VerifyReport:
     """Fetch up to ``sample`` random members of audience ``key`` (plus up to ``sample // 4``
-    users whose exit was delivered) from Gist and compare their property with what Gist
+    users whose exit was delivered) — or, for a computed trait, up to ``sample`` users with
+    an acknowledged value — from Gist and compare their property with what Gist
     acknowledged. With ``repair``, drifted users go into ``uncertain_members`` so the next
     ``run`` re-sends whatever the source calls for; ``memberships`` is never touched.
 
-    Rate-limited and retried like delivery. ``AuthError`` propagates; other per-user API
-    errors are reported as drift with reason ``"error: ..."`` and are not repaired.
+    Rate-limited and retried like delivery, the samples streamed through
+    ``max_concurrency`` workers. ``AuthError`` propagates, and so does ``ApiError`` when
+    Gist cannot be reached at all; a user Gist answers with another error is listed in
+    ``errors``, neither drift nor repaired.
     """
     if sample < 0:
         raise ValueError("sample must be 0 or more")
     samples = load_sample(settings, engine, key, sample, seed)
-    results = asyncio.run(_fetch_all(settings, key, samples, transport))
-    drifted = [d for d in results if d is not None]
+    drifted, errors = asyncio.run(_fetch_all(settings, key, samples, transport))
     repaired = 0
     if repair:
         emails = {s.user_id: s.email for s in samples}
-        to_repair = [d.user_id for d in drifted if not d.reason.startswith("error:")]
-        repaired = save_repairs(engine, key, [(u, emails[u]) for u in to_repair])
-    return VerifyReport(key, len(samples), len(samples) - len(drifted), drifted, repaired)
+        repaired = save_repairs(engine, key, [(d.user_id, emails[d.user_id]) for d in drifted])
+    matching = len(samples) - len(drifted) - len(errors)
+    return VerifyReport(key, len(samples), matching, drifted, repaired, errors)
 
 
 def load_sample(
     settings: Settings, engine: Engine, key: str, size: int, seed: int | None = None
 ) -> list[Sample]:
-    """Random acknowledged members (expected True) and delivered exits (expected False)."""
+    """Random acknowledged members (expected True) and delivered exits (expected False);
+    for a computed trait, random acknowledged values."""
     rng = None if seed is None else random.Random(seed)
+    if _is_trait(settings, key):
+        values = select(trait_values.c.user_id, trait_values.c.email, trait_values.c.value).where(
+            trait_values.c.trait_key == key,
+            ~exists().where(
+                uncertain_members.c.audience_key == key,
+                uncertain_members.c.user_id == trait_values.c.user_id,
+            ),
+        )
+        with engine.connect() as connection:
+            return [Sample(u, e, json.loads(v)) for u, e, v in _pick(connection, values, size, rng)]
     # Uncertain members are left out: their value in Gist is unknown by definition, and the
     # next run re-sends it anyway.
     uncertain = exists().where(
@@ -145,26 +173,30 @@ def save_repairs(engine: Engine, key: str, users: list[tuple[str, str]]) -> int:
     return len(users)
 
 
+def _is_trait(settings: Settings, key: str) -> bool:
+    return any(c.property_key == key and c.is_trait for c in settings.computations)
+
+
 def _pick(
     connection: Connection, query: Select[Any], k: int, rng: random.Random | None
-) -> list[tuple[str, str]]:
+) -> list[tuple[Any, ...]]:
     """Up to ``k`` random rows of ``query``, never holding more than ``k`` of them."""
     if k <= 0:
         return []
     if rng is None:
         rows = connection.execute(query.order_by(func.random()).limit(k))
-        return [(r[0], r[1]) for r in rows]
+        return [tuple(r) for r in rows]
     # Reproducible: choose row positions with the seeded generator, then stream the rows
     # in a stable order and keep those positions (one pass, bounded memory).
     total = connection.scalar(select(func.count()).select_from(query.subquery())) or 0
     wanted = set(rng.sample(range(total), min(k, total)))
-    picked: list[tuple[str, str]] = []
+    picked: list[tuple[Any, ...]] = []
     ordered = query.order_by(query.selected_columns[0]).execution_options(yield_per=STREAM_ROWS)
     result = connection.execute(ordered)
     try:
         for position, row in enumerate(result):
             if position in wanted:
-                picked.append((row[0], row[1]))
+                picked.append(tuple(row))
                 if len(picked) == len(wanted):
                     break
     finally:
@@ -177,30 +209,71 @@ async def _fetch_all(
     key: str,
     samples: list[Sample],
     transport: httpx.AsyncBaseTransport | None,
-) -> list[Drift | None]:
+) -> tuple[list[Drift], list[ReadError]]:
     pacer = Pacer(settings.gist)  # built inside the loop its limiter will run on
-    slots = asyncio.Semaphore(settings.gist.max_concurrency)
+    trait = _is_trait(settings, key)
+    drifted: list[tuple[int, Drift]] = []  # with the sample's position, to report in order
+    errors: list[tuple[int, ReadError]] = []
+    pending = iter(enumerate(samples))  # shared by the workers: each takes the next sample
     async with make_http_client(settings.gist, transport) as http:
         client = GistClient(http)
 
-        async def check(s: Sample) -> Drift | None:
-            async with slots:
+        async def worker() -> None:
+            for position, s in pending:
                 try:
-                    contact = await pacer.call(lambda: client.fetch_contact(s.user_id))
+                    contact = await pacer.call(partial(client.fetch_contact, s.user_id))
                 except AuthError:
                     raise  # the key is refused: every other fetch would be too
                 except ApiError as exc:
-                    return Drift(s.user_id, s.expected, None, f"error: {exc}")
-            return compare(key, s.user_id, s.expected, contact)
+                    if exc.status is None:  # no answer at all, retries included
+                        url = settings.gist.base_url
+                        raise ApiError(f"cannot reach Gist at {url}: {exc}") from exc
+                    errors.append((position, ReadError(s.user_id, str(exc))))
+                    continue
+                found = (
+                    compare_value(key, s.user_id, s.expected, contact)
+                    if trait
+                    else compare(key, s.user_id, s.expected, contact)
+                )
+                if found is not None:
+                    drifted.append((position, found))
 
-        tasks = [asyncio.create_task(check(s)) for s in samples]
+        # A fixed set of workers, however big the sample: memory does not grow with it.
+        workers = [
+            asyncio.create_task(worker())
+            for _ in range(min(settings.gist.max_concurrency, len(samples)))
+        ]
         try:
-            return await asyncio.gather(*tasks)
+            await asyncio.gather(*workers)
         except BaseException:
-            for task in tasks:
+            for task in workers:
                 task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.gather(*workers, return_exceptions=True)
             raise
+    return [d for _, d in sorted(drifted)], [e for _, e in sorted(errors)]
+
+
+def compare_value(
+    key: str, user_id: str, expected: Any, contact: dict[str, Any] | None
+) -> Drift | None:
+    """A trait: None when Gist's contact carries ``expected`` (same JSON value and type;
+    a null value matches an absent one), else the Drift."""
+    properties = contact.get("custom_properties") if contact is not None else None
+    if not isinstance(properties, dict):
+        properties = {}
+    actual = properties.get(key)
+    if _canonical(actual) == _canonical(expected):
+        return None
+    if contact is None:
+        return Drift(user_id, expected, MISSING, "contact missing")
+    if key not in properties:
+        return Drift(user_id, expected, None, "property missing")
+    return Drift(user_id, expected, actual, "value differs")
+
+
+def _canonical(value: Any) -> str:
+    # 1, 1.0, "1" and true are four values, as the state stores them.
+    return json.dumps(value, separators=(",", ":"), sort_keys=True)
 
 
 def compare(key: str, user_id: str, expected: bool, contact: dict[str, Any] | None) -> Drift | None:

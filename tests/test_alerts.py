@@ -6,16 +6,28 @@ import json
 import logging
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import asdict
+from datetime import datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, cast
 
 import httpx
 import pytest
+from sqlalchemy import Engine, func, insert, select
 
-from audience_sync.alerts import build_summary, redact_webhook_url, send_alerts
+from audience_sync.alerts import (
+    Alert,
+    AlertMemory,
+    AlertSender,
+    build_summary,
+    redact_webhook_url,
+    select_alerts,
+    send_alerts,
+)
 from audience_sync.config import AlertsConfig
+from audience_sync.models import audiences, sync_runs
 from audience_sync.sync import RunResult
 
 TOKEN = "SECRET-tok3n"
@@ -151,15 +163,18 @@ def test_payload_shape(receiver: Receiver) -> None:
     assert set(body) == {"tool", "host", "runs", "worst_status", "text"}
     assert body["tool"] == "audience-sync"
     assert body["host"] == socket.gethostname()
-    assert body["runs"] == [asdict(results[1]), asdict(results[2])]
+    assert body["runs"] == [
+        {**asdict(results[1]), "alert": "failing"},
+        {**asdict(results[2]), "alert": "failing"},
+    ]
     assert set(body["runs"][0]) == {
         "audience_key", "name", "kind", "status", "run_id", "source_rows", "members",
         "entered", "exited", "delivered", "failed", "rejected", "error", "resent",
-        "email_conflicts",
+        "email_conflicts", "alert",
     }  # fmt: skip
     assert body["worst_status"] == "guarded"
-    assert "churned partial (2 changes failed)" in body["text"]
-    assert "news guarded" in body["text"]
+    assert "churned failing (partial): 2 changes failed" in body["text"]
+    assert "news failing (guarded)" in body["text"]
 
 
 @pytest.mark.parametrize(
@@ -177,7 +192,8 @@ def test_payload_shape(receiver: Receiver) -> None:
     ids=["one", "skipped", "partial", "guarded", "failed", "interrupted", "unknown", "empty"],
 )
 def test_worst_status(statuses: list[str], worst: str | None) -> None:
-    assert build_summary([run(s) for s in statuses])["worst_status"] == worst
+    alerts = [Alert(run(s), "failing") for s in statuses]
+    assert build_summary(alerts)["worst_status"] == worst
 
 
 def test_no_webhook_configured_does_nothing() -> None:
@@ -251,8 +267,7 @@ def test_webhook_timeout_is_logged_not_raised(
     sent = send_alerts(config(secret_url(receiver.base), timeout=0.2), [run("partial")])
 
     assert sent is False
-    assert_warned_without_secrets(caplog, f"{receiver.base}/…")
-    assert "ReadTimeout" in caplog.text
+    assert_warned_without_secrets(caplog, f"{receiver.base}/… did not answer within 0.2s")
 
 
 @pytest.mark.parametrize(
@@ -328,3 +343,231 @@ def test_httpx_request_log_never_shows_the_token(
 )
 def test_redact_webhook_url(url: str, shown: str) -> None:
     assert redact_webhook_url(url) == shown
+
+
+class RawWebhook:
+    """A loopback webhook written on bare sockets, to answer as badly as a real one can:
+    ``trickle`` sends the status line one byte every ``gap`` seconds; ``flood`` answers 200
+    with an endless body. Either way it gives up after ``limit`` seconds."""
+
+    def __init__(self, mode: str, gap: float = 0.5, limit: float = 15.0) -> None:
+        self.mode = mode
+        self.gap = gap
+        self.limit = limit
+        self.sent = 0
+        self.connections = 0
+        self.stop = threading.Event()
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen()
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}/hook/{TOKEN}"
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        self.sock.settimeout(0.1)
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            self.connections += 1
+            threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
+
+    def _answer(self, conn: socket.socket) -> None:
+        started = time.monotonic()
+        with conn:
+            conn.settimeout(self.limit)
+            conn.recv(65536)  # the request (small enough for one read on loopback)
+            try:
+                if self.mode == "trickle":
+                    for byte in b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n":
+                        if self.stop.wait(self.gap) or time.monotonic() - started > self.limit:
+                            return
+                        conn.sendall(bytes([byte]))
+                        self.sent += 1
+                else:
+                    conn.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+                    chunk = b"%x\r\n%s\r\n" % (65536, b"x" * 65536)
+                    while not self.stop.is_set() and time.monotonic() - started < self.limit:
+                        conn.sendall(chunk)
+                        self.sent += len(chunk)
+            except OSError:
+                return  # the client hung up: what a bounded client does
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join()
+        self.sock.close()
+
+
+@pytest.fixture
+def raw_webhook() -> Iterator[Any]:
+    made: list[RawWebhook] = []
+
+    def make(mode: str, **options: Any) -> RawWebhook:
+        made.append(RawWebhook(mode, **options))
+        return made[-1]
+
+    yield make
+    for hook in made:
+        hook.close()
+
+
+def test_a_trickling_webhook_is_cut_off_at_the_total_deadline(
+    raw_webhook: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    hook = raw_webhook("trickle", gap=0.3)  # each byte well within httpx's per-read timeout
+
+    started = time.monotonic()
+    sent = send_alerts(config(hook.url, timeout=1.0), [run("failed")])
+    elapsed = time.monotonic() - started
+
+    assert sent is False
+    assert elapsed < 3.0, f"the alert took {elapsed:.1f}s with a 1s deadline"
+    assert 0 < hook.sent < 20  # it was talking, and was cut off mid-answer
+    assert "did not answer within 1s" in caplog.text
+    assert TOKEN not in caplog.text
+
+
+def test_an_endless_answer_is_not_read_to_the_end(raw_webhook: Any) -> None:
+    hook = raw_webhook("flood")
+
+    started = time.monotonic()
+    sent = send_alerts(config(hook.url, timeout=10.0), [run("failed")])
+    elapsed = time.monotonic() - started
+
+    assert sent is True  # the status is all an alert needs
+    assert elapsed < 5.0, f"reading the answer took {elapsed:.1f}s"
+    time.sleep(0.2)  # let the server notice the hang-up
+    assert hook.sent < 64 * 2**20  # what the socket buffers held, not the whole flood
+
+
+class Runs:
+    """Writes ``sync_runs`` rows of one audience as runs would, one minute apart."""
+
+    def __init__(self, engine: Engine, key: str = "vip") -> None:
+        self.engine = engine
+        self.key = key
+        self.at = datetime(2026, 1, 1, 0, 0)
+
+    def add(self, status: str, *, minutes: float = 1.0, kind: str = "run") -> RunResult:
+        self.at += timedelta(minutes=minutes)
+        with self.engine.begin() as connection:
+            if not connection.scalar(select(func.count()).where(audiences.c.key == self.key)):
+                connection.execute(insert(audiences).values(key=self.key, name="VIP", source="x"))
+            run_id = connection.execute(
+                insert(sync_runs)
+                .values(
+                    audience_key=self.key, kind=kind, status=status, started_at=self.at,
+                    finished_at=self.at, source_rows=0, members=0, entered=0, exited=0,
+                    delivered=0, failed=0, rejected=0,
+                )
+                .returning(sync_runs.c.id)
+            ).scalar_one()  # fmt: skip
+        return RunResult(self.key, "VIP", kind, status, run_id=run_id)  # type: ignore[arg-type]
+
+
+def events(
+    engine: Engine, history: Runs, statuses: list[str], memory: AlertMemory | None = None,
+    **options: Any,
+) -> list[str | None]:  # fmt: skip
+    """Each run's alert (None: not posted), each decided as its own ``run`` would decide."""
+    found: list[str | None] = []
+    cfg = AlertsConfig(webhook_url="http://127.0.0.1:9/hook", **options)
+    for status in statuses:
+        result = history.add(status)
+        chosen = select_alerts(cfg, [result], engine, memory)
+        found.append(chosen[0].event if chosen else None)
+    return found
+
+
+def test_alerts_go_out_on_a_change_of_state_not_on_every_failure(engine: Engine) -> None:
+    statuses = ["succeeded", "failed", "failed", "partial", "succeeded", "succeeded", "guarded"]
+    assert events(engine, Runs(engine), statuses) == [
+        None, "failing", None, None, "recovered", None, "failing",
+    ]  # fmt: skip
+
+
+def test_a_first_run_that_fails_alerts_and_one_that_succeeds_does_not(engine: Engine) -> None:
+    assert events(engine, Runs(engine, "a"), ["failed"]) == ["failing"]
+    assert events(engine, Runs(engine, "b"), ["succeeded"]) == [None]
+
+
+def test_two_hundred_thirty_failures_alert_once(engine: Engine) -> None:
+    history = Runs(engine)
+    found = [
+        e for e in (events(engine, history, ["failed"])[0] for _ in range(230)) if e is not None
+    ]
+    assert found == ["failing"]
+
+
+def test_a_long_failure_is_reminded_every_remind_every(engine: Engine) -> None:
+    history = Runs(engine)
+    found = []
+    for _ in range(30):  # one failing run every 10 minutes for 5 hours
+        result = history.add("failed", minutes=10)
+        chosen = select_alerts(
+            AlertsConfig(webhook_url="http://127.0.0.1:9/hook", remind_every="2h"),
+            [result],
+            engine,
+        )
+        found.append((history.at.strftime("%H:%M"), chosen[0].event) if chosen else None)
+    assert [f for f in found if f] == [("00:10", "failing"), ("02:10", "reminder"),
+                                       ("04:10", "reminder")]  # fmt: skip
+
+
+def test_dry_runs_do_not_count_as_history(engine: Engine) -> None:
+    history = Runs(engine)
+    history.add("failed")
+    history.add("succeeded", kind="dry-run")
+    assert events(engine, history, ["failed"]) == [None]  # still the same failure
+
+
+def test_always_posts_every_run_with_its_event(engine: Engine) -> None:
+    assert events(engine, Runs(engine), ["succeeded", "failed", "failed", "succeeded"],
+                  always=True) == ["ok", "failing", "still failing", "recovered"]  # fmt: skip
+
+
+def test_without_run_ids_this_process_remembers_what_it_said() -> None:
+    memory = AlertMemory()
+    cfg = AlertsConfig(webhook_url="http://127.0.0.1:9/hook")
+    outage = RunResult("vip", "VIP", "run", "failed", error="state database is down")
+    found = [select_alerts(cfg, [outage], None, memory) for _ in range(5)]
+    assert [[a.event for a in f] for f in found] == [["failing"], [], [], [], []]
+    back = select_alerts(cfg, [RunResult("vip", "VIP", "run", "succeeded", run_id=7)], None, memory)
+    assert [a.event for a in back] == ["recovered"]
+
+
+def test_the_sender_posts_off_the_calling_thread_and_closes_in_bounded_time(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    release = threading.Event()
+    posted: list[list[str]] = []
+
+    def post(cfg: AlertsConfig, alerts: Any) -> bool:
+        posted.append([a.result.audience_key for a in alerts])
+        release.wait(10)
+        return True
+
+    sender = AlertSender(lambda: AlertsConfig(webhook_url="http://x/"), post)
+    started = time.monotonic()
+    sender.submit([Alert(run("failed", key="a"), "failing")])
+    sender.submit([Alert(run("failed", key="b"), "failing")])
+    assert time.monotonic() - started < 0.5  # submitting never waits for the webhook
+    assert sender.close(timeout=0.3) is False
+    assert time.monotonic() - started < 2.0
+    assert posted == [["a"]]
+    assert "not sent for: b" in caplog.text
+    release.set()
+
+
+def test_the_sender_closes_at_once_when_everything_was_posted() -> None:
+    posted: list[str] = []
+    sender = AlertSender(
+        lambda: AlertsConfig(webhook_url="http://x/"),
+        lambda cfg, alerts: posted.append(alerts[0].result.audience_key) is None,
+    )
+    sender.submit([Alert(run("failed", key="a"), "failing")])
+    assert sender.close(timeout=5) is True
+    assert posted == ["a"]

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine, MetaData, select
 
-from audience_sync import lease
+from audience_sync import db, lease
 from audience_sync.cli import run_cli
 from audience_sync.fakegist import FakeGist
 from tests.conftest import API_KEY, Workspace, invoker, write_members
@@ -195,7 +195,7 @@ def test_state_store_behind_is_refused_until_db_upgrade(
     assert "audience-sync db upgrade" in err
     code, out2, err2 = cli("db", "upgrade")
     assert code == 0
-    assert "is at revision" in out2
+    assert f"migrated empty → {db.head_revision()}" in out2
     assert "***" in out2
     assert cli("run")[0] == 0
     assert "pw-s3cret" not in out + err + out2 + err2

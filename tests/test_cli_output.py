@@ -255,7 +255,8 @@ def test_logging_set_up_by_a_command_is_put_back(
     names = ("", "httpx", "alembic", "apscheduler", "psycopg", "audience_sync")
     before = {name: logging.getLogger(name).level for name in names}
     handlers = list(logging.getLogger().handlers)
-    write_members(workspace.add_file_audience("Order Completed Last 30days"), [1])
+    # Scheduled: a daemon with nothing scheduled is refused (exit 2).
+    write_members(workspace.add_file_audience("Order Completed Last 30days", every="1h"), [1])
 
     assert cli("run", "-vv", "--log-format", "json")[0] == 0
     assert cli("daemon", "--once")[0] == 0

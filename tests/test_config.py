@@ -6,12 +6,15 @@ from pathlib import Path
 
 import pytest
 from pydantic import SecretStr
+from sqlalchemy import create_engine
+from sqlalchemy.engine import make_url
 
 from audience_sync.config import (
     CONFIG_ENV,
     DEFAULT_CONFIG,
     Settings,
     load_settings,
+    parse_duration,
     redact_url,
     resolve_config_path,
 )
@@ -442,3 +445,121 @@ def test_settings_are_frozen(tmp_path: Path) -> None:
 
     with pytest.raises(ValueError, match="frozen"):
         settings.gist.max_retries = 1  # type: ignore[misc]
+
+
+OUT_OF_BOUNDS: list[tuple[str, str, str]] = [
+    (
+        "every-overflows",
+        GIST + FILE_AUDIENCE + 'every = "9999999d"\n',
+        "every '9999999d' is longer than 3650d",
+    ),
+    ("every-zero", GIST + FILE_AUDIENCE + 'every = "0s"\n', "every '0s' must be at least 1s"),
+    (
+        "misfire-grace-overflows",
+        GIST + "[daemon]\nmisfire_grace_seconds = 1e14\n" + FILE_AUDIENCE,
+        "daemon.misfire_grace_seconds: Input should be less than or equal to 604800",
+    ),
+    (
+        "rate-absurd",
+        GIST + "requests_per_second = 1e12\n" + FILE_AUDIENCE,
+        "gist.requests_per_second: Input should be less than or equal to 10000",
+    ),
+    (
+        "timeout-absurd",
+        GIST + "timeout_seconds = 1e300\n" + FILE_AUDIENCE,
+        "gist.timeout_seconds: Input should be less than or equal to 3600",
+    ),
+    (
+        "alert-timeout-absurd",
+        GIST + "[alerts]\ntimeout_seconds = 1e20\n" + FILE_AUDIENCE,
+        "alerts.timeout_seconds: Input should be less than or equal to 300",
+    ),
+    (
+        "min-members-absurd",
+        GIST + FILE_AUDIENCE + "mass_exit_min_members = 1e30\n",
+        "('Newsletter Signups').mass_exit_min_members: ",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [(text, fragment) for _, text, fragment in OUT_OF_BOUNDS],
+    ids=[case_id for case_id, _, _ in OUT_OF_BOUNDS],
+)
+def test_numbers_are_bounded_with_the_key_named(tmp_path: Path, text: str, fragment: str) -> None:
+    message = _load_error(_write(tmp_path, text))
+    assert fragment in message
+    assert str(tmp_path / "audience_sync.toml") in message
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [
+        ("30s", 30.0),
+        ("15m", 900.0),
+        ("2h", 7200.0),
+        ("1d", 86400.0),
+        ("1w", 604800.0),
+        ("1w2d", 777600.0),
+        ("1h30m", 5400.0),
+        ("0d", 0.0),
+        (" 90s ", 90.0),
+        ("3650d", 315360000.0),
+    ],
+    ids=["s", "m", "h", "d", "w", "w-d", "h-m", "zero", "spaces", "maximum"],
+)
+def test_parse_duration(text: str, seconds: float) -> None:
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "d", "1x", "1d1w", "-1d", "1.5h", "soon"], ids=str)
+def test_parse_duration_refuses_what_is_not_a_duration(text: str) -> None:
+    assert parse_duration(text) is None
+
+
+@pytest.mark.parametrize(
+    "text", ["3651d", "99999999999d", "9" * 400 + "s"], ids=["3651d", "huge", "400-digits"]
+)
+def test_parse_duration_refuses_what_is_too_long(text: str) -> None:
+    with pytest.raises(ValueError, match="longer than 3650d"):
+        parse_duration(text)
+
+
+def test_double_dollar_writes_a_literal_dollar(tmp_path: Path) -> None:
+    path = _write(
+        tmp_path,
+        GIST + '[[audiences]]\nname = "Pays $${PRICE} or $$5"\nfile = "members.jsonl"\n',
+    )
+    settings = load_settings(path, {**ENV, "PRICE": "not used"})
+    assert settings.audiences[0].name == "Pays ${PRICE} or $5"
+
+
+def test_relative_sqlite_uri_filenames_are_resolved_against_the_config_folder(
+    tmp_path: Path,
+) -> None:
+    url = "sqlite:///file:state.db?mode=rwc&uri=true"
+    path = _write(tmp_path / "conf", f'[state]\nurl = "{url}"\n' + GIST + FILE_AUDIENCE)
+    folder = (tmp_path / "conf").resolve()
+    resolved = make_url(load_settings(path, ENV).state.url)
+    assert resolved.database == f"file:{folder}/state.db"
+    assert dict(resolved.query) == {"mode": "rwc", "uri": "true"}
+    engine = create_engine(resolved)
+    with engine.connect() as connection:
+        connection.exec_driver_sql("CREATE TABLE t (x INTEGER)")
+    engine.dispose()
+    assert (folder / "state.db").is_file()
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "sqlite:///file:/abs/state.db?uri=true",
+        "sqlite:///file::memory:?cache=shared&uri=true",
+        "sqlite:///file:memdb?mode=memory&cache=shared&uri=true",
+    ],
+    ids=["absolute", "memory", "memory-mode"],
+)
+def test_absolute_and_memory_sqlite_uris_are_left_alone(tmp_path: Path, url: str) -> None:
+    path = _write(tmp_path, f'[state]\nurl = "{url}"\n' + GIST + FILE_AUDIENCE)
+    assert load_settings(path, ENV).state.url == url

@@ -3,16 +3,18 @@ metrics file, alerts, JSON logs, the daemon (in-process and as a real process) a
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Iterator
-from datetime import timedelta
+from datetime import UTC, timedelta
 from io import StringIO
 from pathlib import Path
 from typing import Any
@@ -108,7 +110,8 @@ def test_history_filters_show_pages_and_prune(
     assert len(json.loads(out)) == 1
     _, out, _ = cli("history", "--json", "--since", "2999-01-01")
     assert json.loads(out) == []
-    assert cli("history", "--since", "soon")[0] == 2
+    with pytest.raises(SystemExit, match="2"):
+        cli("history", "--since", "soon")  # argparse: a usage error, exit 2
 
     _, out, _ = cli("show", str(partial["id"]), "--json", "--limit", "3")
     first = json.loads(out)
@@ -127,7 +130,8 @@ def test_history_filters_show_pages_and_prune(
     with engine.connect() as connection:
         assert connection.scalar(select(func.count()).select_from(member_changes)) == 0
         assert connection.scalar(select(func.count()).select_from(sync_runs)) == 1
-    assert cli("prune", "--older-than", "whenever")[0] == 2
+    with pytest.raises(SystemExit, match="2"):
+        cli("prune", "--older-than", "whenever")
 
 
 def test_verify_command(workspace: Workspace, gist: FakeGist, cli: Any) -> None:
@@ -266,3 +270,401 @@ def test_tables_are_plain_when_piped_and_rich_on_a_terminal() -> None:
     ]
     assert "\x1b[" in terminal.getvalue()  # colour
     assert "─" in terminal.getvalue()  # a rule under the header
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (("history", "--since", "99999999999d"), "argument --since: '99999999999d' is longer"),
+        (("history", "--limit", "0"), "argument --limit/-n: 0 is not a whole number from 1"),
+        (("history", "--limit", "-3"), "argument --limit/-n: -3 is not a whole number from 1"),
+        (("prune", "--older-than", "99999999d"), "argument --older-than: '99999999d' is longer"),
+        (("prune", "--older-than", "soon"), "argument --older-than: 'soon' is not an age"),
+        (("show", "1", "--page", "1e17"), "argument --page: 1e17 is not a whole number from 1"),
+        (("show", "1", "--page", "100000000000000000"), "argument --page: 100000000000000000"),
+        (("show", "1", "--limit", "0"), "argument --limit/-n: 0 is not a whole number from 1"),
+        (("show", "99999999999999999999"), "argument RUN_ID: 99999999999999999999 is not"),
+        (("verify", KEY, "--sample", "-5"), "argument --sample: -5 is not a whole number from 1"),
+    ],
+    ids=[
+        "since-overflows",
+        "history-limit-zero",
+        "history-limit-negative",
+        "prune-overflows",
+        "prune-not-an-age",
+        "page-float",
+        "page-huge",
+        "show-limit-zero",
+        "run-id-huge",
+        "sample-negative",
+    ],
+)
+def test_numeric_flags_are_bounded_with_the_flag_named(
+    workspace: Workspace, cli: Any, capsys: pytest.CaptureFixture[str], args: tuple[str, ...],
+    fragment: str,
+) -> None:  # fmt: skip
+    workspace.add_file_audience("Order Completed Last 30days")
+    with pytest.raises(SystemExit) as info:
+        cli(*args)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert fragment in err
+    assert "Traceback" not in err
+
+
+def test_prune_takes_zero_and_weeks_and_has_a_dry_run(
+    workspace: Workspace, engine: Engine, gist: FakeGist, cli: Any
+) -> None:
+    source = workspace.add_file_audience("Order Completed Last 30days")
+    write_members(source, [*range(3), ("u9", "bad")])
+    assert cli("run")[0] == 0
+    with engine.begin() as connection:
+        connection.execute(update(sync_runs).values(started_at=utcnow() - timedelta(days=8)))
+
+    code, out, _ = cli("prune", "--older-than", "2w", "--json")
+    assert (code, json.loads(out)) == (0, {"member_changes": 0, "rejected_rows": 0})
+
+    code, out, _ = cli("prune", "--older-than", "1w", "--dry-run")
+    assert code == 0
+    assert "would delete 3 member_changes and 1 rejected_rows (dry run)" in out
+    with engine.connect() as connection:
+        assert connection.scalar(select(func.count()).select_from(member_changes)) == 3
+
+    code, out, _ = cli("prune", "--older-than", "0d", "--json")
+    assert (code, json.loads(out)) == (0, {"member_changes": 3, "rejected_rows": 1})
+
+
+def test_cron_runs_alert_on_a_change_of_state_and_announce_recovery(
+    workspace: Workspace, gist: FakeGist, cli: Any, receiver: Receiver
+) -> None:
+    workspace.sections["alerts"] = {"webhook_url": receiver.url}
+    source = workspace.add_file_audience("Order Completed Last 30days")
+    write_members(source, range(3))
+    gist.fail_user("u1", 422)
+    codes = [cli("run", "--quiet")[0] for _ in range(3)]  # each `run` is its own invocation
+    assert codes == [1, 1, 1]
+    assert [r["alert"] for body in receiver.bodies for r in body["runs"]] == ["failing"]
+
+    gist.reset_faults()
+    assert cli("run", "--quiet")[0] == 0
+    assert [r["alert"] for body in receiver.bodies for r in body["runs"]] == [
+        "failing",
+        "recovered",
+    ]
+    assert receiver.bodies[-1]["runs"][0]["status"] == "succeeded"
+
+
+def test_metrics_file_in_a_missing_folder_fails_before_syncing(
+    workspace: Workspace, gist: FakeGist, cli: Any
+) -> None:
+    source = workspace.add_file_audience("Order Completed Last 30days")
+    write_members(source, range(3))
+    target = workspace.root / "no" / "such" / "folder" / "audience_sync.prom"
+
+    code, _out, err = cli("run", "--metrics-file", str(target))
+
+    assert code == 2
+    assert f"--metrics-file {target}: folder {target.parent} does not exist" in err
+    assert "Traceback" not in err
+    assert gist.requests() == []  # nothing was synced
+
+
+@pytest.mark.parametrize("fail_one", [False, True], ids=["good-run", "failing-run"])
+def test_metrics_file_lost_during_the_sync_keeps_the_result_and_the_alert(
+    workspace: Workspace, gist: FakeGist, cli: Any, receiver: Receiver, fail_one: bool
+) -> None:
+    workspace.sections["alerts"] = {"webhook_url": receiver.url}
+    workspace.gist_options["max_concurrency"] = 1
+    source = workspace.add_file_audience("Order Completed Last 30days")
+    write_members(source, range(3))
+    folder = workspace.root / "textfiles"
+    folder.mkdir()
+    if fail_one:
+        gist.fail_user("u2", 422)
+    gist.latency = 0.3
+
+    def remove_folder_once_syncing() -> None:
+        deadline = time.monotonic() + 10
+        while not gist.requests() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        folder.rmdir()
+
+    remover = threading.Thread(target=remove_folder_once_syncing)
+    remover.start()
+    code, out, err = cli("run", "--metrics-file", str(folder / "audience_sync.prom"))
+    remover.join()
+
+    assert code == (1 if fail_one else 0)  # what the sync did, whatever the metrics file did
+    assert "cannot write --metrics-file" in err
+    assert "Traceback" not in err
+    assert KEY in out  # the summary is still printed
+    assert [r["alert"] for body in receiver.bodies for r in body["runs"]] == (
+        ["failing"] if fail_one else []
+    )
+
+
+def test_last_success_metric_survives_a_failed_run(
+    workspace: Workspace, gist: FakeGist, engine: Engine, cli: Any
+) -> None:
+    source = workspace.add_file_audience("Order Completed Last 30days")
+    write_members(source, range(3))
+    metrics = workspace.root / "audience_sync.prom"
+    assert cli("run", "--metrics-file", str(metrics))[0] == 0
+    with engine.connect() as connection:
+        finished = connection.scalar(select(sync_runs.c.finished_at))
+    gist.fail_user("u4", 422)
+    write_members(source, range(5))
+
+    assert cli("run", "--metrics-file", str(metrics))[0] == 1
+
+    line = f'audience_sync_last_success_timestamp_seconds{{audience="{KEY}"}}'
+    [value] = [float(x.split()[-1]) for x in metrics.read_text().splitlines() if x.startswith(line)]
+    assert value == pytest.approx(finished.replace(tzinfo=UTC).timestamp(), abs=0.01)
+
+
+def test_daemon_with_nothing_scheduled_exits_2(workspace: Workspace, cli: Any) -> None:
+    workspace.add_file_audience("Unscheduled")
+    for args in (("daemon",), ("daemon", "--once")):
+        code, _out, err = cli(*args)
+        assert code == 2
+        assert "no audience or trait has a `schedule` or `every`" in err
+
+
+def test_daemon_whose_metrics_port_is_taken_exits_2_naming_it(
+    workspace: Workspace, gist: FakeGist, cli: Any
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        workspace.sections["daemon"] = {"metrics_port": port}
+        workspace.add_file_audience("Order Completed Last 30days", every="1h")
+        code, _out, err = cli("daemon")
+    assert code == 2
+    assert f"daemon.metrics_port: cannot serve /metrics on 127.0.0.1:{port}" in err
+    assert "Traceback" not in err
+    assert gist.requests() == []
+
+
+def start_daemon(workspace: Workspace, *extra: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "audience_sync", "daemon", *extra, "--config",
+         str(workspace.config_path)],
+        env={**os.environ, "GIST_API_KEY": API_KEY},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+
+
+def wait_for(condition: Any, what: str, seconds: float = 30) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def run_statuses(engine: Engine) -> list[str]:
+    with engine.connect() as connection:
+        return list(connection.scalars(select(sync_runs.c.status).order_by(sync_runs.c.id)))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_daemon_once_stops_gracefully_on_signals_like_run(
+    workspace: Workspace, gist: FakeGist, engine: Engine, signum: signal.Signals
+) -> None:
+    workspace.gist_options["max_concurrency"] = 1
+    source = workspace.add_file_audience("Order Completed Last 30days", every="1h")
+    write_members(source, range(40))
+    gist.latency = 0.05  # 40 members one at a time: about 2 s of sending
+    process = start_daemon(workspace, "--once")
+    try:
+        wait_for(lambda: len(gist.requests()) >= 3, "the first requests")
+        process.send_signal(signum)
+        _out, err = process.communicate(timeout=30)
+    finally:
+        process.kill()
+    assert process.returncode == 1, err  # interrupted, as `run` exits
+    assert run_statuses(engine) == ["interrupted"]
+    acknowledged_count = len(acknowledged(engine))
+    assert 3 <= acknowledged_count < 40
+    assert "finishing requests in flight" in err
+
+    gist.clear_log()
+    gist.latency = 0.0
+    assert subprocess.run(
+        [sys.executable, "-m", "audience_sync", "run", "--config", str(workspace.config_path)],
+        env={**os.environ, "GIST_API_KEY": API_KEY}, capture_output=True, check=False,
+    ).returncode == 0  # fmt: skip
+    sent = [r.body["user_id"] for r in gist.requests("/contacts")]
+    assert len(sent) == 40 - acknowledged_count  # a graceful stop sends nothing twice
+    assert in_gist(gist) == users(*range(40))
+
+
+@pytest.mark.slow
+def test_a_hanging_webhook_never_holds_up_syncing_or_stopping(
+    workspace: Workspace, gist: FakeGist, engine: Engine
+) -> None:
+    hook = socket.socket()
+    hook.bind(("127.0.0.1", 0))
+    hook.listen()
+    opened: list[float] = []
+    stop_hook = threading.Event()
+
+    def trickle() -> None:  # accepts, then answers one byte every 2 s, forever
+        hook.settimeout(0.1)
+        conns = []
+        while not stop_hook.is_set():
+            try:
+                conn, _ = hook.accept()
+                conns.append(conn)
+                opened.append(time.time())
+            except TimeoutError:
+                pass
+            if conns and int(time.monotonic() * 10) % 20 == 0:
+                for conn in conns:
+                    with contextlib.suppress(OSError):
+                        conn.sendall(b"H")
+        for conn in conns:
+            conn.close()
+
+    thread = threading.Thread(target=trickle)
+    thread.start()
+    port = free_port()
+    workspace.sections["alerts"] = {
+        "webhook_url": f"http://127.0.0.1:{hook.getsockname()[1]}/hook",
+        "timeout_seconds": 60,
+    }
+    # Partial runs count as failing; the health rule's run count is not under test here.
+    workspace.sections["daemon"] = {"metrics_port": port, "health_failed_runs": 1000}
+    source = workspace.add_file_audience("Order Completed Last 30days", every="1s")
+    write_members(source, range(3))
+    gist.fail_user("u1", 422)  # every run is partial: the first one alerts
+    process = start_daemon(workspace)
+    try:
+        wait_for(lambda: opened, "the alert to reach the webhook")
+        wait_for(lambda: len(run_statuses(engine)) >= 4, "runs while the alert hangs")
+        assert httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200
+        asked = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        _out, err = process.communicate(timeout=30)
+        stopped_in = time.monotonic() - asked
+    finally:
+        process.kill()
+        stop_hook.set()
+        thread.join()
+        hook.close()
+    assert process.returncode == 0, err
+    assert stopped_in < 10, f"SIGTERM took {stopped_in:.1f}s with an alert hanging"
+    assert "stopping with an alert still in flight" in err
+    assert len(opened) == 1  # one alert for the change of state, not one per failed run
+
+
+@pytest.mark.slow
+def test_healthz_reports_failing_audiences_and_recovers(
+    workspace: Workspace, gist: FakeGist, engine: Engine
+) -> None:
+    port = free_port()
+    workspace.sections["daemon"] = {"metrics_port": port, "health_failed_runs": 3}
+    source = workspace.add_file_audience("Order Completed Last 30days", every="1s")
+    write_members(source, range(3))
+    process = start_daemon(workspace)
+    healthz = f"http://127.0.0.1:{port}/healthz"
+    try:
+        wait_for(lambda: run_statuses(engine)[-1:] == ["succeeded"], "a first good run")
+        assert httpx.get(healthz).status_code == 200
+        source.write_text("{not json\n")  # every run now fails reading its source
+        wait_for(lambda: httpx.get(healthz).status_code == 503, "an unhealthy answer")
+        answer = httpx.get(healthz).json()
+        assert answer["reasons"] == ["the last 3 runs of every audience failed"]
+        assert run_statuses(engine)[-3:] == ["failed"] * 3
+        write_members(source, range(3))
+        wait_for(lambda: httpx.get(healthz).status_code == 200, "recovery")
+        metrics = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+        assert f'audience_sync_last_success_timestamp_seconds{{audience="{KEY}"}}' in metrics
+    finally:
+        process.send_signal(signal.SIGTERM)
+        _out, err = process.communicate(timeout=30)
+    assert process.returncode == 0, err
+
+
+def test_verify_reports_gist_errors_as_errors_not_drift(
+    workspace: Workspace, gist: FakeGist, cli: Any
+) -> None:
+    source = workspace.add_file_audience("Order Completed Last 30days")
+    write_members(source, range(5))
+    assert cli("run")[0] == 0
+
+    gist.fail_after(0, 401)
+    code, out, err = cli("verify", KEY)
+    assert code == 2
+    assert "Gist refused the API key" in err
+    assert "drifted" not in out + err
+    gist.reset_faults()
+
+    gist.fail_user("u3", 422, "Nope")
+    code, out, err = cli("verify", KEY, "--json")
+    assert code == 2
+    report = json.loads(out)
+    assert (report["matching"], report["drifted"]) == (4, [])
+    assert report["errors"] == [{"user_id": "u3", "error": "HTTP 422: Nope"}]
+    code, out, _ = cli("verify", KEY)
+    assert "4 of 5 sampled members carry the expected value; 0 drifted; 1 could not be read" in out
+    gist.reset_faults()
+
+    workspace.gist_url = f"http://127.0.0.1:{free_port()}"
+    workspace.gist_options["max_retries"] = 0
+    workspace.write_config()
+    code, out, err = cli("verify", KEY)
+    assert code == 2
+    assert f"cannot reach Gist at {workspace.gist_url}" in err
+    assert "drifted" not in out + err
+
+
+def test_ctrl_c_in_demo_stops_without_a_traceback(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import audience_sync.demo
+
+    def interrupted(*args: Any, **kwargs: Any) -> Any:
+        raise KeyboardInterrupt  # what Ctrl-C raises in the main thread mid-sync
+
+    monkeypatch.setattr(audience_sync.demo, "run_once", interrupted)
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    try:
+        code = run_cli(["demo"])
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C escaped from the demo as a traceback")
+    assert code == 130
+    err = capsys.readouterr().err
+    assert "demo interrupted" in err
+    assert "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []  # its temporary folder is gone too
+
+
+@pytest.mark.slow
+def test_a_second_sigterm_stops_a_daemon_whose_sync_is_stuck(
+    workspace: Workspace, gist: FakeGist, engine: Engine
+) -> None:
+    workspace.gist_options["timeout_seconds"] = 60
+    source = workspace.add_file_audience("Order Completed Last 30days", every="1h")
+    write_members(source, range(3))
+    gist.latency = 8  # every request hangs longer than the test waits for the stop
+    process = start_daemon(workspace)
+    try:
+        wait_for(lambda: run_statuses(engine) == ["running"], "the run to start")
+        time.sleep(0.5)  # its requests are in flight
+        process.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        assert process.poll() is None  # the first one waits for the requests in flight
+        asked = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        _out, err = process.communicate(timeout=30)
+        stopped_in = time.monotonic() - asked
+    finally:
+        process.kill()
+    assert process.returncode == 128 + signal.SIGTERM, err
+    assert stopped_in < 5, f"the second SIGTERM took {stopped_in:.1f}s"
+    assert "SIGTERM again: stopping now" in err
+    assert "Traceback" not in err

@@ -13,10 +13,11 @@ from zoneinfo import ZoneInfo
 
 import pytest
 from apscheduler.events import EVENT_SCHEDULER_STARTED
-from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
 from audience_sync.config import Settings, load_settings
+from audience_sync.cron import CronSchedule
+from audience_sync.errors import ConfigError
 from audience_sync.scheduler import Daemon
 from audience_sync.sync import RunResult
 
@@ -107,7 +108,7 @@ def test_scheduled_audiences_become_jobs_with_deliberate_options(tmp_path: Path)
     jobs = daemon.jobs()
     assert set(jobs) == {"nightly", "vip"}
     berlin = ZoneInfo("Europe/Berlin")
-    assert isinstance(jobs["nightly"], CronTrigger)
+    assert isinstance(jobs["nightly"], CronSchedule)
     assert str(jobs["nightly"].timezone) == "Europe/Berlin"
     after = datetime(2024, 5, 1, 10, 30, tzinfo=berlin)
     assert jobs["nightly"].get_next_fire_time(None, after) == datetime(
@@ -329,18 +330,20 @@ def test_request_stop_before_serve_returns_at_once(tmp_path: Path) -> None:
 
 def test_serve_catches_up_only_misses_within_the_grace_time(tmp_path: Path) -> None:
     hour = {"every": "1h"}
-    names = ("fresh", "late", "stale", "recent")
+    names = ("fresh", "late", "stale", "recent", "down")
     h = Harness(tmp_path, [{"name": n, **hour} for n in names], misfire_grace_seconds=300)
     now = datetime.now(UTC)
     h.starts["late"] = naive(now - timedelta(hours=1, seconds=60))  # missed by 1 min
     h.starts["stale"] = naive(now - timedelta(hours=1, minutes=10))  # missed by 10 min
     h.starts["recent"] = naive(now - timedelta(minutes=10))
+    # Down for three hours: the oldest miss is 2 h old, the newest only 2 min.
+    h.starts["down"] = naive(now - timedelta(hours=3, minutes=2))
     calls: list[str] = []
     both = threading.Event()
 
     def sync(settings: Settings, keys: list[str], stop: threading.Event) -> Any:
         calls.extend(keys)
-        if {"fresh", "late"} <= set(calls):
+        if {"fresh", "late", "down"} <= set(calls):
             both.set()
         return [RunResult(k, k, "run", "succeeded") for k in keys]
 
@@ -353,7 +356,7 @@ def test_serve_catches_up_only_misses_within_the_grace_time(tmp_path: Path) -> N
     finally:
         daemon.request_stop()
         thread.join(WAIT)
-    assert sorted(calls) == ["fresh", "late"]
+    assert sorted(calls) == ["down", "fresh", "late"]
     assert codes == [0]
 
 
@@ -400,6 +403,255 @@ def test_reload_from_the_scheduler_thread_is_applied(tmp_path: Path) -> None:
     thread, codes = serve_in_thread(daemon)
     try:
         assert ran.wait(WAIT)
+    finally:
+        daemon.request_stop()
+        thread.join(WAIT)
+    assert codes == [0]
+
+
+def fire_days(trigger: Any, start: datetime, days: int) -> list[str]:
+    found, previous, now = [], None, start
+    while True:
+        fire = trigger.get_next_fire_time(previous, now)
+        if fire is None or fire >= start + timedelta(days=days):
+            return found
+        found.append(fire.strftime("%a"))
+        previous = now = fire
+
+
+@pytest.mark.parametrize(
+    ("schedule", "days"),
+    [
+        ("0 9 * * 1-5", ["Mon", "Tue", "Wed", "Thu", "Fri"]),
+        ("0 9 * * 0", ["Sun"]),
+        ("0 9 * * 7", ["Sun"]),
+        ("0 9 * * sat,sun", ["Sat", "Sun"]),
+    ],
+    ids=["weekdays", "sunday-as-0", "sunday-as-7", "weekend-by-name"],
+)
+def test_daemon_jobs_fire_on_the_days_crontab_means(
+    tmp_path: Path, schedule: str, days: list[str]
+) -> None:
+    h = Harness(tmp_path, [{"name": "job", "schedule": schedule}])
+    trigger = h.daemon().jobs()["job"]
+    assert fire_days(trigger, datetime(2024, 4, 29, tzinfo=UTC), 7) == days  # from a Monday
+
+
+def test_start_up_runs_once_when_the_newest_missed_fire_is_within_the_grace(
+    tmp_path: Path,
+) -> None:
+    h = Harness(tmp_path, [{"name": "hourly", "every": "1h"}], misfire_grace_seconds=300)
+    h.starts["hourly"] = naive(T0 - timedelta(hours=3, minutes=2))  # newest miss: 2 min ago
+    assert h.daemon().missed() == ["hourly"]
+    h.starts["hourly"] = naive(T0 - timedelta(hours=3, minutes=6))  # newest miss: 6 min ago
+    assert h.daemon().missed() == []
+    h.starts["hourly"] = naive(T0 - timedelta(minutes=59))  # nothing missed yet
+    assert h.daemon().missed() == []
+
+
+def test_start_up_catch_up_for_cron_looks_at_the_newest_missed_fire(tmp_path: Path) -> None:
+    h = Harness(tmp_path, [NIGHTLY], misfire_grace_seconds=300)  # every 2 hours on the hour
+    h.clock.now = datetime(2024, 5, 1, 10, 3, tzinfo=UTC)
+    h.starts["nightly"] = naive(datetime(2024, 5, 1, 4, 0, 2, tzinfo=UTC))  # missed 6, 8, 10
+    assert h.daemon().missed() == ["nightly"]
+    h.clock.now = datetime(2024, 5, 1, 10, 6, tzinfo=UTC)
+    assert h.daemon().missed() == []
+
+
+class OnceEveryFiveMinutes:
+    """``daemon --once`` from cron every 5 minutes through a night, on a fake clock."""
+
+    def __init__(self, h: Harness) -> None:
+        self.h = h
+        self.runs: list[datetime] = []
+
+        def sync(settings: Settings, keys: list[str], stop: threading.Event) -> Any:
+            self.runs.append(h.clock.now)
+            for key in keys:
+                h.starts[key] = naive(h.clock.now)
+            return [RunResult(k, k, "run", "succeeded") for k in keys]
+
+        self.sync = sync
+
+    def night(self, start: datetime, hours: int) -> list[str]:
+        self.h.starts["nightly"] = naive(start - timedelta(hours=12))
+        self.h.clock.now = start
+        while self.h.clock.now < start + timedelta(hours=hours):
+            self.h.daemon(sync=self.sync).run_due()
+            self.h.clock.now += timedelta(minutes=5)
+        return [r.astimezone(ZoneInfo("Europe/Berlin")).strftime("%d %H:%M") for r in self.runs]
+
+
+def test_once_runs_a_daily_job_once_when_clocks_go_back(tmp_path: Path) -> None:
+    h = Harness(tmp_path, [{"name": "nightly", "schedule": "0 2 * * *"}], timezone="Europe/Berlin")
+    cron = OnceEveryFiveMinutes(h)
+    # 2026-10-25: 03:00 CEST becomes 02:00 CET, so 02:00 local comes twice.
+    runs = cron.night(datetime(2026, 10, 24, 22, 0, tzinfo=UTC), hours=6)
+    assert runs == ["25 02:00"]
+
+
+def test_once_runs_a_daily_job_once_when_clocks_go_forward(tmp_path: Path) -> None:
+    h = Harness(tmp_path, [{"name": "nightly", "schedule": "0 2 * * *"}], timezone="Europe/Berlin")
+    cron = OnceEveryFiveMinutes(h)
+    # 2026-03-29: 02:00 CET becomes 03:00 CEST, so 02:00 local never comes.
+    runs = cron.night(datetime(2026, 3, 28, 22, 0, tzinfo=UTC), hours=6)
+    assert runs == ["29 03:00"]
+
+
+def test_a_daemon_with_nothing_scheduled_is_a_config_error(tmp_path: Path) -> None:
+    h = Harness(tmp_path, [MANUAL])
+    with pytest.raises(ConfigError, match="no audience or trait has a `schedule` or `every`"):
+        h.daemon()
+
+
+def test_reload_that_schedules_nothing_is_refused(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    h = Harness(tmp_path, [VIP])
+    daemon = h.daemon()
+    h.write([MANUAL])
+    daemon.reload()
+    assert set(daemon.jobs()) == {"vip"}
+    assert "keeping the previous config" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value"),
+    [
+        ("state", "url", "sqlite:///elsewhere.db"),
+        ("daemon", "metrics_port", 9999),
+        ("daemon", "metrics_host", "127.0.0.2"),
+    ],
+    ids=["state-url", "metrics-port", "metrics-host"],
+)
+def test_reload_refuses_keys_that_need_a_restart(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, section: str, key: str, value: Any
+) -> None:
+    h = Harness(tmp_path, [VIP])
+    daemon = h.daemon()
+    before = daemon.settings
+    h.write([VIP, {"name": "fresh", "every": "5m"}])
+    text = h.config.read_text()
+    lines = text.replace("[daemon]\n", "")
+    h.config.write_text(f"[{section}]\n{key} = {json.dumps(value)}\n" + lines)
+
+    daemon.reload()
+
+    assert daemon.settings is before
+    assert set(daemon.jobs()) == {"vip"}  # nothing of the new config was applied
+    [refusal] = [r.message for r in caplog.records if "reload refused" in r.message]
+    assert f"{section}.{key} changed" in refusal
+    assert "restart" in refusal
+
+
+def test_reload_moves_the_heartbeat_file(tmp_path: Path) -> None:
+    h = Harness(tmp_path, [VIP], heartbeat_file="old.json")
+    daemon = h.daemon()
+    daemon.run_due()
+    assert (tmp_path / "old.json").exists()
+    h.write([VIP], heartbeat_file="new.json")
+
+    daemon.reload()
+    h.clock.now += timedelta(hours=1)
+    daemon.run_due()
+
+    assert not (tmp_path / "old.json").exists()
+    assert json.loads((tmp_path / "new.json").read_text())["updated_at"] == "2024-05-01T11:00:08Z"
+
+
+class Statuses:
+    """An injectable ``recent_statuses`` over a dict, or raising like a database that is down."""
+
+    def __init__(self) -> None:
+        self.by_key: dict[str, list[str]] = {}
+        self.down = False
+
+    def __call__(self, keys: list[str], n: int) -> dict[str, list[str]]:
+        if self.down:
+            raise OSError("connection refused")
+        return {k: self.by_key.get(k, [])[:n] for k in keys}
+
+
+def test_healthz_ok_while_the_daemon_works(tmp_path: Path) -> None:
+    h = Harness(tmp_path, [VIP, NIGHTLY])
+    statuses = Statuses()
+    statuses.by_key = {"vip": ["failed"] * 3, "nightly": ["succeeded", "failed", "failed"]}
+    healthy, info = h.daemon(recent_statuses=statuses).health()
+    assert healthy, info
+    assert info["status"] == "ok"
+    assert info["audiences"] == ["nightly", "vip"]
+
+
+def test_healthz_fails_when_the_last_runs_of_every_audience_failed(tmp_path: Path) -> None:
+    h = Harness(tmp_path, [VIP, NIGHTLY], health_failed_runs=3)
+    statuses = Statuses()
+    statuses.by_key = {"vip": ["failed", "partial", "guarded"], "nightly": ["failed"] * 5}
+    healthy, info = h.daemon(recent_statuses=statuses).health()
+    assert not healthy
+    assert info["reasons"] == ["the last 3 runs of every audience failed"]
+    statuses.by_key["vip"] = ["failed", "failed"]  # too few runs to tell
+    assert h.daemon(recent_statuses=statuses).health()[0]
+
+
+def test_healthz_fails_when_the_state_database_cannot_be_reached(tmp_path: Path) -> None:
+    h = Harness(tmp_path, [VIP])
+    statuses = Statuses()
+    daemon = h.daemon(recent_statuses=statuses)
+    statuses.down = True
+    healthy, info = daemon.health()
+    assert not healthy
+    assert info["reasons"] == ["the state database cannot be reached: OSError"]
+    statuses.down = False
+    assert daemon.health()[0]
+
+
+def test_healthz_fails_when_the_sync_thread_makes_no_progress(tmp_path: Path) -> None:
+    h = Harness(tmp_path, [VIP], health_stall_seconds=600)
+    in_sync = threading.Event()
+    release = threading.Event()
+    holder: list[Daemon] = []
+
+    def stuck(settings: Settings, keys: list[str], stop: threading.Event) -> Any:
+        holder[0].progress.loaded(keys[0], 5000)  # read some rows, then hang
+        in_sync.set()
+        release.wait(WAIT)
+        return [RunResult(k, k, "run", "succeeded") for k in keys]
+
+    daemon = h.daemon(sync=stuck, recent_statuses=Statuses())
+    holder.append(daemon)
+    thread = threading.Thread(target=daemon.run_due)
+    thread.start()
+    try:
+        assert in_sync.wait(WAIT)
+        h.clock.now += timedelta(seconds=599)
+        assert daemon.health()[0]  # a long sync is not a stall
+        h.clock.now += timedelta(seconds=2)
+        healthy, info = daemon.health()
+        assert not healthy
+        assert info["reasons"] == [
+            "the scheduler thread has made no progress for 601s (syncing vip)"
+        ]
+        assert info["running"] == ["vip"]
+    finally:
+        release.set()
+        thread.join(WAIT)
+    assert daemon.health()[0]  # the sync ended: the thread is free again
+
+
+def test_healthz_fails_when_the_scheduler_loop_stops_ticking(tmp_path: Path) -> None:
+    h = Harness(tmp_path, [VIP], health_stall_seconds=600)
+    h.starts["vip"] = naive(T0)  # not due: the daemon just idles
+    daemon = h.daemon(recent_statuses=Statuses())
+    started = threading.Event()
+    daemon.scheduler.add_listener(lambda _event: started.set(), EVENT_SCHEDULER_STARTED)
+    thread, codes = serve_in_thread(daemon)
+    try:
+        assert started.wait(WAIT)
+        assert daemon.health()[0]
+        h.clock.now += timedelta(seconds=1000)  # no heartbeat job ran in 1000 s
+        healthy, info = daemon.health()
+        assert not healthy
+        assert info["reasons"] == ["the scheduler loop has not ticked for 1000s"]
     finally:
         daemon.request_stop()
         thread.join(WAIT)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from datetime import datetime
 from pathlib import Path
@@ -11,12 +12,13 @@ import httpx
 import pytest
 from sqlalchemy import Engine, insert, select
 
-from audience_sync.errors import AuthError, ConfigError
+from audience_sync.errors import ApiError, AuthError, ConfigError
 from audience_sync.fakegist import FakeGist
 from audience_sync.models import memberships, uncertain_members
 from audience_sync.sync import run_once
 from audience_sync.verify import MISSING, Drift, VerifyReport, compare, verify_audience
 from tests.conftest import API_KEY, Workspace, write_members
+from tests.test_faults import free_port
 
 KEY = "vip_customers"
 
@@ -131,7 +133,7 @@ def test_missing_contact_and_property_are_drift_and_report_is_json(
     assert uncertain(engine) == {"ghost", "x1"}
     data = json.loads(json.dumps(report.to_dict()))
     assert {k: v for k, v in data.items() if k != "drifted"} == {
-        "audience_key": KEY, "sampled": 5, "matching": 3, "repaired": 2,
+        "audience_key": KEY, "sampled": 5, "matching": 3, "repaired": 2, "errors": [],
     }  # fmt: skip
     assert {d["user_id"]: (d["actual"], d["reason"]) for d in data["drifted"]} == {
         "ghost": (MISSING, "contact missing"),
@@ -204,17 +206,6 @@ def test_a_seeded_sample_is_reproducible(
     assert first.drifted == again.drifted
 
 
-def test_api_errors_are_reported_not_repaired(
-    workspace: Workspace, engine: Engine, gist: FakeGist
-) -> None:
-    setup(workspace, engine, range(5))
-    gist.fail_user("u2", 422, "Nope")
-    report = verify(workspace, engine, repair=True)
-    assert [(d.user_id, d.reason) for d in report.drifted] == [("u2", "error: HTTP 422: Nope")]
-    assert (report.matching, report.repaired) == (4, 0)
-    assert uncertain(engine) == set()
-
-
 @pytest.mark.parametrize("state_url", ["sqlite"], indirect=True, ids=["sqlite"])
 def test_fetches_honour_the_rate_limit(
     workspace: Workspace, engine: Engine, gist: FakeGist
@@ -250,3 +241,97 @@ def test_an_unknown_audience_is_a_config_error(workspace: Workspace, engine: Eng
     setup(workspace, engine, range(1))
     with pytest.raises(ConfigError, match="no audience with key 'nope'"):
         verify_audience(workspace.settings(), engine, "nope")
+
+
+def test_api_errors_are_reported_apart_from_drift_and_not_repaired(
+    workspace: Workspace, engine: Engine, gist: FakeGist
+) -> None:
+    setup(workspace, engine, range(5))
+    gist.fail_user("u2", 422, "Nope")
+    report = verify(workspace, engine, repair=True)
+    assert report.drifted == []
+    assert [(e.user_id, e.error) for e in report.errors] == [("u2", "HTTP 422: Nope")]
+    assert (report.sampled, report.matching, report.repaired) == (5, 4, 0)
+    assert uncertain(engine) == set()
+
+
+def test_an_unreachable_gist_is_an_error_not_drift(workspace: Workspace, engine: Engine) -> None:
+    setup(workspace, engine, range(3))
+    port = free_port()  # nothing listens there
+    workspace.gist_url = f"http://127.0.0.1:{port}"
+    workspace.gist_options["max_retries"] = 1
+    workspace.write_config()
+    with pytest.raises(ApiError, match=f"cannot reach Gist at http://127.0.0.1:{port}"):
+        verify(workspace, engine, repair=True)
+    assert uncertain(engine) == set()
+
+
+def trait_setup(workspace: Workspace, engine: Engine, values: dict[str, Any]) -> None:
+    path = workspace.root / "ltv.jsonl"
+    path.write_text(
+        "".join(
+            json.dumps({"user_id": u, "email": f"{u}@example.com", "value": v}) + "\n"
+            for u, v in values.items()
+        )
+    )
+    workspace.traits.append({"name": "Lifetime Value", "file": path.name})
+    workspace.write_config()
+    results = run_once(workspace.settings(), engine)
+    assert [r.status for r in results] == ["succeeded"]
+
+
+def test_traits_are_verified_by_value(workspace: Workspace, engine: Engine, gist: FakeGist) -> None:
+    values = {f"t{n}": v for n, v in enumerate([1, 2.5, "gold", True, None, 0, 7, 8, 9, 10])}
+    trait_setup(workspace, engine, values)
+    report = verify_audience(workspace.settings(), engine, "lifetime_value")
+    assert (report.sampled, report.matching, report.drifted) == (10, 10, [])
+
+    tamper_many(gist, {u: {"lifetime_value": "wrong"} for u in values})
+    report = verify_audience(workspace.settings(), engine, "lifetime_value", repair=True)
+    assert (report.sampled, report.matching) == (10, 0)
+    assert {d.user_id: (d.expected, d.actual) for d in report.drifted} == {
+        u: (v, "wrong") for u, v in values.items()
+    }
+    assert report.repaired == 10
+
+
+def test_a_trait_value_of_another_type_is_drift(
+    workspace: Workspace, engine: Engine, gist: FakeGist
+) -> None:
+    trait_setup(workspace, engine, {"t1": 1, "t2": "1", "t3": 1.5})
+    tamper_many(gist, {"t1": {"lifetime_value": "1"}, "t2": {"lifetime_value": 1}})
+    report = verify_audience(workspace.settings(), engine, "lifetime_value")
+    assert sorted((d.user_id, d.reason) for d in report.drifted) == [
+        ("t1", "value differs"),
+        ("t2", "value differs"),
+    ]
+    assert report.matching == 1
+
+
+class CountingTransport(httpx.AsyncBaseTransport):
+    """Forwards to the real fake Gist and notes how many asyncio tasks exist per request."""
+
+    def __init__(self) -> None:
+        self.inner = httpx.AsyncHTTPTransport()
+        self.tasks: list[int] = []
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        self.tasks.append(len(asyncio.all_tasks()))
+        return await self.inner.handle_async_request(request)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+def test_samples_stream_through_the_workers_not_one_task_each(
+    workspace: Workspace, engine: Engine, gist: FakeGist
+) -> None:
+    setup(workspace, engine, range(300))
+    workspace.gist_options["max_concurrency"] = 4
+    workspace.write_config()
+    transport = CountingTransport()
+    report = verify(workspace, engine, sample=300, transport=transport)
+    assert report.matching == 300
+    assert len(transport.tasks) == 300
+    # The 4 workers, the main task and what httpx runs itself: never one task per sample.
+    assert max(transport.tasks) <= 2 * 4 + 2
