@@ -29,6 +29,7 @@ from audience_sync.errors import ConfigError
 from audience_sync.naming import check_unique_keys, is_valid_key, property_key
 
 DEFAULT_CONFIG = "audience_sync.toml"
+STATE_SOURCE = "state"  # `source = "state"`: the query runs on the state database itself
 CONFIG_ENV = "AUDIENCE_SYNC_CONFIG"
 _DURATION = re.compile(r"(?:(\d+)w)?(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?")
 MAX_DURATION_DAYS = 3650
@@ -40,6 +41,16 @@ FileFormat = Literal["csv", "jsonl", "engage"]
 FILE_FORMATS: dict[str, FileFormat] = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
 STATE_BACKENDS = ("sqlite", "postgresql")
 UNUSED_KEY = "unused: this command never calls Gist"
+
+
+def source_url(settings: Settings, audience: Computation) -> str | None:
+    """The database URL an audience's query runs on (the state's for ``source = "state"``),
+    or None for a file audience."""
+    if audience.source is None:
+        return None
+    if audience.source == STATE_SOURCE:
+        return settings.state.url
+    return settings.sources[audience.source].url
 
 
 def parse_duration(text: str) -> float | None:
@@ -283,12 +294,17 @@ class Settings(_Frozen):
     def _check(self) -> Settings:
         if not self.computations:
             raise ValueError("configure at least one [[audiences]] or [[traits]] entry")
+        if STATE_SOURCE in self.sources:
+            raise ValueError(
+                f"[sources.{STATE_SOURCE}]: the name {STATE_SOURCE!r} is reserved for the state "
+                'database itself (`source = "state"`); give this source another name'
+            )
         for audience in self.computations:
-            if audience.source is not None and audience.source not in self.sources:
+            if audience.source not in (None, STATE_SOURCE, *self.sources):
                 known = ", ".join(sorted(self.sources)) or "none"
                 raise ValueError(
                     f"audience {audience.name!r}: source {audience.source!r} is not defined "
-                    f"under [sources] (defined: {known})"
+                    f"under [sources] (defined: {known}; `state` is the state database)"
                 )
             # A missing `file` is not checked here: it fails that audience's run only.
         try:

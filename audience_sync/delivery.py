@@ -401,26 +401,49 @@ class Pacer:
 
 class AckBuffer(Generic[T]):
     """Outcomes waiting to be saved: saved every ``ACK_BATCH`` of them and at least every
-    ``ACK_SECONDS``, so after a ``kill -9`` only the unsaved ones are sent again."""
+    ``ACK_SECONDS``, so after a ``kill -9`` only the unsaved ones are sent again.
+
+    Saves run in a worker thread, one at a time, so the event loop keeps sending (and
+    keeps its pace steady) while the state database writes.
+    """
 
     def __init__(self, save: Callable[[list[T]], None]) -> None:
         self._save = save
         self._items: list[T] = []
         self._next_flush = time.monotonic() + ACK_SECONDS
+        self._saving: asyncio.Task[None] | None = None
 
     def add(self, item: T) -> None:
         self._items.append(item)
 
     def flush_if_due(self) -> None:
-        """Save the outcomes when there are enough of them or enough time has passed."""
+        """Start saving the outcomes when there are enough of them or enough time has
+        passed, unless a save is still running; a save that failed raises here."""
+        if self._saving is not None:
+            if not self._saving.done():
+                return
+            saving, self._saving = self._saving, None
+            saving.result()
         if len(self._items) >= ACK_BATCH or time.monotonic() >= self._next_flush:
-            self.flush()
+            self._next_flush = time.monotonic() + ACK_SECONDS
+            items, self._items = self._items, []
+            if items:
+                self._saving = asyncio.create_task(asyncio.to_thread(self._save, items))
 
-    def flush(self) -> None:
-        self._next_flush = time.monotonic() + ACK_SECONDS
+    async def flush(self) -> None:
+        """Wait for the running save, then save what is left."""
+        if self._saving is not None:
+            saving, self._saving = self._saving, None
+            await saving
         items, self._items = self._items, []
         if items:
-            self._save(items)
+            await asyncio.to_thread(self._save, items)
+
+    async def abandon(self) -> None:
+        """Let a running save end (its outcome is lost with the rest, as in a kill)."""
+        if self._saving is not None:
+            saving, self._saving = self._saving, None
+            await asyncio.gather(saving, return_exceptions=True)
 
 
 class Deliverer:
@@ -461,11 +484,14 @@ class Deliverer:
         """
         slots = asyncio.Semaphore(self._config.max_concurrency)
         in_flight: set[asyncio.Task[None]] = set()
+        pages = iter_pages(self._engine, run_ids)
         try:
-            for page in iter_pages(self._engine, run_ids):
+            # The state database is read and written from a worker thread: the event loop
+            # only sends, so its pace never stalls on a query.
+            while (page := await asyncio.to_thread(next, pages, None)) is not None:
                 if self._report.error is not None:
                     break
-                mark_uncertain(self._engine, page)
+                await asyncio.to_thread(mark_uncertain, self._engine, page)
                 self._unsent.update((c.id, (c, u.user_id)) for u in page for c in u.changes)
                 size = self._config.batch_size
                 for batch in (page[i : i + size] for i in range(0, len(page), size)):
@@ -489,13 +515,14 @@ class Deliverer:
             for task in in_flight:
                 task.cancel()
             await asyncio.gather(*in_flight, return_exceptions=True)
+            await self._acks.abandon()
             raise
         if self._report.error is not None and not self._report.interrupted:
             for task in in_flight:
                 task.cancel()
         await asyncio.gather(*in_flight, return_exceptions=True)
-        self._acks.flush()
-        self._take_back_unsent()
+        await self._acks.flush()
+        await asyncio.to_thread(self._take_back_unsent)
         if self._crash is not None:
             raise self._crash
         return self._report

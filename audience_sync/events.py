@@ -120,8 +120,9 @@ async def send_events(
         for task in in_flight:
             task.cancel()
         await asyncio.gather(*in_flight, return_exceptions=True)
+        await acks.abandon()
         raise
-    acks.flush()
+    await acks.flush()
     if stop is not None:
         log.error(stop)
     return stop

@@ -78,6 +78,13 @@ class Metrics:
             ["audience"],
             registry=self.registry,
         )
+        self.source_rows = Counter(
+            "audience_sync_source_rows_total",
+            "Source rows read, by where they were checked: python (read into the process) or "
+            "database (warehouse-native: staged inside the state database).",
+            ["audience", "path"],
+            registry=self.registry,
+        )
         self.members = Gauge(
             "audience_sync_members",
             "Members of the audience in the source, as last read.",
@@ -104,6 +111,8 @@ class Metrics:
                 self.last_success.labels(audience).set(self._clock())
             if _has_read_source(result):
                 self.members.labels(audience).set(result.members)
+            if result.staged_in is not None:
+                self.source_rows.labels(audience, result.staged_in).inc(result.source_rows)
 
     def set_last_successes(self, finished: Mapping[str, datetime]) -> None:
         """Set the last-success gauge from ``sync_runs`` (naive UTC finish times), so it is

@@ -20,13 +20,16 @@ from typing import Any
 
 from sqlalchemy import (
     Boolean,
+    Column,
     ColumnElement,
+    MetaData,
     Table,
     Text,
     and_,
     case,
     cast,
     delete,
+    except_,
     exists,
     false,
     func,
@@ -49,12 +52,13 @@ from audience_sync.models import (
     uncertain_members,
 )
 from audience_sync.models import member_changes as changes
-from audience_sync.stage import Snapshot
+from audience_sync.stage import WORK_MEM, Snapshot
 from audience_sync.statuses import ChangeStatus
 
 uncertain = uncertain_members
 NULL_JSON = "null"
 OPEN_STATUSES: tuple[ChangeStatus, ...] = ("pending", "planned")
+DIFF_TABLES = ("diff_moved", "diff_gone")  # SQLite: what the two merges found
 
 
 @dataclass(frozen=True)
@@ -125,32 +129,37 @@ def start_plan(connection: Connection, target: PlanTarget) -> None:
 def save_plan(connection: Connection, target: PlanTarget) -> Diff:
     """Plan ``true`` for staged members Gist is not known to hold (and again, with the new
     email, for members whose email in the source changed) and ``false`` for those Gist may
-    hold who are gone from the source; return the diff."""
+    hold who are gone from the source; return the diff.
+
+    On PostgreSQL one full outer join of the snapshot and the acknowledged members (one
+    hash join) gives entries, new emails and exits in one pass; on SQLite two ordered
+    EXCEPTs merge the snapshot's key with the acknowledged members' index. Uncertain
+    members who were never acknowledged, few, are planned apart.
+    """
     key, s = target.key, target.snapshot
-    m, u = memberships.alias("m"), uncertain.alias("u")
-    joined = s.outerjoin(m, and_(m.c.audience_key == key, m.c.user_id == s.c.user_id)).outerjoin(
-        u, and_(u.c.audience_key == key, u.c.user_id == s.c.user_id)
-    )
-    unknown = m.c.user_id.is_(None)
-    unsure = u.c.user_id.is_not(None)
-    entered = (
-        select(*_row(target, s.c.user_id, s.c.email, true(), event=unknown))
-        .select_from(joined)
-        .where(or_(unknown, unsure, m.c.email != s.c.email))
-    )
-    exited = union_all(
-        select(
-            *_row(target, memberships.c.user_id, memberships.c.email, false(), event=true())
-        ).where(memberships.c.audience_key == key, _gone(target, memberships.c.user_id)),
-        select(*_row(target, uncertain.c.user_id, uncertain.c.email, false(), event=false())).where(
-            uncertain.c.audience_key == key,
-            ~_member(key, uncertain.c.user_id),
-            _gone(target, uncertain.c.user_id),
-        ),
+    unsure_exits = select(
+        *_row(target, uncertain.c.user_id, uncertain.c.email, false(), event=false())
+    ).where(
+        uncertain.c.audience_key == key,
+        ~_member(key, uncertain.c.user_id),
+        _gone(target, uncertain.c.user_id),
     )
     with connection.begin():
-        sent_true = _insert(connection, entered)
-        exits = _insert(connection, exited)
+        _joins_in_memory(connection)
+        postgres = connection.dialect.name == "postgresql"
+        diff = _full_diff(target) if postgres else _merged_diff(connection, target)
+        for query in [*diff, unsure_exits]:
+            _insert(connection, query)
+        if not postgres:
+            for name in DIFF_TABLES:
+                connection.exec_driver_sql(f"DROP TABLE IF EXISTS {name}")
+        by_value: dict[bool, int] = dict(
+            connection.execute(
+                select(changes.c.value, func.count())
+                .where(*_planned(target))
+                .group_by(changes.c.value)
+            ).all()
+        )
         resent = _count(
             connection,
             select(func.count()).where(
@@ -168,7 +177,91 @@ def save_plan(connection: Connection, target: PlanTarget) -> Diff:
                 uncertain.c.audience_key == key, ~_member(key, uncertain.c.user_id)
             ),
         )
+    sent_true, exits = by_value.get(True, 0), by_value.get(False, 0)
     return Diff(members, held, sent_true - resent, exits, resent)
+
+
+def _full_diff(target: PlanTarget) -> list[Any]:
+    """Entries, new emails and exits in one full outer join (PostgreSQL)."""
+    key, s = target.key, target.snapshot
+    m = (
+        select(memberships.c.user_id, memberships.c.email)
+        .where(memberships.c.audience_key == key)
+        .subquery("m")
+    )
+    u = uncertain.alias("u")
+    user = func.coalesce(s.c.user_id, m.c.user_id)
+    present, known = s.c.user_id.is_not(None), m.c.user_id.is_not(None)
+    glitch = exists().where(
+        rejected_rows.c.run_id == target.run_id, rejected_rows.c.user_id == m.c.user_id
+    )
+    value = case((present, true()), else_=false())
+    # An entry or an exit moves the acknowledged value (an event); a new email does not.
+    row = _row(target, user, func.coalesce(s.c.email, m.c.email), value,
+               event=~and_(present, known))  # fmt: skip
+    joined = s.join(m, m.c.user_id == s.c.user_id, full=True).outerjoin(
+        u, and_(u.c.audience_key == key, u.c.user_id == user)
+    )
+    owed = or_(
+        and_(present, or_(~known, u.c.user_id.is_not(None), m.c.email != s.c.email)),
+        and_(~present, ~glitch),
+    )
+    return [select(*row).select_from(joined).where(owed)]
+
+
+def _merged_diff(connection: Connection, target: PlanTarget) -> list[Any]:
+    """Entries and new emails, then exits, each found by one merge of two sorted inputs:
+    SQLite walks the snapshot's primary key and the acknowledged members' index side by side
+    for an ordered EXCEPT at the top of a statement (nested in a query it would build a
+    temporary B-tree of the whole snapshot instead). The few rows found go to temporary
+    tables the plan rows are then made from; the snapshot's uncertain members follow."""
+    key, s = target.key, target.snapshot
+    acked = memberships.c.audience_key == key
+    moved, gone = _diff_table(DIFF_TABLES[0], "email"), _diff_table(DIFF_TABLES[1])
+    for table in (moved, gone):
+        table.create(connection, checkfirst=True)
+        connection.execute(delete(table))
+    theirs = select(memberships.c.user_id, memberships.c.email).where(acked)
+    moved_rows = except_(select(s.c.user_id, s.c.email), theirs)
+    gone_rows = except_(select(memberships.c.user_id).where(acked), select(s.c.user_id))
+    for table, rows in ((moved, moved_rows), (gone, gone_rows)):
+        connection.execute(
+            table.insert().from_select(
+                list(rows.selected_columns.keys()), rows.order_by(*rows.selected_columns)
+            )
+        )
+    m = memberships.alias("m")
+    at_m = and_(m.c.audience_key == key, m.c.user_id == moved.c.user_id)
+    entered = select(
+        *_row(target, moved.c.user_id, moved.c.email, true(), event=m.c.user_id.is_(None))
+    ).select_from(moved.outerjoin(m, at_m))
+    glitch = exists().where(
+        rejected_rows.c.run_id == target.run_id, rejected_rows.c.user_id == gone.c.user_id
+    )
+    exited = (
+        select(*_row(target, m.c.user_id, m.c.email, false(), event=true()))
+        .select_from(gone.join(m, and_(m.c.audience_key == key, m.c.user_id == gone.c.user_id)))
+        .where(~glitch)
+    )
+    u = uncertain.alias("u")
+    planned = exists().where(*_planned(target), changes.c.user_id == s.c.user_id)
+    unsure = (
+        select(*_row(target, s.c.user_id, s.c.email, true(), event=~_member(key, s.c.user_id)))
+        .select_from(s.join(u, and_(u.c.audience_key == key, u.c.user_id == s.c.user_id)))
+        .where(~planned)
+    )
+    return [entered, exited, unsure]
+
+
+def _diff_table(name: str, *columns: str) -> Table:
+    """A temporary table of the users one side of a diff found."""
+    return Table(
+        name,
+        MetaData(),
+        Column("user_id", Text),
+        *(Column(c, Text) for c in columns),
+        prefixes=["TEMPORARY"],
+    )
 
 
 def save_trait_plan(connection: Connection, target: PlanTarget, on_missing: str) -> Diff:
@@ -187,6 +280,7 @@ def save_trait_plan(connection: Connection, target: PlanTarget, on_missing: str)
     ).select_from(joined)
     owed = owed.where(or_(~same, u.c.user_id.is_not(None), tv.c.email != s.c.email))
     with connection.begin():
+        _joins_in_memory(connection)
         planned = _insert(connection, owed)
         exits = resent = 0
         if on_missing == "null":
@@ -394,6 +488,12 @@ def _row(
         literal(0),
         event_status,
     ]
+
+
+def _joins_in_memory(connection: Connection) -> None:
+    """PostgreSQL: memory enough for the diff's hash joins to run in one batch."""
+    if connection.dialect.name == "postgresql":
+        connection.exec_driver_sql(f"SET LOCAL work_mem = '{WORK_MEM}'")
 
 
 def _insert(connection: Connection, query: Any) -> int:

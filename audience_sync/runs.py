@@ -43,6 +43,7 @@ class RunResult:
     error: str | None = None
     resent: int = 0  # members sent again unchanged, because their email changed
     email_conflicts: int = 0  # rows whose email lost to another audience's for the same user
+    staged_in: str | None = None  # where the source rows were checked: "python" or "database"
 
 
 def exit_code(results: Sequence[RunResult]) -> int:

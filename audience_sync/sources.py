@@ -10,10 +10,18 @@ from pathlib import Path
 from typing import Literal, Protocol
 
 from sqlalchemy import create_engine, event, text
-from sqlalchemy.engine import Connection
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
-from audience_sync.config import FILE_FORMATS, Computation, Settings, redact_url, scrub
+from audience_sync.config import (
+    FILE_FORMATS,
+    STATE_SOURCE,
+    Computation,
+    Settings,
+    redact_url,
+    scrub,
+    source_url,
+)
 from audience_sync.db import driver_hint, normalize_url
 from audience_sync.engage import read_engage
 from audience_sync.errors import SourceError
@@ -57,13 +65,27 @@ class SqlSource:
         self.description = f"{name}: {redact_url(url)}"
         self.columns = (*REQUIRED_COLUMNS, "value") if with_value else REQUIRED_COLUMNS
 
-    def read_chunks(self, chunk_size: int = CHUNK_SIZE) -> Iterator[list[SourceRow]]:
+    def check_statement(self) -> None:
+        """Refuse a statement that can only write, before it reaches the database (whose
+        own answer, a syntax error once wrapped, would not say why)."""
         statement = first_keyword(self.query)
         if statement in WRITE_STATEMENTS:
             raise SourceError(
                 f"{self.description}: the query must be read-only, a SELECT returning "
                 f"{_names(self.columns)}; it is a {statement}"
             )
+
+    def failure(self, exc: SQLAlchemyError) -> SourceError:
+        """This audience's error for the database's answer to the query (passwords out)."""
+        message = scrub(_first_line(exc), self.url)
+        if any(phrase in message.lower() for phrase in _WRITE_REFUSED):
+            return SourceError(
+                f"{self.description}: the query must be read-only (it tried to write: {message})"
+            )
+        return SourceError(f"{self.description}: query failed: {message}")
+
+    def read_chunks(self, chunk_size: int = CHUNK_SIZE) -> Iterator[list[SourceRow]]:
+        self.check_statement()
         engine = None
         try:
             # Inside the try: an unknown dialect or a missing driver is this source's failure
@@ -99,13 +121,7 @@ class SqlSource:
                         chunk.append((number, row[user_index], row[email_index], value))
                     yield chunk
         except SQLAlchemyError as exc:
-            message = scrub(_first_line(exc), self.url)
-            if any(phrase in message.lower() for phrase in _WRITE_REFUSED):
-                raise SourceError(
-                    f"{self.description}: the query must be read-only (it tried to write: "
-                    f"{message})"
-                ) from exc
-            raise SourceError(f"{self.description}: query failed: {message}") from exc
+            raise self.failure(exc) from exc
         except ImportError as exc:
             driver = exc.name or scrub(str(exc), self.url)
             raise SourceError(
@@ -246,8 +262,27 @@ def source_for(settings: Settings, audience: Computation) -> Source:
     # config validation guarantees a query audience names both
     assert audience.source is not None
     assert audience.query is not None
-    url = settings.sources[audience.source].url
+    url = source_url(settings, audience)
+    assert url is not None
     return SqlSource(url, audience.query, audience.source, with_value=audience.is_trait)
+
+
+def is_warehouse_native(settings: Settings, audience: Computation) -> bool:
+    """Whether an audience's query can be staged inside the state database itself, so that
+    no row crosses into Python: a PostgreSQL state, an audience (not a trait), and a query
+    on the state database (``source = "state"``, or a source whose URL is the state's)."""
+    url = source_url(settings, audience)
+    if url is None or audience.is_trait:
+        return False
+    state = make_url(normalize_url(settings.state.url))
+    if state.get_backend_name() != "postgresql":
+        return False
+    if audience.source == STATE_SOURCE:
+        return True
+    try:
+        return make_url(normalize_url(url)) == state
+    except (ArgumentError, ValueError):
+        return False
 
 
 def _names(columns: tuple[str, ...]) -> str:

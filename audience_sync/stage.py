@@ -21,12 +21,19 @@ from dataclasses import dataclass
 
 from sqlalchemy import Column, MetaData, Table, Text
 from sqlalchemy.engine import Connection
+from sqlalchemy.exc import SQLAlchemyError
 
-from audience_sync.errors import StopRequestedError
+from audience_sync.errors import SourceError, StopRequestedError
 from audience_sync.rows import split_chunk
-from audience_sync.sources import Source
+from audience_sync.sources import Source, SqlSource
 
 REJECTED = "staged_rejected"
+# PostgreSQL memory for one invocation's sorts and hash joins over a snapshot, so that
+# neither spills to disk in batches (server memory, for the statement's duration only).
+WORK_MEM = "256MB"
+# SQLite: the temporary database's page cache, so a snapshot's B-tree stays in memory
+# while it is built (the default is 2 MB).
+TEMP_CACHE_KIB = 65536
 
 
 @dataclass(frozen=True)
@@ -39,6 +46,7 @@ class Snapshot:
     source_rows: int
     rejected: int
     first_rejection: str | None = None  # "row N: reason" of the first rejected row
+    staged_in: str = "python"  # where the rows were checked: "python", or "database"
 
 
 class Staging:
@@ -48,6 +56,9 @@ class Staging:
         self._connection = connection
         self._postgres = connection.dialect.name == "postgresql"
         self._tables: list[str] = []
+        if not self._postgres:
+            with connection.begin():
+                connection.exec_driver_sql(f"PRAGMA temp.cache_size = -{TEMP_CACHE_KIB}")
 
     def stage(
         self,
@@ -104,6 +115,66 @@ class Staging:
         self._keep_rejected(run_id, rejected)
         return Snapshot(run_id, table, total, rejected, first)
 
+    def stage_query(self, run_id: int, source: SqlSource) -> Snapshot:
+        """Warehouse-native staging (PostgreSQL): run an audience's query on this very
+        database and stage its rows with SQL alone — the same checks, canonical user ids and
+        "the first row of a user wins" as ``stage``, but no row crosses into Python. The
+        query runs in a READ ONLY transaction (temporary tables stay writable there)."""
+        source.check_statement()
+        connection = self._connection
+        table = self._create(run_id)
+        raw = f"raw_{run_id}"
+        with connection.begin():
+            connection.exec_driver_sql(
+                f'CREATE TEMPORARY TABLE "{raw}" (seq BIGINT, user_id TEXT, email TEXT, '
+                "reason TEXT, shown_user TEXT, shown_email TEXT)"
+            )
+        self._tables.append(raw)
+        try:
+            with connection.begin():
+                connection.exec_driver_sql("SET TRANSACTION READ ONLY")
+                # The query sees what it would on a connection of its own (not state.schema).
+                connection.exec_driver_sql("SET LOCAL search_path TO DEFAULT")
+                # no_parameters: a `%` of the query (LIKE 'a%') is not a placeholder.
+                connection.execution_options(no_parameters=True).exec_driver_sql(
+                    f'INSERT INTO "{raw}" {_checked_rows(source.query)}'
+                )
+        except SQLAlchemyError as exc:
+            if "column q.user_id does not exist" in str(exc) or (
+                "column q.email does not exist" in str(exc)
+            ):
+                raise SourceError(
+                    f"{source.description}: the query must return columns user_id and email"
+                ) from exc
+            raise source.failure(exc) from exc
+        with connection.begin():
+            counts = connection.exec_driver_sql(
+                f"SELECT count(*), count(reason), min(CASE WHEN reason IS NOT NULL THEN seq END) "
+                f'FROM "{raw}"'
+            ).one()
+            total, rejected, first_seq = int(counts[0]), int(counts[1]), counts[2]
+            first = None
+            if first_seq is not None:
+                reason = connection.exec_driver_sql(
+                    f'SELECT reason FROM "{raw}" WHERE seq = %s', (first_seq,)
+                ).scalar_one()
+                first = f"row {first_seq}: {reason}"
+            connection.exec_driver_sql(
+                f'INSERT INTO "{table.name}" (user_id, email) '
+                f'SELECT DISTINCT ON (user_id) user_id, email FROM "{raw}" '
+                "WHERE reason IS NULL ORDER BY user_id, seq"
+            )
+            connection.exec_driver_sql(
+                f"INSERT INTO {REJECTED} SELECT %s, seq, shown_user, shown_email, reason "
+                f'FROM "{raw}" WHERE reason IS NOT NULL',
+                (run_id,),
+            )
+            connection.exec_driver_sql(f'DROP TABLE "{raw}"')
+            self._index(table.name)
+        self._tables.remove(raw)
+        self._keep_rejected(run_id, rejected)
+        return Snapshot(run_id, table, total, rejected, first, staged_in="database")
+
     def drop(self) -> None:
         """Drop every table this staging made (the connection may go back to a pool)."""
         with self._connection.begin():
@@ -140,11 +211,15 @@ class Staging:
 
     def _index(self, name: str) -> None:
         """A unique index on ``user_id``, built once after the copy; a user copied twice
-        keeps the first row (the lowest physical position in a table filled by one COPY)."""
+        keeps the first row (the lowest physical position in a table filled by one COPY).
+        Byte order ("C") builds it three times faster than a locale's and is all a unique
+        check needs; memory for the sort keeps it from spilling to disk."""
         connection = self._connection
+        connection.exec_driver_sql(f"SET LOCAL maintenance_work_mem = '{WORK_MEM}'")
+        index = f'CREATE UNIQUE INDEX ON "{name}" (user_id COLLATE "C")'
         savepoint = connection.begin_nested()
         try:
-            connection.exec_driver_sql(f'CREATE UNIQUE INDEX ON "{name}" (user_id)')
+            connection.exec_driver_sql(index)
         except Exception as exc:
             if getattr(getattr(exc, "orig", exc), "sqlstate", None) != "23505":
                 raise
@@ -153,7 +228,7 @@ class Staging:
                 f'DELETE FROM "{name}" later USING "{name}" earlier '
                 "WHERE later.user_id = earlier.user_id AND later.ctid > earlier.ctid"
             )
-            connection.exec_driver_sql(f'CREATE UNIQUE INDEX ON "{name}" (user_id)')
+            connection.exec_driver_sql(index)
         else:
             savepoint.commit()
         connection.exec_driver_sql(f'ANALYZE "{name}"')
@@ -189,6 +264,56 @@ class _Copy:
             self._stack.close()
         else:
             self._stack.__exit__(type(error), error, error.__traceback__)
+
+
+# The checks of rows.check_row, in SQL. `to_jsonb` tells numbers (whole ones are the
+# canonical id: 42, 42.0 and the numeric 42 are "42") from strings; other types are refused.
+_STRING_TYPES = "('text', 'character varying', 'character', 'uuid', 'name', 'citext')"
+_EMAIL = r"^[^@[:space:][:cntrl:]]+@[^@[:space:][:cntrl:]]+\.[^@.[:space:][:cntrl:]]+$"
+_SPACE = r"' \t\n\r\f\v'"
+
+
+def _checked_rows(query: str) -> str:
+    """The SELECT that turns the query's rows into (seq, user_id, email, reason, shown_user,
+    shown_email); seq is the row's position in the query's output (row numbers of
+    rejected rows, and the first row of a user wins)."""
+    return f"""
+SELECT seq, user_id, email,
+  CASE
+    WHEN jsonb_typeof(u) IS NULL OR jsonb_typeof(u) = 'null' THEN 'missing user_id'
+    WHEN jsonb_typeof(u) = 'boolean' THEN 'user_id has type bool'
+    WHEN jsonb_typeof(u) = 'number' AND user_id IS NULL
+      THEN 'user_id ' || (u #>> '{{}}') || ' is not a whole number'
+    WHEN jsonb_typeof(u) = 'string' AND user_type NOT IN {_STRING_TYPES}
+      THEN 'user_id has type ' || user_type
+    WHEN jsonb_typeof(u) NOT IN ('string', 'number') THEN 'user_id has type ' || user_type
+    WHEN user_id = '' THEN 'missing user_id'
+    WHEN length(user_id) > 255 THEN 'user_id longer than 255 characters'
+    WHEN user_id ~ '[[:cntrl:]]'
+      THEN 'user_id contains control characters or invalid Unicode'
+    WHEN email IS NULL OR email = '' THEN 'missing email'
+    WHEN jsonb_typeof(e) <> 'string' OR email_type NOT IN {_STRING_TYPES}
+      THEN 'email has type ' || email_type
+    WHEN length(email) > 320 THEN 'email longer than 320 characters'
+    WHEN email ~ '[[:cntrl:]]' THEN 'email contains control characters or invalid Unicode'
+    WHEN email !~ '{_EMAIL}' THEN 'invalid email'
+  END,
+  coalesce(user_id, left(u #>> '{{}}', 500)), left(e #>> '{{}}', 500)
+FROM (
+  SELECT seq, u, e, user_type, email_type,
+    CASE jsonb_typeof(u)
+      WHEN 'string' THEN btrim(u #>> '{{}}', E{_SPACE})
+      WHEN 'number' THEN CASE WHEN (u::numeric) = trunc(u::numeric)
+                              THEN trunc(u::numeric)::text END
+    END AS user_id,
+    CASE jsonb_typeof(e) WHEN 'string' THEN btrim(e #>> '{{}}', E{_SPACE}) END AS email
+  FROM (
+    SELECT row_number() OVER () AS seq, to_jsonb(q.user_id) AS u, to_jsonb(q.email) AS e,
+      pg_typeof(q.user_id)::text AS user_type, pg_typeof(q.email)::text AS email_type
+    FROM ({query}) AS q
+  ) AS given
+) AS cleaned
+"""
 
 
 def snapshot_table(name: str) -> Table:

@@ -53,7 +53,7 @@ from audience_sync.runs import (
     unfinished_backfills,
     utcnow,
 )
-from audience_sync.sources import source_for
+from audience_sync.sources import SqlSource, is_warehouse_native, source_for
 from audience_sync.stage import Snapshot, Staging, analyze_state
 from audience_sync.statuses import MODES, Mode, RunKind, RunStatus
 
@@ -347,16 +347,27 @@ def _stage(
     audience = target.audience
     assert audience is not None
     assert result.run_id is not None
-    snapshot = staging.stage(
-        result.run_id,
-        source_for(ctx.settings, audience),
-        ctx.stop.is_set,
-        lambda n: ctx.progress.loaded(target.key, n),
-        with_value=audience.is_trait,
-        value_type=audience.type if isinstance(audience, TraitConfig) else None,
-    )
+    source = source_for(ctx.settings, audience)
+    if is_warehouse_native(ctx.settings, audience):
+        assert isinstance(source, SqlSource)
+        snapshot = staging.stage_query(result.run_id, source)
+        ctx.progress.loaded(target.key, snapshot.source_rows)
+    else:
+        snapshot = staging.stage(
+            result.run_id,
+            source,
+            ctx.stop.is_set,
+            lambda n: ctx.progress.loaded(target.key, n),
+            with_value=audience.is_trait,
+            value_type=audience.type if isinstance(audience, TraitConfig) else None,
+        )
     snapshots[result.run_id] = snapshot
-    result = replace(result, source_rows=snapshot.source_rows, rejected=snapshot.rejected)
+    result = replace(
+        result,
+        source_rows=snapshot.source_rows,
+        rejected=snapshot.rejected,
+        staged_in=snapshot.staged_in,
+    )
     if snapshot.source_rows and snapshot.rejected == snapshot.source_rows:
         return replace(
             result,

@@ -170,7 +170,7 @@ def test_payload_shape(receiver: Receiver) -> None:
     assert set(body["runs"][0]) == {
         "audience_key", "name", "kind", "status", "run_id", "source_rows", "members",
         "entered", "exited", "delivered", "failed", "rejected", "error", "resent",
-        "email_conflicts", "alert",
+        "email_conflicts", "staged_in", "alert",
     }  # fmt: skip
     assert body["worst_status"] == "guarded"
     assert "churned failing (partial): 2 changes failed" in body["text"]

@@ -284,7 +284,8 @@ BAD_CONFIGS: list[tuple[str, str, str]] = [
     (
         "undefined-source",
         GIST + '[[audiences]]\nname = "Buyers"\nsource = "nowhere"\nquery = "SELECT 1"\n',
-        "audience 'Buyers': source 'nowhere' is not defined under [sources] (defined: none)",
+        "audience 'Buyers': source 'nowhere' is not defined under [sources] (defined: none; "
+        "`state` is the state database)",
     ),
     (
         "txt-file-without-format",
