@@ -20,7 +20,7 @@ from audience_sync.db import make_engine
 from audience_sync.rows import CHUNK_SIZE, SourceRow, split_chunk
 from audience_sync.sources import FileSource
 from audience_sync.stage import Staging
-from harness import checkout_commit
+from harness import REPO, checkout_commit
 from report import JsonLines, fmt, table
 
 FILE_ROWS = 50_000  # rows of the CSV and JSONL files read per loop
@@ -127,7 +127,7 @@ def main() -> None:
         help=f"rows of the CSV and JSONL files read (default {FILE_ROWS:,})",
     )  # fmt: skip
     runner.argparser.add_argument(
-        "--jsonl", default="bench-out/micro.jsonl", metavar="PATH",
+        "--jsonl", default=str(REPO / "bench-out" / "micro.jsonl"), metavar="PATH",
         help="one JSON line per benchmark ('-': stdout; default bench-out/micro.jsonl)",
     )  # fmt: skip
     args = runner.parse_args()

@@ -89,6 +89,18 @@ THRESHOLDS: tuple[Threshold, ...] = (
 )  # fmt: skip
 
 
+def targets_markdown() -> str:
+    """THRESHOLDS as the Markdown table of benchmarks/README.md (kept in step there by cog)."""
+    lines = ["| target | stores | from N | check |", "|---|---|---|---|"]
+    for t in THRESHOLDS:
+        where = f"{t.scenario} records" + (f" at {t.latency_ms} ms" if t.latency_ms else "")
+        stores = ", ".join("SQLite" if s == "sqlite" else "PostgreSQL" for s in t.stores)
+        start = f"{t.min_n:,}" if t.min_n else "any"
+        lines.append(f"| {t.label} | {stores} | {start} | `{t.metric} {t.op} {t.limit:g}` "
+                     f"({where}) |")  # fmt: skip
+    return "\n".join(lines)
+
+
 @dataclass
 class Check:
     """One target judged on one record."""
