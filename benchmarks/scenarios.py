@@ -353,10 +353,11 @@ def _same_plan(before: int | None, now: int, what: str) -> int:
 # ---------------------------------------------------------------------- warehouse-native
 
 
-def supports_state_source(cli: Cli, folder: Path) -> bool:
-    """Whether this version's config accepts ``source = "state"`` in an audience."""
+def supports_state_source(cli: Cli, folder: Path, state_url: str) -> bool:
+    """Whether this version's config accepts ``source = "state"`` in an audience (probed
+    with the PostgreSQL state it will be used with)."""
     config = write_config(
-        folder / "probe.toml", "sqlite:///probe.db", "http://127.0.0.1:9",
+        folder / "probe.toml", state_url, "http://127.0.0.1:9",
         {"source": "state", "query": "SELECT user_id, email FROM members"}, max_concurrency=1,
     )  # fmt: skip
     return cli.run(folder, ["audiences", "--config", str(config)], expect=(0, 2)).returncode == 0
@@ -385,7 +386,7 @@ def measure_warehouse(
         _load_members(pg, table, member_rows(n))
         native_audience: dict[str, str] = {"source": "state", "query": query}
         native_sources: dict[str, str] = {}
-        if supports_state_source(CURRENT, folder):
+        if supports_state_source(CURRENT, folder, url):
             result.native_mode = NATIVE_STATE
         else:
             result.native_mode = "source URL = state.url"

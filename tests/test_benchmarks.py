@@ -85,3 +85,24 @@ def test_ids_are_unique_and_compare_joins_on_them(
     assert "size.sqlite.n=1000000.churn_s" in text
     assert "worse" in text
     assert "floor_s" not in text
+
+
+def test_source_rows_reads_the_counter_by_path(
+    bench: dict[str, ModuleType], tmp_path: Path
+) -> None:
+    from prometheus_client import CollectorRegistry, Counter, write_to_textfile
+
+    registry = CollectorRegistry()
+    rows = Counter(
+        "audience_sync_source_rows_total", "rows", ["audience", "path"], registry=registry
+    )
+    rows.labels("bench", "python").inc(200)
+    rows.labels("bench", "database").inc(20_000)
+    rows.labels("other", "python").inc(5)
+    path = tmp_path / "metrics.prom"
+    write_to_textfile(str(path), registry)
+    assert bench["harness"].source_rows(path) == {"python": 200.0, "database": 20_000.0}
+
+    Counter("audience_sync_runs_total", "runs", registry=(bare := CollectorRegistry()))
+    write_to_textfile(str(path), bare)
+    assert bench["harness"].source_rows(path) is None  # a CLI without the counter
