@@ -27,7 +27,7 @@ from audience_sync import lease
 from audience_sync.config import GistConfig
 from audience_sync.db import upsert
 from audience_sync.errors import AuthError, FatalApiError, RetriableApiError, UnreachableError
-from audience_sync.gist import GistClient
+from audience_sync.gist import GistClient, on_wire
 from audience_sync.models import contacts, memberships, trait_values, uncertain_members
 from audience_sync.models import member_changes as changes
 
@@ -349,10 +349,12 @@ class Pacer:
         # jitter cannot squeeze one request too many into the server's own window.
         self._window = WINDOW_MARGIN * max(1.0, 1 / rate)
         self._window_limit = max(1, int(rate * max(1.0, 1 / rate)))
-        self._sent: deque[float] = deque()
+        # When each request of the last window left: [time], moved on when it hit the wire.
+        self._sent: deque[list[float]] = deque()
 
-    async def take_slot(self) -> None:
-        """Wait for the next send slot."""
+    async def take_slot(self) -> list[float]:
+        """Wait for the next send slot; returns its entry in the window, whose time
+        ``call`` moves to when the request actually left."""
         now = self._monotonic()
         # A slot left unused for a while is not banked: that would allow a burst.
         slot = max(now, self._next_slot)
@@ -365,12 +367,16 @@ class Pacer:
             now = self._monotonic()
             # A nanosecond of slack: without it, rounding can leave a request a hair inside
             # the window at the very moment it should leave it, and the wait rounds to 0.
-            while self._sent and self._sent[0] + self._window <= now + 1e-9:
+            # An entry moved later (below) may hold back an older one behind it: the window
+            # then counts a request too many, never one too few.
+            while self._sent and self._sent[0][0] + self._window <= now + 1e-9:
                 self._sent.popleft()
             if len(self._sent) < self._window_limit:
                 break
-            await self._sleep(self._sent[0] + self._window - now)
-        self._sent.append(now)
+            await self._sleep(self._sent[0][0] + self._window - now)
+        entry = [now]
+        self._sent.append(entry)
+        return entry
 
     async def call(self, request: Callable[[], Awaitable[T]], attempt: Attempt | None = None) -> T:
         """Await ``request()`` under the rate limit, retrying transient failures."""
@@ -385,8 +391,13 @@ class Pacer:
         async for try_ in retrying:
             with try_:
                 attempt.count = try_.retry_state.attempt_number
-                await self.take_slot()
-                return await request()
+                entry = await self.take_slot()
+
+                def left(entry: list[float] = entry) -> None:
+                    entry[0] = max(entry[0], self._monotonic())
+
+                with on_wire(left):
+                    return await request()
         raise AssertionError("unreachable: tenacity re-raises the last error")  # pragma: no cover
 
     def _wait(self, state: RetryCallState) -> float:

@@ -8,7 +8,9 @@ import logging
 import socket
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -58,6 +60,27 @@ class BatchAnswer:
 
     status: int
     failed: frozenset[int] | None
+
+
+_ON_WIRE: ContextVar[Callable[[], None] | None] = ContextVar("on_wire", default=None)
+
+
+@contextmanager
+def on_wire(callback: Callable[[], None]) -> Iterator[None]:
+    """Call ``callback`` when a request made in this block has been written to the socket
+    (the pacer counts a request from then, not from when it let it go: a connection being
+    opened, or a busy loop, can hold a request back for tens of milliseconds)."""
+    token = _ON_WIRE.set(callback)
+    try:
+        yield
+    finally:
+        _ON_WIRE.reset(token)
+
+
+async def _trace(event: str, info: dict[str, Any]) -> None:
+    """httpx's trace hook: tells the ``on_wire`` callback when the request is on the wire."""
+    if event.endswith(".send_request_body.complete") and (callback := _ON_WIRE.get()):
+        callback()
 
 
 RequestObserver = Callable[[str, int | None, float], None]
@@ -115,7 +138,7 @@ class GistClient:
             # -vv shows what is sent; the key travels in a header and is never logged.
             log.debug("%s %s %s", method, url, json.dumps(kwargs["json"], default=str))
         try:
-            response = await self._http.request(method, url, **kwargs)
+            response = await self._http.request(method, url, extensions={"trace": _trace}, **kwargs)
             status = response.status_code
             return response
         except httpx.TransportError as exc:

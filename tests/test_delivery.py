@@ -126,3 +126,34 @@ def test_a_slot_left_unused_is_not_banked() -> None:
     asyncio.run(clock.run(burst()))
 
     assert busiest_second(stamps) <= 10
+
+
+def test_a_request_counts_from_when_it_left_not_from_its_slot() -> None:
+    """A request held back before it reaches the wire (a connection being opened, a busy
+    loop) must not let the requests after it crowd into the server's second."""
+    from audience_sync.gist import _ON_WIRE
+
+    clock = VirtualClock()
+    pacer = Pacer(config(50), monotonic=clock.monotonic, sleep=clock.sleep)
+    on_wire: list[float] = []
+    numbers = itertools.count()
+
+    async def request() -> int:
+        number = next(numbers)
+        # The first few open connections and leave 40 ms late; the rest leave at once.
+        await clock.sleep(0.04 if number < 8 else 0.0)
+        callback = _ON_WIRE.get()
+        assert callback is not None
+        callback()
+        on_wire.append(clock.now)
+        await clock.sleep(0.002)
+        return 200
+
+    async def worker(n: int) -> None:
+        for _ in range(n):
+            await pacer.call(request)
+
+    asyncio.run(clock.run(*(worker(25) for _ in range(8))))
+
+    assert len(on_wire) == 200
+    assert busiest_second(on_wire) <= 50
