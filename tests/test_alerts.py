@@ -7,7 +7,7 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict
 from datetime import datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -28,12 +28,13 @@ from audience_sync.alerts import (
 )
 from audience_sync.config import AlertsConfig
 from audience_sync.models import audiences, sync_runs
+from audience_sync.statuses import RunStatus
 from audience_sync.sync import RunResult
 
 TOKEN = "SECRET-tok3n"
 
 
-def run(status: str, key: str = "vip", **fields: Any) -> RunResult:
+def run(status: RunStatus, key: str = "vip", **fields: Any) -> RunResult:
     return RunResult(key, key.upper(), "run", status, run_id=1, **fields)
 
 
@@ -132,7 +133,7 @@ def config(url: str | None, *, always: bool = False, timeout: float = 2.0) -> Al
     ],
 )
 def test_posts_only_runs_that_need_a_human(
-    receiver: Receiver, statuses: list[str], always: bool, posted: list[str]
+    receiver: Receiver, statuses: list[RunStatus], always: bool, posted: list[str]
 ) -> None:
     results = [run(status, key=f"a{i}") for i, status in enumerate(statuses)]
 
@@ -192,7 +193,8 @@ def test_payload_shape(receiver: Receiver) -> None:
     ids=["one", "skipped", "partial", "guarded", "failed", "interrupted", "unknown", "empty"],
 )
 def test_worst_status(statuses: list[str], worst: str | None) -> None:
-    alerts = [Alert(run(s), "failing") for s in statuses]
+    # "mystery": a status a newer version might write; it must rank, not crash.
+    alerts = [Alert(run(cast(RunStatus, s)), "failing") for s in statuses]
     assert build_summary(alerts)["worst_status"] == worst
 
 
@@ -564,10 +566,12 @@ def test_the_sender_posts_off_the_calling_thread_and_closes_in_bounded_time(
 
 def test_the_sender_closes_at_once_when_everything_was_posted() -> None:
     posted: list[str] = []
-    sender = AlertSender(
-        lambda: AlertsConfig(webhook_url="http://x/"),
-        lambda cfg, alerts: posted.append(alerts[0].result.audience_key) is None,
-    )
+
+    def post(config: AlertsConfig, alerts: Sequence[Alert]) -> bool:
+        posted.append(alerts[0].result.audience_key)
+        return True
+
+    sender = AlertSender(lambda: AlertsConfig(webhook_url="http://x/"), post)
     sender.submit([Alert(run("failed", key="a"), "failing")])
     assert sender.close(timeout=5) is True
     assert posted == ["a"]

@@ -12,7 +12,7 @@ from audience_sync.fakegist import FakeGist
 from audience_sync.models import uncertain_members
 from audience_sync.sync import run_once
 from tests.conftest import Workspace, write_members
-from tests.test_sync import KEY, acknowledged, in_gist, users
+from tests.helpers import KEY, acknowledged, in_gist, users
 
 
 def sends(gist: FakeGist) -> Counter[str]:

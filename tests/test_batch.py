@@ -8,7 +8,7 @@ from sqlalchemy import Engine
 from audience_sync.fakegist import FakeGist
 from audience_sync.sync import run_once
 from tests.conftest import Workspace, write_members
-from tests.test_sync import acknowledged, in_gist, users
+from tests.helpers import acknowledged, in_gist, users
 
 
 def batch_workspace(workspace: Workspace, members: int) -> None:

@@ -12,14 +12,14 @@ from collections import Counter
 from collections.abc import Callable
 
 import pytest
-from sqlalchemy import Engine, func, select
+from sqlalchemy import ColumnElement, Engine, Table, func, select
 
 from audience_sync import lease
 from audience_sync.delivery import ACK_BATCH
 from audience_sync.fakegist import FakeGist
 from audience_sync.models import member_changes, rejected_rows, sync_runs
 from tests.conftest import API_KEY, Workspace, write_members
-from tests.test_sync import KEY, acknowledged, in_gist, users
+from tests.helpers import KEY, acknowledged, in_gist, users
 
 pytestmark = pytest.mark.slow
 
@@ -42,7 +42,7 @@ def wait_until(condition: Callable[[], bool], timeout: float = 30) -> None:
         time.sleep(0.01)
 
 
-def count(engine: Engine, table: object, *where: object) -> int:
+def count(engine: Engine, table: Table, *where: ColumnElement[bool]) -> int:
     with engine.connect() as connection:
         return int(connection.scalar(select(func.count()).select_from(table).where(*where)) or 0)
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
+from typing import Any
 
 import pytest
 from pydantic import SecretStr
@@ -33,8 +34,8 @@ class VirtualClock:
         heapq.heappush(self._sleepers, (self.now + max(0.0, seconds), next(self._order), future))
         await future
 
-    async def run(self, *coroutines: object) -> None:
-        tasks = [asyncio.ensure_future(c) for c in coroutines]  # type: ignore[arg-type]
+    async def run(self, *coroutines: Coroutine[Any, Any, None]) -> None:
+        tasks = [asyncio.ensure_future(c) for c in coroutines]
         while not all(t.done() for t in tasks):
             for _ in range(20):  # let every runnable task reach its next sleep
                 await asyncio.sleep(0)
@@ -46,8 +47,8 @@ class VirtualClock:
             task.result()
 
 
-def config(rate: float, **options: object) -> GistConfig:
-    return GistConfig(api_key=SecretStr("k"), requests_per_second=rate, **options)  # type: ignore[arg-type]
+def config(rate: float, **options: Any) -> GistConfig:
+    return GistConfig(api_key=SecretStr("k"), requests_per_second=rate, **options)
 
 
 def busiest_second(stamps: list[float]) -> int:

@@ -9,6 +9,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
+from pydantic import BaseModel
 
 from audience_sync.cli import command_parsers
 from audience_sync.config import (
@@ -46,7 +47,7 @@ def test_command_has_help_and_is_documented(command: str) -> None:
     ],
     ids=["state", "gist", "daemon", "alerts", "audiences"],
 )
-def test_every_config_key_is_documented(section: str, model: type) -> None:
+def test_every_config_key_is_documented(section: str, model: type[BaseModel]) -> None:
     for name, field in model.model_fields.items():
         key = field.alias or name  # as written in the file (`state.schema`)
         assert f"`{section}.{key}`" in README, f"README lacks {section}.{key}"

@@ -3,7 +3,6 @@ after it (fault gone) leaves Gist equal to the source and ``memberships`` equal 
 
 from __future__ import annotations
 
-import socket
 import sqlite3
 import threading
 import time
@@ -20,16 +19,10 @@ from audience_sync.fakegist import FakeGist
 from audience_sync.models import sync_runs
 from audience_sync.sync import RunResult, run_once
 from tests.conftest import Workspace, postgres_admin_url, write_members
-from tests.test_sync import acknowledged, in_gist, users
+from tests.helpers import KEY, acknowledged, free_port, in_gist, users
 
 BEFORE = range(30)  # acknowledged before the fault
 AFTER = [*range(10, 40)]  # u0-u9 leave, u30-u39 join: 20 changes
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def http_date(seconds_from_now: float) -> str:
@@ -97,9 +90,6 @@ def test_fault_then_clean_run_converges(
     gist.clear_log()
     [idle] = run_once(workspace.settings(), engine)
     assert (idle.entered, idle.exited, gist.requests()) == (0, 0, [])
-
-
-KEY = "order_completed_last_30days"
 
 
 def test_client_waits_as_told_and_never_exceeds_its_rate(

@@ -60,7 +60,7 @@ def signs(**changes: object) -> Signs:
 )
 def test_assess(given: dict[str, object], reasons: list[str]) -> None:
     healthy, info = assess(signs(**given), stall_seconds=900, failed_runs=3)
-    assert healthy is not reasons
+    assert healthy == (not reasons)
     assert info.get("reasons", []) == reasons
     assert info["status"] == ("unhealthy" if reasons else "ok")
 

@@ -510,12 +510,12 @@ def machine_for(store: str) -> type[RuleBasedStateMachine]:
             for key in tracked:
                 model = self.keys[key]
                 for user in USERS:
-                    event = last.get((key, user))
+                    latest = last.get((key, user))
                     if model.kind == "audience":
-                        entered = event is not None and event["event_name"] == "Audience Entered"
-                        assert entered == (user in model.members), (key, user, event)
-                    elif user in model.values and event is not None:
-                        assert same_json(event["properties"][key], model.values[user])
+                        entered = latest is not None and latest["event_name"] == "Audience Entered"
+                        assert entered == (user in model.members), (key, user, latest)
+                    elif user in model.values and latest is not None:
+                        assert same_json(latest["properties"][key], model.values[user])
 
         @invariant()
         def no_run_left_running(self) -> None:

@@ -29,8 +29,7 @@ from audience_sync.models import member_changes, sync_runs
 from audience_sync.render import ProgressBars, render_table
 from audience_sync.sync import utcnow
 from tests.conftest import API_KEY, Workspace, write_members
-from tests.test_faults import free_port
-from tests.test_sync import KEY, acknowledged, in_gist, users
+from tests.helpers import KEY, acknowledged, free_port, in_gist, users
 
 
 class Receiver:
@@ -419,6 +418,7 @@ def test_last_success_metric_survives_a_failed_run(
 
     line = f'audience_sync_last_success_timestamp_seconds{{audience="{KEY}"}}'
     [value] = [float(x.split()[-1]) for x in metrics.read_text().splitlines() if x.startswith(line)]
+    assert finished is not None
     assert value == pytest.approx(finished.replace(tzinfo=UTC).timestamp(), abs=0.01)
 
 

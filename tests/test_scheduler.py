@@ -410,7 +410,8 @@ def test_reload_from_the_scheduler_thread_is_applied(tmp_path: Path) -> None:
 
 
 def fire_days(trigger: Any, start: datetime, days: int) -> list[str]:
-    found, previous, now = [], None, start
+    found: list[str] = []
+    previous, now = None, start
     while True:
         fire = trigger.get_next_fire_time(previous, now)
         if fire is None or fire >= start + timedelta(days=days):

@@ -6,7 +6,7 @@ import importlib.util
 import json
 import sqlite3
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +25,7 @@ def flatten(chunks: Iterator[list[SourceRow]]) -> list[tuple[int, object, object
     return [(number, user_id, email) for chunk in chunks for number, user_id, email, _ in chunk]
 
 
-def sqlite_warehouse(path: Path, rows: list[tuple[object, object]] = USERS) -> str:
+def sqlite_warehouse(path: Path, rows: Sequence[tuple[object, object]] = USERS) -> str:
     """A SQLite file with a ``users`` table; returns its SQLAlchemy URL."""
     with closing(sqlite3.connect(path)) as connection:
         connection.execute("CREATE TABLE users (user_id INTEGER, email TEXT)")

@@ -12,36 +12,18 @@ from audience_sync import lease
 from audience_sync.fakegist import FakeGist
 from audience_sync.models import (
     member_changes,
-    memberships,
     rejected_rows,
     staged_members,
     sync_runs,
 )
+from audience_sync.statuses import RunStatus
 from audience_sync.sync import RunResult, exit_code, run_once
 from tests.conftest import Workspace, plant_lease, write_members
-
-KEY = "order_completed_last_30days"
+from tests.helpers import KEY, acknowledged, in_gist, users
 
 
 def sync(workspace: Workspace, engine: Engine, **options: Any) -> list[RunResult]:
     return run_once(workspace.settings(), engine, **options)
-
-
-def acknowledged(engine: Engine, key: str = KEY) -> set[str]:
-    with engine.connect() as connection:
-        return set(
-            connection.scalars(
-                select(memberships.c.user_id).where(memberships.c.audience_key == key)
-            )
-        )
-
-
-def in_gist(gist: FakeGist, key: str = KEY) -> set[str]:
-    return {user for user, value in gist.properties(key).items() if value is True}
-
-
-def users(*numbers: int) -> set[str]:
-    return {f"u{n}" for n in numbers}
 
 
 def test_first_run_sends_every_member_then_only_changes(
@@ -165,7 +147,7 @@ def test_auth_failure_stops_the_run_at_once(
     assert (run.delivered, run.failed) == (5, 1)
     assert acknowledged(engine) == in_gist(gist)
     with engine.connect() as connection:
-        by_status = dict(
+        by_status: dict[str, int] = dict(
             connection.execute(
                 select(member_changes.c.status, func.count()).group_by(member_changes.c.status)
             ).all()
@@ -391,7 +373,7 @@ def test_sql_source(workspace: Workspace, engine: Engine, gist: FakeGist) -> Non
 
 
 def test_exit_codes() -> None:
-    def result(status: str) -> RunResult:
+    def result(status: RunStatus) -> RunResult:
         return RunResult("k", "K", "run", status)
 
     assert exit_code([result("succeeded")]) == 0

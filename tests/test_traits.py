@@ -16,7 +16,7 @@ from audience_sync.fakegist import FakeGist
 from audience_sync.models import member_changes, rejected_rows
 from audience_sync.sync import run_once
 from tests.conftest import Workspace
-from tests.test_sync import acknowledged, in_gist
+from tests.helpers import acknowledged, in_gist
 
 FIXTURES = Path(__file__).parent / "fixtures" / "engage"
 REVENUE = "total_revenue"

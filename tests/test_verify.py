@@ -18,7 +18,7 @@ from audience_sync.models import memberships, uncertain_members
 from audience_sync.sync import run_once
 from audience_sync.verify import MISSING, Drift, VerifyReport, compare, verify_audience
 from tests.conftest import API_KEY, Workspace, write_members
-from tests.test_faults import free_port
+from tests.helpers import free_port
 
 KEY = "vip_customers"
 
