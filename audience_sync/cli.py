@@ -174,16 +174,30 @@ def build_parser() -> argparse.ArgumentParser:
 
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def command(name: str, summary: str, description: str, *parents: Any) -> Any:
+    def command(
+        name: str,
+        summary: str,
+        description: str,
+        *parents: Any,
+        handler: Callable[[argparse.Namespace], int] | None = None,
+        needs_gist: bool = True,
+        json: str | None = None,
+    ) -> Any:
+        """A sub-command calling ``handler``; ``json``: the help of its ``--json`` flag."""
         sub = commands.add_parser(
             name, parents=[common, *parents], help=summary, description=description
         )
+        if handler is not None:
+            sub.set_defaults(handler=handler, needs_gist=needs_gist)
+        if json is not None:
+            sub.add_argument("--json", action="store_true", help=json)
         return sub
 
     run = command(
         "run", "sync audiences once (what cron calls)",
         "Read each audience's source, diff it against what Gist acknowledged and send only "
-        "the changes.", syncing,
+        "the changes.",
+        syncing, handler=cmd_run,
     )  # fmt: skip
     run.add_argument(
         "--audience", action="append", default=[], metavar="KEY",
@@ -193,26 +207,32 @@ def build_parser() -> argparse.ArgumentParser:
         "--allow-mass-exit", action="store_true",
         help="send even when a run would remove more than the audience's mass-exit threshold",
     )  # fmt: skip
-    run.set_defaults(handler=cmd_run)
 
     backfill = command(
         "backfill", "resend an audience's full membership",
         "Send true to every current member of the audience, whatever Gist acknowledged "
         "before (for a new or reset Gist workspace). An unfinished backfill is resumed.",
         syncing,
+        handler=cmd_backfill,
     )  # fmt: skip
     backfill.add_argument("key", metavar="KEY", help="the audience's property key")
-    backfill.set_defaults(handler=cmd_backfill)
 
     retire = command(
         "retire", "unset a removed audience in Gist and forget it",
         "Send false to every member still acknowledged in an audience that was removed from "
-        "the config (or renamed), then forget its state.", syncing,
+        "the config (or renamed), then forget its state.",
+        syncing, handler=cmd_retire,
     )  # fmt: skip
     retire.add_argument("key", metavar="KEY", help="the retired audience's property key")
-    retire.set_defaults(handler=cmd_retire)
 
-    history = command("history", "list recent runs", "List recent runs, newest first.")
+    history = command(
+        "history",
+        "list recent runs",
+        "List recent runs, newest first.",
+        handler=cmd_history,
+        needs_gist=False,
+        json="print a JSON array",
+    )
     history.add_argument("--audience", metavar="KEY", help="only runs of this audience")
     history.add_argument(
         "--status", choices=RUN_STATUSES, metavar="STATUS",
@@ -226,12 +246,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--limit", "-n", type=_int_arg(1, MAX_ROWS), default=20,
         help="how many runs (default 20)",
     )  # fmt: skip
-    history.add_argument("--json", action="store_true", help="print a JSON array")
-    history.set_defaults(handler=cmd_history, needs_gist=False)
 
     show = command(
         "show", "one run with its changes and rejected rows",
         "Show one run: counts, timings, error, its changes (failed first) and rejected rows.",
+        handler=cmd_show, needs_gist=False, json="print a JSON object",
     )  # fmt: skip
     show.add_argument("run_id", type=_int_arg(1, MAX_ID), metavar="RUN_ID")
     show.add_argument(
@@ -241,13 +260,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--page", type=_int_arg(1, MAX_PAGE), default=1,
         help="which page of changes/rows (from 1)",
     )  # fmt: skip
-    show.add_argument("--json", action="store_true", help="print a JSON object")
-    show.set_defaults(handler=cmd_show, needs_gist=False)
 
     prune_cmd = command(
         "prune", "delete old per-member history",
         "Delete member_changes and rejected_rows of runs older than the given age; sync_runs "
         "summaries are kept.",
+        handler=cmd_prune, needs_gist=False, json="print counts as JSON",
     )  # fmt: skip
     prune_cmd.add_argument(
         "--older-than", required=True, metavar="AGE", type=_age_arg,
@@ -256,20 +274,18 @@ def build_parser() -> argparse.ArgumentParser:
     prune_cmd.add_argument(
         "--dry-run", action="store_true", help="count what would be deleted, delete nothing"
     )
-    prune_cmd.add_argument("--json", action="store_true", help="print counts as JSON")
-    prune_cmd.set_defaults(handler=cmd_prune, needs_gist=False)
 
-    audiences = command(
+    command(
         "audiences", "list configured audiences (validates the config)",
         "List configured audiences with name, property key, source and schedule.",
+        handler=cmd_audiences, needs_gist=False, json="print a JSON array",
     )  # fmt: skip
-    audiences.add_argument("--json", action="store_true", help="print a JSON array")
-    audiences.set_defaults(handler=cmd_audiences, needs_gist=False)
 
     verify = command(
         "verify", "check a sample of members against Gist",
         "Read back a random sample of members from Gist and report how many carry the "
         "expected property value (drift from edits made in Gist itself).",
+        handler=cmd_verify, json="print the report as JSON",
     )  # fmt: skip
     verify.add_argument("key", metavar="KEY", help="the audience's property key")
     verify.add_argument(
@@ -279,43 +295,41 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument(
         "--repair", action="store_true", help="re-plan drifted members for the next run"
     )
-    verify.add_argument("--json", action="store_true", help="print the report as JSON")
-    verify.set_defaults(handler=cmd_verify)
 
     daemon = command(
         "daemon", "run audiences on their schedules",
         "Run each audience on its `schedule` (cron) or `every` (interval) until SIGTERM. "
         "SIGHUP reloads the config.",
+        handler=cmd_daemon,
     )  # fmt: skip
     daemon.add_argument("--once", action="store_true", help="run every due audience now, exit")
-    daemon.set_defaults(handler=cmd_daemon)
 
     demo = command(
         "demo", "see a whole sync cycle against a local fake Gist",
         "Start the bundled fake Gist on 127.0.0.1, seed example audiences, run two syncs with "
         "a change in between and show the history. Needs no Gist account.",
+        handler=cmd_demo,
     )  # fmt: skip
     demo.add_argument("--keep", metavar="DIR", type=Path, help="keep the demo's files here")
-    demo.set_defaults(handler=cmd_demo)
 
     init = command(
         "init", "write a starter config and example CSV",
         "Write a commented starter config (audience_sync.toml) and an example members CSV "
         "into DIR, then print the next two commands. Never overwrites a file.",
+        handler=cmd_init,
     )  # fmt: skip
     init.add_argument(
         "dir", metavar="DIR", nargs="?", type=Path, default=Path("."),
         help="where to write them (default: the current folder)",
     )  # fmt: skip
-    init.set_defaults(handler=cmd_init)
 
     completion = command(
         "completion", "print a shell's tab-completion script",
         "Print the tab-completion script for bash, zsh or fish. Load it from your shell's "
         'start-up file, e.g. `eval "$(audience-sync completion bash)"` in ~/.bashrc.',
+        handler=cmd_completion,
     )  # fmt: skip
     completion.add_argument("shell", choices=SHELLS, help="the shell to complete in")
-    completion.set_defaults(handler=cmd_completion)
 
     database = command("db", "state database maintenance", "State database maintenance.")
     db_commands = database.add_subparsers(dest="db_command", required=True, metavar="ACTION")
