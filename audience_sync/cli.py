@@ -61,6 +61,7 @@ from audience_sync.starter import write_starter
 from audience_sync.statuses import RUN_STATUSES, Mode
 from audience_sync.sync import Progress, RunResult, exit_code, run_once, utcnow
 from audience_sync.verify import verify_audience
+from audience_sync.workers import Presence, list_workers
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_LOCKED = 0, 1, 2, 3
 # Bounds of numeric flags: large enough for any real use, small enough for every database.
@@ -281,6 +282,14 @@ def build_parser() -> argparse.ArgumentParser:
         handler=cmd_audiences, needs_gist=False, json="print a JSON array",
     )  # fmt: skip
 
+    command(
+        "workers", "list the processes that sync, alive and dead",
+        "List the daemons and runs registered in the state database: alive (heartbeat within "
+        "the lease length), dead (killed or host gone; their audiences pass to another "
+        "worker) or stopped, with what each is syncing.",
+        handler=cmd_workers, needs_gist=False, json="print a JSON array",
+    )  # fmt: skip
+
     verify = command(
         "verify", "check a sample of members against Gist",
         "Read back a random sample of members from Gist and report how many carry the "
@@ -429,7 +438,7 @@ def _sync_command(
         ProgressBars(sys.stderr) if show_progress else nullcontext(None)
     )
     alerts: list[Alert] = []
-    with _state(settings) as engine, _stop_on_signals() as stop, bars as progress:
+    with db.open_state(settings) as engine, _stop_on_signals() as stop, bars as progress:
         results = run_once(
             settings,
             engine,
@@ -589,7 +598,7 @@ def _result_dict(result: RunResult) -> dict[str, Any]:
 
 
 def cmd_history(args: argparse.Namespace) -> int:
-    with _state(_settings(args), writes=False) as engine:
+    with db.open_state(_settings(args), writes=False) as engine:
         runs = [
             _run_vocabulary(r)
             for r in load_runs(
@@ -605,7 +614,7 @@ def cmd_history(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    with _state(_settings(args), writes=False) as engine:
+    with db.open_state(_settings(args), writes=False) as engine:
         found = load_run(engine, args.run_id, args.limit, (args.page - 1) * args.limit)
     if found is None:
         raise ConfigError(f"no run with id {args.run_id}: `audience-sync history` lists them")
@@ -650,7 +659,7 @@ def _run_vocabulary(run: dict[str, Any]) -> dict[str, Any]:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    with _state(_settings(args), writes=False) as engine:
+    with db.open_state(_settings(args), writes=False) as engine:
         counts = prune(engine, utcnow() - timedelta(seconds=args.older_than), dry_run=args.dry_run)
     if args.json:
         output_json(counts, sys.stdout)
@@ -660,6 +669,45 @@ def cmd_prune(args: argparse.Namespace) -> int:
     else:
         print(", ".join(f"{count} {table} deleted" for table, count in counts.items()))
     return EXIT_OK
+
+
+WORKER_COLUMNS = (
+    "id", "state", "command", "running", "started_at", "heartbeat_at", "seconds_since_heartbeat",
+)  # fmt: skip
+
+
+def cmd_workers(args: argparse.Namespace) -> int:
+    with db.open_state(_settings(args), writes=False) as engine:
+        found = list_workers(engine)
+    if not found and not args.json:
+        print("No workers yet: a daemon or a run registers itself while it syncs.")
+        return EXIT_OK
+    rows = [
+        {
+            **asdict(w),
+            "started_at": _iso(w.started_at),
+            "heartbeat_at": _iso(w.heartbeat_at),
+            "stopped_at": _iso(w.stopped_at),
+            "seconds_since_heartbeat": round(w.seconds_since_heartbeat, 1),
+        }
+        for w in found
+    ]
+    if not args.json:
+        rows = [
+            {
+                **r,
+                "running": ", ".join(r["running"]) or None,
+                "started_at": short_time(r["started_at"]),
+                "heartbeat_at": short_time(r["heartbeat_at"]),
+            }
+            for r in rows
+        ]
+    output_rows(rows, WORKER_COLUMNS, sys.stdout, as_json=args.json, optional=("started_at",))
+    return EXIT_OK
+
+
+def _iso(value: datetime | None) -> str | None:
+    return None if value is None else value.isoformat(timespec="seconds") + "Z"
 
 
 def cmd_audiences(args: argparse.Namespace) -> int:
@@ -682,7 +730,7 @@ def cmd_audiences(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     settings = _settings(args)
     settings.audience(args.key)  # a clear error for a key that is not configured
-    with _state(settings, writes=False) as engine:
+    with db.open_state(settings, writes=False) as engine:
         try:
             report = verify_audience(
                 settings, engine, args.key, sample=args.sample, repair=args.repair
@@ -721,15 +769,15 @@ def cmd_daemon(args: argparse.Namespace) -> int:
     settings = _settings(args)
     metrics = Metrics()
     memory = AlertMemory()  # what this process told the webhook, for runs without an id
-    with _state(settings) as engine:
+    with db.open_state(settings) as engine, Presence(engine, "daemon") as worker:
         if args.once:
             # `--once` is a run from cron: the signals mean what they mean for `run`.
             with _stop_on_signals() as stop:
-                daemon = _make_daemon(args, engine, metrics, memory, None, stop)
+                daemon = _make_daemon(args, engine, worker, metrics, memory, None, stop)
                 results = daemon.run_due()
             return exit_code(results)
         sender = AlertSender(lambda: daemon.settings.alerts)  # its thread starts when needed
-        daemon = _make_daemon(args, engine, metrics, memory, sender, None)
+        daemon = _make_daemon(args, engine, worker, metrics, memory, sender, None)
         metrics.set_last_successes(_load_last_successes(engine, settings))
         server = None
         if settings.daemon.metrics_port is not None:
@@ -756,12 +804,14 @@ def cmd_daemon(args: argparse.Namespace) -> int:
 def _make_daemon(
     args: argparse.Namespace,
     engine: Engine,
+    worker: Presence,
     metrics: Metrics,
     memory: AlertMemory,
     sender: AlertSender | None,
     stop: threading.Event | None,
 ) -> Daemon:
-    """The daemon over ``engine``; alerts go to ``sender`` (or are posted at once)."""
+    """The daemon over ``engine``, syncing as ``worker``; alerts go to ``sender`` (or are
+    posted at once)."""
 
     def sync(current: Settings, keys: list[str], stop: threading.Event) -> list[RunResult]:
         return run_once(
@@ -771,6 +821,7 @@ def _make_daemon(
             stop=stop,
             observer=metrics.observe_request,
             progress=daemon.progress,
+            worker=worker,
         )
 
     def on_results(results: list[RunResult]) -> None:
@@ -996,26 +1047,6 @@ def _signal_handlers(
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-
-
-@contextmanager
-def _state(settings: Settings, *, writes: bool = True) -> Iterator[Engine]:
-    """The state database, at head, closed afterwards.
-
-    Commands that sync (``writes``) create a missing SQLite file and upgrade an old one on
-    the fly (atomically); the others (``history``, ``show``, ``verify``, ``prune``) never
-    create or migrate it and ask for ``db upgrade`` instead (see ``db.ensure_schema``).
-
-    The one boundary of state-database errors: whatever the body raises from the database
-    becomes a ``StateError`` with its first line only (no SQL, no bound parameters).
-    """
-    with db.state_errors(settings.state.url):
-        engine = db.make_engine(settings.state.url, schema=settings.state.db_schema, create=writes)
-        try:
-            db.ensure_schema(engine, migrate=writes)
-            yield engine
-        finally:
-            engine.dispose()
 
 
 @contextmanager

@@ -21,7 +21,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
-from audience_sync.config import redact_url
+from audience_sync.config import Settings, redact_url
 from audience_sync.errors import StateError
 
 log = logging.getLogger(__name__)
@@ -93,15 +93,22 @@ def _sqlite_engine(url: str, *, immediate: bool = False) -> Engine:
             # transaction control to the begin event below instead.
             dbapi_connection.isolation_level = None
 
-    if immediate:
-
-        @event.listens_for(engine, "begin")
-        def _begin(connection: Any) -> None:
-            # IMMEDIATE takes the write lock at once: a second upgrader waits here (busy
-            # timeout) and then finds the schema already upgraded.
+    @event.listens_for(engine, "begin")
+    def _begin(connection: Any) -> None:
+        # IMMEDIATE takes the write lock at once: a second upgrader waits here (busy
+        # timeout) and then finds the schema already upgraded. A transaction that reads
+        # the state and then writes it (planning) asks for it too: begun deferred, its
+        # write would fail at once ("database is locked", no busy wait) whenever another
+        # connection (a lease or worker heartbeat) committed after its first read.
+        if immediate or connection.get_execution_options().get(WRITE_LOCK):
             connection.exec_driver_sql("BEGIN IMMEDIATE")
 
     return engine
+
+
+WRITE_LOCK = "audience_sync_write_lock"
+"""A connection execution option: on SQLite, its transactions take the write lock when
+they begin (see ``_sqlite_engine``); on PostgreSQL row locks make it needless."""
 
 
 def driver_hint(url: str) -> str:
@@ -320,3 +327,23 @@ def ensure_schema(engine: Engine, *, migrate: bool = False) -> None:
         f"state database {shown} is at revision {current}, this version needs {head}: "
         "run `audience-sync db upgrade`"
     )
+
+
+@contextmanager
+def open_state(settings: Settings, *, writes: bool = True) -> Iterator[Engine]:
+    """The state database, at head, closed afterwards.
+
+    Commands that sync (``writes``) create a missing SQLite file and upgrade an old one on
+    the fly (atomically); the others (``history``, ``show``, ``verify``, ``prune``) never
+    create or migrate it and ask for ``db upgrade`` instead (see ``ensure_schema``).
+
+    The one boundary of state-database errors: whatever the body raises from the database
+    becomes a ``StateError`` with its first line only (no SQL, no bound parameters).
+    """
+    with state_errors(settings.state.url):
+        engine = make_engine(settings.state.url, schema=settings.state.db_schema, create=writes)
+        try:
+            ensure_schema(engine, migrate=writes)
+            yield engine
+        finally:
+            engine.dispose()

@@ -6,11 +6,12 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import random
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any, Generic, TypeVar
 
@@ -24,6 +25,7 @@ from tenacity import (
 )
 
 from audience_sync import lease
+from audience_sync.budget import Block, SharedBudget, block_slots
 from audience_sync.config import GistConfig
 from audience_sync.db import upsert
 from audience_sync.errors import AuthError, FatalApiError, RetriableApiError, UnreachableError
@@ -40,6 +42,10 @@ ACK_SECONDS = 1.0  # ...and at least this often
 MAX_BACKOFF = 60.0
 MAX_RETRY_AFTER = 600.0
 PACE_SHARE = 0.995  # of requests_per_second actually used
+# ...and while other processes send to the workspace too: no window of theirs sees our
+# requests, so the schedule itself leaves room for ~30 ms of jitter between processes.
+FLEET_PACE_SHARE = 0.97
+FLEET_MEMORY = 5.0  # seconds a block shared with another process keeps the fleet pace
 WINDOW_MARGIN = 1.02
 
 
@@ -322,29 +328,43 @@ class Pacer:
 
     Every try, retries included, takes the next send slot of a fixed schedule, one per
     ``1 / requests_per_second`` seconds: a steady pace that never bursts and, unlike a
-    leaky bucket woken by timers, does not drift below the rate. 429, 408, 5xx,
-    timeouts and dropped connections are retried up to ``max_retries`` times, waiting
-    what ``Retry-After`` says, else an exponential back-off with jitter.
+    leaky bucket woken by timers, does not drift below the rate. With a ``budget`` (the
+    workspace's schedule in the state database, see ``budget``) the slots come from blocks
+    claimed there, so every process sending to the workspace shares the one rate; without
+    one, the schedule is this pacer's alone. 429, 408, 5xx, timeouts and dropped
+    connections are retried up to ``max_retries`` times, waiting what ``Retry-After`` says,
+    else an exponential back-off with jitter.
 
     ``monotonic`` and ``sleep`` are the clock it reads and waits on (a test passes a fake
-    pair, so "never over the rate in any second" is checked in simulated time).
+    pair, so "never over the rate in any second" is checked in simulated time); with a
+    ``budget`` they must be the real ones, which the budget's blocks are placed on.
     """
 
     def __init__(
         self,
         config: GistConfig,
         *,
+        budget: SharedBudget | None = None,
         monotonic: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self._config = config
+        self._budget = budget
         self._monotonic = monotonic
         self._sleep = sleep
         # Just under the configured rate: a server whose own limit equals it must never see
         # one request too many in any second, whatever the network's jitter.
         rate = config.requests_per_second
-        self._interval = 1 / (rate * PACE_SHARE)
+        self._interval = self._solo_interval = 1 / (rate * PACE_SHARE)
+        self._fleet_interval = 1 / (rate * FLEET_PACE_SHARE)
         self._next_slot = 0.0
+        # The block of shared slots being used, its next unused slot, and until when the
+        # fleet pace holds (another process was seen sending).
+        self._block: Block | None = None
+        self._block_next = 0
+        self._offset: float | None = None  # database time minus this process's
+        self._fleet_until = 0.0
+        self._taking = asyncio.Lock()
         # A sliding window as a server keeps one, slightly longer than a second so network
         # jitter cannot squeeze one request too many into the server's own window.
         self._window = WINDOW_MARGIN * max(1.0, 1 / rate)
@@ -355,12 +375,22 @@ class Pacer:
     async def take_slot(self) -> list[float]:
         """Wait for the next send slot; returns its entry in the window, whose time
         ``call`` moves to when the request actually left."""
-        now = self._monotonic()
-        # A slot left unused for a while is not banked: that would allow a burst.
-        slot = max(now, self._next_slot)
-        self._next_slot = slot + self._interval
-        if slot > now:
-            await self._sleep(slot - now)
+        while True:
+            async with self._taking:
+                # A slot left unused for a while is not banked: that would allow a burst.
+                slot = max(self._monotonic(), self._next_slot)
+                if self._budget is not None:
+                    slot = await self._shared_slot(slot)
+                self._next_slot = slot + self._interval
+            now = self._monotonic()
+            if slot > now:
+                await self._sleep(slot - now)
+                now = self._monotonic()
+            # Woken well after its slot (a busy event loop), a request would go out together
+            # with the next ones, right against the other processes' slots, which no window
+            # of ours sees: with a shared budget it gives the slot up and takes the next.
+            if self._budget is None or now - slot <= self._block_interval / 2:
+                break
         # Tasks held up together (a busy event loop) would wake together: the window keeps
         # such a bunch from exceeding the rate over any second.
         while True:
@@ -377,6 +407,63 @@ class Pacer:
         entry = [now]
         self._sent.append(entry)
         return entry
+
+    async def _shared_slot(self, earliest: float) -> float:
+        """The first slot at or after ``earliest`` of a block claimed from the budget: a
+        block's ``slots`` slots lie ``interval`` apart from its start, each used once."""
+        assert self._budget is not None
+        index = self._slot_index(earliest)
+        if self._block is None or index >= self._block.slots:
+            interval = self._fleet_interval if self._fleet else self._solo_interval
+            slots = block_slots(self._config.requests_per_second)
+            block = await asyncio.to_thread(self._budget.claim, slots, interval)
+            if block.shared:
+                self._fleet_until = block.answered + FLEET_MEMORY
+                if block.interval < self._fleet_interval:
+                    # Claimed at our own pace before we knew: the same stretch, fewer slots.
+                    fewer = int(block.slots * block.interval / self._fleet_interval + 1e-9)
+                    block = replace(block, slots=max(1, fewer), interval=self._fleet_interval)
+            self._block = block
+            self._block_next = 0
+            # Database time minus ours: the database's "now" came before the answer did,
+            # so this bound never places a slot early; the tightest one seen is kept.
+            bound = block.at - block.answered
+            self._offset = bound if self._offset is None else max(self._offset, bound)
+            index = self._slot_index(earliest)
+        self._block_next = index + 1
+        return self._local_start + index * self._block.interval
+
+    @property
+    def _local_start(self) -> float:
+        assert self._block is not None
+        assert self._offset is not None
+        return self._block.start - self._offset
+
+    def _slot_index(self, earliest: float) -> int:
+        """The current block's first unused slot at or after ``earliest`` (past ones are
+        not banked)."""
+        if self._block is None:
+            return 0
+        behind = (earliest - self._local_start) / self._block.interval
+        # A thousandth of a slot of slack: epoch seconds in a double are only good to a
+        # microsecond or so, and a slot due "now" must not round to the next one.
+        return max(self._block_next, math.ceil(behind - 1e-3))
+
+    @property
+    def _block_interval(self) -> float:
+        return self._block.interval if self._block is not None else self._interval
+
+    @property
+    def _fleet(self) -> bool:
+        return self._monotonic() < self._fleet_until
+
+    async def close(self) -> None:
+        """Give the unused rest of the current block back to the budget."""
+        if self._budget is None or self._block is None:
+            return
+        block, unused = self._block, self._block.slots - self._slot_index(self._monotonic())
+        self._block = None
+        await asyncio.to_thread(self._budget.give_back, block, unused)
 
     async def call(self, request: Callable[[], Awaitable[T]], attempt: Attempt | None = None) -> T:
         """Await ``request()`` under the rate limit, retrying transient failures."""

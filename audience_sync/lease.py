@@ -115,6 +115,11 @@ def is_dead_local_owner(owner: str) -> bool:
     return False
 
 
+def place() -> tuple[str, str]:
+    """This machine's host name and boot id, as owner names carry them."""
+    return socket.gethostname(), _boot_id()
+
+
 @cache
 def _place() -> str:
     return f"{socket.gethostname()}/{_boot_id()}.{_pid_namespace()}"

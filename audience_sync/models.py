@@ -8,6 +8,7 @@ from typing import cast
 from sqlalchemy import (
     Boolean,
     DateTime,
+    Double,
     ForeignKey,
     Index,
     Integer,
@@ -203,6 +204,33 @@ class Lease(Base):
     expires_at: Mapped[datetime] = mapped_column(DateTime)
 
 
+class RateLimit(Base):
+    """One Gist workspace's request budget, shared by every process on this state database:
+    the first send time no process has claimed yet (database clock, Unix seconds)."""
+
+    __tablename__ = "rate_limits"
+
+    workspace: Mapped[str] = mapped_column(String(64), primary_key=True)  # a hash, no secret
+    next_free: Mapped[float] = mapped_column(Double)
+
+
+class Worker(Base):
+    """A process that syncs (a daemon, or one `run`/`backfill`/`retire`): who it is, when it
+    last showed it is alive (database time) and what it is syncing now."""
+
+    __tablename__ = "workers"
+
+    id: Mapped[str] = mapped_column(String(255), primary_key=True)  # its leases' owner name
+    host: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int] = mapped_column(Integer)
+    boot_id: Mapped[str] = mapped_column(String(64))
+    command: Mapped[str] = mapped_column(String(16))
+    started_at: Mapped[datetime] = mapped_column(DateTime)
+    heartbeat_at: Mapped[datetime] = mapped_column(DateTime, index=True)
+    stopped_at: Mapped[datetime | None] = mapped_column(DateTime)
+    running: Mapped[str | None] = mapped_column(Text)  # audience keys, comma-separated
+
+
 def _table(model: type[Base]) -> Table:
     return cast(Table, model.__table__)
 
@@ -219,3 +247,5 @@ email_conflicts = _table(EmailConflict)
 rejected_rows = _table(RejectedRow)
 staged_members = _table(StagedMember)
 leases = _table(Lease)
+rate_limits = _table(RateLimit)
+workers = _table(Worker)

@@ -87,6 +87,7 @@ class Daemon:
         self._active = 0  # sync calls not yet reported; serve() waits for none
         self._running: list[str] = []  # keys being synced, for the heartbeat
         self._last_results: dict[str, tuple[RunResult, datetime]] = {}
+        self._skipped: dict[str, str | None] = {}  # key → why its last tick was skipped
         self._specs: dict[str, _Spec] = {}
         self._serve_thread: threading.Thread | None = None
         self._settings = load_settings()
@@ -327,6 +328,13 @@ class Daemon:
         finished = self._clock()
         seconds = (finished - started).total_seconds()
         for r in results:
+            if r.status == "skipped":
+                # Another worker holds it: said once per holder, not at every tick.
+                if self._skipped.get(r.audience_key) != r.error:
+                    self._skipped[r.audience_key] = r.error
+                    log.info("%s: skipped, %s", r.audience_key, r.error)
+                continue
+            self._skipped.pop(r.audience_key, None)
             log.info(
                 "%s %s: %s entered=%d exited=%d delivered=%d failed=%d rejected=%d in %.1fs%s",
                 r.kind, r.audience_key, r.status, r.entered, r.exited, r.delivered, r.failed,

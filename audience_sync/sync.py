@@ -19,7 +19,8 @@ from sqlalchemy import Engine, select
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import SQLAlchemyError
 
-from audience_sync import lease
+from audience_sync import db, lease
+from audience_sync.budget import workspace_budget
 from audience_sync.config import Computation, Settings, TraitConfig, scrub
 from audience_sync.delivery import Deliverer, DeliveryReport, Pacer
 from audience_sync.errors import ConfigError, LockHeldError, SourceError, StopRequestedError
@@ -56,6 +57,7 @@ from audience_sync.runs import (
 from audience_sync.sources import SqlSource, is_warehouse_native, source_for
 from audience_sync.stage import Snapshot, Staging, analyze_state
 from audience_sync.statuses import MODES, Mode, RunKind, RunStatus
+from audience_sync.workers import Presence
 
 __all__ = ["Progress", "RunResult", "SyncContext", "exit_code", "run_once", "utcnow"]
 
@@ -129,6 +131,7 @@ def run_once(
     stop: threading.Event | None = None,
     observer: RequestObserver | None = None,
     progress: Progress | None = None,
+    worker: Presence | None = None,
 ) -> list[RunResult]:
     """Sync the audiences named by ``keys`` (all configured ones when empty) once.
 
@@ -139,9 +142,19 @@ def run_once(
     by the next run. A dry run writes its plan as ``planned`` changes and sends nothing.
     Setting ``stop`` (e.g. from a signal handler) ends the run gracefully: requests in
     flight finish and are recorded, and the runs are marked ``interrupted``.
+
+    ``worker`` is the calling process's row in ``workers`` (a daemon keeps one for its
+    lifetime); without one, this call registers itself for as long as it runs.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}")
+    if worker is None:
+        with Presence(engine, mode) as own:
+            return run_once(
+                settings, engine, keys, mode=mode, dry_run=dry_run,
+                allow_mass_exit=allow_mass_exit, transport=transport, clock=clock, stop=stop,
+                observer=observer, progress=progress, worker=own,
+            )  # fmt: skip
     ctx = SyncContext(
         settings=settings,
         engine=engine,
@@ -151,7 +164,7 @@ def run_once(
         clock=clock,
         stop=stop or threading.Event(),
         progress=progress or NoProgress(),
-        owner=lease.new_owner(),
+        owner=worker.id,
         transport=transport,
         observer=observer,
     )
@@ -164,13 +177,15 @@ def run_once(
             try:
                 lease.acquire(engine, target.key, ctx.owner)
             except LockHeldError as exc:
-                log.warning("skipping %s: %s", target.key, exc)
+                # The caller reports it (a daemon once per holder, `run` in its table).
+                log.debug("skipping %s: %s", target.key, exc)
                 results[target.key] = RunResult(
                     target.key, target.name, ctx.kind, "skipped", error=str(exc)
                 )
                 continue
             held.append(target)
             heartbeat.add(target.key)
+        worker.running(t.key for t in held)
         heartbeat.start()
         planned = _prepare(ctx, held, results)
         report = DeliveryReport()
@@ -195,6 +210,7 @@ def run_once(
     finally:
         heartbeat.stop()
         lease.release(engine, [t.key for t in held], ctx.owner)
+        worker.running(())
     return [results[t.key] for t in targets]
 
 
@@ -255,6 +271,8 @@ def _prepare(
                 for _, r in opened
                 if r.status == "running" and r.run_id in snapshots
             ]
+            # From here on every transaction reads the state and then writes it.
+            connection.execution_options(**{db.WRITE_LOCK: True})
             conflicts = unify_emails(connection, staged)
             analyze_state(connection)
             for index, (target, result) in enumerate(opened):
@@ -466,27 +484,43 @@ async def _deliver(
     gist = ctx.settings.gist
     async with make_http_client(gist, ctx.transport) as http:
         client = GistClient(http, ctx.observer)
-        pacer = Pacer(gist)
-        deliverer = Deliverer(
-            ctx.engine,
-            client,
-            gist,
-            ctx.clock,
-            should_stop,
-            on_result=ctx.progress.sent,
-            owner=ctx.owner,
-            pacer=pacer,
+        pacer = Pacer(gist, budget=workspace_budget(ctx.engine, gist))
+        try:
+            return await _send(ctx, client, pacer, planned, tracked, should_stop)
+        finally:
+            await pacer.close()
+
+
+async def _send(
+    ctx: SyncContext,
+    client: GistClient,
+    pacer: Pacer,
+    planned: Sequence[RunResult],
+    tracked: dict[str, EventNames],
+    should_stop: Callable[[], str | None],
+) -> DeliveryReport:
+    """The contacts of every planned run, then the events they owe."""
+    gist = ctx.settings.gist
+    deliverer = Deliverer(
+        ctx.engine,
+        client,
+        gist,
+        ctx.clock,
+        should_stop,
+        on_result=ctx.progress.sent,
+        owner=ctx.owner,
+        pacer=pacer,
+    )
+    run_ids = [r.run_id for r in planned if r.run_id is not None]
+    with ctx.engine.connect() as connection:
+        ctx.progress.planned(sum(count_planned(connection, run_id) for run_id in run_ids))
+    report = await deliverer.run(run_ids)
+    if tracked and report.error is None:
+        # Events describe acknowledged changes only: they go after the contacts.
+        report.error = await send_events(
+            ctx.engine, client, pacer, tracked, gist.max_concurrency, should_stop, ctx.owner
         )
-        run_ids = [r.run_id for r in planned if r.run_id is not None]
-        with ctx.engine.connect() as connection:
-            ctx.progress.planned(sum(count_planned(connection, run_id) for run_id in run_ids))
-        report = await deliverer.run(run_ids)
-        if tracked and report.error is None:
-            # Events describe acknowledged changes only: they go after the contacts.
-            report.error = await send_events(
-                ctx.engine, client, pacer, tracked, gist.max_concurrency, should_stop, ctx.owner
-            )
-        return report
+    return report
 
 
 def _event_names(audience: Computation) -> EventNames:

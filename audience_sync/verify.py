@@ -16,6 +16,7 @@ from typing import Any
 import httpx
 from sqlalchemy import Connection, Engine, Select, exists, false, func, select
 
+from audience_sync.budget import workspace_budget
 from audience_sync.config import Settings
 from audience_sync.db import upsert
 from audience_sync.delivery import Pacer
@@ -96,7 +97,7 @@ def verify_audience(
     if sample < 0:
         raise ValueError("sample must be 0 or more")
     samples = load_sample(settings, engine, key, sample, seed)
-    drifted, errors = asyncio.run(_fetch_all(settings, key, samples, transport))
+    drifted, errors = asyncio.run(_fetch_all(settings, engine, key, samples, transport))
     repaired = 0
     if repair:
         emails = {s.user_id: s.email for s in samples}
@@ -206,11 +207,13 @@ def _pick(
 
 async def _fetch_all(
     settings: Settings,
+    engine: Engine,
     key: str,
     samples: list[Sample],
     transport: httpx.AsyncBaseTransport | None,
 ) -> tuple[list[Drift], list[ReadError]]:
-    pacer = Pacer(settings.gist)  # built inside the loop its limiter will run on
+    # Built inside the loop its limiter runs on; reads share the workspace's rate limit.
+    pacer = Pacer(settings.gist, budget=workspace_budget(engine, settings.gist))
     trait = _is_trait(settings, key)
     drifted: list[tuple[int, Drift]] = []  # with the sample's position, to report in order
     errors: list[tuple[int, ReadError]] = []
@@ -250,6 +253,8 @@ async def _fetch_all(
                 task.cancel()
             await asyncio.gather(*workers, return_exceptions=True)
             raise
+        finally:
+            await pacer.close()
     return [d for _, d in sorted(drifted)], [e for _, e in sorted(errors)]
 
 

@@ -1,0 +1,59 @@
+"""The Python API for orchestrators (Airflow, Dagster, a notebook): one call, one sync.
+
+``run`` is what ``audience-sync run`` does, without the CLI's output: the same engine,
+leases, state and guarantees, returning each audience's ``RunResult``. ``exit_code`` maps
+results to the CLI's exit codes (0 all succeeded, 1 any failed/partial/guarded, 3 skipped
+because another worker holds the audience).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from audience_sync import db
+from audience_sync.config import load_settings, resolve_config_path
+from audience_sync.runs import RunResult, exit_code
+from audience_sync.statuses import Mode
+from audience_sync.sync import run_once
+
+__all__ = ["RunResult", "exit_code", "run"]
+
+
+def run(
+    config: str | Path | None = None,
+    audiences: Sequence[str] = (),
+    *,
+    mode: Mode = "run",
+    dry_run: bool = False,
+    allow_mass_exit: bool = False,
+    stop: threading.Event | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> list[RunResult]:
+    """Sync the audiences with these property keys (every configured one when empty) once.
+
+    ``config`` is found as the CLI finds it (this argument, else ``$AUDIENCE_SYNC_CONFIG``,
+    else ``./audience_sync.toml``) and ``${VAR}`` in it are read from ``environ`` (default:
+    the process's environment). The state database is created or migrated as ``run``
+    does. ``mode`` is ``run``, ``backfill`` or ``retire``; setting ``stop`` ends the sync
+    gracefully (what was sent is recorded; the next run sends the rest).
+
+    A bad config raises ``ConfigError``, an unreachable or outdated state database
+    ``StateError``; what happened to each audience is in its result's ``status`` (never an
+    exception: one audience failing does not stop the others).
+    """
+    env = os.environ if environ is None else environ
+    path = resolve_config_path(str(config) if config is not None else None, env)
+    settings = load_settings(path, env)
+    with db.open_state(settings) as engine:
+        return run_once(
+            settings,
+            engine,
+            audiences,
+            mode=mode,
+            dry_run=dry_run,
+            allow_mass_exit=allow_mass_exit,
+            stop=stop,
+        )

@@ -1,0 +1,180 @@
+"""The processes that sync, in the ``workers`` table: who is alive and what each is running.
+
+Every daemon, and every ``run``/``backfill``/``retire`` for as long as it syncs, keeps a row
+whose ``heartbeat_at`` (the **database's** time, as leases use) it renews every
+``BEAT_SECONDS`` from a thread, and whose ``running`` lists the audiences it holds. A row
+whose heartbeat is older than the lease length belongs to a dead process (killed, or its
+host gone): its leases have expired too, and the next worker to tick takes its audiences
+over. A clean exit records ``stopped_at``. Rows of processes gone for ``KEEP_DAYS`` are
+deleted when a worker starts.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime
+from types import TracebackType
+from typing import Literal
+
+from sqlalchemy import Engine, case, delete, select, update
+from sqlalchemy.exc import SQLAlchemyError
+
+from audience_sync import lease
+from audience_sync.models import workers
+
+log = logging.getLogger(__name__)
+
+BEAT_SECONDS = 10.0
+KEEP_DAYS = 7
+WorkerState = Literal["alive", "dead", "stopped"]
+
+
+class Presence:
+    """This process's row in ``workers``, kept alive while the ``with`` block runs."""
+
+    def __init__(self, engine: Engine, command: str, worker_id: str | None = None) -> None:
+        self._engine = engine
+        self._command = command
+        self.id = worker_id or lease.new_owner()
+        self._running: list[str] = []
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name="worker-heartbeat", daemon=True)
+
+    def __enter__(self) -> Presence:
+        dialect = self._engine.dialect.name
+        host, boot_id = lease.place()
+        now = lease.database_now(dialect)
+        with self._engine.begin() as connection:
+            connection.execute(
+                delete(workers).where(
+                    workers.c.heartbeat_at < lease.database_now(dialect, -KEEP_DAYS * 86400)
+                )
+            )
+            connection.execute(
+                workers.insert().values(
+                    id=self.id,
+                    host=host,
+                    pid=os.getpid(),
+                    boot_id=boot_id,
+                    command=self._command,
+                    started_at=now,
+                    heartbeat_at=now,
+                )
+            )
+        self._thread.start()
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._thread.join()
+        try:
+            with self._engine.begin() as connection:
+                now = lease.database_now(self._engine.dialect.name)
+                connection.execute(
+                    update(workers)
+                    .where(workers.c.id == self.id)
+                    .values(heartbeat_at=now, stopped_at=now, running=None)
+                )
+        except SQLAlchemyError as exc:  # the row then ages into "dead": nothing is lost
+            log.warning("could not record this worker's stop: %s", exc)
+
+    def running(self, keys: Iterable[str]) -> None:
+        """Record that this process now syncs ``keys`` (empty: nothing)."""
+        with self._lock:
+            self._running = sorted(set(keys))
+        self._wake.set()  # shown at once, not at the next beat
+
+    def _beat(self) -> None:
+        while True:
+            self._wake.wait(BEAT_SECONDS)
+            self._wake.clear()
+            if self._stop.is_set():
+                return
+            with self._lock:
+                running = ",".join(self._running) or None
+            try:
+                with self._engine.begin() as connection:
+                    connection.execute(
+                        update(workers)
+                        .where(workers.c.id == self.id)
+                        .values(
+                            heartbeat_at=lease.database_now(self._engine.dialect.name),
+                            running=running,
+                        )
+                    )
+            except SQLAlchemyError as exc:
+                # A busy or briefly unreachable database: the next beat tries again.
+                log.debug("worker heartbeat failed: %s", exc)
+
+
+@dataclass(frozen=True)
+class WorkerRow:
+    """One worker as ``audience-sync workers`` shows it."""
+
+    id: str
+    host: str
+    pid: int
+    command: str
+    state: WorkerState
+    started_at: datetime
+    heartbeat_at: datetime
+    stopped_at: datetime | None
+    running: list[str]
+    seconds_since_heartbeat: float
+
+
+def list_workers(engine: Engine) -> list[WorkerRow]:
+    """Every worker still in the table, the live ones first, newest first within a state."""
+    dialect = engine.dialect.name
+    fresh = workers.c.heartbeat_at >= lease.database_now(dialect, -lease.LEASE_SECONDS)
+    with engine.connect() as connection:
+        rows = connection.execute(
+            select(
+                workers,
+                case((fresh, True), else_=False).label("fresh"),
+                lease.database_now(dialect).label("now"),
+            ).order_by(workers.c.started_at.desc(), workers.c.id)
+        ).all()
+    found = []
+    for row in rows:
+        state: WorkerState
+        if row.stopped_at is not None:
+            state = "stopped"
+        elif row.fresh and not lease.is_dead_local_owner(row.id):
+            state = "alive"
+        else:
+            state = "dead"
+        found.append(
+            WorkerRow(
+                id=row.id,
+                host=row.host,
+                pid=row.pid,
+                command=row.command,
+                state=state,
+                started_at=row.started_at,
+                heartbeat_at=row.heartbeat_at,
+                stopped_at=row.stopped_at,
+                running=row.running.split(",") if row.running and state != "stopped" else [],
+                seconds_since_heartbeat=_seconds(row.now, row.heartbeat_at),
+            )
+        )
+    order = {"alive": 0, "dead": 1, "stopped": 2}
+    return sorted(found, key=lambda w: order[w.state])
+
+
+def _seconds(now: object, then: datetime) -> float:
+    # SQLite hands the expression back as text; PostgreSQL as a datetime.
+    moment = now if isinstance(now, datetime) else datetime.fromisoformat(str(now))
+    return max(0.0, (moment - then).total_seconds())
