@@ -154,17 +154,6 @@ class EmailConflict(Base):
     used_email: Mapped[str] = mapped_column(EMAIL)  # the one sent
 
 
-class StagedMember(Base):
-    """A run's snapshot of the source, deduplicated by user; emptied when the run ends."""
-
-    __tablename__ = "staged_members"
-
-    run_id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    user_id: Mapped[str] = mapped_column(USER_ID, primary_key=True)
-    email: Mapped[str] = mapped_column(EMAIL)
-    value: Mapped[str | None] = mapped_column(Text)  # a trait's value as canonical JSON
-
-
 class TraitValue(Base):
     """A computed trait's value Gist acknowledged for a user (canonical JSON, so 1, 1.0 and
     "1" stay different); written only after a 2xx, like ``memberships``."""
@@ -217,5 +206,4 @@ trait_values = _table(TraitValue)
 contacts = _table(Contact)
 email_conflicts = _table(EmailConflict)
 rejected_rows = _table(RejectedRow)
-staged_members = _table(StagedMember)
 leases = _table(Lease)

@@ -7,9 +7,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
-from sqlalchemy import Engine, delete, func, select, update
+from sqlalchemy import Engine, func, select, update
 
-from audience_sync.models import audiences, staged_members
+from audience_sync.models import audiences
 from audience_sync.models import member_changes as changes
 from audience_sync.models import sync_runs as runs
 from audience_sync.statuses import FAILED_STATUSES, RunKind, RunStatus
@@ -59,11 +59,9 @@ def open_run(engine: Engine, key: str, name: str, source: str, kind: RunKind, no
     """Record a new ``running`` run of ``key`` and return its id.
 
     The caller holds the key's lease, so any run of it still marked running is dead: it
-    becomes ``interrupted`` and its snapshot, if it died while staging, goes with it.
+    becomes ``interrupted`` (its snapshot was a temporary table, gone with its connection).
     """
     with engine.begin() as connection:
-        dead = select(runs.c.id).where(runs.c.audience_key == key, runs.c.status == "running")
-        connection.execute(delete(staged_members).where(staged_members.c.run_id.in_(dead)))
         connection.execute(
             update(runs)
             .where(runs.c.audience_key == key, runs.c.status == "running")
