@@ -15,6 +15,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    false,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -72,6 +73,12 @@ class SyncRun(Base):
     # Source rows whose email differed from another audience's for the same user this run.
     email_conflicts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     error: Mapped[str | None] = mapped_column(Text)
+    # A file source's bytes as this run read them (BLAKE2b), and a hash of every setting that
+    # decides what is sent for the key: the no-change fast path compares both with the last run.
+    source_digest: Mapped[str | None] = mapped_column(String(64))
+    config_fingerprint: Mapped[str | None] = mapped_column(String(64))
+    # True when the run skipped load and diff (unchanged file, nothing owed: see fastpath.py).
+    fast_path: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
 
 class Membership(Base):

@@ -24,6 +24,7 @@ from audience_sync.config import Computation, Settings, TraitConfig, scrub
 from audience_sync.delivery import Deliverer, DeliveryReport, Pacer
 from audience_sync.errors import ConfigError, LockHeldError, SourceError, StopRequestedError
 from audience_sync.events import EventNames, send_events
+from audience_sync.fastpath import config_fingerprint, judge, overlaps
 from audience_sync.gist import GistClient, RequestObserver, make_http_client
 from audience_sync.models import audiences
 from audience_sync.plan import (
@@ -53,7 +54,7 @@ from audience_sync.runs import (
     unfinished_backfills,
     utcnow,
 )
-from audience_sync.sources import SqlSource, is_warehouse_native, source_for
+from audience_sync.sources import FileSource, SqlSource, is_warehouse_native, source_for
 from audience_sync.stage import Snapshot, Staging, analyze_state
 from audience_sync.statuses import MODES, Mode, RunKind, RunStatus
 
@@ -103,6 +104,7 @@ class SyncContext:
     owner: str
     transport: httpx.AsyncBaseTransport | None = None
     observer: RequestObserver | None = None
+    full_diff: bool = False  # never take the no-change fast path
 
     @property
     def dry_run(self) -> bool:
@@ -124,6 +126,7 @@ def run_once(
     mode: Mode = "run",
     dry_run: bool = False,
     allow_mass_exit: bool = False,
+    full_diff: bool = False,
     transport: httpx.AsyncBaseTransport | None = None,
     clock: Clock = utcnow,
     stop: threading.Event | None = None,
@@ -137,6 +140,8 @@ def run_once(
     for everyone Gist may hold a value of it for). ``memberships`` moves only for changes
     Gist acknowledged, so whatever is not delivered (failure, crash, stop) is planned again
     by the next run. A dry run writes its plan as ``planned`` changes and sends nothing.
+    A run of an unchanged file with nothing owed skips load and diff (``fastpath``) unless
+    ``full_diff``.
     Setting ``stop`` (e.g. from a signal handler) ends the run gracefully: requests in
     flight finish and are recorded, and the runs are marked ``interrupted``.
     """
@@ -154,6 +159,7 @@ def run_once(
         owner=lease.new_owner(),
         transport=transport,
         observer=observer,
+        full_diff=full_diff,
     )
     targets = _targets(settings, engine, keys, mode)
     heartbeat = lease.Heartbeat(engine, ctx.owner)
@@ -224,12 +230,16 @@ def _targets(settings: Settings, engine: Engine, keys: Sequence[str], mode: Mode
 def _prepare(
     ctx: SyncContext, held: Sequence[_Target], results: dict[str, RunResult]
 ) -> list[RunResult]:
-    """Stage every held target, then plan each; returns the runs left ``running`` (planned,
-    to deliver). Every run's result goes into ``results``; one audience's failure never
-    stops the others. Staging and planning share one connection: the snapshots are its
-    temporary tables."""
+    """Stage every held target (but those the fast path spares), then plan each; returns
+    the runs left ``running`` (planned, to deliver). Every run's result goes into
+    ``results``; one audience's failure never stops the others. Staging and planning share
+    one connection: the snapshots are its temporary tables."""
     opened: list[tuple[_Target, RunResult]] = []
     snapshots: dict[int, Snapshot] = {}
+
+    def stage(c: SyncContext, t: _Target, r: RunResult) -> RunResult:
+        return _stage(c, staging, snapshots, t, r)
+
     with ctx.engine.connect() as connection:
         staging = Staging(connection)
         try:
@@ -243,20 +253,22 @@ def _prepare(
                 result = RunResult(target.key, target.name, ctx.kind, "running")
                 result = results[target.key] = _guarded(ctx, target, result, _open)
                 if result.status == "running" and target.audience is not None:
-
-                    def stage(c: SyncContext, t: _Target, r: RunResult) -> RunResult:
-                        return _stage(c, staging, snapshots, t, r)
-
-                    result = _guarded(ctx, target, result, stage)
+                    result = _guarded(ctx, target, result, _judge)
+                    if result.status == "running" and not result.fast_path:
+                        result = _guarded(ctx, target, result, stage)
                 results[target.key] = result
                 opened.append((target, result))
+            _settle_fast_paths(ctx, connection, opened, snapshots, stage)
+            for target, result in opened:
+                results[target.key] = result
             staged = [
                 snapshots[r.run_id]
                 for _, r in opened
                 if r.status == "running" and r.run_id in snapshots
             ]
             conflicts = unify_emails(connection, staged)
-            analyze_state(connection)
+            if staged:  # a fast path alone plans nothing: no statistics to refresh
+                analyze_state(connection)
             for index, (target, result) in enumerate(opened):
                 if result.status != "running":
                     continue
@@ -271,19 +283,68 @@ def _prepare(
             plans = [
                 r.run_id for _, r in opened if r.run_id and r.status in ("running", "succeeded")
             ]
-            resolve_emails(connection, staged, plans)
+            spared = [r.audience_key for _, r in opened if r.fast_path]
+            resolve_emails(connection, staged, plans, spared)
         finally:
             # Every snapshot of this invocation, also one cut short while staging.
             _drop_quietly(staging)
     for _, result in opened:
         log.info(
-            "%s: %d rows, %d members, %d entered, %d exited, %d resent, %d rejected",
+            "%s: %d rows, %d members, %d entered, %d exited, %d resent, %d rejected%s",
             result.audience_key, result.source_rows, result.members, result.entered,
             result.exited, result.resent, result.rejected,
+            " (fast path: file unchanged, load and diff skipped)" if result.fast_path else "",
         )  # fmt: skip
         if result.run_id is not None:
             save_run(ctx.engine, result, None if result.status == "running" else ctx.clock())
     return [r for _, r in opened if r.status == "running"]
+
+
+def _judge(ctx: SyncContext, target: _Target, result: RunResult) -> RunResult:
+    """Fingerprint the run's settings; mark it ``fast_path`` when ``fastpath`` allows."""
+    assert target.audience is not None
+    assert result.run_id is not None
+    run_id, fingerprint = result.run_id, config_fingerprint(ctx.settings, target.audience)
+    result = replace(result, config_fingerprint=fingerprint)
+    regular = ctx.kind == "run" and not ctx.full_diff
+    verdict = judge(ctx.engine, target.audience, run_id, fingerprint, regular=regular)
+    if verdict is None or verdict.doubt is not None:
+        return result
+    return replace(
+        result,
+        fast_path=True,
+        source_digest=verdict.digest,
+        source_rows=verdict.source_rows,
+        members=verdict.members,
+    )
+
+
+def _settle_fast_paths(
+    ctx: SyncContext,
+    connection: Connection,
+    opened: list[tuple[_Target, RunResult]],
+    snapshots: dict[int, Snapshot],
+    stage: Callable[[SyncContext, _Target, RunResult], RunResult],
+) -> None:
+    """Stage after all a spared run whose members another staged source gives another
+    email (the first configured source's email is sent, so its snapshot takes part), until
+    none is left; the others end ``succeeded`` with nothing planned."""
+    settled = False
+    while not settled:
+        settled = True
+        staged = [snapshots[r.run_id] for _, r in opened if r.run_id in snapshots]
+        for index, (target, result) in enumerate(opened):
+            if not result.fast_path or not staged:
+                continue
+            if not overlaps(connection, target.key, staged):
+                continue
+            result = replace(result, fast_path=False, source_digest=None, source_rows=0, members=0)
+            opened[index] = (target, _guarded(ctx, target, result, stage))
+            settled = False
+            break
+    for index, (target, result) in enumerate(opened):
+        if result.fast_path:
+            opened[index] = (target, replace(result, status="succeeded"))
 
 
 def _drop_quietly(staging: Staging) -> None:
@@ -364,6 +425,7 @@ def _stage(
     snapshots[result.run_id] = snapshot
     result = replace(
         result,
+        source_digest=source.digest if isinstance(source, FileSource) else None,
         source_rows=snapshot.source_rows,
         rejected=snapshot.rejected,
         staged_in=snapshot.staged_in,
