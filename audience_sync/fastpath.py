@@ -116,6 +116,7 @@ def load_verdict(engine: Engine, key: str, run_id: int, fingerprint: str, path: 
     with engine.connect() as connection:
         last = connection.execute(
             select(
+                runs.c.id,
                 runs.c.source_rows,
                 runs.c.members,
                 runs.c.kind,
@@ -155,7 +156,10 @@ def _doubt(connection: Connection, key: str, last: Any, fingerprint: str) -> str
         return "the last run had email conflicts"
     if _has(connection, uncertain_members.c.audience_key == key):
         return "members are uncertain (a lost answer, or verify --repair)"
-    if _has(connection, changes.c.audience_key == key, changes.c.status == "pending"):
+    # Each real run supersedes the key's older pending changes, so only the last run's (and
+    # any since) can be pending: looked up by the (run_id, status) index, not all the key's.
+    pending = changes.c.run_id >= last.id, changes.c.status == "pending"
+    if _has(connection, *pending, changes.c.audience_key == key):
         return "changes are pending"
     owed = changes.c.event_status.in_(["pending", "failed"])
     if _has(connection, changes.c.audience_key == key, owed):
