@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -27,8 +27,8 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from audience_sync.config import AlertsConfig, parse_duration
 from audience_sync.models import sync_runs as runs
+from audience_sync.runs import RunResult, result_fields
 from audience_sync.statuses import FAILED_STATUSES, RunStatus
-from audience_sync.sync import RunResult
 
 __all__ = [
     "ALERT_STATUSES",
@@ -202,7 +202,7 @@ def build_summary(alerts: Sequence[Alert]) -> dict[str, Any]:
     return {
         "tool": "audience-sync",
         "host": host,
-        "runs": [{**asdict(a.result), "alert": a.event} for a in alerts],
+        "runs": [{**result_fields(a.result), "alert": a.event} for a in alerts],
         "worst_status": worst,
         "text": f"audience-sync on {host}: " + ("; ".join(parts) or "no runs"),
     }

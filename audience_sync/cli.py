@@ -55,6 +55,7 @@ from audience_sync.render import (
     output_rows,
     short_time,
 )
+from audience_sync.runs import result_fields
 from audience_sync.scheduler import Daemon
 from audience_sync.sources import source_for
 from audience_sync.starter import write_starter
@@ -87,7 +88,7 @@ HISTORY_OPTIONAL = (
 SHOW_FIELDS = (
     "run_id", "audience", "kind", "status", "started_at", "finished_at", "source_rows",
     "members", "entered", "exited", "resent", "delivered", "failed", "rejected",
-    "email_conflicts", "error",
+    "email_conflicts", "fast_path", "error",
 )  # fmt: skip
 CHANGE_COLUMNS = (
     "user_id", "email", "value", "status", "event", "attempts", "http_status", "last_error",
@@ -207,6 +208,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--allow-mass-exit", action="store_true",
         help="send even when a run would remove more than the audience's mass-exit threshold",
+    )  # fmt: skip
+    run.add_argument(
+        "--full-diff", action="store_true",
+        help="force a full load and diff even when the file is unchanged",
     )  # fmt: skip
 
     backfill = command(
@@ -414,7 +419,9 @@ def _add_global_options(parser: argparse.ArgumentParser, *, argparse_default: bo
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    return _sync_command(args, "run", args.audience, allow_mass_exit=args.allow_mass_exit)
+    return _sync_command(
+        args, "run", args.audience, allow_mass_exit=args.allow_mass_exit, full_diff=args.full_diff
+    )
 
 
 def cmd_backfill(args: argparse.Namespace) -> int:
@@ -426,7 +433,12 @@ def cmd_retire(args: argparse.Namespace) -> int:
 
 
 def _sync_command(
-    args: argparse.Namespace, mode: Mode, keys: Sequence[str], *, allow_mass_exit: bool = False
+    args: argparse.Namespace,
+    mode: Mode,
+    keys: Sequence[str],
+    *,
+    allow_mass_exit: bool = False,
+    full_diff: bool = False,
 ) -> int:
     settings = _settings(args)
     if args.metrics_file:
@@ -446,6 +458,7 @@ def _sync_command(
             mode=mode,
             dry_run=args.dry_run,
             allow_mass_exit=allow_mass_exit,
+            full_diff=full_diff,
             stop=stop,
             observer=metrics.observe_request,
             progress=progress,
@@ -516,6 +529,15 @@ def _result_notes(
     """What to say under the table: (audience, message, is_error), errors first-hand."""
     notes: list[tuple[str, str, bool]] = []
     for r in results:
+        if r.fast_path:
+            notes.append(
+                (
+                    r.audience_key,
+                    "file unchanged and nothing owed: load and diff skipped (fast path; "
+                    "--full-diff forces them)",
+                    False,
+                )
+            )
         # A partial run's own error is only the count of failed changes, told better below.
         if r.error and not (r.status == "partial" and r.failed):
             notes.append((r.audience_key, r.error, True))
@@ -591,7 +613,7 @@ def _print_results(
 
 
 def _result_dict(result: RunResult) -> dict[str, Any]:
-    fields = asdict(result)
+    fields = result_fields(result)
     key = fields.pop("audience_key")
     run_id = fields.pop("run_id")
     return {"audience": key, "run_id": run_id, **fields, "audience_key": key}

@@ -36,6 +36,7 @@ RUN_FIELDS = (
     "rejected",
     "resent",
     "email_conflicts",
+    "fast_path",
     "error",
 )
 

@@ -16,6 +16,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    false,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -73,6 +74,12 @@ class SyncRun(Base):
     # Source rows whose email differed from another audience's for the same user this run.
     email_conflicts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     error: Mapped[str | None] = mapped_column(Text)
+    # A file source's bytes as this run read them (BLAKE2b), and a hash of every setting that
+    # decides what is sent for the key: the no-change fast path compares both with the last run.
+    source_digest: Mapped[str | None] = mapped_column(String(64))
+    config_fingerprint: Mapped[str | None] = mapped_column(String(64))
+    # True when the run skipped load and diff (unchanged file, nothing owed: see fastpath.py).
+    fast_path: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
 
 class Membership(Base):
@@ -155,17 +162,6 @@ class EmailConflict(Base):
     used_email: Mapped[str] = mapped_column(EMAIL)  # the one sent
 
 
-class StagedMember(Base):
-    """A run's snapshot of the source, deduplicated by user; emptied when the run ends."""
-
-    __tablename__ = "staged_members"
-
-    run_id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    user_id: Mapped[str] = mapped_column(USER_ID, primary_key=True)
-    email: Mapped[str] = mapped_column(EMAIL)
-    value: Mapped[str | None] = mapped_column(Text)  # a trait's value as canonical JSON
-
-
 class TraitValue(Base):
     """A computed trait's value Gist acknowledged for a user (canonical JSON, so 1, 1.0 and
     "1" stay different); written only after a 2xx, like ``memberships``."""
@@ -245,7 +241,6 @@ trait_values = _table(TraitValue)
 contacts = _table(Contact)
 email_conflicts = _table(EmailConflict)
 rejected_rows = _table(RejectedRow)
-staged_members = _table(StagedMember)
 leases = _table(Lease)
 rate_limits = _table(RateLimit)
 workers = _table(Worker)

@@ -341,11 +341,16 @@ def unify_emails(connection: Connection, snapshots: Sequence[Snapshot]) -> dict[
 
 
 def resolve_emails(
-    connection: Connection, snapshots: Sequence[Snapshot], run_ids: Sequence[int]
+    connection: Connection,
+    snapshots: Sequence[Snapshot],
+    run_ids: Sequence[int],
+    spared: Sequence[str] = (),
 ) -> None:
     """Every planned request carries the user's current email: the one staged for them by
     any run of this invocation (unified by ``unify_emails``), else the one Gist last
-    acknowledged for them under any key."""
+    acknowledged for them under any key. The acknowledged members of a key whose run took
+    the fast path (``spared``) stand for its unread file: they are its rows, and no staged
+    source gives them another email."""
     if not run_ids:
         return
     open_change = and_(changes.c.run_id.in_(run_ids), changes.c.status.in_(OPEN_STATUSES))
@@ -357,9 +362,21 @@ def resolve_emails(
                 .where(open_change, changes.c.user_id == s.c.user_id, changes.c.email != s.c.email)
                 .values(email=s.c.email)
             )
+        for key in spared:
+            m = memberships.alias("spared")
+            connection.execute(
+                update(changes)
+                .where(
+                    open_change,
+                    m.c.audience_key == key,
+                    changes.c.user_id == m.c.user_id,
+                    changes.c.email != m.c.email,
+                )
+                .values(email=m.c.email)
+            )
         staged_anywhere = [
             exists().where(s.table.c.user_id == changes.c.user_id) for s in snapshots
-        ]
+        ] + [_member(k, changes.c.user_id) for k in spared]
         connection.execute(
             update(changes)
             .where(

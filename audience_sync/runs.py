@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
+from typing import Any
 
-from sqlalchemy import Engine, delete, func, select, update
+from sqlalchemy import Engine, func, select, update
 
-from audience_sync.models import audiences, staged_members
+from audience_sync.models import audiences
 from audience_sync.models import member_changes as changes
 from audience_sync.models import sync_runs as runs
 from audience_sync.statuses import FAILED_STATUSES, RunKind, RunStatus
@@ -44,6 +45,17 @@ class RunResult:
     resent: int = 0  # members sent again unchanged, because their email changed
     email_conflicts: int = 0  # rows whose email lost to another audience's for the same user
     staged_in: str | None = None  # where the source rows were checked: "python" or "database"
+    fast_path: bool = False  # load and diff skipped: an unchanged file, nothing owed
+    source_digest: str | None = None  # the file's bytes as read (CSV/JSONL sources)
+    config_fingerprint: str | None = None  # a hash of the settings deciding what is sent
+
+
+def result_fields(result: RunResult) -> dict[str, Any]:
+    """The result as a dict for output and alerts: without the digest and fingerprint, which
+    are ``sync_runs`` bookkeeping for the fast path."""
+    fields = asdict(result)
+    del fields["source_digest"], fields["config_fingerprint"]
+    return fields
 
 
 def exit_code(results: Sequence[RunResult]) -> int:
@@ -59,11 +71,9 @@ def open_run(engine: Engine, key: str, name: str, source: str, kind: RunKind, no
     """Record a new ``running`` run of ``key`` and return its id.
 
     The caller holds the key's lease, so any run of it still marked running is dead: it
-    becomes ``interrupted`` and its snapshot, if it died while staging, goes with it.
+    becomes ``interrupted`` (its snapshot was a temporary table, gone with its connection).
     """
     with engine.begin() as connection:
-        dead = select(runs.c.id).where(runs.c.audience_key == key, runs.c.status == "running")
-        connection.execute(delete(staged_members).where(staged_members.c.run_id.in_(dead)))
         connection.execute(
             update(runs)
             .where(runs.c.audience_key == key, runs.c.status == "running")
@@ -129,6 +139,9 @@ def save_run(engine: Engine, result: RunResult, finished_at: datetime | None) ->
                 resent=result.resent,
                 email_conflicts=result.email_conflicts,
                 error=result.error,
+                fast_path=result.fast_path,
+                source_digest=result.source_digest,
+                config_fingerprint=result.config_fingerprint,
             )
         )
         if finished_at is not None and result.status in ("succeeded", "partial"):

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import csv
+import hashlib
+import io
 import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 from sqlalchemy import create_engine, event, text
 from sqlalchemy.engine import Connection, make_url
@@ -151,6 +153,9 @@ class FileSource:
         self.key = key
         self.with_value = with_value
         self.columns = (*REQUIRED_COLUMNS, "value") if with_value else REQUIRED_COLUMNS
+        # The digest of exactly the bytes a CSV/JSONL read went through to the end, so that
+        # what a run records is what it staged even if the file is replaced meanwhile.
+        self.digest: str | None = None
 
     def read_chunks(self, chunk_size: int = CHUNK_SIZE) -> Iterator[list[SourceRow]]:
         if not self.path.is_file():
@@ -179,8 +184,16 @@ class FileSource:
         except OSError as exc:
             raise SourceError(f"{self.path}: cannot read: {exc}") from exc
 
+    def _open(self, newline: str | None) -> tuple[io.TextIOWrapper, Any]:
+        """The file as text, and the hash its bytes go through as they are read."""
+        digest = new_digest()
+        raw = _HashedReader(self.path.open("rb", buffering=0), digest)
+        buffered = io.BufferedReader(raw, buffer_size=READ_BUFFER)
+        return io.TextIOWrapper(buffered, encoding="utf-8-sig", newline=newline), digest
+
     def _csv_chunks(self, chunk_size: int) -> Iterator[list[SourceRow]]:
-        with self.path.open(encoding="utf-8-sig", newline="") as handle:
+        handle, digest = self._open(newline="")
+        with handle:
             reader = csv.reader(handle)
             try:
                 header = next(reader, [])
@@ -222,10 +235,12 @@ class FileSource:
                     yield chunk
             except csv.Error as exc:
                 raise SourceError(f"{self.path}: line {reader.line_num}: {exc}") from exc
+        self.digest = digest.hexdigest()
 
     def _json_chunks(self, chunk_size: int) -> Iterator[list[SourceRow]]:
         # utf-8-sig: an export that starts with a byte-order mark reads like one without.
-        with self.path.open(encoding="utf-8-sig") as handle:
+        handle, digest = self._open(newline=None)
+        with handle:
             number = 0
             chunk: list[SourceRow] = []
             for line_number, line in enumerate(handle, start=1):
@@ -248,6 +263,48 @@ class FileSource:
                     chunk = []
             if chunk:
                 yield chunk
+        self.digest = digest.hexdigest()
+
+
+READ_BUFFER = 1 << 20
+
+
+def new_digest() -> Any:
+    """The hash of a file source's bytes: BLAKE2b-256 (faster than SHA-256 in CPython)."""
+    return hashlib.blake2b(digest_size=32)
+
+
+def file_digest(path: Path) -> str | None:
+    """The digest of a file's bytes, read in 1 MiB blocks; None if it cannot be read."""
+    digest = new_digest()
+    try:
+        with path.open("rb") as handle:
+            while block := handle.read(READ_BUFFER):
+                digest.update(block)
+    except OSError:
+        return None
+    return str(digest.hexdigest())
+
+
+class _HashedReader(io.RawIOBase):
+    """A binary file whose every byte read also goes through a hash."""
+
+    def __init__(self, raw: io.FileIO, digest: Any) -> None:
+        self._raw = raw
+        self._digest = digest
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        count = self._raw.readinto(buffer)
+        if count:
+            self._digest.update(memoryview(buffer)[:count])
+        return count or 0
+
+    def close(self) -> None:
+        self._raw.close()
+        super().close()
 
 
 def source_for(settings: Settings, audience: Computation) -> Source:

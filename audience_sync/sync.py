@@ -11,6 +11,7 @@ import asyncio
 import logging
 import threading
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from typing import Protocol
 
@@ -25,6 +26,7 @@ from audience_sync.config import Computation, Settings, TraitConfig, scrub
 from audience_sync.delivery import Deliverer, DeliveryReport, Pacer
 from audience_sync.errors import ConfigError, LockHeldError, SourceError, StopRequestedError
 from audience_sync.events import EventNames, send_events
+from audience_sync.fastpath import config_fingerprint, judge, overlaps
 from audience_sync.gist import GistClient, RequestObserver, make_http_client
 from audience_sync.models import audiences
 from audience_sync.plan import (
@@ -54,7 +56,7 @@ from audience_sync.runs import (
     unfinished_backfills,
     utcnow,
 )
-from audience_sync.sources import SqlSource, is_warehouse_native, source_for
+from audience_sync.sources import FileSource, SqlSource, is_warehouse_native, source_for
 from audience_sync.stage import Snapshot, Staging, analyze_state
 from audience_sync.statuses import MODES, Mode, RunKind, RunStatus
 from audience_sync.workers import Presence
@@ -105,6 +107,7 @@ class SyncContext:
     owner: str
     transport: httpx.AsyncBaseTransport | None = None
     observer: RequestObserver | None = None
+    full_diff: bool = False  # never take the no-change fast path
 
     @property
     def dry_run(self) -> bool:
@@ -126,6 +129,7 @@ def run_once(
     mode: Mode = "run",
     dry_run: bool = False,
     allow_mass_exit: bool = False,
+    full_diff: bool = False,
     transport: httpx.AsyncBaseTransport | None = None,
     clock: Clock = utcnow,
     stop: threading.Event | None = None,
@@ -140,6 +144,8 @@ def run_once(
     for everyone Gist may hold a value of it for). ``memberships`` moves only for changes
     Gist acknowledged, so whatever is not delivered (failure, crash, stop) is planned again
     by the next run. A dry run writes its plan as ``planned`` changes and sends nothing.
+    A run of an unchanged file with nothing owed skips load and diff (``fastpath``) unless
+    ``full_diff``.
     Setting ``stop`` (e.g. from a signal handler) ends the run gracefully: requests in
     flight finish and are recorded, and the runs are marked ``interrupted``.
 
@@ -148,70 +154,67 @@ def run_once(
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}")
-    if worker is None:
-        with Presence(engine, mode) as own:
-            return run_once(
-                settings, engine, keys, mode=mode, dry_run=dry_run,
-                allow_mass_exit=allow_mass_exit, transport=transport, clock=clock, stop=stop,
-                observer=observer, progress=progress, worker=own,
-            )  # fmt: skip
-    ctx = SyncContext(
-        settings=settings,
-        engine=engine,
-        mode=mode,
-        kind="dry-run" if dry_run else mode,
-        allow_mass_exit=allow_mass_exit,
-        clock=clock,
-        stop=stop or threading.Event(),
-        progress=progress or NoProgress(),
-        owner=worker.id,
-        transport=transport,
-        observer=observer,
-    )
-    targets = _targets(settings, engine, keys, mode)
-    heartbeat = lease.Heartbeat(engine, ctx.owner)
-    held: list[_Target] = []
-    results: dict[str, RunResult] = {}
-    try:
-        for target in targets:
-            try:
-                lease.acquire(engine, target.key, ctx.owner)
-            except LockHeldError as exc:
-                # The caller reports it (a daemon once per holder, `run` in its table).
-                log.debug("skipping %s: %s", target.key, exc)
-                results[target.key] = RunResult(
-                    target.key, target.name, ctx.kind, "skipped", error=str(exc)
+    # Without a worker of the caller's (a daemon keeps one), this call is one for its length.
+    registered = nullcontext(worker) if worker is not None else Presence(engine, mode)
+    with registered as worker:
+        ctx = SyncContext(
+            settings=settings,
+            engine=engine,
+            mode=mode,
+            kind="dry-run" if dry_run else mode,
+            allow_mass_exit=allow_mass_exit,
+            clock=clock,
+            stop=stop or threading.Event(),
+            progress=progress or NoProgress(),
+            owner=worker.id,
+            transport=transport,
+            observer=observer,
+            full_diff=full_diff,
+        )
+        targets = _targets(settings, engine, keys, mode)
+        heartbeat = lease.Heartbeat(engine, ctx.owner)
+        held: list[_Target] = []
+        results: dict[str, RunResult] = {}
+        try:
+            for target in targets:
+                try:
+                    lease.acquire(engine, target.key, ctx.owner)
+                except LockHeldError as exc:
+                    # The caller reports it (a daemon once per holder, `run` in its table).
+                    log.debug("skipping %s: %s", target.key, exc)
+                    results[target.key] = RunResult(
+                        target.key, target.name, ctx.kind, "skipped", error=str(exc)
+                    )
+                    continue
+                held.append(target)
+                heartbeat.add(target.key)
+            worker.running(t.key for t in held)
+            heartbeat.start()
+            planned = _prepare(ctx, held, results)
+            report = DeliveryReport()
+            # Audiences with track events may owe events from earlier runs even with no change.
+            tracked = {
+                t.key: _event_names(t.audience)
+                for t in held
+                if t.audience is not None and t.audience.send_track
+            }
+            if (planned or tracked) and not ctx.dry_run:
+                report = asyncio.run(_deliver(ctx, planned, tracked, heartbeat))
+            for result in planned:
+                results[result.audience_key] = finish_run(
+                    engine, result, report.error, report.interrupted, clock
                 )
-                continue
-            held.append(target)
-            heartbeat.add(target.key)
-        worker.running(t.key for t in held)
-        heartbeat.start()
-        planned = _prepare(ctx, held, results)
-        report = DeliveryReport()
-        # Audiences with track events may owe events from earlier runs even with no change.
-        tracked = {
-            t.key: _event_names(t.audience)
-            for t in held
-            if t.audience is not None and t.audience.send_track
-        }
-        if (planned or tracked) and not ctx.dry_run:
-            report = asyncio.run(_deliver(ctx, planned, tracked, heartbeat))
-        for result in planned:
-            results[result.audience_key] = finish_run(
-                engine, result, report.error, report.interrupted, clock
-            )
-    except BaseException as exc:
-        # Ctrl-C, SIGTERM or a crash of our own: record it; acknowledged work is already saved.
-        status: RunStatus = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
-        running = [r for r in results.values() if r.status == "running"]
-        abandon_runs(engine, running, status, exc, clock)
-        raise
-    finally:
-        heartbeat.stop()
-        lease.release(engine, [t.key for t in held], ctx.owner)
-        worker.running(())
-    return [results[t.key] for t in targets]
+        except BaseException as exc:
+            # Ctrl-C, SIGTERM or a crash of our own: record it; acknowledged work is already saved.
+            status: RunStatus = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+            running = [r for r in results.values() if r.status == "running"]
+            abandon_runs(engine, running, status, exc, clock)
+            raise
+        finally:
+            heartbeat.stop()
+            lease.release(engine, [t.key for t in held], ctx.owner)
+            worker.running(())
+        return [results[t.key] for t in targets]
 
 
 def _targets(settings: Settings, engine: Engine, keys: Sequence[str], mode: Mode) -> list[_Target]:
@@ -240,12 +243,16 @@ def _targets(settings: Settings, engine: Engine, keys: Sequence[str], mode: Mode
 def _prepare(
     ctx: SyncContext, held: Sequence[_Target], results: dict[str, RunResult]
 ) -> list[RunResult]:
-    """Stage every held target, then plan each; returns the runs left ``running`` (planned,
-    to deliver). Every run's result goes into ``results``; one audience's failure never
-    stops the others. Staging and planning share one connection: the snapshots are its
-    temporary tables."""
+    """Stage every held target (but those the fast path spares), then plan each; returns
+    the runs left ``running`` (planned, to deliver). Every run's result goes into
+    ``results``; one audience's failure never stops the others. Staging and planning share
+    one connection: the snapshots are its temporary tables."""
     opened: list[tuple[_Target, RunResult]] = []
     snapshots: dict[int, Snapshot] = {}
+
+    def stage(c: SyncContext, t: _Target, r: RunResult) -> RunResult:
+        return _stage(c, staging, snapshots, t, r)
+
     with ctx.engine.connect() as connection:
         staging = Staging(connection)
         try:
@@ -259,13 +266,14 @@ def _prepare(
                 result = RunResult(target.key, target.name, ctx.kind, "running")
                 result = results[target.key] = _guarded(ctx, target, result, _open)
                 if result.status == "running" and target.audience is not None:
-
-                    def stage(c: SyncContext, t: _Target, r: RunResult) -> RunResult:
-                        return _stage(c, staging, snapshots, t, r)
-
-                    result = _guarded(ctx, target, result, stage)
+                    result = _guarded(ctx, target, result, _judge)
+                    if result.status == "running" and not result.fast_path:
+                        result = _guarded(ctx, target, result, stage)
                 results[target.key] = result
                 opened.append((target, result))
+            _settle_fast_paths(ctx, connection, opened, snapshots, stage)
+            for target, result in opened:
+                results[target.key] = result
             staged = [
                 snapshots[r.run_id]
                 for _, r in opened
@@ -274,7 +282,8 @@ def _prepare(
             # From here on every transaction reads the state and then writes it.
             connection.execution_options(**{db.WRITE_LOCK: True})
             conflicts = unify_emails(connection, staged)
-            analyze_state(connection)
+            if staged:  # a fast path alone plans nothing: no statistics to refresh
+                analyze_state(connection)
             for index, (target, result) in enumerate(opened):
                 if result.status != "running":
                     continue
@@ -289,19 +298,68 @@ def _prepare(
             plans = [
                 r.run_id for _, r in opened if r.run_id and r.status in ("running", "succeeded")
             ]
-            resolve_emails(connection, staged, plans)
+            spared = [r.audience_key for _, r in opened if r.fast_path]
+            resolve_emails(connection, staged, plans, spared)
         finally:
             # Every snapshot of this invocation, also one cut short while staging.
             _drop_quietly(staging)
     for _, result in opened:
         log.info(
-            "%s: %d rows, %d members, %d entered, %d exited, %d resent, %d rejected",
+            "%s: %d rows, %d members, %d entered, %d exited, %d resent, %d rejected%s",
             result.audience_key, result.source_rows, result.members, result.entered,
             result.exited, result.resent, result.rejected,
+            " (fast path: file unchanged, load and diff skipped)" if result.fast_path else "",
         )  # fmt: skip
         if result.run_id is not None:
             save_run(ctx.engine, result, None if result.status == "running" else ctx.clock())
     return [r for _, r in opened if r.status == "running"]
+
+
+def _judge(ctx: SyncContext, target: _Target, result: RunResult) -> RunResult:
+    """Fingerprint the run's settings; mark it ``fast_path`` when ``fastpath`` allows."""
+    assert target.audience is not None
+    assert result.run_id is not None
+    run_id, fingerprint = result.run_id, config_fingerprint(ctx.settings, target.audience)
+    result = replace(result, config_fingerprint=fingerprint)
+    regular = ctx.kind == "run" and not ctx.full_diff
+    verdict = judge(ctx.engine, target.audience, run_id, fingerprint, regular=regular)
+    if verdict is None or verdict.doubt is not None:
+        return result
+    return replace(
+        result,
+        fast_path=True,
+        source_digest=verdict.digest,
+        source_rows=verdict.source_rows,
+        members=verdict.members,
+    )
+
+
+def _settle_fast_paths(
+    ctx: SyncContext,
+    connection: Connection,
+    opened: list[tuple[_Target, RunResult]],
+    snapshots: dict[int, Snapshot],
+    stage: Callable[[SyncContext, _Target, RunResult], RunResult],
+) -> None:
+    """Stage after all a spared run whose members another staged source gives another
+    email (the first configured source's email is sent, so its snapshot takes part), until
+    none is left; the others end ``succeeded`` with nothing planned."""
+    settled = False
+    while not settled:
+        settled = True
+        staged = [snapshots[r.run_id] for _, r in opened if r.run_id in snapshots]
+        for index, (target, result) in enumerate(opened):
+            if not result.fast_path or not staged:
+                continue
+            if not overlaps(connection, target.key, staged):
+                continue
+            result = replace(result, fast_path=False, source_digest=None, source_rows=0, members=0)
+            opened[index] = (target, _guarded(ctx, target, result, stage))
+            settled = False
+            break
+    for index, (target, result) in enumerate(opened):
+        if result.fast_path:
+            opened[index] = (target, replace(result, status="succeeded"))
 
 
 def _drop_quietly(staging: Staging) -> None:
@@ -382,6 +440,7 @@ def _stage(
     snapshots[result.run_id] = snapshot
     result = replace(
         result,
+        source_digest=source.digest if isinstance(source, FileSource) else None,
         source_rows=snapshot.source_rows,
         rejected=snapshot.rejected,
         staged_in=snapshot.staged_in,

@@ -8,7 +8,6 @@ import socket
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict
 from datetime import datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, cast
@@ -28,6 +27,7 @@ from audience_sync.alerts import (
 )
 from audience_sync.config import AlertsConfig
 from audience_sync.models import audiences, sync_runs
+from audience_sync.runs import result_fields
 from audience_sync.statuses import RunStatus
 from audience_sync.sync import RunResult
 
@@ -165,13 +165,13 @@ def test_payload_shape(receiver: Receiver) -> None:
     assert body["tool"] == "audience-sync"
     assert body["host"] == socket.gethostname()
     assert body["runs"] == [
-        {**asdict(results[1]), "alert": "failing"},
-        {**asdict(results[2]), "alert": "failing"},
+        {**result_fields(results[1]), "alert": "failing"},
+        {**result_fields(results[2]), "alert": "failing"},
     ]
     assert set(body["runs"][0]) == {
         "audience_key", "name", "kind", "status", "run_id", "source_rows", "members",
         "entered", "exited", "delivered", "failed", "rejected", "error", "resent",
-        "email_conflicts", "staged_in", "alert",
+        "email_conflicts", "staged_in", "fast_path", "alert",
     }  # fmt: skip
     assert body["worst_status"] == "guarded"
     assert "churned failing (partial): 2 changes failed" in body["text"]

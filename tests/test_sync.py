@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine, func, inspect, select
 
 from audience_sync import lease
 from audience_sync.fakegist import FakeGist
 from audience_sync.models import (
     member_changes,
     rejected_rows,
-    staged_members,
     sync_runs,
 )
+from audience_sync.rows import SourceRow
+from audience_sync.runs import open_run, utcnow
+from audience_sync.stage import Staging
 from audience_sync.statuses import RunStatus
 from audience_sync.sync import RunResult, exit_code, run_once
 from tests.conftest import Workspace, plant_lease, write_members
@@ -384,20 +387,44 @@ def test_exit_codes() -> None:
         assert exit_code([result(status)]) == 1
 
 
-def test_snapshot_of_a_run_that_died_while_staging_is_cleared(
+def test_a_run_killed_while_staging_leaves_nothing_a_later_run_misreads(
     workspace: Workspace, engine: Engine, gist: FakeGist
 ) -> None:
     source = workspace.add_file_audience("Order Completed Last 30days")
     write_members(source, [1])
-    [first] = sync(workspace, engine)
-    with engine.begin() as connection:
-        connection.execute(sync_runs.update().values(status="running"))
-        connection.execute(
-            staged_members.insert().values(run_id=first.run_id, user_id="x", email="x@example.com")
-        )
     sync(workspace, engine)
+    # A run killed while staging: its row stays `running`, its snapshot (user x) is written,
+    # and its connection goes away without a drop, a rollback or a commit.
+    dead = open_run(engine, KEY, "Order Completed Last 30days", str(source), "run", utcnow())
+    connection = engine.connect()
+    Staging(connection).stage(dead, _Rows([(1, "x", "x@example.com", None)]))
+    connection.invalidate()
+    connection.close()
+    gist.clear_log()
+
+    [after] = sync(workspace, engine)
+
+    assert (after.status, after.entered, after.exited, after.members) == ("succeeded", 0, 0, 1)
+    assert gist.requests() == []
+    assert acknowledged(engine) == {"u1"}
     with engine.connect() as connection:
-        assert connection.scalar(select(func.count()).select_from(staged_members)) == 0
+        status = connection.scalar(select(sync_runs.c.status).where(sync_runs.c.id == dead))
+        assert status == "interrupted"
+        # No snapshot outlives its connection: nothing persistent to clear, nor to misread.
+        tables = set(inspect(connection).get_table_names())
+    assert not {t for t in tables if t.startswith("staged")}
+
+
+class _Rows:
+    """A source of fixed rows."""
+
+    description = "rows"
+
+    def __init__(self, rows: list[SourceRow]) -> None:
+        self.rows = rows
+
+    def read_chunks(self, chunk_size: int = 5000) -> Iterator[list[SourceRow]]:
+        yield self.rows
 
 
 def test_rate_limit_and_concurrency_bound_delivery(
