@@ -355,7 +355,7 @@ class Pacer:
         # Just under the configured rate: a server whose own limit equals it must never see
         # one request too many in any second, whatever the network's jitter.
         rate = config.requests_per_second
-        self._interval = self._solo_interval = 1 / (rate * PACE_SHARE)
+        self._interval = 1 / (rate * PACE_SHARE)
         self._fleet_interval = 1 / (rate * FLEET_PACE_SHARE)
         self._next_slot = 0.0
         # The block of shared slots being used, its next unused slot, and until when the
@@ -414,7 +414,7 @@ class Pacer:
         assert self._budget is not None
         index = self._slot_index(earliest)
         if self._block is None or index >= self._block.slots:
-            interval = self._fleet_interval if self._fleet else self._solo_interval
+            interval = self._fleet_interval if self._fleet else self._interval
             slots = block_slots(self._config.requests_per_second)
             block = await asyncio.to_thread(self._budget.claim, slots, interval)
             if block.shared:

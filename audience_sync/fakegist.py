@@ -216,6 +216,16 @@ class FakeGist(BackgroundServer):
         with self._lock:
             return [r for r in self._log if path is None or r.path == path]
 
+    def busiest_second(self) -> int:
+        """The most requests answered (429s aside) in any one-second window."""
+        times = sorted(r.at for r in self.requests() if r.status != 429)
+        most, start = 0, 0
+        for end, moment in enumerate(times):
+            while moment - times[start] >= 1.0:
+                start += 1
+            most = max(most, end - start + 1)
+        return most
+
     def events(self) -> list[dict[str, Any]]:
         with self._lock:
             return [dict(e) for e in self._events]
