@@ -31,7 +31,7 @@ from typing import Any
 import psycopg
 
 from audience_sync.fakegist import FakeGist
-from harness import API_KEY, PG_CONNINFO, PG_URL
+from harness import API_KEY, PG_CONNINFO, PG_URL, paused_gc
 
 
 def write_config(folder: Path, state: list[str], gist_url: str, args: argparse.Namespace) -> Path:
@@ -59,7 +59,7 @@ def measure(daemons: int, args: argparse.Namespace) -> dict[str, Any]:
     schema = f"bench_fleet_{uuid.uuid4().hex[:8]}"
     env = {**os.environ, "GIST_API_KEY": API_KEY}
     total = args.audiences * args.members
-    with tempfile.TemporaryDirectory() as tmp, FakeGist(api_key=API_KEY) as gist:
+    with tempfile.TemporaryDirectory() as tmp, paused_gc(), FakeGist(api_key=API_KEY) as gist:
         folder = Path(tmp)
         gist.rate_limit = args.rate
         gist.latency = args.latency
