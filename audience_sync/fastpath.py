@@ -130,7 +130,7 @@ def load_verdict(engine: Engine, key: str, run_id: int, fingerprint: str, path: 
             .order_by(runs.c.id.desc())
             .limit(1)
         ).first()
-        doubt = _doubt(connection, key, last, fingerprint)
+        doubt = _doubt(connection, key, run_id, last, fingerprint)
     if doubt is None and unfinished_backfills(engine, key, run_id):
         doubt = "a backfill is unfinished"
     if doubt is not None or last is None:
@@ -141,7 +141,9 @@ def load_verdict(engine: Engine, key: str, run_id: int, fingerprint: str, path: 
     return Verdict(None, digest, last.source_rows, last.members)
 
 
-def _doubt(connection: Connection, key: str, last: Any, fingerprint: str) -> str | None:
+def _doubt(
+    connection: Connection, key: str, run_id: int, last: Any, fingerprint: str
+) -> str | None:
     if last is None:
         return "first run"
     if last.kind != "run":
@@ -157,9 +159,10 @@ def _doubt(connection: Connection, key: str, last: Any, fingerprint: str) -> str
     if _has(connection, uncertain_members.c.audience_key == key):
         return "members are uncertain (a lost answer, or verify --repair)"
     # Each real run supersedes the key's older pending changes, so only the last run's (and
-    # any since) can be pending: looked up by the (run_id, status) index, not all the key's.
-    pending = changes.c.run_id >= last.id, changes.c.status == "pending"
-    if _has(connection, *pending, changes.c.audience_key == key):
+    # this one's, under the same lease) can be pending: an exact seek on the (run_id, status)
+    # index. A range (run_id >= last) let PostgreSQL with stale statistics scan the key's
+    # every change instead (0.24 s at 1M).
+    if _has(connection, changes.c.run_id.in_([last.id, run_id]), changes.c.status == "pending"):
         return "changes are pending"
     owed = changes.c.event_status.in_(["pending", "failed"])
     if _has(connection, changes.c.audience_key == key, owed):

@@ -23,7 +23,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from audience_sync import db, lease
 from audience_sync.budget import workspace_budget
 from audience_sync.config import Computation, Settings, TraitConfig, scrub
-from audience_sync.delivery import Deliverer, DeliveryReport, Pacer
+from audience_sync.delivery import Deliverer, DeliveryReport, Pacer, vacuum_uncertain
 from audience_sync.errors import ConfigError, LockHeldError, SourceError, StopRequestedError
 from audience_sync.events import EventNames, send_events
 from audience_sync.fastpath import config_fingerprint, judge, overlaps
@@ -204,6 +204,7 @@ def run_once(
                 results[result.audience_key] = finish_run(
                     engine, result, report.error, report.interrupted, clock
                 )
+            vacuum_uncertain(engine, sum(results[r.audience_key].delivered for r in planned))
         except BaseException as exc:
             # Ctrl-C, SIGTERM or a crash of our own: record it; acknowledged work is already saved.
             status: RunStatus = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"

@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, select, update
+from sqlalchemy import Engine, select, text, update
 
+from audience_sync import delivery
 from audience_sync.cli import run_cli
 from audience_sync.fakegist import FakeGist
 from audience_sync.history import load_run, load_runs
@@ -380,3 +381,35 @@ def test_the_fingerprint_holds_no_secret_in_clear(
     with engine.begin() as connection:
         connection.execute(update(sync_runs).values(config_fingerprint=None))
     assert sync(workspace, engine).fast_path is False  # a run from before the fingerprint
+
+
+@pytest.mark.parametrize(
+    "state_url", [pytest.param("postgresql", marks=pytest.mark.postgres)], indirect=True
+)
+def test_a_large_delivery_vacuums_the_uncertainty_it_settled_on_postgresql(
+    workspace: Workspace, engine: Engine, gist: FakeGist, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Every change in flight had an uncertain_members row: left to a (possibly disabled)
+    # autovacuum, a million dead index entries slowed every later fast-path check.
+    monkeypatch.setattr(delivery, "VACUUM_AFTER", 5)
+    source = workspace.add_file_audience(NAME)
+
+    def vacuums() -> int:
+        with engine.connect() as connection:
+            connection.exec_driver_sql("SELECT pg_stat_clear_snapshot()")
+            count = connection.scalar(
+                text(
+                    "SELECT vacuum_count FROM pg_stat_user_tables "
+                    "WHERE schemaname = current_schema() AND relname = 'uncertain_members'"
+                )
+            )
+        return int(count)
+
+    write_members(source, range(4))
+    assert sync(workspace, engine).delivered == 4
+    assert vacuums() == 0  # fewer than VACUUM_AFTER settled: left to autovacuum
+    write_members(source, range(4, 10))
+    assert sync(workspace, engine).delivered == 10  # 6 entered, 4 exited
+    assert vacuums() == 1
+    assert sync(workspace, engine).fast_path
+    assert in_gist(gist) == acknowledged(engine) == users(*range(4, 10))
