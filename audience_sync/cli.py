@@ -927,12 +927,17 @@ def _int_arg(low: int, high: int) -> Callable[[str], int]:
     return parse
 
 
-def _age_arg(text: str) -> float:
-    """An argparse type: an age such as 90d, 2w, 12h or 0d, in seconds."""
+def _duration_arg(text: str) -> float | None:
+    """``parse_duration`` for argparse: seconds, None when ``text`` is not a duration."""
     try:
-        age = parse_duration(text)
+        return parse_duration(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _age_arg(text: str) -> float:
+    """An argparse type: an age such as 90d, 2w, 12h or 0d, in seconds."""
+    age = _duration_arg(text)
     if age is None:
         raise argparse.ArgumentTypeError(f"{text!r} is not an age like 90d, 2w, 12h or 0d")
     return age
@@ -940,10 +945,7 @@ def _age_arg(text: str) -> float:
 
 def _since_arg(text: str) -> datetime:
     """``--since``: an age (7d) or an ISO date, as the naive UTC the state stores."""
-    try:
-        age = parse_duration(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+    age = _duration_arg(text)
     if age is not None:
         return utcnow() - timedelta(seconds=age)
     try:
