@@ -128,6 +128,9 @@ class Key:
     values: dict[str, Any] = field(default_factory=dict)
     # on_missing = "keep": canonical values Gist may hold for a user gone from the source.
     possible: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
+    # Users holding the `false` that retiring the key's old audience kind left in Gist,
+    # which the trait's state never tracked.
+    leftover: set[str] = field(default_factory=set)
 
 
 def canonical(value: Any) -> str:
@@ -352,13 +355,18 @@ def machine_for(store: str) -> type[RuleBasedStateMachine]:
             else:
                 if known:  # a key no run ever opened has nothing in Gist (retire refuses it)
                     raise AssertionError(f"retiring {key} never succeeded: {result}")
-            for contact in self.gist.contacts().values():
+            cleared = set()
+            for user, contact in self.gist.contacts().items():
                 assert contact["custom_properties"].get(key) in (None, False)
+                if contact["custom_properties"].get(key) is False:
+                    cleared.add(user)
             self.retired.add(key)
             kind = "trait" if old.kind == "audience" else "audience"
             self.keys[key] = Key(
                 kind, track=data.draw(st.booleans()), epoch=len(self.gist.events())
             )
+            if kind == "trait":
+                self.keys[key].leftover = cleared
             for user in USERS:  # what the retire left: a cleared value of the old kind
                 self.keys[key].possible[user] |= {"absent", "null", "false"}
             self.retired.discard(key)
@@ -474,11 +482,15 @@ def machine_for(store: str) -> type[RuleBasedStateMachine]:
                         ).all()
                     )
                     if model.kind == "trait":
+                        # `false` left by retiring the key as an audience is no value, unless
+                        # the trait's state took the user on since. (A `false` kept for a
+                        # user gone from an on_missing = "keep" source is one: the long
+                        # profile's counterexample to the looser "not in the source".)
                         gist_values = {
                             u: canonical(v)
                             for u, v in held.items()
-                            # `false` left by retiring the key as an audience is no value
-                            if v is not None and not (v is False and u not in model.values)
+                            if v is not None
+                            and not (v is False and u in model.leftover and u not in values)
                         }
                         assert values == gist_values, key
 
