@@ -32,7 +32,7 @@ def _records(bench: dict[str, ModuleType]) -> list[dict[str, Any]]:
             setattr(size, name, samples([1.0, 2.0, 3.0]))
         size.churn_rss_mb = samples([80.0], stat="max")
         sizes.append(r.size_record(size))
-    warehouse = s.WarehouseResult(1_000_000, 10_000, native_rows_python=10_000.0)
+    warehouse = s.WarehouseResult(1_000_000, 10_000, native_rows_python=0.0)
     warehouse.native_s, warehouse.baseline_s = samples([1.0]), samples([4.0])
     delivery = s.DeliveryResult("sqlite", 50, 2000, target_per_s=160.0)
     delivery.delivery_s = samples([13.0])

@@ -16,6 +16,7 @@ from sqlalchemy.pool import NullPool
 from audience_sync.fakegist import FakeGist
 from audience_sync.metrics import Metrics
 from audience_sync.models import member_changes, rejected_rows
+from audience_sync.stage import TEXT_TYPES, WHOLE_TYPES, _checked_rows, column_types
 from audience_sync.sync import RunResult, run_once
 from tests.conftest import Workspace, postgres_admin_url
 
@@ -260,3 +261,48 @@ def test_state_source_on_sqlite_reads_through_python(tmp_path: Path, gist: FakeG
     engine.dispose()
 
     assert (run.status, run.staged_in, run.delivered) == ("succeeded", "python", 1)
+
+
+SAMPLES = [
+    "'u1'", "'  u2 '", "''", "'   '", "NULL", "E'u\\x01'", "repeat('x', 300)",
+    "'a@example.com'", "' b@example.com '", "'not an email'", "E'c@exam\\x02ple.com'",
+    "repeat('y', 400) || '@example.com'", "'d@@example.com'",
+]  # fmt: skip
+TYPED = [  # (SQL type, whether the checks are written for it, samples)
+    ("text", True, SAMPLES),
+    ("character varying(500)", True, SAMPLES),
+    ("character(12)", True, ["'u1'", "'  u2 '", "''", "NULL", "'e@example.com'"]),
+    ("name", True, ["'u1'", "' u2 '", "''", "NULL"]),
+    ("uuid", True, ["'5f0c6d0e-8d5b-4a58-9a0e-0d1b8e3f2a61'", "NULL"]),
+    ("integer", True, ["42", "-7", "0", "NULL"]),
+    ("bigint", True, ["9007199254740993", "NULL"]),
+    ("smallint", True, ["3", "NULL"]),
+    ("numeric", False, ["42", "42.0", "42.5", "NULL"]),
+    ("double precision", False, ["1.5", "2", "'NaN'", "NULL"]),
+    ("boolean", False, ["true", "NULL"]),
+    ("jsonb", False, ["'\"u9\"'", "'9'", "'[1]'", "NULL"]),
+    ("date", False, ["'2026-12-02'", "NULL"]),
+]
+
+
+@postgres_state
+@pytest.mark.parametrize(("sql_type", "specialised", "samples"), TYPED)
+def test_checks_written_for_the_column_types_reject_and_keep_what_the_general_ones_do(
+    engine: Engine, sql_type: str, specialised: bool, samples: list[str]
+) -> None:
+    # Every value as a user id and as an email, each pairing once, in one query.
+    values = ", ".join(f"(({u})::{sql_type}, ({e})::{sql_type})" for u in samples for e in samples)
+    mixed = ", ".join(f"(({u})::{sql_type}, 'ok@example.com')" for u in samples)
+    with engine.connect() as connection:
+        for rows, count in ((values, len(samples) ** 2), (mixed, len(samples))):
+            query = f"SELECT * FROM (VALUES {rows}) AS t(user_id, email)"
+            types = column_types(connection, query)
+            if sql_type.startswith(("character varying", "character(")):
+                assert types[0].startswith("character")
+            else:
+                assert types[0] == sql_type
+            general = connection.exec_driver_sql(_checked_rows(query)).all()
+            written = connection.exec_driver_sql(_checked_rows(query, *types)).all()
+            assert written == general
+            assert len(general) == count
+            assert (types[0] in TEXT_TYPES | WHOLE_TYPES) == specialised
