@@ -354,8 +354,9 @@ SELECT seq, user_id, email,
     WHEN email IS NULL OR email = '' THEN 'missing email'
     WHEN email_reason IS NOT NULL THEN email_reason
     WHEN length(email) > 320 THEN 'email longer than 320 characters'
-    WHEN email ~ '[[:cntrl:]]' THEN 'email contains control characters or invalid Unicode'
-    WHEN email !~ '{_EMAIL}' THEN 'invalid email'
+    -- An email the pattern accepts has no control character: only a refused one is asked.
+    WHEN email !~ '{_EMAIL}' THEN CASE WHEN email ~ '[[:cntrl:]]'
+      THEN 'email contains control characters or invalid Unicode' ELSE 'invalid email' END
   END,
   coalesce(user_id, shown_user), shown_email
 FROM (
