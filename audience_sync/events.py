@@ -9,6 +9,7 @@ import json
 import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from sqlalchemy import Engine, bindparam, select
@@ -75,6 +76,7 @@ async def send_events(
     stop: str | None = None
     slots = asyncio.Semaphore(max_concurrency)
     in_flight: set[asyncio.Task[None]] = set()
+    latest: dict[tuple[str, str], asyncio.Task[None]] = {}  # each user's newest event task
 
     def save(outcomes: list[dict[str, Any]]) -> None:
         nonlocal stop
@@ -87,9 +89,16 @@ async def send_events(
 
     acks: AckBuffer[dict[str, Any]] = AckBuffer(save)
 
-    async def send(row: Any) -> None:
+    async def send(row: Any, after: asyncio.Task[None] | None) -> None:
         nonlocal stop
         try:
+            if after is not None:
+                # One user's events of a key go out one after another, in the order of
+                # their changes: sent side by side, an older entry owed from an earlier
+                # run could arrive after the exit that followed it.
+                await asyncio.wait({after})
+                if stop is not None:
+                    return
             body = build_event(names[row.audience_key], row)
             try:
                 await pacer.call(lambda: client.push_event(body), Attempt())
@@ -111,9 +120,12 @@ async def send_events(
             if stop is not None:
                 slots.release()
                 break
-            task = asyncio.create_task(send(row))
+            user = (row.audience_key, row.user_id)
+            task = asyncio.create_task(send(row, latest.get(user)))
+            latest[user] = task
             in_flight.add(task)
             task.add_done_callback(in_flight.discard)
+            task.add_done_callback(partial(_forget, latest, user))
             acks.flush_if_due()
         await asyncio.gather(*in_flight, return_exceptions=True)
     except BaseException:
@@ -126,6 +138,14 @@ async def send_events(
     if stop is not None:
         log.error(stop)
     return stop
+
+
+def _forget(
+    latest: dict[tuple[str, str], asyncio.Task[None]], user: tuple[str, str], done: Any
+) -> None:
+    """Drop ``user``'s entry once its newest event task is done (none is waiting on it)."""
+    if latest.get(user) is done:
+        del latest[user]
 
 
 def _owed(engine: Engine, names: Mapping[str, EventNames]) -> Iterator[Any]:

@@ -925,3 +925,55 @@ def test_audiences_disagreeing_on_an_email_in_separate_runs_do_not_resend_foreve
         assert (run.entered, run.resent) == (0, 0)
 
     assert gist.requests() == []
+
+
+def test_an_owed_entry_event_arrives_before_the_exit_that_followed_it(
+    workspace: Workspace, engine: Engine
+) -> None:
+    # The long model profile's counterexample (SQLite): a 401 left u0's `Audience Entered`
+    # owed; u0 then left, and the next run sent the owed entry and the new exit side by
+    # side, so the exit could arrive first and Gist's timeline ended on "entered". One
+    # user's events now go out one after another, in the order of their changes.
+    import asyncio
+
+    import httpx
+
+    seen: list[tuple[str, str, str]] = []  # (user, event, "start" | "end")
+    refuse_events = True
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path != "/events":
+            return httpx.Response(200, json={"contact": {}})
+        if refuse_events:
+            return httpx.Response(401, json={"errors": [{"message": "Unauthorized"}]})
+        body = json.loads(request.content)
+        user, name = body["user_id"], body["event_name"]
+        seen.append((user, name, "start"))
+        if name == "Audience Entered":
+            await asyncio.sleep(0.2)  # the older event answers last
+        seen.append((user, name, "end"))
+        return httpx.Response(200, json={})
+
+    source = add_audience(workspace, send_track=True)
+    write_members(source, [0, 1])
+    [first] = sync(workspace, engine, transport=httpx.MockTransport(handler))
+    assert first.delivered == 2  # both contacts acknowledged, both entry events owed
+    write_members(source, [1])
+    refuse_events = False
+
+    [second] = sync(workspace, engine, transport=httpx.MockTransport(handler))
+
+    assert second.status == "succeeded"
+    assert seen.index(("u0", "Audience Exited", "start")) > seen.index(
+        ("u0", "Audience Entered", "end")
+    )
+    assert ("u1", "Audience Entered", "end") in seen
+    statuses = table(
+        engine,
+        select(
+            member_changes.c.user_id, member_changes.c.value, member_changes.c.event_status
+        ).order_by(member_changes.c.id),
+    )
+    assert [tuple(r) for r in statuses] == [
+        ("u0", True, "delivered"), ("u1", True, "delivered"), ("u0", False, "delivered"),
+    ]  # fmt: skip
