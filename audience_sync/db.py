@@ -319,9 +319,11 @@ def ensure_schema(engine: Engine, *, migrate: bool = False) -> None:
         upgrade(engine)
         return
     if current is None:
+        # A sync migrates only SQLite: for any other store, `db upgrade` is the one way.
+        alternative = " (or a `run`)" if is_sqlite(engine) else ""
         raise StateError(
             f"state database {shown} has no audience-sync schema yet: run "
-            "`audience-sync db upgrade` (or a `run`) first"
+            f"`audience-sync db upgrade`{alternative} first"
         )
     raise StateError(
         f"state database {shown} is at revision {current}, this version needs {head}: "

@@ -53,6 +53,7 @@ def test_state_schema_is_created_by_db_upgrade_and_used_by_every_command(
     code, _, err = cli("run")
     assert code == 2
     assert "audience-sync db upgrade" in err  # a shared store is migrated only on purpose
+    assert "or a `run`" not in err  # which would not migrate it either
 
     assert cli("db", "upgrade")[0] == 0
     assert cli("run")[0] == 0
