@@ -52,7 +52,7 @@ from audience_sync.models import (
     uncertain_members,
 )
 from audience_sync.models import member_changes as changes
-from audience_sync.stage import WORK_MEM, Snapshot
+from audience_sync.stage import WORK_MEM, Snapshot, staged_user
 from audience_sync.statuses import ChangeStatus
 
 uncertain = uncertain_members
@@ -359,7 +359,9 @@ def resolve_emails(
             s = snapshot.table
             connection.execute(
                 update(changes)
-                .where(open_change, changes.c.user_id == s.c.user_id, changes.c.email != s.c.email)
+                .where(
+                    open_change, staged_user(s) == changes.c.user_id, changes.c.email != s.c.email
+                )
                 .values(email=s.c.email)
             )
         for key in spared:
@@ -375,7 +377,7 @@ def resolve_emails(
                 .values(email=m.c.email)
             )
         staged_anywhere = [
-            exists().where(s.table.c.user_id == changes.c.user_id) for s in snapshots
+            exists().where(staged_user(s.table) == changes.c.user_id) for s in snapshots
         ] + [_member(k, changes.c.user_id) for k in spared]
         connection.execute(
             update(changes)
@@ -548,8 +550,7 @@ def _valued(key: str, user_id: Any) -> ColumnElement[bool]:
 
 def _present(target: PlanTarget, user_id: Any) -> ColumnElement[bool]:
     """The user is in this run's snapshot."""
-    s = target.snapshot
-    return exists().where(s.c.user_id == user_id)
+    return exists().where(staged_user(target.snapshot) == user_id)
 
 
 def _held_values(key: str) -> Any:

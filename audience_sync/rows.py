@@ -1,8 +1,9 @@
 """Source rows and their checks: user-id canonicalisation, emails, trait value encoding.
 
 Pure: no database, no HTTP. Every reader (files, SQL, Engage exports) yields chunks of
-``SourceRow`` tuples and the staging step splits each chunk with ``split_chunk``: the rows it
-can use, cleaned, and the ones it cannot, with the reason. Rows are plain tuples and the
+``SourceRow`` tuples, and ``checked`` splits each chunk with ``split_chunk`` into a ``Batch``:
+the rows staging can use, cleaned, and the ones it cannot, with the reason (a CSV audience's
+plain lines are checked a block at a time instead: see ``plaincsv``). Rows are plain tuples and the
 common case is checked inline: this loop runs once per source row, millions of times.
 """
 
@@ -11,9 +12,10 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Iterable, Iterator
 from datetime import date, time
 from decimal import Decimal
-from typing import Any
+from typing import Any, NamedTuple
 from uuid import UUID
 
 CHUNK_SIZE = 5000  # rows per chunk a source yields
@@ -22,11 +24,21 @@ SourceRow = tuple[int, Any, Any, Any]
 """One row as the source gave it: (row number counting data rows from 1, user_id, email,
 value — a computed trait's value, None for audiences)."""
 
-Staged = tuple[str, str, str | None]
-"""A usable row: (canonical user_id, email, value as canonical JSON or None)."""
+Staged = tuple[str, str] | tuple[str, str, str]
+"""A usable row: (canonical user_id, email) of an audience, (canonical user_id, email, value
+as canonical JSON) of a computed trait."""
 
 Rejected = tuple[int, str | None, str | None, str]
 """An unusable row: (row number, user_id and email as storable text, reason)."""
+
+
+class Batch(NamedTuple):
+    """Checked rows of a source: how many source rows they cover, the usable ones cleaned
+    and the unusable ones with their reasons."""
+
+    rows: int
+    good: list[Staged]
+    bad: list[Rejected]
 
 
 # Control characters and lone surrogates (which no UTF-8 text can hold: a JSON "\ud800"
@@ -180,21 +192,30 @@ def split_chunk(
             and len(email) <= MAX_EMAIL
             and valid(email)
         ):
-            append((user_id, email, None))
+            append((user_id, email))
             continue
         checked = check_row(user_id, email)
-        encoded: str | None = None
         if with_value and not isinstance(checked, str):
             try:
-                encoded = encode_value(value, value_type)
+                append((*checked, encode_value(value, value_type)))
+                continue
             except ValueError as exc:
                 checked = str(exc)
         if isinstance(checked, str):
             bad.append((number, rejected_text(user_id, canonical=True), rejected_text(email),
                         checked))  # fmt: skip
         else:
-            append((checked[0], checked[1], encoded))
+            append(checked)
     return good, bad
+
+
+def checked(
+    chunks: Iterable[list[SourceRow]], *, with_value: bool = False, value_type: str | None = None
+) -> Iterator[Batch]:
+    """Each chunk of source rows split by ``split_chunk``."""
+    for chunk in chunks:
+        good, bad = split_chunk(chunk, with_value=with_value, value_type=value_type)
+        yield Batch(len(chunk), good, bad)
 
 
 def rejected_text(value: Any, *, canonical: bool = False, limit: int = 500) -> str | None:

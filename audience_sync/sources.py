@@ -8,6 +8,7 @@ import io
 import json
 import re
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
@@ -27,7 +28,8 @@ from audience_sync.config import (
 from audience_sync.db import driver_hint, normalize_url
 from audience_sync.engage import read_engage
 from audience_sync.errors import SourceError
-from audience_sync.rows import CHUNK_SIZE, SourceRow
+from audience_sync.plaincsv import PlainCsv
+from audience_sync.rows import CHUNK_SIZE, Batch, SourceRow, checked
 
 __all__ = ["CHUNK_SIZE", "FileSource", "Source", "SourceRow", "SqlSource", "source_for"]
 
@@ -57,6 +59,11 @@ class Source(Protocol):
         """Yield the rows in lists of at most ``chunk_size``; raise SourceError on failure."""
         ...
 
+    def batches(self, value_type: str | None = None) -> Iterator[Batch]:
+        """Yield the rows checked (``value_type``: a computed trait's, see
+        ``rows.encode_value``); raise SourceError on failure."""
+        ...
+
 
 class SqlSource:
     """Rows from a query, streamed with a server-side cursor inside a read-only transaction."""
@@ -65,6 +72,7 @@ class SqlSource:
         self.url = url
         self.query = query
         self.description = f"{name}: {redact_url(url)}"
+        self.with_value = with_value
         self.columns = (*REQUIRED_COLUMNS, "value") if with_value else REQUIRED_COLUMNS
 
     def check_statement(self) -> None:
@@ -85,6 +93,9 @@ class SqlSource:
                 f"{self.description}: the query must be read-only (it tried to write: {message})"
             )
         return SourceError(f"{self.description}: query failed: {message}")
+
+    def batches(self, value_type: str | None = None) -> Iterator[Batch]:
+        return checked(self.read_chunks(), with_value=self.with_value, value_type=value_type)
 
     def read_chunks(self, chunk_size: int = CHUNK_SIZE) -> Iterator[list[SourceRow]]:
         self.check_statement()
@@ -158,29 +169,43 @@ class FileSource:
         self.digest: str | None = None
 
     def read_chunks(self, chunk_size: int = CHUNK_SIZE) -> Iterator[list[SourceRow]]:
-        if not self.path.is_file():
-            raise SourceError(f"{self.path}: file not found")
-        if self.format is None:
-            raise SourceError(f"{self.path}: set `format` (csv, jsonl or engage) for this file")
+        self._check_readable()
         if self.format == "engage":
             kind: Literal["audience", "trait"] = "trait" if self.with_value else "audience"
             yield from read_engage(self.path, self.key, kind=kind, chunk_size=chunk_size)
             return
-        chunks = (
-            self._json_chunks(chunk_size)
-            if self.format == "jsonl"
-            else self._csv_chunks(chunk_size)
-        )
-        done = 0  # rows yielded so far: a decoding error follows them
+        with self._reading():
+            if self.format == "jsonl":
+                yield from self._json_chunks(chunk_size)
+            else:
+                yield from self._csv_chunks(chunk_size)
+
+    def batches(self, value_type: str | None = None) -> Iterator[Batch]:
+        self._check_readable()
+        if self.format != "csv" or self.with_value:
+            yield from checked(
+                self.read_chunks(), with_value=self.with_value, value_type=value_type
+            )
+            return
+        with self._reading():
+            yield from self._csv_batches()
+
+    def _check_readable(self) -> None:
+        if not self.path.is_file():
+            raise SourceError(f"{self.path}: file not found")
+        if self.format is None:
+            raise SourceError(f"{self.path}: set `format` (csv, jsonl or engage) for this file")
+
+    @contextmanager
+    def _reading(self) -> Iterator[None]:
+        """Errors reading the file as ``SourceError``s naming it (and the line of a byte that
+        is not UTF-8)."""
         try:
-            for chunk in chunks:
-                done = chunk[-1][0]
-                yield chunk
+            yield
         except UnicodeDecodeError as exc:
-            # Text is decoded in buffers, so the bad byte is at or a little after this row.
-            raise SourceError(
-                f"{self.path}: not UTF-8 near data row {done + 1}: {exc.reason}"
-            ) from exc
+            line = first_bad_line(self.path)
+            where = f" at line {line}" if line else ""
+            raise SourceError(f"{self.path}: not UTF-8{where}: {exc.reason}") from exc
         except OSError as exc:
             raise SourceError(f"{self.path}: cannot read: {exc}") from exc
 
@@ -196,46 +221,76 @@ class FileSource:
         with handle:
             reader = csv.reader(handle)
             try:
-                header = next(reader, [])
-                repeated = sorted({c for c in header if header.count(c) > 1})
-                if repeated:
-                    raise SourceError(
-                        f"{self.path}: header names {', '.join(map(repr, repeated))} more than "
-                        "once; which column is meant is ambiguous"
-                    )
-                missing = [c for c in self.columns if c not in header]
-                if missing:
-                    raise SourceError(
-                        f"{self.path}: header must name {_names(self.columns)}; missing "
-                        f"{', '.join(missing)} (got {', '.join(header) or 'no header'})"
-                    )
-                # Plain lists, not DictReader: a third of the cost of a large file.
-                user_index, email_index = header.index("user_id"), header.index("email")
-                value_index = header.index("value") if self.with_value else None
-                width = max(user_index, email_index, value_index or 0)
-                number = 0
+                header = self._csv_header(reader)
                 chunk: list[SourceRow] = []
-                append = chunk.append
-                for record in reader:
-                    # Only a short row or one without user_id can be blank: test just those.
-                    user = record[user_index] if len(record) > width else ""
-                    if not user or user.isspace():
-                        if not any(field.strip() for field in record):
-                            continue  # a blank line, as in JSONL: not a row
-                        if len(record) <= width:  # a short row: what is missing reads as None
-                            record = [*record, *[None] * (width + 1 - len(record))]  # type: ignore[list-item]
-                    number += 1
-                    value = record[value_index] if value_index is not None else None
-                    append((number, record[user_index], record[email_index], value))
-                    if number % chunk_size == 0:
+                for row in self._csv_rows(header, reader, 0):
+                    chunk.append(row)
+                    if len(chunk) == chunk_size:
                         yield chunk
                         chunk = []
-                        append = chunk.append
                 if chunk:
                     yield chunk
             except csv.Error as exc:
                 raise SourceError(f"{self.path}: line {reader.line_num}: {exc}") from exc
         self.digest = digest.hexdigest()
+
+    def _csv_batches(self) -> Iterator[Batch]:
+        """A CSV audience's rows, checked: plain blocks in one pass (see ``plaincsv``)."""
+        handle, digest = self._open(newline="")
+        with handle:
+            reader = csv.reader(handle)
+            try:
+                header = self._csv_header(reader)
+            except csv.Error as exc:
+                raise SourceError(f"{self.path}: line {reader.line_num}: {exc}") from exc
+            plain = PlainCsv(
+                handle, header, lambda records, done: self._csv_rows(header, records, done)
+            )
+            try:
+                yield from plain.batches()
+            except csv.Error as exc:
+                line = reader.line_num + plain.line_num  # the header's lines, then the rest
+                raise SourceError(f"{self.path}: line {line}: {exc}") from exc
+        self.digest = digest.hexdigest()
+
+    def _csv_header(self, reader: Iterator[list[str]]) -> list[str]:
+        """The header, checked: every required column named, none named twice."""
+        header = next(reader, [])
+        repeated = sorted({c for c in header if header.count(c) > 1})
+        if repeated:
+            raise SourceError(
+                f"{self.path}: header names {', '.join(map(repr, repeated))} more than "
+                "once; which column is meant is ambiguous"
+            )
+        missing = [c for c in self.columns if c not in header]
+        if missing:
+            raise SourceError(
+                f"{self.path}: header must name {_names(self.columns)}; missing "
+                f"{', '.join(missing)} (got {', '.join(header) or 'no header'})"
+            )
+        return header
+
+    def _csv_rows(
+        self, header: list[str], records: Iterator[list[str]], done: int
+    ) -> Iterator[SourceRow]:
+        """Source rows of csv records, numbered on from ``done``: blank lines are no rows,
+        and what a short row lacks reads as None."""
+        # Plain lists, not DictReader: a third of the cost of a large file.
+        user_index, email_index = header.index("user_id"), header.index("email")
+        value_index = header.index("value") if self.with_value else None
+        width = max(user_index, email_index, value_index or 0)
+        number = done
+        for record in records:
+            # Only a short row or one without user_id can be blank: test just those.
+            user = record[user_index] if len(record) > width else ""
+            if not user or user.isspace():
+                if not any(field.strip() for field in record):
+                    continue  # a blank line, as in JSONL: not a row
+                if len(record) <= width:  # a short row: what is missing reads as None
+                    record = [*record, *[None] * (width + 1 - len(record))]  # type: ignore[list-item]
+            number += 1
+            value = record[value_index] if value_index is not None else None
+            yield (number, record[user_index], record[email_index], value)
 
     def _json_chunks(self, chunk_size: int) -> Iterator[list[SourceRow]]:
         # utf-8-sig: an export that starts with a byte-order mark reads like one without.
@@ -284,6 +339,25 @@ def file_digest(path: Path) -> str | None:
     except OSError:
         return None
     return str(digest.hexdigest())
+
+
+def first_bad_line(path: Path) -> int | None:
+    """The line (counting from 1) of a file's first byte that is not UTF-8, if it has one."""
+    line, carry = 1, b""
+    with path.open("rb") as handle:
+        while block := handle.read(READ_BUFFER):
+            data = carry + block
+            try:
+                data.decode("utf-8")
+                carry = b""
+            except UnicodeDecodeError as exc:
+                if exc.reason == "unexpected end of data" and exc.start >= len(data) - 3:
+                    carry = data[exc.start :]  # a character cut by the block's end
+                    data = data[: exc.start]
+                else:
+                    return line + data.count(b"\n", 0, exc.start)
+            line += data.count(b"\n")
+    return line if carry else None  # cut short at its end, or since replaced
 
 
 class _HashedReader(io.RawIOBase):

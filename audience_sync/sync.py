@@ -435,7 +435,6 @@ def _stage(
             source,
             ctx.stop.is_set,
             lambda n: ctx.progress.loaded(target.key, n),
-            with_value=audience.is_trait,
             value_type=audience.type if isinstance(audience, TraitConfig) else None,
         )
     snapshots[result.run_id] = snapshot

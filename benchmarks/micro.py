@@ -1,7 +1,8 @@
 """Micro-benchmarks of the per-row hot path, in ns per row: ``split_chunk`` on audience and
-trait rows, ``FileSource.read_chunks`` over a CSV and a JSONL file, and ``Staging`` of one
-chunk into SQLite. pyperf runs them (worker processes, calibration, warm-ups, statistics);
-one JSON line per benchmark goes to ``--jsonl`` for compare.py."""
+trait rows, ``FileSource.read_chunks`` over a CSV and a JSONL file, ``FileSource.batches``
+over a CSV (read and checked), and ``Staging`` of one chunk into SQLite. pyperf runs them
+(worker processes, calibration, warm-ups, statistics); one JSON line per benchmark goes to
+``--jsonl`` for compare.py."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from typing import Any
 import pyperf
 
 from audience_sync.db import make_engine
-from audience_sync.rows import CHUNK_SIZE, SourceRow, split_chunk
+from audience_sync.rows import CHUNK_SIZE, Batch, SourceRow, checked, split_chunk
 from audience_sync.sources import FileSource
 from audience_sync.stage import Staging
 from harness import REPO, checkout_commit
@@ -83,6 +84,17 @@ def time_read(loops: int, name: str, rows: int) -> float:
     return time.perf_counter() - start
 
 
+def time_batches(loops: int, name: str, rows: int) -> float:
+    """Seconds for ``loops`` full reads of a CSV through ``FileSource.batches`` (read and
+    checked: the plain lines a block at a time)."""
+    source = FileSource(fixture(name, rows))
+    start = time.perf_counter()
+    for _ in range(loops):
+        for _batch in source.batches():
+            pass
+    return time.perf_counter() - start
+
+
 class _OneChunk:
     """A source of one prepared chunk."""
 
@@ -93,6 +105,9 @@ class _OneChunk:
 
     def read_chunks(self, chunk_size: int = CHUNK_SIZE) -> Iterator[list[SourceRow]]:
         yield self.rows
+
+    def batches(self, value_type: str | None = None) -> Iterator[Batch]:
+        return checked(self.read_chunks())
 
 
 def time_stage(loops: int, rows: int) -> float:
@@ -138,6 +153,7 @@ def main() -> None:
         ("split_chunk.trait_json", chunk, time_split, (trait_json_rows(chunk), True, "")),
         ("read_chunks.csv", rows, time_read, ("members.csv", rows)),
         ("read_chunks.jsonl", rows, time_read, ("members.jsonl", rows)),
+        ("batches.csv", rows, time_batches, ("members.csv", rows)),
         ("stage.sqlite_chunk", chunk, time_stage, (chunk,)),
     ]
     done: list[tuple[str, int, pyperf.Benchmark]] = []

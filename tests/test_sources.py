@@ -15,7 +15,7 @@ import pytest
 from sqlalchemy import create_engine, text
 
 from audience_sync.errors import SourceError
-from audience_sync.sources import FileSource, SourceRow, SqlSource
+from audience_sync.sources import READ_BUFFER, FileSource, SourceRow, SqlSource, first_bad_line
 from tests.conftest import postgres_admin_url
 
 USERS = [(1, "a@example.com"), (2, "b@example.com"), (3, "c@example.com")]
@@ -133,7 +133,7 @@ def test_jsonl_blank_lines_are_skipped_and_not_counted(tmp_path: Path) -> None:
     [
         (b'{"user_id": "u1", "email": "u1@example.com"}\n{"user_id": \n', "line 2: invalid JSON"),
         (b'{"user_id": "u1", "email": "u1@example.com"}\n\n[1, 2]\n', "line 3: expected a JSON"),
-        (b'{"user_id": "u1", "email": "caf\xe9@example.com"}\n', "not UTF-8 near data row 1"),
+        (b'{"user_id": "u1", "email": "caf\xe9@example.com"}\n', "not UTF-8 at line 1"),
     ],
     ids=["invalid-json", "not-an-object", "not-utf8"],
 )
@@ -150,15 +150,28 @@ def test_broken_jsonl_names_the_file_and_line(
     assert fragment in str(info.value)
 
 
-def test_not_utf8_after_many_rows_names_a_row_not_a_question_mark(tmp_path: Path) -> None:
+@pytest.mark.parametrize("read", ["rows", "batches"])
+def test_not_utf8_after_many_rows_names_its_line(tmp_path: Path, read: str) -> None:
     path = tmp_path / "members.csv"
-    good = "".join(f"u{n},u{n}@example.com\n" for n in range(5000))
-    path.write_bytes(b"user_id,email\n" + good.encode() + b"u9,caf\xe9@example.com\n")
+    good = "".join(f"u{n},u{n}@example.com\n" for n in range(50_000))
+    path.write_bytes(b"user_id,email\n" + good.encode() + b"u9,caf\xe9@example.com\nu8,a@b.co\n")
+    source = FileSource(path)
+    reading = source.read_chunks(chunk_size=1000) if read == "rows" else source.batches()
 
-    with pytest.raises(SourceError, match=r"not UTF-8 near data row \d+") as info:
-        flatten(FileSource(path).read_chunks(chunk_size=1000))
+    with pytest.raises(SourceError, match="not UTF-8 at line 50002: invalid continuation byte"):
+        list(reading)
 
-    assert "?" not in str(info.value)
+
+def test_first_bad_line_finds_a_byte_cut_across_blocks(tmp_path: Path) -> None:
+    path = tmp_path / "members.csv"
+    # "é" (two bytes) straddles the 1 MiB read boundary; the bad byte is two lines later.
+    path.write_bytes(b"x" * (READ_BUFFER - 1) + "é".encode() + b"\nok\n\xff\n")
+
+    assert first_bad_line(path) == 3
+    path.write_bytes(b"fine\n\xc3")  # cut short at the end
+    assert first_bad_line(path) == 2
+    path.write_bytes(b"fine\n")
+    assert first_bad_line(path) is None
 
 
 # ---------------------------------------------------------------- SqlSource

@@ -13,12 +13,13 @@ from audience_sync import lease
 from audience_sync.fakegist import FakeGist
 from audience_sync.models import (
     member_changes,
+    memberships,
     rejected_rows,
     sync_runs,
 )
-from audience_sync.rows import SourceRow
+from audience_sync.rows import Batch, SourceRow, checked, encode_value
 from audience_sync.runs import open_run, utcnow
-from audience_sync.stage import Staging
+from audience_sync.stage import Staging, analyze_state
 from audience_sync.statuses import RunStatus
 from audience_sync.sync import RunResult, exit_code, run_once
 from tests.conftest import Workspace, plant_lease, write_members
@@ -416,15 +417,46 @@ def test_a_run_killed_while_staging_leaves_nothing_a_later_run_misreads(
 
 
 class _Rows:
-    """A source of fixed rows."""
+    """A source of fixed rows (``with_value``: a computed trait's)."""
 
     description = "rows"
 
-    def __init__(self, rows: list[SourceRow]) -> None:
+    def __init__(self, rows: list[SourceRow], *, with_value: bool = False) -> None:
         self.rows = rows
+        self.with_value = with_value
 
     def read_chunks(self, chunk_size: int = 5000) -> Iterator[list[SourceRow]]:
         yield self.rows
+
+    def batches(self, value_type: str | None = None) -> Iterator[Batch]:
+        return checked(self.read_chunks(), with_value=self.with_value, value_type=value_type)
+
+
+@pytest.mark.parametrize("with_value", [False, True], ids=["audience", "trait"])
+def test_staging_keeps_every_character_a_usable_row_may_hold(
+    engine: Engine, with_value: bool
+) -> None:
+    # Backslashes (COPY's escape), "\\N" (its NULL), quotes, commas and non-ASCII text
+    # arrive as they were; a trait's values (canonical JSON, with its escapes) likewise.
+    given = [
+        (1, "a\\b", "x\\y@example.com", None),
+        (2, "\\N", "q,r@example.com", "tab\there"),
+        (3, 'ü "7"', "ß@例え.jp", ""),
+        (4, "\\", "b@c.de", '{"k": "\\\\N"}'),
+    ]
+    with engine.connect() as connection:
+        staging = Staging(connection)
+        snapshot = staging.stage(1, _Rows(given, with_value=with_value))
+        with connection.begin():
+            staged = connection.execute(select(snapshot.table)).all()
+        staging.drop()
+
+    expected = {
+        (user, email, encode_value(value) if with_value else None)
+        for _, user, email, value in given
+    }
+    assert set(staged) == expected
+    assert snapshot.source_rows == 4
 
 
 def test_rate_limit_and_concurrency_bound_delivery(
@@ -464,3 +496,49 @@ def test_retry_after_is_honoured(workspace: Workspace, engine: Engine, gist: Fak
     first, second = gist.requests()
     assert (first.status, second.status, run.status) == (429, 200, "succeeded")
     assert second.at - first.at >= 0.95
+
+
+# PostgreSQL's planner statistics (SQLite plans from its indexes alone).
+@pytest.mark.postgres
+@pytest.mark.parametrize("state_url", ["postgresql"], indirect=True)
+def test_state_statistics_are_refreshed_where_stale_by_autovacuums_measure(
+    engine: Engine,
+) -> None:
+
+    def add_members(first: int, count: int) -> None:
+        with engine.begin() as connection:
+            connection.execute(
+                memberships.insert(),
+                [
+                    {
+                        "audience_key": KEY,
+                        "user_id": f"u{n}",
+                        "email": f"u{n}@example.com",
+                        "since": utcnow(),
+                        "last_run_id": 0,
+                    }
+                    for n in range(first, first + count)
+                ],
+            )
+            connection.exec_driver_sql("SELECT pg_stat_force_next_flush()")
+
+    def analyzed() -> tuple[int, float]:
+        with engine.connect() as connection:
+            count, rows = connection.exec_driver_sql(
+                "SELECT s.analyze_count, c.reltuples FROM pg_stat_user_tables s "
+                "JOIN pg_class c ON c.oid = s.relid WHERE s.relid = 'memberships'::regclass"
+            ).one()
+        return int(count), float(rows)
+
+    def refresh() -> tuple[int, float]:
+        with engine.connect() as connection:
+            analyze_state(connection)
+        return analyzed()
+
+    add_members(0, 1000)
+    count, rows = refresh()  # never analyzed: it is
+    assert rows == 1000
+    add_members(1000, 140)  # 140 < 50 + 10% of 1,000
+    assert refresh() == (count, 1000)
+    add_members(1140, 20)  # 160 since the last ANALYZE
+    assert refresh() == (count + 1, 1160)
