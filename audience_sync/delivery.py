@@ -46,6 +46,8 @@ PACE_SHARE = 0.995  # of requests_per_second actually used
 # ...and while other processes send to the workspace too: no window of theirs sees our
 # requests, so the schedule itself leaves room for ~30 ms of jitter between processes.
 FLEET_PACE_SHARE = 0.97
+# A block's next one is claimed when this little of it is left (a claim takes milliseconds).
+CLAIM_AHEAD_SECONDS = 0.1
 FLEET_MEMORY = 5.0  # seconds a block shared with another process keeps the fleet pace
 WINDOW_MARGIN = 1.02
 VACUUM_AFTER = 10_000  # settled changes after which uncertain_members is vacuumed
@@ -396,6 +398,7 @@ class Pacer:
         # fleet pace holds (another process was seen sending).
         self._block: Block | None = None
         self._block_next = 0
+        self._ahead: asyncio.Task[Block] | None = None  # the next block, claimed ahead
         self._offset: float | None = None  # database time minus this process's
         self._fleet_until = 0.0
         self._taking = asyncio.Lock()
@@ -447,10 +450,12 @@ class Pacer:
         block's ``slots`` slots lie ``interval`` apart from its start, each used once."""
         assert self._budget is not None
         index = self._slot_index(earliest)
-        if self._block is None or index >= self._block.slots:
-            interval = self._fleet_interval if self._fleet else self._interval
-            slots = block_slots(self._config.requests_per_second)
-            block = await asyncio.to_thread(self._budget.claim, slots, interval)
+        fresh = False
+        while not fresh and (self._block is None or index >= self._block.slots):
+            # The block claimed ahead, unless it passed unused meanwhile: then a fresh one.
+            ahead, self._ahead = self._ahead, None
+            fresh = ahead is None
+            block = await (ahead or self._claim())
             if block.shared:
                 self._fleet_until = block.answered + FLEET_MEMORY
                 if block.interval < self._fleet_interval:
@@ -464,8 +469,22 @@ class Pacer:
             bound = block.at - block.answered
             self._offset = bound if self._offset is None else max(self._offset, bound)
             index = self._slot_index(earliest)
+        current = self._block
+        assert current is not None
         self._block_next = index + 1
-        return self._local_start + index * self._block.interval
+        slot = self._local_start + index * current.interval
+        # The next block is claimed while this one still lasts: a claim is a database round
+        # trip, and every sender would wait for it at the block's end.
+        ends = self._local_start + current.slots * current.interval
+        if self._ahead is None and ends - earliest < CLAIM_AHEAD_SECONDS:
+            self._ahead = asyncio.ensure_future(self._claim())
+        return slot
+
+    async def _claim(self) -> Block:
+        assert self._budget is not None
+        interval = self._fleet_interval if self._fleet else self._interval
+        slots = block_slots(self._config.requests_per_second)
+        return await asyncio.to_thread(self._budget.claim, slots, interval)
 
     @property
     def _local_start(self) -> float:
@@ -496,8 +515,19 @@ class Pacer:
         return self._monotonic() < self._fleet_until
 
     async def close(self) -> None:
-        """Give the unused rest of the current block back to the budget."""
-        if self._budget is None or self._block is None:
+        """Give the block claimed ahead and the unused rest of the current one back to the
+        budget (the later one first: a block goes back only while it is the last claimed)."""
+        if self._budget is None:
+            return
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None:
+            try:
+                block = await ahead
+            except Exception as exc:  # a claim no one waits for any more
+                log.debug("claiming send slots ahead failed: %s", exc)
+            else:
+                await asyncio.to_thread(self._budget.give_back, block, block.slots)
+        if self._block is None:
             return
         block, unused = self._block, self._block.slots - self._slot_index(self._monotonic())
         self._block = None

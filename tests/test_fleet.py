@@ -3,6 +3,7 @@ limit, can be seen in ``workers``, and take over from one killed with ``kill -9`
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import itertools
 import json
@@ -21,9 +22,9 @@ import pytest
 from pydantic import SecretStr
 from sqlalchemy import Engine, select
 
-from audience_sync.budget import SharedBudget, workspace_id
+from audience_sync.budget import Block, SharedBudget, workspace_id
 from audience_sync.config import GistConfig
-from audience_sync.delivery import ACK_BATCH
+from audience_sync.delivery import ACK_BATCH, Pacer
 from audience_sync.fakegist import FakeGist
 from audience_sync.models import leases, rate_limits, sync_runs, workers
 from audience_sync.workers import Presence, list_workers
@@ -278,6 +279,44 @@ def test_unused_slots_are_given_back_when_no_one_claimed_after(engine: Engine) -
             select(rate_limits.c.next_free).where(rate_limits.c.workspace == "ws-back")
         )
     assert stored == pytest.approx(other.end)
+
+
+def test_the_next_block_is_claimed_before_the_current_one_runs_out(engine: Engine) -> None:
+    """No sender waits for the database at a block's end: the next block is claimed while
+    the current one still lasts, and closing gives the unused one back."""
+    budget = SharedBudget(engine, "ws-ahead")
+    claims: list[tuple[float, Block]] = []  # (when it was asked for, in Unix seconds)
+    claim = budget.claim
+
+    def timed_claim(slots: int, interval: float) -> Block:
+        asked = time.time()  # the clock SQLite's julianday('now') reads
+        block = claim(slots, interval)
+        claims.append((asked, block))
+        return block
+
+    budget.claim = timed_claim  # type: ignore[method-assign]
+    rate = 400  # 100 slots a block, a quarter of a second each
+
+    async def send() -> float:
+        pacer = Pacer(GistConfig(api_key=SecretStr("k"), requests_per_second=rate), budget=budget)
+        while len(claims) < 3:  # the third block is claimed while the second is in use
+            await pacer.take_slot()
+        await pacer.close()
+        return time.time()
+
+    closed = asyncio.run(send())
+
+    assert len(claims) == 3
+    for (_, block), (asked, _) in itertools.pairwise(claims):
+        assert asked < block.end - 0.05  # well before the block it follows ran out
+    with engine.connect() as connection:
+        next_free = connection.scalar(
+            select(rate_limits.c.next_free).where(rate_limits.c.workspace == "ws-ahead")
+        )
+    # The third block went back whole, then the rest of the second: nothing stays claimed
+    # beyond the slot under way when the pacer closed.
+    assert next_free is not None
+    assert next_free <= closed + 2 / rate
 
 
 def test_the_workspace_id_hides_the_key_and_tells_workspaces_apart() -> None:
