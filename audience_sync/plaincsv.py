@@ -34,7 +34,7 @@ from audience_sync.rows import (
     split_chunk,
 )
 
-BLOCK_CHARS = 1 << 20  # characters read per block: ~30,000 rows of a typical export
+BLOCK_CHARS = 1 << 18  # characters read per block: ~8,000 rows of a typical export
 
 # Every character str.strip() removes and \s matches (str.isspace(): Unicode White_Space
 # and the ASCII separators \x1c-\x1f), for use inside a character class.

@@ -11,7 +11,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -74,23 +74,23 @@ def time_split(loops: int, rows: list[SourceRow], with_value: bool, value_type: 
     return time.perf_counter() - start
 
 
-def time_read(loops: int, name: str, rows: int) -> float:
-    """Seconds for ``loops`` full reads of a file through ``FileSource.read_chunks``."""
+def rows_as_given(source: FileSource) -> Iterable[object]:
+    return source.read_chunks()
+
+
+def rows_checked(source: FileSource) -> Iterable[object]:
+    return source.batches()
+
+
+def time_read(
+    loops: int, name: str, rows: int, read: Callable[[FileSource], Iterable[object]]
+) -> float:
+    """Seconds for ``loops`` full reads of a file: its rows as given (``read_chunks``), or
+    read and checked, a CSV's plain lines a block at a time (``batches``)."""
     source = FileSource(fixture(name, rows))
     start = time.perf_counter()
     for _ in range(loops):
-        for _chunk in source.read_chunks():
-            pass
-    return time.perf_counter() - start
-
-
-def time_batches(loops: int, name: str, rows: int) -> float:
-    """Seconds for ``loops`` full reads of a CSV through ``FileSource.batches`` (read and
-    checked: the plain lines a block at a time)."""
-    source = FileSource(fixture(name, rows))
-    start = time.perf_counter()
-    for _ in range(loops):
-        for _batch in source.batches():
+        for _part in read(source):
             pass
     return time.perf_counter() - start
 
@@ -151,9 +151,9 @@ def main() -> None:
         ("split_chunk.audience", chunk, time_split, (audience_rows(chunk), False, "")),
         ("split_chunk.trait_csv_int", chunk, time_split, (trait_text_rows(chunk), True, "int")),
         ("split_chunk.trait_json", chunk, time_split, (trait_json_rows(chunk), True, "")),
-        ("read_chunks.csv", rows, time_read, ("members.csv", rows)),
-        ("read_chunks.jsonl", rows, time_read, ("members.jsonl", rows)),
-        ("batches.csv", rows, time_batches, ("members.csv", rows)),
+        ("read_chunks.csv", rows, time_read, ("members.csv", rows, rows_as_given)),
+        ("read_chunks.jsonl", rows, time_read, ("members.jsonl", rows, rows_as_given)),
+        ("batches.csv", rows, time_read, ("members.csv", rows, rows_checked)),
         ("stage.sqlite_chunk", chunk, time_stage, (chunk,)),
     ]
     done: list[tuple[str, int, pyperf.Benchmark]] = []
