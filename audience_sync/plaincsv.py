@@ -153,14 +153,16 @@ class PlainCsv:
             lines = block.count("\n") + (not block.endswith("\n"))
             text = block if block.endswith("\n") else block + "\n"
             pattern = self._pattern(quoted)
-            if not pattern.match(text):  # its first line is not plain, quoted this way
+            plain = pattern.match(text)
+            if not plain:  # its first line is not plain, quoted this way
                 first = quoting(text[: text.find("\n") + 1])
                 if first is not None and first != quoted and len(first) == len(self._header):
                     quoted = first  # an export that quotes its fields another way
                     pattern = self._pattern(quoted)
+                    plain = pattern.match(text)
             # A block whose first line is not plain goes to csv without a search: a file of
             # such lines costs no more than the row-by-row reading.
-            found = pattern.findall(text) if pattern.match(text) else []
+            found = pattern.findall(text) if plain else []
             if found and max(map(len, map(itemgetter(1 - self._swap), found))) > MAX_EMAIL:
                 found = []  # an email too long: csv and split_chunk say which
             if len(found) == lines:

@@ -1,7 +1,7 @@
 """Source rows and their checks: user-id canonicalisation, emails, trait value encoding.
 
 Pure: no database, no HTTP. Every reader (files, SQL, Engage exports) yields chunks of
-``SourceRow`` tuples, and ``checked`` splits each chunk with ``split_chunk`` into a ``Batch``:
+``SourceRow`` tuples, and ``check_chunks`` splits each chunk with ``split_chunk`` into a ``Batch``:
 the rows staging can use, cleaned, and the ones it cannot, with the reason (a CSV audience's
 plain lines are checked a block at a time instead: see ``plaincsv``). Rows are plain tuples and the
 common case is checked inline: this loop runs once per source row, millions of times.
@@ -209,7 +209,7 @@ def split_chunk(
     return good, bad
 
 
-def checked(
+def check_chunks(
     chunks: Iterable[list[SourceRow]], *, with_value: bool = False, value_type: str | None = None
 ) -> Iterator[Batch]:
     """Each chunk of source rows split by ``split_chunk``."""

@@ -29,7 +29,7 @@ from audience_sync.db import driver_hint, normalize_url
 from audience_sync.engage import read_engage
 from audience_sync.errors import SourceError
 from audience_sync.plaincsv import PlainCsv
-from audience_sync.rows import CHUNK_SIZE, Batch, SourceRow, checked
+from audience_sync.rows import CHUNK_SIZE, Batch, SourceRow, check_chunks
 
 __all__ = ["CHUNK_SIZE", "FileSource", "Source", "SourceRow", "SqlSource", "source_for"]
 
@@ -95,7 +95,7 @@ class SqlSource:
         return SourceError(f"{self.description}: query failed: {message}")
 
     def batches(self, value_type: str | None = None) -> Iterator[Batch]:
-        return checked(self.read_chunks(), with_value=self.with_value, value_type=value_type)
+        return check_chunks(self.read_chunks(), with_value=self.with_value, value_type=value_type)
 
     def read_chunks(self, chunk_size: int = CHUNK_SIZE) -> Iterator[list[SourceRow]]:
         self.check_statement()
@@ -183,7 +183,7 @@ class FileSource:
     def batches(self, value_type: str | None = None) -> Iterator[Batch]:
         self._check_readable()
         if self.format != "csv" or self.with_value:
-            yield from checked(
+            yield from check_chunks(
                 self.read_chunks(), with_value=self.with_value, value_type=value_type
             )
             return

@@ -6,8 +6,9 @@ point leaves nothing a later run could misread, and nothing has to be deleted ro
 
 - SQLite: ``INSERT OR IGNORE`` into a ``WITHOUT ROWID`` table keyed on ``user_id`` (the
   first row of a user wins), in one transaction of the temporary database.
-- PostgreSQL: one binary ``COPY`` into an unindexed table, then a unique index built once
-  (duplicates, rare, are removed first: the first row copied wins) and fresh statistics.
+- PostgreSQL: one ``COPY`` (text format, joined in C) into an unindexed table, then a
+  unique index built once (duplicates, rare, are removed first: the first row copied wins),
+  which also records the table's size for the planner.
 
 Rejected rows go to a temporary table too and reach ``rejected_rows`` in one short
 transaction, so staging never holds a write lock on the state database itself.

@@ -18,7 +18,7 @@ from typing import Any
 import pyperf
 
 from audience_sync.db import make_engine
-from audience_sync.rows import CHUNK_SIZE, Batch, SourceRow, checked, split_chunk
+from audience_sync.rows import CHUNK_SIZE, Batch, SourceRow, check_chunks, split_chunk
 from audience_sync.sources import FileSource
 from audience_sync.stage import Staging
 from harness import REPO, checkout_commit
@@ -107,7 +107,7 @@ class _OneChunk:
         yield self.rows
 
     def batches(self, value_type: str | None = None) -> Iterator[Batch]:
-        return checked(self.read_chunks())
+        return check_chunks(self.read_chunks())
 
 
 def time_stage(loops: int, rows: int) -> float:

@@ -17,7 +17,7 @@ from audience_sync.models import (
     rejected_rows,
     sync_runs,
 )
-from audience_sync.rows import Batch, SourceRow, checked, encode_value
+from audience_sync.rows import Batch, SourceRow, check_chunks, encode_value
 from audience_sync.runs import open_run, utcnow
 from audience_sync.stage import Staging, analyze_state
 from audience_sync.statuses import RunStatus
@@ -429,7 +429,7 @@ class _Rows:
         yield self.rows
 
     def batches(self, value_type: str | None = None) -> Iterator[Batch]:
-        return checked(self.read_chunks(), with_value=self.with_value, value_type=value_type)
+        return check_chunks(self.read_chunks(), with_value=self.with_value, value_type=value_type)
 
 
 @pytest.mark.parametrize("with_value", [False, True], ids=["audience", "trait"])
