@@ -166,6 +166,7 @@ def delivery_record(r: DeliveryResult) -> Record:
     rec = flatten(r, "delivery", f"delivery.{r.store}.latency={r.latency_ms}ms")
     rec["changes_per_s"] = _ratio(r.changes, rec["delivery_s"])
     rec["share_of_target"] = _ratio(rec["changes_per_s"], r.target_per_s)
+    rec["share_of_floor"] = _ratio(rec["changes_per_s"], rec["floor_per_s"])
     return rec
 
 
@@ -391,13 +392,15 @@ def delivery_table(records: Sequence[Record]) -> str:
     """Delivery throughput per store and latency (medians of the runs)."""
     headers = [
         "store", "latency ms", "changes", "runs", "dry s", "real s", "delivery s",
-        "changes/s", "fake-side/s", "target/s", "% of target",
+        "changes/s", "fake-side/s", "floor/s", "% of floor", "target/s", "% of target",
     ]  # fmt: skip
     rows, notes = _rows(records, len(headers), lambda r: [
         r["store"], fmt(r["latency_ms"]), fmt(r["changes"]),
         fmt(len(r["samples"].get("delivery_s", []))), fmt(r["dry_s"], ".3f"),
         fmt(r["real_s"], ".3f"), fmt(r["delivery_s"], ".3f"), fmt(r["changes_per_s"], ",.0f"),
-        fmt(r["fake_side_per_s"], ",.0f"), fmt(r["target_per_s"], ".0f"),
+        fmt(r["fake_side_per_s"], ",.0f"), fmt(r["floor_per_s"], ",.0f"),
+        fmt(None if r["share_of_floor"] is None else r["share_of_floor"] * 100, ".0f"),
+        fmt(r["target_per_s"], ".0f"),
         fmt(None if r["share_of_target"] is None else r["share_of_target"] * 100, ".0f"),
     ])  # fmt: skip
     return "\n".join([table(headers, rows), *(f"  {n}" for n in notes)])

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from harness import (
+    API_KEY,
     AUDIENCE_KEY,
     CURRENT,
     PG_OTHER_URL,
@@ -50,6 +51,7 @@ BATCH_SIZE = 500
 FLOOR_CHUNK = 5000
 FLOOR_WORK_MEM = "256MB"  # one hash batch for the floor's join: the least any design needs
 DELIVERY_CONCURRENCY = 8
+DELIVERY_FLOOR = Path(__file__).with_name("delivery_floor.py")
 RATE_LIMIT = 50.0
 NATIVE_STATE = 'source = "state"'
 NAIVE_CODE = """
@@ -164,6 +166,7 @@ class DeliveryResult:
     delivery_s: Samples = field(default_factory=Samples)  # real - dry of the same store
     real_cli_s: Samples = field(default_factory=Samples)
     fake_side_per_s: Samples = field(default_factory=Samples)
+    floor_per_s: Samples = field(default_factory=Samples)  # delivery_floor.py, same fake
     error: str | None = None
 
 
@@ -502,11 +505,17 @@ def measure_delivery(
             if delivered != result.changes:
                 raise BenchError(f"delivered {delivered} of {result.changes}")
             real_s = engine_seconds(last_run(cli, folder, config), "run")
+            # The same number of requests from a bare client, against the same fake.
+            floor = run_child(folder, [
+                sys.executable, str(DELIVERY_FLOOR), gist.url, API_KEY, str(result.changes),
+                str(DELIVERY_CONCURRENCY),
+            ], tag="delivery-floor")  # fmt: skip
         result.dry_s.add(dry_s)
         result.real_s.add(real_s)
         result.delivery_s.add(max(real_s - dry_s, 0.001))
         result.real_cli_s.add(real.seconds)
         result.fake_side_per_s.add(sent.ok_rate())
+        result.floor_per_s.add(json.loads(floor.stdout)["per_s"])
 
 
 def measure_rate(result: RateResult, root: Path, cli: Cli = CURRENT) -> None:

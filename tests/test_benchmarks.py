@@ -36,6 +36,7 @@ def _records(bench: dict[str, ModuleType]) -> list[dict[str, Any]]:
     warehouse.native_s, warehouse.baseline_s = samples([1.0]), samples([4.0])
     delivery = s.DeliveryResult("sqlite", 50, 2000, target_per_s=160.0)
     delivery.delivery_s = samples([13.0])
+    delivery.floor_per_s = samples([160.0])
     rate = s.RateResult("sqlite", 1, 50.0, 1500, ok_answers=1500, answers_429=0,
                         achieved_per_s=49.5)  # fmt: skip
     return [
@@ -63,6 +64,30 @@ def test_checks_pass_and_fail_by_the_table(bench: dict[str, ModuleType]) -> None
     assert checks["delivery.sqlite.latency=50ms.share_of_target"]  # 2000 / 13 s of 160/s
     assert checks["store.sqlite.churn_scaling_5m_1m"]
     assert checks["rate.sqlite.run=1.share_of_limit"]
+
+
+def test_the_delivery_record_reads_the_rate_against_the_floor(
+    bench: dict[str, ModuleType],
+) -> None:
+    (delivery,) = [rec for rec in _records(bench) if rec["scenario"] == "delivery"]
+    assert delivery["share_of_floor"] == pytest.approx(2000 / 13 / 160)
+    assert "% of floor" in bench["report"].delivery_table([delivery])
+
+
+def test_the_delivery_floor_sends_every_update_to_the_fake(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import asyncio
+
+    from audience_sync.fakegist import FakeGist
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    floor = importlib.import_module("delivery_floor")
+    with FakeGist(api_key="bench-key") as gist:
+        seconds = asyncio.run(floor.deliver(gist.url, "bench-key", 25, 4))
+        assert seconds > 0
+        assert len(gist.contacts()) == 25
+        assert {r.status for r in gist.requests()} == {200}
 
 
 def test_ids_are_unique_and_compare_joins_on_them(
