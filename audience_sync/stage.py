@@ -4,8 +4,11 @@ Each run of an invocation stages into a temporary table of its own on the one co
 the invocation plans with. A temporary table is gone with its connection, so a kill at any
 point leaves nothing a later run could misread, and nothing has to be deleted row by row.
 
-- SQLite: ``INSERT OR IGNORE`` into a ``WITHOUT ROWID`` table keyed on ``user_id`` (the
-  first row of a user wins), in one transaction of the temporary database.
+- SQLite: appended to an unindexed table, then copied in ``user_id`` order into a ``WITHOUT
+  ROWID`` table keyed on it (``INSERT OR IGNORE``: the first row of a user wins), in one
+  transaction. SQLite's sorter sorts in bounded memory and spills to temporary files, and
+  the keyed table is then built by appending; inserted in the source's order, the B-tree
+  needed a page cache the size of the snapshot (memory growing with it) or went slower.
 - PostgreSQL: one ``COPY`` (text format, joined in C) into an unindexed table, then a
   unique index built once (duplicates, rare, are removed first: the first row copied wins),
   which also records the table's size for the planner.
@@ -33,9 +36,6 @@ _COLUMNS = ("user_id", "email", "value")  # of a snapshot; an audience's rows fi
 # PostgreSQL memory for one invocation's sorts and hash joins over a snapshot, so that
 # neither spills to disk in batches (server memory, for the statement's duration only).
 WORK_MEM = "256MB"
-# SQLite: the temporary database's page cache, so a snapshot's B-tree stays in memory
-# while it is built (the default is 2 MB).
-TEMP_CACHE_KIB = 65536
 
 
 @dataclass(frozen=True)
@@ -58,9 +58,6 @@ class Staging:
         self._connection = connection
         self._postgres = connection.dialect.name == "postgresql"
         self._tables: list[str] = []
-        if not self._postgres:
-            with connection.begin():
-                connection.exec_driver_sql(f"PRAGMA temp.cache_size = -{TEMP_CACHE_KIB}")
 
     def stage(
         self,
@@ -79,7 +76,12 @@ class Staging:
         first: str | None = None
         keep = f"INSERT INTO {REJECTED} VALUES ({', '.join([self._mark] * 5)})"
         copy: _Copy | None = None  # PostgreSQL: open while good rows stream in
+        arrived = f"arrived_{run_id}"  # SQLite: the rows in the source's order
         with connection.begin():
+            if not self._postgres:
+                connection.exec_driver_sql(
+                    f'CREATE TEMPORARY TABLE "{arrived}" (user_id TEXT, email TEXT, value TEXT)'
+                )
             try:
                 for batch in source.batches(value_type):
                     if should_stop():
@@ -97,7 +99,7 @@ class Staging:
                     elif good:
                         columns = _COLUMNS[: len(good[0])]
                         connection.exec_driver_sql(
-                            f'INSERT OR IGNORE INTO "{table.name}" ({", ".join(columns)}) '
+                            f'INSERT INTO "{arrived}" ({", ".join(columns)}) '
                             f"VALUES ({', '.join('?' * len(columns))})",
                             good,
                         )
@@ -112,6 +114,13 @@ class Staging:
                 copy.close(None)
             if self._postgres:
                 self._index(table.name)
+            else:
+                # rowid is the source's order: of a user's rows, the first is inserted first.
+                connection.exec_driver_sql(
+                    f'INSERT OR IGNORE INTO "{table.name}" SELECT user_id, email, value '
+                    f'FROM "{arrived}" ORDER BY user_id, rowid'
+                )
+                connection.exec_driver_sql(f'DROP TABLE "{arrived}"')
         self._keep_rejected(run_id, rejected)
         return Snapshot(run_id, table, total, rejected, first)
 

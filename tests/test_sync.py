@@ -7,6 +7,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from sqlalchemy import Engine, func, inspect, select
 
 from audience_sync import lease
@@ -421,12 +423,16 @@ class _Rows:
 
     description = "rows"
 
-    def __init__(self, rows: list[SourceRow], *, with_value: bool = False) -> None:
+    def __init__(
+        self, rows: list[SourceRow], *, with_value: bool = False, chunk: int = 5000
+    ) -> None:
         self.rows = rows
         self.with_value = with_value
+        self.chunk = chunk
 
     def read_chunks(self, chunk_size: int = 5000) -> Iterator[list[SourceRow]]:
-        yield self.rows
+        for start in range(0, len(self.rows), self.chunk):
+            yield self.rows[start : start + self.chunk]
 
     def batches(self, value_type: str | None = None) -> Iterator[Batch]:
         return check_chunks(self.read_chunks(), with_value=self.with_value, value_type=value_type)
@@ -457,6 +463,38 @@ def test_staging_keeps_every_character_a_usable_row_may_hold(
     }
     assert set(staged) == expected
     assert snapshot.source_rows == 4
+
+
+_run_ids = iter(range(1, 1_000_000))
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    picks=st.lists(
+        st.tuples(st.sampled_from(["a", "b", "B", "a1", "b\\", "ü", "10", "9"]), st.integers(0, 3)),
+        max_size=40,
+    ),
+    chunk=st.integers(1, 7),
+)
+def test_the_first_row_of_a_user_wins_in_any_order_across_batches(
+    engine: Engine, picks: list[tuple[str, int]], chunk: int
+) -> None:
+    rows: list[SourceRow] = [
+        (i + 1, user, f"{user}.{tag}@example.com", None) for i, (user, tag) in enumerate(picks)
+    ]
+    first: dict[str, str] = {}
+    for _, user, email, _ in rows:
+        first.setdefault(user, email)
+    with engine.connect() as connection:
+        staging = Staging(connection)
+        snapshot = staging.stage(next(_run_ids), _Rows(rows, chunk=chunk))
+        with connection.begin():
+            staged = connection.execute(select(snapshot.table.c.user_id, snapshot.table.c.email))
+            assert dict(staged.all()) == first
+        staging.drop()
+    assert snapshot.source_rows == len(rows)
 
 
 def test_rate_limit_and_concurrency_bound_delivery(
