@@ -134,7 +134,8 @@ def save_plan(connection: Connection, target: PlanTarget) -> Diff:
     On PostgreSQL one full outer join of the snapshot and the acknowledged members (one
     hash join) gives entries, new emails and exits in one pass; on SQLite two ordered
     EXCEPTs merge the snapshot's key with the acknowledged members' index. Uncertain
-    members who were never acknowledged, few, are planned apart.
+    members, few, are planned apart: those still in the source whom the diff left alone,
+    and those gone who were never acknowledged.
     """
     key, s = target.key, target.snapshot
     unsure_exits = select(
@@ -148,7 +149,7 @@ def save_plan(connection: Connection, target: PlanTarget) -> Diff:
         _joins_in_memory(connection)
         postgres = connection.dialect.name == "postgresql"
         diff = _full_diff(target) if postgres else _merged_diff(connection, target)
-        for query in [*diff, unsure_exits]:
+        for query in [*diff, _unsure_members(target), unsure_exits]:
             _insert(connection, query)
         if not postgres:
             for name in DIFF_TABLES:
@@ -189,7 +190,6 @@ def _full_diff(target: PlanTarget) -> list[Any]:
         .where(memberships.c.audience_key == key)
         .subquery("m")
     )
-    u = uncertain.alias("u")
     user = func.coalesce(s.c.user_id, m.c.user_id)
     present, known = s.c.user_id.is_not(None), m.c.user_id.is_not(None)
     glitch = exists().where(
@@ -199,13 +199,8 @@ def _full_diff(target: PlanTarget) -> list[Any]:
     # An entry or an exit moves the acknowledged value (an event); a new email does not.
     row = _row(target, user, func.coalesce(s.c.email, m.c.email), value,
                event=~and_(present, known))  # fmt: skip
-    joined = s.join(m, m.c.user_id == s.c.user_id, full=True).outerjoin(
-        u, and_(u.c.audience_key == key, u.c.user_id == user)
-    )
-    owed = or_(
-        and_(present, or_(~known, u.c.user_id.is_not(None), m.c.email != s.c.email)),
-        and_(~present, ~glitch),
-    )
+    joined = s.join(m, m.c.user_id == s.c.user_id, full=True)
+    owed = or_(and_(present, or_(~known, m.c.email != s.c.email)), and_(~present, ~glitch))
     return [select(*row).select_from(joined).where(owed)]
 
 
@@ -214,7 +209,7 @@ def _merged_diff(connection: Connection, target: PlanTarget) -> list[Any]:
     SQLite walks the snapshot's primary key and the acknowledged members' index side by side
     for an ordered EXCEPT at the top of a statement (nested in a query it would build a
     temporary B-tree of the whole snapshot instead). The few rows found go to temporary
-    tables the plan rows are then made from; the snapshot's uncertain members follow."""
+    tables the plan rows are then made from."""
     key, s = target.key, target.snapshot
     acked = memberships.c.audience_key == key
     moved, gone = _diff_table(DIFF_TABLES[0], "email"), _diff_table(DIFF_TABLES[1])
@@ -243,14 +238,21 @@ def _merged_diff(connection: Connection, target: PlanTarget) -> list[Any]:
         .select_from(gone.join(m, and_(m.c.audience_key == key, m.c.user_id == gone.c.user_id)))
         .where(~glitch)
     )
+    return [entered, exited]
+
+
+def _unsure_members(target: PlanTarget) -> Any:
+    """``true`` again for the snapshot's uncertain members the diff did not plan: a request
+    that may not have reached Gist is sent again. Few, so they are looked up through the
+    snapshot's index rather than found by another pass over it."""
+    key, s = target.key, target.snapshot
     u = uncertain.alias("u")
-    planned = exists().where(*_planned(target), changes.c.user_id == s.c.user_id)
-    unsure = (
-        select(*_row(target, s.c.user_id, s.c.email, true(), event=~_member(key, s.c.user_id)))
-        .select_from(s.join(u, and_(u.c.audience_key == key, u.c.user_id == s.c.user_id)))
-        .where(~planned)
+    planned = exists().where(*_planned(target), changes.c.user_id == u.c.user_id)
+    return (
+        select(*_row(target, u.c.user_id, s.c.email, true(), event=~_member(key, u.c.user_id)))
+        .select_from(u.join(s, staged_user(s) == u.c.user_id))
+        .where(u.c.audience_key == key, ~planned)
     )
-    return [entered, exited, unsure]
 
 
 def _diff_table(name: str, *columns: str) -> Table:

@@ -146,8 +146,10 @@ class Staging:
                 connection.exec_driver_sql("SET LOCAL search_path TO DEFAULT")
                 types = column_types(connection, source.query)
                 # no_parameters: a `%` of the query (LIKE 'a%') is not a placeholder.
-                connection.execution_options(no_parameters=True).exec_driver_sql(
-                    f'INSERT INTO "{raw}" {_checked_rows(source.query, *types)}'
+                total = (
+                    connection.execution_options(no_parameters=True)
+                    .exec_driver_sql(f'INSERT INTO "{raw}" {_checked_rows(source.query, *types)}')
+                    .rowcount
                 )
         except SQLAlchemyError as exc:
             if "column q.user_id does not exist" in str(exc) or (
@@ -158,26 +160,25 @@ class Staging:
                 ) from exc
             raise source.failure(exc) from exc
         with connection.begin():
-            counts = connection.exec_driver_sql(
-                f"SELECT count(*), count(reason), min(CASE WHEN reason IS NOT NULL THEN seq END) "
-                f'FROM "{raw}"'
-            ).one()
-            total, rejected, first_seq = int(counts[0]), int(counts[1]), counts[2]
-            first = None
-            if first_seq is not None:
-                reason = connection.exec_driver_sql(
-                    f'SELECT reason FROM "{raw}" WHERE seq = %s', (first_seq,)
-                ).scalar_one()
-                first = f"row {first_seq}: {reason}"
-            connection.exec_driver_sql(
-                f'INSERT INTO "{table.name}" (user_id, email) '
-                f'SELECT DISTINCT ON (user_id COLLATE "C") user_id, email FROM "{raw}" '
-                'WHERE reason IS NULL ORDER BY user_id COLLATE "C", seq'
-            )
-            connection.exec_driver_sql(
+            rejected = connection.exec_driver_sql(
                 f"INSERT INTO {REJECTED} SELECT %s, seq, shown_user, shown_email, reason "
                 f'FROM "{raw}" WHERE reason IS NOT NULL',
                 (run_id,),
+            ).rowcount
+            first = None
+            if rejected:
+                seq, reason = connection.exec_driver_sql(
+                    f"SELECT row_number, reason FROM {REJECTED} WHERE run_id = %s "
+                    "ORDER BY row_number LIMIT 1",
+                    (run_id,),
+                ).one()
+                first = f"row {seq}: {reason}"
+            # In the query's order, with no sort: a temporary table is scanned from its first
+            # block on (never in parallel, nor joining another scan midway), so the staged
+            # rows lie in seq order, and of a user's rows the index build keeps the first.
+            connection.exec_driver_sql(
+                f'INSERT INTO "{table.name}" (user_id, email) '
+                f'SELECT user_id, email FROM "{raw}" WHERE reason IS NULL'
             )
             connection.exec_driver_sql(f'DROP TABLE "{raw}"')
             self._index(table.name)
@@ -221,7 +222,8 @@ class Staging:
 
     def _index(self, name: str) -> None:
         """A unique index on ``user_id``, built once after the copy; a user copied twice
-        keeps the first row (the lowest physical position in a table filled by one COPY).
+        keeps the first row (the lowest physical position in a table filled in the order of
+        the source, by one COPY or one INSERT).
         Byte order ("C") builds it three times faster than a locale's and is all a unique
         check needs; memory for the sort keeps it from spilling to disk."""
         connection = self._connection
