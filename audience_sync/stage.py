@@ -32,6 +32,11 @@ from audience_sync.rows import Staged
 from audience_sync.sources import Source, SqlSource
 
 REJECTED = "staged_rejected"
+# A warehouse-native snapshot: the checked rows of the query, numbered in its order.
+_CHECKED_COLUMNS = (
+    "seq BIGINT, user_id TEXT, email TEXT, value TEXT, reason TEXT, shown_user TEXT, "
+    "shown_email TEXT"
+)
 _COLUMNS = ("user_id", "email", "value")  # of a snapshot; an audience's rows fill the first two
 # PostgreSQL memory for one invocation's sorts and hash joins over a snapshot, so that
 # neither spills to disk in batches (server memory, for the statement's duration only).
@@ -131,14 +136,10 @@ class Staging:
         query runs in a READ ONLY transaction (temporary tables stay writable there)."""
         source.check_statement()
         connection = self._connection
-        table = self._create(run_id)
-        raw = f"raw_{run_id}"
-        with connection.begin():
-            connection.exec_driver_sql(
-                f'CREATE TEMPORARY TABLE "{raw}" (seq BIGINT, user_id TEXT, email TEXT, '
-                "reason TEXT, shown_user TEXT, shown_email TEXT)"
-            )
-        self._tables.append(raw)
+        # The checked rows stay where the query put them and become the snapshot once the
+        # rejected ones are taken out: the diff reads only user_id and email of it.
+        table = self._create(run_id, _CHECKED_COLUMNS)
+        name = table.name
         try:
             with connection.begin():
                 connection.exec_driver_sql("SET TRANSACTION READ ONLY")
@@ -148,7 +149,10 @@ class Staging:
                 # no_parameters: a `%` of the query (LIKE 'a%') is not a placeholder.
                 total = (
                     connection.execution_options(no_parameters=True)
-                    .exec_driver_sql(f'INSERT INTO "{raw}" {_checked_rows(source.query, *types)}')
+                    .exec_driver_sql(
+                        f'INSERT INTO "{name}" (seq, user_id, email, reason, shown_user, '
+                        f"shown_email) {_checked_rows(source.query, *types)}"
+                    )
                     .rowcount
                 )
         except SQLAlchemyError as exc:
@@ -162,7 +166,7 @@ class Staging:
         with connection.begin():
             rejected = connection.exec_driver_sql(
                 f"INSERT INTO {REJECTED} SELECT %s, seq, shown_user, shown_email, reason "
-                f'FROM "{raw}" WHERE reason IS NOT NULL',
+                f'FROM "{name}" WHERE reason IS NOT NULL',
                 (run_id,),
             ).rowcount
             first = None
@@ -173,16 +177,10 @@ class Staging:
                     (run_id,),
                 ).one()
                 first = f"row {seq}: {reason}"
-            # In the query's order, with no sort: a temporary table is scanned from its first
-            # block on (never in parallel, nor joining another scan midway), so the staged
-            # rows lie in seq order, and of a user's rows the index build keeps the first.
-            connection.exec_driver_sql(
-                f'INSERT INTO "{table.name}" (user_id, email) '
-                f'SELECT user_id, email FROM "{raw}" WHERE reason IS NULL'
-            )
-            connection.exec_driver_sql(f'DROP TABLE "{raw}"')
-            self._index(table.name)
-        self._tables.remove(raw)
+                connection.exec_driver_sql(f'DELETE FROM "{name}" WHERE reason IS NOT NULL')
+            # The rows lie in the query's order (seq): one INSERT filled the table, so of a
+            # user's rows the index build keeps the first.
+            self._index(name)
         self._keep_rejected(run_id, rejected)
         return Snapshot(run_id, table, total, rejected, first, staged_in="database")
 
@@ -197,7 +195,9 @@ class Staging:
     def _mark(self) -> str:
         return "%s" if self._postgres else "?"
 
-    def _create(self, run_id: int) -> Table:
+    def _create(self, run_id: int, columns: str | None = None) -> Table:
+        """Run ``run_id``'s snapshot table: ``user_id``, ``email`` and ``value``, or the
+        ``columns`` given (which hold those three)."""
         name = f"staged_{run_id}"
         connection = self._connection
         with connection.begin():
@@ -209,8 +209,8 @@ class Staging:
                 self._tables.append(REJECTED)
             if self._postgres:
                 connection.exec_driver_sql(
-                    f'CREATE TEMPORARY TABLE "{name}" (user_id TEXT NOT NULL, '
-                    "email TEXT NOT NULL, value TEXT)"
+                    f'CREATE TEMPORARY TABLE "{name}" '
+                    f"({columns or 'user_id TEXT NOT NULL, email TEXT NOT NULL, value TEXT'})"
                 )
             else:
                 connection.exec_driver_sql(
@@ -358,12 +358,17 @@ def _checked_rows(query: str, user_type: str | None = None, email_type: str | No
     shown_email); seq is the row's position in the query's output (row numbers of
     rejected rows, and the first row of a user wins). With the columns' types (see
     ``column_types``) the checks are written for them; without, every row's type is
-    checked. Each level is evaluated once per row: ``given`` holds a window function and
-    ``cleaned`` an ``OFFSET 0``, so neither is merged into the level above (which would
-    repeat its expressions at every use); unused columns (``u``, ``e``) are not computed."""
+    checked. The shown values are kept for rejected rows only (the rows are the snapshot).
+    Each level is evaluated once per row: ``given`` holds a window function, ``cleaned`` and
+    ``judged`` an ``OFFSET 0``, so none is merged into the level above (which would repeat
+    its expressions at every use); unused columns (``u``, ``e``) are not computed."""
     user_id, user_reason, shown_user = _user_id_sql(user_type)
     email, email_reason, shown_email = _email_sql(email_type)
     return f"""
+SELECT seq, user_id, email, reason,
+  CASE WHEN reason IS NOT NULL THEN shown_user END,
+  CASE WHEN reason IS NOT NULL THEN shown_email END
+FROM (
 SELECT seq, user_id, email,
   CASE
     WHEN user_reason IS NOT NULL THEN user_reason
@@ -377,8 +382,8 @@ SELECT seq, user_id, email,
     -- An email the pattern accepts has no control character: only a refused one is asked.
     WHEN email !~ '{_EMAIL}' THEN CASE WHEN email ~ '[[:cntrl:]]'
       THEN 'email contains control characters or invalid Unicode' ELSE 'invalid email' END
-  END,
-  coalesce(user_id, shown_user), shown_email
+  END AS reason,
+  coalesce(user_id, shown_user) AS shown_user, shown_email
 FROM (
   SELECT seq, {user_id} AS user_id, {user_reason} AS user_reason, {shown_user} AS shown_user,
     {email} AS email, {email_reason} AS email_reason, {shown_email} AS shown_email
@@ -389,6 +394,8 @@ FROM (
   ) AS given
   OFFSET 0
 ) AS cleaned
+OFFSET 0
+) AS judged
 """
 
 
