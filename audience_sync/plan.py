@@ -201,9 +201,9 @@ def _full_diff(target: PlanTarget) -> list[Any]:
                event=~and_(present, known))  # fmt: skip
     joined = s.join(m, m.c.user_id == s.c.user_id, full=True)
     owed = or_(and_(present, or_(~known, m.c.email != s.c.email)), and_(~present, ~glitch))
-    # In user order, as SQLite's merge plans them (a hash join's order is arbitrary): the
-    # changes' ids, and so delivery and "first failed" in reports, follow the users. Only
-    # the changed rows are sorted.
+    # By user, as SQLite's merges plan entries and exits (a hash join's order is arbitrary):
+    # the changes' ids, and so delivery and "first failed" in reports, follow the users.
+    # Only the changed rows are sorted.
     return [select(*row).select_from(joined).where(owed).order_by(user)]
 
 
