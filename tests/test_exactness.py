@@ -79,6 +79,15 @@ def answers_again(workspace: Workspace, gist: FakeGist) -> None:
     workspace.write_config()
 
 
+def sync_losing_answers(workspace: Workspace, engine: Engine, gist: FakeGist) -> list[RunResult]:
+    """One sync whose every request Gist applies but whose answers are lost; then Gist
+    answers again."""
+    lose_answers(workspace, gist)
+    results = sync(workspace, engine)
+    answers_again(workspace, gist)
+    return results
+
+
 def held(gist: FakeGist, key: str) -> dict[str, Any]:
     return gist.properties(key)
 
@@ -100,9 +109,7 @@ def test_null_trait_value_then_lost_answer_then_leaving_sends_null(
     assert held(gist, TRAIT) == {"u1": None, "u2": 1}
 
     values(source, {"u1": 7, "u2": 1})
-    lose_answers(workspace, gist)
-    [lost] = sync(workspace, engine)
-    answers_again(workspace, gist)
+    [lost] = sync_losing_answers(workspace, engine, gist)
     assert lost.status == "failed"
     assert held(gist, TRAIT)["u1"] == 7  # applied, though never acknowledged
 
@@ -125,9 +132,7 @@ def test_refused_request_leaves_the_member_uncertain(
     write_members(source, [2])
     sync(workspace, engine)
     write_members(source, [1, 2])
-    lose_answers(workspace, gist)
-    sync(workspace, engine)  # u1's `true` is applied, its answer lost
-    answers_again(workspace, gist)
+    sync_losing_answers(workspace, engine, gist)  # u1's `true` is applied, its answer lost
     assert held(gist, VIP)["u1"] is True
 
     write_members(source, [2])  # u1 leaves, and Gist refuses the exit
@@ -152,9 +157,7 @@ def test_a_member_back_after_an_exit_whose_answer_was_lost_is_sent_again(
     write_members(source, [1, 2])
     sync(workspace, engine)
     write_members(source, [2])
-    lose_answers(workspace, gist)
-    sync(workspace, engine)  # u1's exit is applied, its answer lost
-    answers_again(workspace, gist)
+    sync_losing_answers(workspace, engine, gist)  # u1's exit is applied, its answer lost
     assert held(gist, VIP)["u1"] is False
 
     write_members(source, [1, 2])
@@ -323,9 +326,7 @@ def test_guard_counts_uncertain_members(
 ) -> None:
     source = add_audience(workspace)
     write_members(source, range(5))
-    lose_answers(workspace, gist)
-    sync(workspace, engine)  # every answer lost: 0 acknowledged, 5 uncertain
-    answers_again(workspace, gist)
+    sync_losing_answers(workspace, engine, gist)  # every answer lost: 0 acknowledged, 5 uncertain
     write_members(source, [])
     gist.clear_log()
 
@@ -543,9 +544,7 @@ def test_retire_of_a_trait_with_only_uncertain_values_sends_null(
 ) -> None:
     source = add_trait(workspace)
     values(source, {"u1": 5, "u2": 6})
-    lose_answers(workspace, gist)
-    sync(workspace, engine)
-    answers_again(workspace, gist)
+    sync_losing_answers(workspace, engine, gist)
     workspace.traits.clear()
     add_audience(workspace, "other")
     gist.clear_log()
@@ -916,9 +915,7 @@ def test_keep_resends_the_last_value_of_an_uncertain_user_who_left(
     values(source, {"u1": 1, "u2": 2})
     sync(workspace, engine)
     values(source, {"u1": 5, "u2": 2})
-    lose_answers(workspace, gist)
-    sync(workspace, engine)
-    answers_again(workspace, gist)
+    sync_losing_answers(workspace, engine, gist)
     values(source, {"u2": 2})  # u1 leaves: keep their last value, 5
 
     [run] = sync(workspace, engine)
