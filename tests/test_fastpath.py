@@ -68,7 +68,7 @@ def test_unchanged_file_after_a_clean_run_skips_load_and_diff(
     )  # fmt: skip
     with engine.connect() as connection:
         digests = list(connection.scalars(select(sync_runs.c.source_digest)))
-    assert digests == [hashlib.blake2b(synced.read_bytes(), digest_size=32).hexdigest()] * 2
+    assert digests == [hashlib.sha256(synced.read_bytes()).hexdigest()] * 2
     # A further change of the file is a full diff that sends it.
     write_members(synced, range(1, 11))
     changed = sync(workspace, engine)
@@ -202,6 +202,16 @@ def _verify_repair(
     return {}
 
 
+def _digest_of_an_older_hash(
+    workspace: Workspace, engine: Engine, source: Path, gist: FakeGist
+) -> dict[str, Any]:
+    # A state written by a version that hashed files with BLAKE2b-256 (until 0.2).
+    older = hashlib.blake2b(source.read_bytes(), digest_size=32).hexdigest()
+    with engine.begin() as connection:
+        connection.execute(update(sync_runs).values(source_digest=older))
+    return {}
+
+
 Doubt = Callable[[Workspace, Engine, Path, FakeGist], dict[str, Any]]
 DOUBTS: list[Any] = [
     pytest.param(_change_byte, id="one-byte-changed-same-size-and-mtime"),
@@ -214,6 +224,7 @@ DOUBTS: list[Any] = [
     pytest.param(_previous_dry_run, id="previous-run-dry-run"),
     pytest.param(_previous_backfill, id="unfinished-backfill"),
     pytest.param(_verify_repair, id="verify-repair-replan"),
+    pytest.param(_digest_of_an_older_hash, id="digest-recorded-by-blake2b"),
 ]
 
 
