@@ -205,7 +205,7 @@ def _verify_repair(
 def _digest_of_an_older_hash(
     workspace: Workspace, engine: Engine, source: Path, gist: FakeGist
 ) -> dict[str, Any]:
-    # A state written by a version that hashed files with BLAKE2b-256 (until 0.2).
+    # A state written before file sources were hashed with SHA-256 (they were BLAKE2b-256).
     older = hashlib.blake2b(source.read_bytes(), digest_size=32).hexdigest()
     with engine.begin() as connection:
         connection.execute(update(sync_runs).values(source_digest=older))
