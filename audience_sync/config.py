@@ -77,6 +77,8 @@ class StateConfig(_Frozen):
     url: str = "sqlite:///audience_sync.db"
     # `schema` in the file; a field named so would shadow BaseModel.schema.
     db_schema: str | None = Field(None, alias="schema")
+    # How long an audience's lease outlives its holder's last renewal (database time).
+    lease_seconds: float = Field(60.0, ge=2, le=3600)
 
     @field_validator("url")
     @classmethod
@@ -292,6 +294,13 @@ class Settings(_Frozen):
 
     @model_validator(mode="after")
     def _check(self) -> Settings:
+        if self.gist.timeout_seconds * 2 > self.state.lease_seconds:
+            raise ValueError(
+                f"gist.timeout_seconds ({self.gist.timeout_seconds:g}) must be at most half of "
+                f"state.lease_seconds ({self.state.lease_seconds:g}): a request may only leave "
+                "while the audience's lease certainly outlasts it; raise state.lease_seconds "
+                f"to {self.gist.timeout_seconds * 2:g} or lower the timeout"
+            )
         if not self.computations:
             raise ValueError("configure at least one [[audiences]] or [[traits]] entry")
         if STATE_SOURCE in self.sources:

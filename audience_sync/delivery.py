@@ -1,101 +1,43 @@
-"""Sending a run's plan to Gist: one request per user, bounded concurrency, rate limit,
-retries with back-off, and acknowledgements saved into ``memberships`` in batches."""
+"""Sending a run's plan to Gist: one request per user (or batch), bounded concurrency, every
+request paced by the ``Pacer`` and fenced by the run's leases, and every outcome recorded in
+the ledger."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import logging
-import math
-import random
-import time
-from collections import deque
-from collections.abc import Awaitable, Callable, Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Generic, TypeVar
 
-from sqlalchemy import Engine, Table, and_, bindparam, delete, select
-from sqlalchemy.engine import Connection
-from sqlalchemy.exc import SQLAlchemyError
-from tenacity import (
-    AsyncRetrying,
-    RetryCallState,
-    retry_if_exception_type,
-    stop_after_attempt,
-)
+from sqlalchemy import Engine, select
 
 from audience_sync import lease
-from audience_sync.budget import Block, SharedBudget, block_slots
 from audience_sync.config import GistConfig
-from audience_sync.db import upsert
-from audience_sync.errors import AuthError, FatalApiError, RetriableApiError, UnreachableError
-from audience_sync.gist import GistClient, on_wire
-from audience_sync.models import contacts, memberships, trait_values, uncertain_members
+from audience_sync.errors import (
+    AuthError,
+    FatalApiError,
+    FencedError,
+    RetriableApiError,
+    UnreachableError,
+)
+from audience_sync.gist import GistClient, guarded_by
+from audience_sync.ledger import (
+    AckBuffer,
+    Change,
+    Result,
+    UserUpdate,
+    mark_uncertain,
+    save_results,
+    unmark_uncertain,
+)
 from audience_sync.models import member_changes as changes
+from audience_sync.pacer import Attempt, Pacer
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 PAGE_ROWS = 2000  # pending changes read per page, ordered by user
-ACK_BATCH = 200  # results saved per transaction, at most...
-ACK_SECONDS = 1.0  # ...and at least this often
-MAX_BACKOFF = 60.0
-MAX_RETRY_AFTER = 600.0
-PACE_SHARE = 0.995  # of requests_per_second actually used
-# ...and while other processes send to the workspace too: no window of theirs sees our
-# requests, so the schedule itself leaves room for ~30 ms of jitter between processes.
-FLEET_PACE_SHARE = 0.97
-# A block's next one is claimed when this little of it is left (a claim takes milliseconds).
-CLAIM_AHEAD_SECONDS = 0.1
-FLEET_MEMORY = 5.0  # seconds a block shared with another process keeps the fleet pace
-WINDOW_MARGIN = 1.02
-VACUUM_AFTER = 10_000  # settled changes after which uncertain_members is vacuumed
-
-
-@dataclass(frozen=True)
-class Change:
-    """One pending row of ``member_changes``."""
-
-    id: int
-    run_id: int
-    audience_key: str
-    value: Any  # True/False for an audience, the decoded value for a trait
-    email: str
-    value_json: str | None = None  # set for a trait: the value as stored
-
-    @property
-    def is_trait(self) -> bool:
-        return self.value_json is not None
-
-
-@dataclass
-class UserUpdate:
-    """Every pending change of one user, sent as one request."""
-
-    user_id: str
-    changes: list[Change] = field(default_factory=list)
-
-    @property
-    def email(self) -> str:
-        # The plan gives every change of a user the same, current email (plan.resolve_emails).
-        return self.changes[0].email
-
-    @property
-    def properties(self) -> dict[str, Any]:
-        return {c.audience_key: c.value for c in self.changes}
-
-
-@dataclass(frozen=True)
-class Result:
-    """What became of one user's update."""
-
-    update: UserUpdate
-    delivered: bool
-    refused: bool  # Gist answered a definite no (4xx): it did not apply the change
-    attempts: int
-    http_status: int | None
-    error: str | None
 
 
 @dataclass
@@ -105,6 +47,7 @@ class DeliveryReport:
     requests: int = 0
     error: str | None = None
     interrupted: bool = False  # stopped on request (or a lost lease) rather than by a failure
+    lost: dict[str, str] = field(default_factory=dict)  # keys whose lease was lost, and why
 
 
 def iter_pages(engine: Engine, run_ids: Sequence[int]) -> Iterator[list[UserUpdate]]:
@@ -156,464 +99,13 @@ def iter_pages(engine: Engine, run_ids: Sequence[int]) -> Iterator[list[UserUpda
             return
 
 
-def mark_uncertain(engine: Engine, page: Sequence[UserUpdate]) -> None:
-    """Before sending a page, note that Gist's value for its members is about to be unknown.
-
-    Whatever becomes of a request that got no answer (timeout, dropped connection, kill -9),
-    the next runs then plan these members from "Gist may hold either value". A member
-    already uncertain keeps its row, and with it the run that made it so: only rows this
-    run added (``run_id`` = the change's run) are taken back when its request is refused
-    or never sent.
-    """
-    rows = [
-        {"audience_key": c.audience_key, "user_id": u.user_id, "email": c.email, "run_id": c.run_id}
-        for u in page
-        for c in u.changes
-    ]
-    if rows:
-        with engine.begin() as connection:
-            connection.execute(upsert(engine, uncertain_members).on_conflict_do_nothing(), rows)
-
-
-def vacuum_uncertain(engine: Engine, settled: int) -> None:
-    """After a delivery that settled at least ``VACUUM_AFTER`` changes, vacuum
-    ``uncertain_members`` on PostgreSQL. Every change in flight had a row there, so a large
-    delivery leaves as many dead index entries, which every later run's checks wade through
-    (1M of them: 30 to 60 ms per look at an audience's uncertain members) until autovacuum
-    comes by, or never where it is off. ``SKIP_LOCKED``: a table another process is
-    vacuuming or analysing is left to it. Only an optimisation: a failure is logged."""
-    if engine.dialect.name != "postgresql" or settled < VACUUM_AFTER:
-        return
-    try:
-        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
-            connection.exec_driver_sql("VACUUM (ANALYZE, SKIP_LOCKED) uncertain_members")
-    except SQLAlchemyError as exc:
-        log.debug("uncertain_members not vacuumed: %s", exc)
-
-
-def unmark_uncertain(
-    connection: Connection, changed: Sequence[Change], user_ids: Sequence[str]
-) -> None:
-    """Take back the uncertainty this run added for changes Gist certainly did not apply
-    (refused with a 4xx, or never sent): Gist holds what it held before."""
-    pairs = [
-        {"k": c.audience_key, "u": u, "r": c.run_id} for c, u in zip(changed, user_ids, strict=True)
-    ]
-    if pairs:
-        table = uncertain_members
-        connection.execute(
-            delete(table).where(
-                table.c.audience_key == bindparam("k"),
-                table.c.user_id == bindparam("u"),
-                table.c.run_id == bindparam("r"),
-            ),
-            pairs,
-        )
-
-
-def save_results(
-    engine: Engine, results: Sequence[Result], now: datetime, owner: str | None = None
-) -> set[str]:
-    """Record results in one transaction: acknowledged changes move ``memberships``,
-    ``trait_values`` and ``contacts``; refused ones take back this run's uncertainty.
-
-    With ``owner``, the transaction first renews that owner's leases on the results' keys
-    (the fence): results of a key whose lease was lost are not recorded (their members stay
-    uncertain, so the next run plans them afresh). Returns the keys whose lease was lost.
-    """
-    keys = {c.audience_key for r in results for c in r.update.changes}
-    with engine.begin() as connection:
-        lost: set[str] = set()
-        if owner is not None:
-            lost = keys - lease.renew(connection, keys, owner)
-        if lost:
-            results = [
-                Result(
-                    UserUpdate(
-                        r.update.user_id,
-                        [c for c in r.update.changes if c.audience_key not in lost],
-                    ),
-                    r.delivered,
-                    r.refused,
-                    r.attempts,
-                    r.http_status,
-                    r.error,
-                )
-                for r in results
-            ]
-        _save(connection, engine, [r for r in results if r.update.changes], now)
-    return lost
-
-
-def _save(connection: Connection, engine: Engine, results: Sequence[Result], now: datetime) -> None:
-    delivered = [r for r in results if r.delivered]
-    acked = [(r.update.user_id, c) for r in delivered for c in r.update.changes]
-    entries = [
-        {"audience_key": c.audience_key, "user_id": u, "email": c.email, "since": now,
-         "last_run_id": c.run_id}
-        for u, c in acked
-        if not c.is_trait and c.value
-    ]  # fmt: skip
-    values = [
-        {"trait_key": c.audience_key, "user_id": u, "email": c.email, "value": c.value_json,
-         "since": now, "last_run_id": c.run_id}
-        for u, c in acked
-        if c.is_trait
-    ]  # fmt: skip
-    # What Gist acknowledged for a key is all the key holds for that user, whichever kind
-    # wrote it before: an audience value clears a trait's row and the other way round.
-    not_members = [{"k": c.audience_key, "u": u} for u, c in acked if c.is_trait or not c.value]
-    not_valued = [{"k": c.audience_key, "u": u} for u, c in acked if not c.is_trait]
-    # Only an answer of Gist's that applied the change makes its value known again.
-    settled = [{"k": c.audience_key, "u": u} for u, c in acked]
-    emails = {u: {"user_id": u, "email": c.email, "updated_at": now, "last_run_id": c.run_id}
-              for u, c in acked}  # fmt: skip
-    refused = [(c, r.update.user_id) for r in results if r.refused for c in r.update.changes]
-    statuses = [
-        {
-            "change_id": c.id,
-            "status": "delivered" if r.delivered else "failed",
-            "attempts": r.attempts,
-            "http_status": r.http_status,
-            "last_error": r.error,
-            "delivered_at": now if r.delivered else None,
-        }
-        for r in results
-        for c in r.update.changes
-    ]
-    _upsert(connection, engine, memberships, ["audience_key", "user_id"], entries,
-            ["email", "last_run_id"])  # fmt: skip
-    _upsert(connection, engine, trait_values, ["trait_key", "user_id"], values,
-            ["email", "value", "since", "last_run_id"])  # fmt: skip
-    for table, column, pairs in (
-        (memberships, memberships.c.audience_key, not_members),
-        (trait_values, trait_values.c.trait_key, not_valued),
-        (uncertain_members, uncertain_members.c.audience_key, settled),
-    ):
-        if pairs:
-            connection.execute(
-                delete(table).where(
-                    and_(column == bindparam("k"), table.c.user_id == bindparam("u"))
-                ),
-                pairs,
-            )
-    _upsert(connection, engine, contacts, ["user_id"], list(emails.values()),
-            ["email", "updated_at", "last_run_id"])  # fmt: skip
-    if refused:
-        unmark_uncertain(connection, [c for c, _ in refused], [u for _, u in refused])
-    if statuses:
-        connection.execute(
-            changes.update()
-            .where(changes.c.id == bindparam("change_id"))
-            .values(
-                status=bindparam("status"),
-                attempts=bindparam("attempts"),
-                http_status=bindparam("http_status"),
-                last_error=bindparam("last_error"),
-                delivered_at=bindparam("delivered_at"),
-            ),
-            statuses,
-        )
-
-
-def _upsert(
-    connection: Connection,
-    engine: Engine,
-    table: Table,
-    keys: list[str],
-    rows: list[dict[str, Any]],
-    columns: list[str],
-) -> None:
-    """Insert ``rows`` into ``table``, or set ``columns`` of the rows whose ``keys`` exist."""
-    if rows:
-        statement = upsert(engine, table)
-        connection.execute(
-            statement.on_conflict_do_update(
-                index_elements=[table.c[k] for k in keys],
-                set_={c: statement.excluded[c] for c in columns},
-            ),
-            rows,
-        )
-
-
-@dataclass
-class Attempt:
-    """Counts the tries of one call, including the one that raised."""
-
-    count: int = 0
-
-
-def allowed_lateness(interval: float, requests_per_second: float) -> float:
-    """How long after its slot a request sharing a workspace's schedule may still take it,
-    with slots ``interval`` apart for a limit of ``requests_per_second``.
-
-    Half an interval keeps every request nearer its own slot than any other's; at a high
-    rate that is less than an event loop's wake-up (0.05 ms at 10,000/s: nearly every
-    sleeper gave its slot up, again and again, and delivery lost 15%), so there the pace's
-    own margin bounds it. Slots leave ``1 - share`` of every second free; requests late by
-    at most ``(1 - share) - 2 * interval`` still keep every second under the limit, and half
-    of that is allowed, the other half left for the network's jitter (2.4 ms at 10,000/s
-    alone, 15 ms beside other processes; at 50/s half an interval, 10 ms, is the larger).
-    """
-    share = 1 / (interval * requests_per_second)
-    return max(interval / 2, ((1 - share) - 2 * interval) / 2)
-
-
-class Pacer:
-    """The rate limit and retry policy shared by everything that calls Gist.
-
-    Every try, retries included, takes the next send slot of a fixed schedule, one per
-    ``1 / requests_per_second`` seconds: a steady pace that never bursts and, unlike a
-    leaky bucket woken by timers, does not drift below the rate. With a ``budget`` (the
-    workspace's schedule in the state database, see ``budget``) the slots come from blocks
-    claimed there, so every process sending to the workspace shares the one rate; without
-    one, the schedule is this pacer's alone. 429, 408, 5xx, timeouts and dropped
-    connections are retried up to ``max_retries`` times, waiting what ``Retry-After`` says,
-    else an exponential back-off with jitter.
-
-    ``monotonic`` and ``sleep`` are the clock it reads and waits on (a test passes a fake
-    pair, so "never over the rate in any second" is checked in simulated time); with a
-    ``budget`` they must be the real ones, which the budget's blocks are placed on.
-    """
-
-    def __init__(
-        self,
-        config: GistConfig,
-        *,
-        budget: SharedBudget | None = None,
-        monotonic: Callable[[], float] = time.monotonic,
-        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
-    ) -> None:
-        self._config = config
-        self._budget = budget
-        self._monotonic = monotonic
-        self._sleep = sleep
-        # Just under the configured rate: a server whose own limit equals it must never see
-        # one request too many in any second, whatever the network's jitter.
-        rate = config.requests_per_second
-        self._interval = 1 / (rate * PACE_SHARE)
-        self._fleet_interval = 1 / (rate * FLEET_PACE_SHARE)
-        self._next_slot = 0.0
-        # The block of shared slots being used, its next unused slot, and until when the
-        # fleet pace holds (another process was seen sending).
-        self._block: Block | None = None
-        self._block_next = 0
-        self._ahead: asyncio.Task[Block] | None = None  # the next block, claimed ahead
-        self._offset: float | None = None  # database time minus this process's
-        self._fleet_until = 0.0
-        self._taking = asyncio.Lock()
-        # A sliding window as a server keeps one, slightly longer than a second so network
-        # jitter cannot squeeze one request too many into the server's own window.
-        self._window = WINDOW_MARGIN * max(1.0, 1 / rate)
-        self._window_limit = max(1, int(rate * max(1.0, 1 / rate)))
-        # When each request of the last window left: [time], moved on when it hit the wire.
-        self._sent: deque[list[float]] = deque()
-
-    async def take_slot(self) -> list[float]:
-        """Wait for the next send slot; returns its entry in the window, whose time
-        ``call`` moves to when the request actually left."""
-        while True:
-            async with self._taking:
-                # A slot left unused for a while is not banked: that would allow a burst.
-                slot = max(self._monotonic(), self._next_slot)
-                if self._budget is not None:
-                    slot = await self._shared_slot(slot)
-                self._next_slot = slot + self._interval
-            now = self._monotonic()
-            if slot > now:
-                await self._sleep(slot - now)
-                now = self._monotonic()
-            # Woken well after its slot (a busy event loop), a request would go out together
-            # with the next ones, right against the other processes' slots, which no window
-            # of ours sees: with a shared budget it gives the slot up and takes the next.
-            if self._budget is None or now - slot <= self._lateness:
-                break
-        # Tasks held up together (a busy event loop) would wake together: the window keeps
-        # such a bunch from exceeding the rate over any second.
-        while True:
-            now = self._monotonic()
-            # A nanosecond of slack: without it, rounding can leave a request a hair inside
-            # the window at the very moment it should leave it, and the wait rounds to 0.
-            # An entry moved later (below) may hold back an older one behind it: the window
-            # then counts a request too many, never one too few.
-            while self._sent and self._sent[0][0] + self._window <= now + 1e-9:
-                self._sent.popleft()
-            if len(self._sent) < self._window_limit:
-                break
-            await self._sleep(self._sent[0][0] + self._window - now)
-        entry = [now]
-        self._sent.append(entry)
-        return entry
-
-    async def _shared_slot(self, earliest: float) -> float:
-        """The first slot at or after ``earliest`` of a block claimed from the budget: a
-        block's ``slots`` slots lie ``interval`` apart from its start, each used once."""
-        assert self._budget is not None
-        index = self._slot_index(earliest)
-        fresh = False
-        while not fresh and (self._block is None or index >= self._block.slots):
-            # The block claimed ahead, unless it passed unused meanwhile: then a fresh one.
-            ahead, self._ahead = self._ahead, None
-            fresh = ahead is None
-            block = await (ahead or self._claim())
-            if block.shared:
-                self._fleet_until = block.answered + FLEET_MEMORY
-                if block.interval < self._fleet_interval:
-                    # Claimed at our own pace before we knew: the same stretch, fewer slots.
-                    fewer = int(block.slots * block.interval / self._fleet_interval + 1e-9)
-                    block = replace(block, slots=max(1, fewer), interval=self._fleet_interval)
-            self._block = block
-            self._block_next = 0
-            # Database time minus ours: the database's "now" came before the answer did,
-            # so this bound never places a slot early; the tightest one seen is kept.
-            bound = block.at - block.answered
-            self._offset = bound if self._offset is None else max(self._offset, bound)
-            index = self._slot_index(earliest)
-        current = self._block
-        assert current is not None
-        self._block_next = index + 1
-        slot = self._local_start + index * current.interval
-        # The next block is claimed while this one still lasts: a claim is a database round
-        # trip, and every sender would wait for it at the block's end.
-        ends = self._local_start + current.slots * current.interval
-        if self._ahead is None and ends - earliest < CLAIM_AHEAD_SECONDS:
-            self._ahead = asyncio.ensure_future(self._claim())
-        return slot
-
-    async def _claim(self) -> Block:
-        assert self._budget is not None
-        interval = self._fleet_interval if self._fleet else self._interval
-        slots = block_slots(self._config.requests_per_second)
-        return await asyncio.to_thread(self._budget.claim, slots, interval)
-
-    @property
-    def _local_start(self) -> float:
-        assert self._block is not None
-        assert self._offset is not None
-        return self._block.start - self._offset
-
-    def _slot_index(self, earliest: float) -> int:
-        """The current block's first unused slot at or after ``earliest`` (past ones are
-        not banked)."""
-        if self._block is None:
-            return 0
-        behind = (earliest - self._local_start) / self._block.interval
-        # A thousandth of a slot of slack: epoch seconds in a double are only good to a
-        # microsecond or so, and a slot due "now" must not round to the next one.
-        return max(self._block_next, math.ceil(behind - 1e-3))
-
-    @property
-    def _lateness(self) -> float:
-        return allowed_lateness(self._block_interval, self._config.requests_per_second)
-
-    @property
-    def _block_interval(self) -> float:
-        return self._block.interval if self._block is not None else self._interval
-
-    @property
-    def _fleet(self) -> bool:
-        return self._monotonic() < self._fleet_until
-
-    async def close(self) -> None:
-        """Give the block claimed ahead and the unused rest of the current one back to the
-        budget (the later one first: a block goes back only while it is the last claimed)."""
-        if self._budget is None:
-            return
-        ahead, self._ahead = self._ahead, None
-        if ahead is not None:
-            try:
-                block = await ahead
-            except Exception as exc:  # a claim no one waits for any more
-                log.debug("claiming send slots ahead failed: %s", exc)
-            else:
-                await asyncio.to_thread(self._budget.give_back, block, block.slots)
-        if self._block is None:
-            return
-        block, unused = self._block, self._block.slots - self._slot_index(self._monotonic())
-        self._block = None
-        await asyncio.to_thread(self._budget.give_back, block, unused)
-
-    async def call(self, request: Callable[[], Awaitable[T]], attempt: Attempt | None = None) -> T:
-        """Await ``request()`` under the rate limit, retrying transient failures."""
-        attempt = attempt or Attempt()
-        retrying = AsyncRetrying(
-            stop=stop_after_attempt(self._config.max_retries + 1),
-            wait=self._wait,
-            retry=retry_if_exception_type(RetriableApiError),
-            reraise=True,
-            sleep=self._sleep,
-        )
-        async for try_ in retrying:
-            with try_:
-                attempt.count = try_.retry_state.attempt_number
-                entry = await self.take_slot()
-
-                def left(entry: list[float] = entry) -> None:
-                    entry[0] = max(entry[0], self._monotonic())
-
-                with on_wire(left):
-                    return await request()
-        raise AssertionError("unreachable: tenacity re-raises the last error")  # pragma: no cover
-
-    def _wait(self, state: RetryCallState) -> float:
-        error = state.outcome.exception() if state.outcome else None
-        if isinstance(error, RetriableApiError) and error.retry_after is not None:
-            return min(error.retry_after, MAX_RETRY_AFTER)
-        # Exponential back-off with full-size jitter, so retrying workers do not move in step.
-        base = self._config.retry_backoff_seconds
-        backoff: float = min(MAX_BACKOFF, base * 2 ** (state.attempt_number - 1))
-        return backoff + random.uniform(0, base)
-
-
-class AckBuffer(Generic[T]):
-    """Outcomes waiting to be saved: saved every ``ACK_BATCH`` of them and at least every
-    ``ACK_SECONDS``, so after a ``kill -9`` only the unsaved ones are sent again.
-
-    Saves run in a worker thread, one at a time, so the event loop keeps sending (and
-    keeps its pace steady) while the state database writes.
-    """
-
-    def __init__(self, save: Callable[[list[T]], None]) -> None:
-        self._save = save
-        self._items: list[T] = []
-        self._next_flush = time.monotonic() + ACK_SECONDS
-        self._saving: asyncio.Task[None] | None = None
-
-    def add(self, item: T) -> None:
-        self._items.append(item)
-
-    def flush_if_due(self) -> None:
-        """Start saving the outcomes when there are enough of them or enough time has
-        passed, unless a save is still running; a save that failed raises here."""
-        if self._saving is not None:
-            if not self._saving.done():
-                return
-            saving, self._saving = self._saving, None
-            saving.result()
-        if len(self._items) >= ACK_BATCH or time.monotonic() >= self._next_flush:
-            self._next_flush = time.monotonic() + ACK_SECONDS
-            items, self._items = self._items, []
-            if items:
-                self._saving = asyncio.create_task(asyncio.to_thread(self._save, items))
-
-    async def flush(self) -> None:
-        """Wait for the running save, then save what is left."""
-        if self._saving is not None:
-            saving, self._saving = self._saving, None
-            await saving
-        items, self._items = self._items, []
-        if items:
-            await asyncio.to_thread(self._save, items)
-
-    async def abandon(self) -> None:
-        """Let a running save end (its outcome is lost with the rest, as in a kill)."""
-        if self._saving is not None:
-            saving, self._saving = self._saving, None
-            await asyncio.gather(saving, return_exceptions=True)
-
-
 class Deliverer:
-    """Sends the pending updates of a set of runs and records every outcome."""
+    """Sends the pending updates of a set of runs and records every outcome.
+
+    With a ``holder`` (the run's leases), every request is fenced on them (``lease.Holder``:
+    it leaves only while its lease certainly outlasts it) and every save of outcomes renews
+    them; a key whose lease is lost stops delivery, and nothing more of it is recorded.
+    """
 
     def __init__(
         self,
@@ -624,7 +116,7 @@ class Deliverer:
         should_stop: Callable[[], str | None] = lambda: None,
         on_result: Callable[[int], None] = lambda changes: None,
         *,
-        owner: str | None = None,
+        holder: lease.Holder | None = None,
         pacer: Pacer | None = None,
     ) -> None:
         self._engine = engine
@@ -633,7 +125,7 @@ class Deliverer:
         self._clock = clock
         self._should_stop = should_stop
         self._on_result = on_result
-        self._owner = owner
+        self._holder = holder
         self._pacer = pacer or Pacer(config)
         self._acks: AckBuffer[Result] = AckBuffer(self._save)
         self._report = DeliveryReport()
@@ -646,7 +138,7 @@ class Deliverer:
         Stops early, cancelling what is in flight, when Gist refuses the key or stays down;
         stops gracefully, letting in-flight requests finish and be recorded, when
         ``should_stop`` gives a reason (a signal) or a lease is lost (then nothing more of
-        that audience is recorded).
+        that audience is recorded, and no request of it leaves).
         """
         slots = asyncio.Semaphore(self._config.max_concurrency)
         in_flight: set[asyncio.Task[None]] = set()
@@ -662,9 +154,9 @@ class Deliverer:
                 size = self._config.batch_size
                 for batch in (page[i : i + size] for i in range(0, len(page), size)):
                     await slots.acquire()
-                    if self._report.error is None and (reason := self._should_stop()):
+                    if self._report.error is None and (reason := self._stop_reason()):
                         log.warning("stopping: %s; letting %d finish", reason, len(in_flight))
-                        self._report.error, self._report.interrupted = reason, True
+                        self._interrupt(reason)
                     if self._report.error is not None:
                         slots.release()
                         break
@@ -689,9 +181,18 @@ class Deliverer:
         await asyncio.gather(*in_flight, return_exceptions=True)
         await self._acks.flush()
         await asyncio.to_thread(self._take_back_unsent)
+        if self._holder is not None:
+            self._report.lost.update(self._holder.loss())
         if self._crash is not None:
             raise self._crash
         return self._report
+
+    def _stop_reason(self) -> str | None:
+        if reason := self._should_stop():
+            return reason
+        if self._holder is not None and (loss := self._holder.loss()):
+            return "; ".join(loss.values())
+        return None
 
     async def _send(self, batch: list[UserUpdate], slots: asyncio.Semaphore) -> None:
         """Send one batch (one user when ``batch_size`` is 1), holding one slot."""
@@ -705,6 +206,14 @@ class Deliverer:
         finally:
             slots.release()
 
+    def _guard(self, updates: Sequence[UserUpdate]) -> Callable[[], None]:
+        """The fence for a request carrying ``updates``: their keys' leases."""
+        holder = self._holder
+        keys = {c.audience_key for u in updates for c in u.changes}
+        if holder is None:
+            return lambda: None
+        return lambda: holder.check(keys)
+
     async def _send_batch(self, batch: list[UserUpdate]) -> list[UserUpdate]:
         """``POST /contacts/batch``; returns the updates still to send one by one.
 
@@ -714,12 +223,16 @@ class Deliverer:
         """
         attempt = Attempt()
         try:
-            answer = await self._pacer.call(
-                lambda: self._client.push_contacts(
-                    [(u.user_id, u.email, u.properties) for u in batch]
-                ),
-                attempt,
-            )
+            with guarded_by(self._guard(batch)):
+                answer = await self._pacer.call(
+                    lambda: self._client.push_contacts(
+                        [(u.user_id, u.email, u.properties) for u in batch]
+                    ),
+                    attempt,
+                )
+        except FencedError as exc:
+            self._fenced(exc, batch)
+            return []
         except AuthError as exc:
             self._stop(f"Gist refused the API key ({exc}); nothing more was sent")
             return []
@@ -744,11 +257,18 @@ class Deliverer:
     async def _send_one(self, update: UserUpdate) -> None:
         attempt = Attempt()
         try:
-            status = await self._pacer.call(
-                lambda: self._client.push_contact(update.user_id, update.email, update.properties),
-                attempt,
-            )
+            with guarded_by(self._guard([update])):
+                status = await self._pacer.call(
+                    lambda: self._client.push_contact(
+                        update.user_id, update.email, update.properties
+                    ),
+                    attempt,
+                )
             self._acks.add(Result(update, True, False, attempt.count, status, None))
+        except FencedError as exc:
+            # Not sent (this try; an earlier try's answer may have been lost, which the
+            # uncertainty marked before sending already covers).
+            self._fenced(exc, [update])
         except AuthError as exc:
             # The key is refused: every later request would be too; this one was not applied.
             self._acks.add(Result(update, False, True, attempt.count, exc.status, str(exc)))
@@ -773,6 +293,19 @@ class Deliverer:
             self._report.requests += attempt.count
             self._on_result(len(update.changes))
 
+    def _fenced(self, exc: FencedError, updates: Sequence[UserUpdate]) -> None:
+        """A request the fence kept from leaving: stop, as after a lost lease. Its changes
+        stay pending and their members uncertain (an earlier try of it may have reached
+        Gist), so the next run plans them afresh."""
+        self._report.lost.setdefault(exc.audience_key, exc.reason)
+        if self._report.error is None:
+            log.error("stopping: %s; nothing more is sent", exc.reason)
+        self._interrupt(exc.reason)
+
+    def _interrupt(self, reason: str) -> None:
+        if self._report.error is None:
+            self._report.error, self._report.interrupted = reason, True
+
     def _stop(self, reason: str) -> None:
         if self._report.error is None:
             # INFO: the reason becomes each run's error, which the CLI and daemon report.
@@ -780,11 +313,11 @@ class Deliverer:
             self._report.error = reason
 
     def _save(self, results: list[Result]) -> None:
-        lost = save_results(self._engine, results, self._clock(), self._owner)
+        lost = save_results(self._engine, results, self._clock(), self._holder)
         if lost and self._report.error is None:
-            reason = f"lost the lease of {', '.join(sorted(lost))} to another process"
+            reason = "; ".join(self._holder.loss().values()) if self._holder else "lease lost"
             log.error("stopping: %s; its acknowledgements are not recorded", reason)
-            self._report.error, self._report.interrupted = reason, True
+            self._interrupt(reason)
 
     def _take_back_unsent(self) -> None:
         """Changes marked uncertain whose request never started leave Gist as it was (fenced
@@ -792,8 +325,7 @@ class Deliverer:
         unsent, self._unsent = list(self._unsent.values()), {}
         if not unsent:
             return
-        with self._engine.begin() as connection:
-            if self._owner is not None:
-                held = lease.renew(connection, {c.audience_key for c, _ in unsent}, self._owner)
-                unsent = [(c, u) for c, u in unsent if c.audience_key in held]
+        keys = {c.audience_key for c, _ in unsent}
+        with lease.fenced(self._engine, self._holder, keys) as (connection, held):
+            unsent = [(c, u) for c, u in unsent if c.audience_key in held]
             unmark_uncertain(connection, [c for c, _ in unsent], [u for _, u in unsent])

@@ -5,6 +5,7 @@ AudienceSyncError
 ├── StateError             the state database is unusable or behind its migrations (exit 2)
 ├── SourceError            an audience's source could not be read (that run fails)
 ├── LockHeldError          another process holds an audience's lease (exit 3)
+├── FencedError            a request may not leave: its lease is lost or unconfirmed too long
 ├── StopRequestedError     a signal asked the run to stop (run ends `interrupted`)
 └── ApiError               Gist answered something other than 2xx, or not at all
     ├── RetriableApiError  429, 5xx, timeouts, dropped connections: try again later
@@ -39,6 +40,16 @@ class LockHeldError(AudienceSyncError):
         super().__init__(f"audience {audience_key!r} is being synced by {owner}")
         self.audience_key = audience_key
         self.owner = owner
+
+
+class FencedError(AudienceSyncError):
+    """A request may not leave: its audience's lease was lost, or its last confirmed renewal
+    is too old for the request to finish before the lease could expire."""
+
+    def __init__(self, audience_key: str, reason: str) -> None:
+        super().__init__(reason)
+        self.audience_key = audience_key
+        self.reason = reason
 
 
 class StopRequestedError(AudienceSyncError):

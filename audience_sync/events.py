@@ -16,10 +16,11 @@ from sqlalchemy import Engine, bindparam, select
 from sqlalchemy.engine import Connection
 
 from audience_sync import lease
-from audience_sync.delivery import AckBuffer, Attempt, Pacer
-from audience_sync.errors import AuthError, FatalApiError, RetriableApiError
-from audience_sync.gist import GistClient
+from audience_sync.errors import AuthError, FatalApiError, FencedError, RetriableApiError
+from audience_sync.gist import GistClient, guarded_by
+from audience_sync.ledger import AckBuffer, owed_event
 from audience_sync.models import member_changes as changes
+from audience_sync.pacer import Attempt, Pacer
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,7 @@ async def send_events(
     names: Mapping[str, EventNames],
     max_concurrency: int,
     should_stop: Callable[[], str | None] = lambda: None,
-    owner: str | None = None,
+    holder: lease.Holder | None = None,
 ) -> str | None:
     """Send every owed event of the audiences in ``names``; returns why it stopped, if it did.
 
@@ -70,8 +71,8 @@ async def send_events(
     or an earlier one). An event is marked ``delivered`` only after Gist's 2xx, and outcomes
     are saved as contact acknowledgements are (every ``ACK_BATCH``, at least every
     ``ACK_SECONDS``), so after a ``kill -9`` only the unsaved ones and those in flight are
-    sent again. With ``owner``, each save renews that owner's leases; once one is lost no
-    more events are sent.
+    sent again. With a ``holder``, each event is fenced on its key's lease and each save
+    renews the leases; once one is lost no more events are sent.
     """
     stop: str | None = None
     slots = asyncio.Semaphore(max_concurrency)
@@ -80,12 +81,10 @@ async def send_events(
 
     def save(outcomes: list[dict[str, Any]]) -> None:
         nonlocal stop
-        with engine.begin() as connection:
-            if owner is not None:
-                lost = set(names) - lease.renew(connection, names, owner)
-                if lost and stop is None:
-                    stop = f"lost the lease of {', '.join(sorted(lost))} to another process"
-            _save_outcomes(connection, outcomes)
+        with lease.fenced(engine, holder, names) as (connection, held):
+            if held != set(names) and stop is None:
+                stop = "; ".join(holder.loss().values()) if holder else "lease lost"
+            _save_outcomes(connection, [o for o in outcomes if o["key"] in held])
 
     acks: AckBuffer[dict[str, Any]] = AckBuffer(save)
 
@@ -100,13 +99,17 @@ async def send_events(
                 if stop is not None:
                     return
             body = build_event(names[row.audience_key], row)
+            key = row.audience_key
             try:
-                await pacer.call(lambda: client.push_event(body), Attempt())
-                acks.add({"change_id": row.id, "s": "delivered", "e": None})
+                with guarded_by(lambda: holder.check([key]) if holder else None):
+                    await pacer.call(lambda: client.push_event(body), Attempt())
+                acks.add({"change_id": row.id, "key": key, "s": "delivered", "e": None})
+            except FencedError as exc:
+                stop = stop or exc.reason
             except AuthError as exc:
                 stop = stop or f"Gist refused the API key ({exc}); no more events were sent"
             except FatalApiError as exc:
-                acks.add({"change_id": row.id, "s": "failed", "e": str(exc)})
+                acks.add({"change_id": row.id, "key": key, "s": "failed", "e": str(exc)})
             except RetriableApiError as exc:
                 stop = stop or f"Gist unavailable for events: {exc}"
         finally:
@@ -157,8 +160,7 @@ def _owed(engine: Engine, names: Mapping[str, EventNames]) -> Iterator[Any]:
                 select(changes)
                 .where(
                     changes.c.audience_key.in_(list(names)),
-                    changes.c.status == "delivered",
-                    changes.c.event_status.in_(["pending", "failed"]),
+                    owed_event(),
                     changes.c.id > after,
                 )
                 .order_by(changes.c.id)
@@ -176,5 +178,5 @@ def _save_outcomes(connection: Connection, outcomes: Sequence[dict[str, Any]]) -
             changes.update()
             .where(changes.c.id == bindparam("change_id"))
             .values(event_status=bindparam("s"), event_error=bindparam("e")),
-            outcomes,
+            [{"change_id": o["change_id"], "s": o["s"], "e": o["e"]} for o in outcomes],
         )

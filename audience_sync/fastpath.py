@@ -34,8 +34,9 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from audience_sync import __version__, db
 from audience_sync.config import Computation, Settings
+from audience_sync.ledger import owed_event
+from audience_sync.models import email_drift, memberships, uncertain_members
 from audience_sync.models import member_changes as changes
-from audience_sync.models import memberships, uncertain_members
 from audience_sync.models import sync_runs as runs
 from audience_sync.runs import unfinished_backfills
 from audience_sync.sources import REQUIRED_COLUMNS, file_digest
@@ -164,9 +165,10 @@ def _doubt(
     # every change instead (0.24 s at 1M).
     if _has(connection, changes.c.run_id.in_([last.id, run_id]), changes.c.status == "pending"):
         return "changes are pending"
-    owed = changes.c.event_status.in_(["pending", "failed"])
-    if _has(connection, changes.c.audience_key == key, owed):
+    if _has(connection, changes.c.audience_key == key, owed_event()):
         return "track events are owed"
+    if _has(connection, email_drift.c.audience_key == key):
+        return "a member's email is not the one Gist holds (another key sent it another)"
     return None
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
 import json
 import logging
@@ -63,6 +64,20 @@ class BatchAnswer:
 
 
 _ON_WIRE: ContextVar[Callable[[], None] | None] = ContextVar("on_wire", default=None)
+_GUARD: ContextVar[Callable[[], None] | None] = ContextVar("send_guard", default=None)
+
+
+@contextmanager
+def guarded_by(check: Callable[[], None]) -> Iterator[None]:
+    """Call ``check`` just before each request made in this block goes out — before it is
+    handed to the HTTP client, and again as its first bytes are about to be written to the
+    socket (a connection may take a while to open) — and let it raise to keep the request
+    from leaving (the lease fence: ``lease.Holder.check``)."""
+    token = _GUARD.set(check)
+    try:
+        yield
+    finally:
+        _GUARD.reset(token)
 
 
 @contextmanager
@@ -78,8 +93,11 @@ def on_wire(callback: Callable[[], None]) -> Iterator[None]:
 
 
 async def _trace(event: str, info: dict[str, Any]) -> None:
-    """httpx's trace hook: tells the ``on_wire`` callback when the request is on the wire."""
-    if event.endswith(".send_request_body.complete") and (callback := _ON_WIRE.get()):
+    """httpx's trace hook: asks the guard before the request's first byte is written, and
+    tells the ``on_wire`` callback when the request is on the wire."""
+    if event.endswith(".send_request_headers.started") and (guard := _GUARD.get()):
+        guard()
+    elif event.endswith(".send_request_body.complete") and (callback := _ON_WIRE.get()):
         callback()
 
 
@@ -89,11 +107,23 @@ answer came) and seconds taken. The metrics module is one."""
 
 
 class GistClient:
-    """Calls Gist over an injected ``httpx.AsyncClient``; raises the errors of ``errors.py``."""
+    """Calls Gist over an injected ``httpx.AsyncClient``; raises the errors of ``errors.py``.
 
-    def __init__(self, http: httpx.AsyncClient, observer: RequestObserver | None = None) -> None:
+    ``deadline`` bounds each request as a whole, answer included (httpx's own timeouts bound
+    each read, so an answer that trickles in a byte at a time would not end): the lease
+    fence relies on no request outliving it.
+    """
+
+    def __init__(
+        self,
+        http: httpx.AsyncClient,
+        observer: RequestObserver | None = None,
+        *,
+        deadline: float | None = None,
+    ) -> None:
         self._http = http
         self._observer = observer
+        self._deadline = deadline
 
     async def push_contact(self, user_id: str, email: str, properties: dict[str, Any]) -> int:
         """Create or update a contact; returns Gist's 2xx status or raises an ApiError."""
@@ -137,12 +167,22 @@ class GistClient:
         if "json" in kwargs:
             # -vv shows what is sent; the key travels in a header and is never logged.
             log.debug("%s %s %s", method, url, json.dumps(kwargs["json"], default=str))
+        if guard := _GUARD.get():
+            guard()
         try:
-            response = await self._http.request(method, url, extensions={"trace": _trace}, **kwargs)
+            async with asyncio.timeout(self._deadline):
+                response = await self._http.request(
+                    method, url, extensions={"trace": _trace}, **kwargs
+                )
             status = response.status_code
             return response
         except httpx.TransportError as exc:
             raise transport_error(exc, str(self._http.base_url)) from exc
+        except TimeoutError as exc:
+            where = str(self._http.base_url).rstrip("/")
+            raise RetriableApiError(
+                f"Gist at {where} timed out: no whole answer within {self._deadline:g} s"
+            ) from exc
         finally:
             if self._observer is not None:
                 self._observer(endpoint, status, time.monotonic() - started)

@@ -7,8 +7,9 @@ from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Engine, case, delete, exists, func, or_, select, union_all
+from sqlalchemy import Engine, case, delete, exists, func, select, union_all
 
+from audience_sync.ledger import owed_event
 from audience_sync.models import (
     audiences,
     email_conflicts,
@@ -143,10 +144,7 @@ def prune(engine: Engine, older_than: datetime, *, dry_run: bool = False) -> dic
     old_changes = (
         member_changes.c.run_id.in_(old_runs),
         member_changes.c.status != "pending",
-        or_(
-            member_changes.c.event_status.is_(None),
-            member_changes.c.event_status.not_in(["pending", "failed"]),
-        ),
+        ~owed_event(),
         ~exists().where(
             uncertain_members.c.audience_key == member_changes.c.audience_key,
             uncertain_members.c.user_id == member_changes.c.user_id,

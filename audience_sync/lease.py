@@ -2,9 +2,10 @@
 
 Every lease time is the **database's** time (``statement_timestamp()`` on PostgreSQL,
 ``strftime('now')`` on SQLite), never a client's: a process whose clock runs slow or fast
-cannot keep a lease that others see as expired. A holder renews its leases while it works
-and *fences* each save of acknowledgements on them (``renew`` inside the saving
-transaction): once a lease is lost, nothing more of that audience is recorded or sent.
+cannot keep a lease that others see as expired. A ``Holder`` renews its leases while it
+works, *fences* each save of acknowledgements on them (``renew`` inside the saving
+transaction), and lets a request out only while its lease certainly outlasts it: once a
+lease is lost or too long unconfirmed, nothing more of that audience is recorded or sent.
 """
 
 from __future__ import annotations
@@ -13,15 +14,17 @@ import logging
 import os
 import socket
 import threading
+import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from functools import cache
 
-from sqlalchemy import ColumnElement, Engine, delete, literal_column, select, update
+from sqlalchemy import ColumnElement, Engine, literal_column, select, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError, OperationalError
 
-from audience_sync.errors import LockHeldError
+from audience_sync.errors import FencedError, LockHeldError
 from audience_sync.models import leases
 
 log = logging.getLogger(__name__)
@@ -39,36 +42,41 @@ def new_owner() -> str:
     return f"{_place()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
-def database_now(dialect: str, plus_seconds: int = 0) -> ColumnElement[object]:
+def database_now(dialect: str, plus_seconds: float = 0) -> ColumnElement[object]:
     """The database's current UTC time (plus ``plus_seconds``) as a naive timestamp, the way
     every timestamp is stored."""
     if dialect == "sqlite":
         # strftime's %f has milliseconds; three more digits make the microseconds that
         # SQLAlchemy stores and parses for SQLite.
-        shift = f", '{plus_seconds:+d} seconds'" if plus_seconds else ""
+        shift = f", '{plus_seconds:+.3f} seconds'" if plus_seconds else ""
         return literal_column(f"(strftime('%Y-%m-%d %H:%M:%f', 'now'{shift}) || '000')")
-    shift = f" + interval '{plus_seconds:d} seconds'" if plus_seconds else ""
+    shift = f" + interval '{plus_seconds:.3f} seconds'" if plus_seconds else ""
     return literal_column(f"((statement_timestamp() AT TIME ZONE 'UTC'){shift})")
 
 
-def acquire(engine: Engine, audience_key: str, owner: str) -> str | None:
+def acquire(
+    engine: Engine, audience_key: str, owner: str, seconds: float = LEASE_SECONDS
+) -> str | None:
     """Take the audience's lease, or raise LockHeldError when a live lease belongs to another.
 
-    A lease expires ``LEASE_SECONDS`` after its last renewal (database time), so a process
+    A lease expires ``seconds`` after its last renewal (database time), so a process
     killed with ``kill -9`` blocks others for at most that long; on the same machine a dead
     holder is recognised at once. Returns the previous owner when it took over an expired
     or dead holder's lease, else None.
     """
-    now, expires = _now(engine), _now(engine, LEASE_SECONDS)
+    now, expires = _now(engine), _now(engine, seconds)
     with engine.begin() as connection:
         held = connection.execute(
-            select(leases.c.owner, leases.c.expires_at, (leases.c.expires_at >= now)).where(
-                leases.c.audience_key == audience_key
-            )
+            select(
+                leases.c.owner,
+                leases.c.expires_at,
+                (leases.c.expires_at >= now),
+                leases.c.released_at.is_not(None),
+            ).where(leases.c.audience_key == audience_key)
         ).first()
         if held is not None:
-            owner_then, expires_then, live = held
-            if live and not is_dead_local_owner(owner_then):
+            owner_then, expires_then, live, released = held
+            if live and not released and not is_dead_local_owner(owner_then):
                 raise LockHeldError(audience_key, owner_then)
             # Compare-and-swap on the old holder, so of two takers only one wins.
             taken = connection.execute(
@@ -78,10 +86,12 @@ def acquire(engine: Engine, audience_key: str, owner: str) -> str | None:
                     leases.c.owner == owner_then,
                     leases.c.expires_at == expires_then,
                 )
-                .values(owner=owner, acquired_at=now, expires_at=expires)
+                .values(owner=owner, acquired_at=now, expires_at=expires, released_at=None)
             ).rowcount
             if not taken:
                 raise LockHeldError(audience_key, "another process")
+            if released or owner_then == owner:
+                return None
             log.warning("%s: took over the lease of %s (expired or dead)", audience_key, owner_then)
             return str(owner_then)
     try:
@@ -141,11 +151,13 @@ def _pid_namespace() -> str:
         return "?"
 
 
-def renew(connection: Connection, keys: Iterable[str], owner: str) -> set[str]:
-    """Extend this owner's unexpired leases on ``keys`` inside the caller's transaction;
-    returns the keys still held. The row locks it takes (PostgreSQL) or the write lock
-    (SQLite) keep the leases from changing hands until that transaction ends, so work saved
-    in it is fenced."""
+def renew(
+    connection: Connection, keys: Iterable[str], owner: str, seconds: float = LEASE_SECONDS
+) -> set[str]:
+    """Extend this owner's unexpired leases on ``keys`` to ``seconds`` from now (database
+    time) inside the caller's transaction; returns the keys still held. The row locks it
+    takes (PostgreSQL) or the write lock (SQLite) keep the leases from changing hands until
+    that transaction ends, so work saved in it is fenced."""
     keys = sorted(set(keys))
     if not keys:
         return set()
@@ -156,69 +168,208 @@ def renew(connection: Connection, keys: Iterable[str], owner: str) -> set[str]:
             leases.c.audience_key.in_(keys),
             leases.c.owner == owner,
             leases.c.expires_at >= database_now(dialect),
+            leases.c.released_at.is_(None),
         )
-        .values(expires_at=database_now(dialect, LEASE_SECONDS))
+        .values(expires_at=database_now(dialect, seconds))
         .returning(leases.c.audience_key)
     ).scalars()
     return set(held)
 
 
 def release(engine: Engine, keys: Iterable[str], owner: str) -> None:
-    """Give up this owner's leases."""
+    """Give up this owner's leases: free at once, the rows still naming this owner as the
+    last holder (so a holder that lost a lease meanwhile learns who took it)."""
     keys = list(keys)
     if keys:
+        now = _now(engine)
         with engine.begin() as connection:
             connection.execute(
-                delete(leases).where(leases.c.audience_key.in_(keys), leases.c.owner == owner)
+                update(leases)
+                .where(
+                    leases.c.audience_key.in_(keys),
+                    leases.c.owner == owner,
+                    leases.c.released_at.is_(None),
+                )
+                .values(expires_at=now, released_at=now)
             )
 
 
-def _now(engine: Engine, plus_seconds: int = 0) -> ColumnElement[object]:
+def _now(engine: Engine, plus_seconds: float = 0) -> ColumnElement[object]:
     return database_now(engine.dialect.name, plus_seconds)
 
 
-class Heartbeat:
-    """Renews a set of leases every third of their length in a background thread; ``lost``
-    is set once any of them was lost (expired and taken, or renewed too late)."""
+class Holder:
+    """This process's leases for one invocation, and the fence on everything it sends.
 
-    def __init__(self, engine: Engine, owner: str) -> None:
+    Gist cannot check a fencing token, so the sender fences itself: a request for a key
+    leaves only while (time since the holder's last *confirmed* renewal of that key's lease,
+    on this process's monotonic clock) + the request's deadline < the lease length. A
+    renewal counts from just before its statement was sent, once its transaction committed,
+    so the lease, which runs ``seconds`` from the database's time of the statement, outlasts
+    every request let out under it: a holder stopped (SIGSTOP, a long pause, a frozen VM)
+    past its lease finds on waking that nothing may leave, before any other holder can have
+    taken the lease over (a taker waits for the lease to expire on the database's clock).
+
+    Leases are renewed by a heartbeat thread and by every fenced save (``fenced``); a key
+    whose renewal finds the lease gone is lost for good (``lost``, ``loss``).
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        owner: str,
+        *,
+        seconds: float = LEASE_SECONDS,
+        request_seconds: float = 0.0,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if request_seconds >= seconds:
+            raise ValueError("a request's deadline must be shorter than the lease")
         self._engine = engine
-        self._owner = owner
-        self._keys: set[str] = set()
+        self.owner = owner
+        self.seconds = seconds
+        self.request_seconds = request_seconds
+        self._monotonic = monotonic
+        self._confirmed: dict[str, float] = {}  # key → monotonic time its renewal was sent
+        self._lost: dict[str, str] = {}  # key → why
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="lease-heartbeat", daemon=True)
+        self._thread = threading.Thread(target=self._beat, name="lease-heartbeat", daemon=True)
         self.lost = threading.Event()
 
     @property
-    def owner(self) -> str:
-        """The owner name the leases are held under."""
-        return self._owner
-
-    def add(self, key: str) -> None:
-        """Keep ``key``'s lease alive from now on."""
+    def keys(self) -> set[str]:
+        """The keys taken and not released."""
         with self._lock:
-            self._keys.add(key)
+            return set(self._confirmed)
+
+    @property
+    def beat_seconds(self) -> float:
+        """How often the heartbeat renews: three times within the time a request may still
+        leave after a renewal, so two beats can fail before the fence closes."""
+        return (self.seconds - self.request_seconds) / 3
+
+    def acquire(self, key: str) -> str | None:
+        """Take ``key``'s lease (see ``acquire``); raises LockHeldError when it is held."""
+        started = self._monotonic()
+        previous = acquire(self._engine, key, self.owner, self.seconds)
+        with self._lock:
+            self._confirmed[key] = started
+            self._lost.pop(key, None)
+        return previous
+
+    @contextmanager
+    def fenced(self, keys: Iterable[str]) -> Iterator[tuple[Connection, set[str]]]:
+        """A transaction that first renews the leases of ``keys``: yields it and the keys
+        still held; what it writes of a key not held must be left out. The renewal counts
+        for the fence once the transaction has committed."""
+        keys = set(keys)
+        started = self._monotonic()
+        with self._engine.begin() as connection:
+            held = renew(connection, keys, self.owner, self.seconds)
+            losses = describe_losses(connection, keys - held, self.owner)
+            yield connection, held
+        with self._lock:
+            for key in held:
+                if key not in self._lost:
+                    self._confirmed[key] = max(self._confirmed.get(key, started), started)
+        self._lose(losses)
+
+    def check(self, keys: Iterable[str]) -> None:
+        """Raise FencedError unless a request for ``keys`` may leave now."""
+        now = self._monotonic()
+        with self._lock:
+            for key in keys:
+                if key in self._lost:
+                    raise FencedError(key, self._lost[key])
+                confirmed = self._confirmed.get(key)
+                if confirmed is None:
+                    raise FencedError(key, f"{key}: no lease held")
+                age = now - confirmed
+                if age + self.request_seconds >= self.seconds:
+                    raise FencedError(
+                        key,
+                        f"the lease of {key} was last confirmed {age:.1f} s ago: a request "
+                        f"now ({self.request_seconds:g} s deadline) could outlast the "
+                        f"{self.seconds:g} s lease",
+                    )
+
+    def loss(self) -> dict[str, str]:
+        """The keys lost so far, with why."""
+        with self._lock:
+            return dict(self._lost)
 
     def start(self) -> None:
+        """Start the heartbeat."""
         self._thread.start()
 
     def stop(self) -> None:
+        """Stop the heartbeat."""
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join()
 
-    def _run(self) -> None:
-        while not self._stop.wait(LEASE_SECONDS / 3):
+    def release(self) -> None:
+        """Give up every lease still held."""
+        with self._lock:
+            keys = [k for k in self._confirmed if k not in self._lost]
+            self._confirmed.clear()
+        release(self._engine, keys, self.owner)
+
+    def _lose(self, losses: dict[str, str]) -> None:
+        if not losses:
+            return
+        with self._lock:
+            fresh = {k: v for k, v in losses.items() if k not in self._lost}
+            self._lost.update(fresh)
+        for reason in fresh.values():
+            log.error("%s", reason)
+        self.lost.set()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.beat_seconds):
             with self._lock:
-                keys = set(self._keys)
-            try:
-                with self._engine.begin() as connection:
-                    held = renew(connection, keys, self._owner)
-            except OperationalError:
-                # A busy or briefly unreachable database: the next beat tries again, and
-                # the lease still has two thirds of its length to run.
+                keys = {k for k in self._confirmed if k not in self._lost}
+            if not keys:
                 continue
-            if held != keys:
-                log.error("lost the lease of %s", ", ".join(sorted(keys - held)))
-                self.lost.set()
+            try:
+                with self.fenced(keys):
+                    pass
+            except OperationalError as exc:
+                # A busy or briefly unreachable database: the next beat tries again; the
+                # fence stops sending if none succeeds in time.
+                log.warning("could not renew the leases of %s: %s", ", ".join(sorted(keys)), exc)
+
+
+@contextmanager
+def fenced(
+    engine: Engine, holder: Holder | None, keys: Iterable[str]
+) -> Iterator[tuple[Connection, set[str]]]:
+    """A transaction fenced on ``holder``'s leases of ``keys`` (``Holder.fenced``), or a plain
+    one holding every key when there is no holder (a caller outside any run)."""
+    if holder is not None:
+        with holder.fenced(keys) as fenced_transaction:
+            yield fenced_transaction
+        return
+    with engine.begin() as connection:
+        yield connection, set(keys)
+
+
+def describe_losses(connection: Connection, keys: Iterable[str], owner: str) -> dict[str, str]:
+    """Why each of ``keys`` is no longer this owner's: taken over by whom, or expired."""
+    keys = sorted(set(keys))
+    if not keys:
+        return {}
+    holders = dict(
+        connection.execute(
+            select(leases.c.audience_key, leases.c.owner).where(leases.c.audience_key.in_(keys))
+        ).all()
+    )
+    reasons = {}
+    for key in keys:
+        holder = holders.get(key)
+        if holder is None or holder == owner:
+            reasons[key] = f"{key}: lease expired before it was renewed"
+        else:
+            reasons[key] = f"{key}: lease taken over by {holder}"
+    return reasons

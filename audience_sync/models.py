@@ -176,6 +176,18 @@ class TraitValue(Base):
     last_run_id: Mapped[int] = mapped_column(Integer)
 
 
+class EmailDrift(Base):
+    """A member whose acknowledged email (``memberships.email``) is not the one Gist last
+    acknowledged for the user (``contacts.email``): another key's request changed the
+    contact's email since. While a key has such a member, a full diff of several sources
+    may send that member again, so the key never takes the no-change fast path."""
+
+    __tablename__ = "email_drift"
+
+    audience_key: Mapped[str] = mapped_column(KEY, primary_key=True)
+    user_id: Mapped[str] = mapped_column(USER_ID, primary_key=True)
+
+
 class Contact(Base):
     """The email Gist last acknowledged for a user, whatever the key: requests for users no
     source of the run has carry it, and a member whose source email differs from it is sent
@@ -190,7 +202,8 @@ class Contact(Base):
 
 
 class Lease(Base):
-    """Who may sync an audience right now; renewed by a heartbeat, free once expired."""
+    """Who may sync an audience right now; renewed by a heartbeat, free once expired or
+    released."""
 
     __tablename__ = "leases"
 
@@ -198,6 +211,8 @@ class Lease(Base):
     owner: Mapped[str] = mapped_column(String(255))
     acquired_at: Mapped[datetime] = mapped_column(DateTime)
     expires_at: Mapped[datetime] = mapped_column(DateTime)
+    # Set when its holder gave it up; the row keeps naming the last holder.
+    released_at: Mapped[datetime | None] = mapped_column(DateTime)
 
 
 class RateLimit(Base):
@@ -239,6 +254,7 @@ member_changes = _table(MemberChange)
 uncertain_members = _table(UncertainMember)
 trait_values = _table(TraitValue)
 contacts = _table(Contact)
+email_drift = _table(EmailDrift)
 email_conflicts = _table(EmailConflict)
 rejected_rows = _table(RejectedRow)
 leases = _table(Lease)

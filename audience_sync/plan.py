@@ -122,7 +122,7 @@ def start_plan(connection: Connection, target: PlanTarget) -> None:
                 changes.c.status == "pending",
                 changes.c.run_id != target.run_id,
             )
-            .values(status="superseded")
+            .values(status="superseded", event_status=None)
         )
 
 
@@ -346,16 +346,13 @@ def unify_emails(connection: Connection, snapshots: Sequence[Snapshot]) -> dict[
 
 
 def resolve_emails(
-    connection: Connection,
-    snapshots: Sequence[Snapshot],
-    run_ids: Sequence[int],
-    spared: Sequence[str] = (),
+    connection: Connection, snapshots: Sequence[Snapshot], run_ids: Sequence[int]
 ) -> None:
     """Every planned request carries the user's current email: the one staged for them by
     any run of this invocation (unified by ``unify_emails``), else the one Gist last
-    acknowledged for them under any key. The acknowledged members of a key whose run took
-    the fast path (``spared``) stand for its unread file: they are its rows, and no staged
-    source gives them another email."""
+    acknowledged for them under any key (``contacts``). A key whose run took the fast path
+    stands for its unread file through that too: its members' emails are the contacts'
+    (``email_drift`` holds none of its members, or it would not have taken it)."""
     if not run_ids:
         return
     open_change = and_(changes.c.run_id.in_(run_ids), changes.c.status.in_(OPEN_STATUSES))
@@ -369,21 +366,9 @@ def resolve_emails(
                 )
                 .values(email=s.c.email)
             )
-        for key in spared:
-            m = memberships.alias("spared")
-            connection.execute(
-                update(changes)
-                .where(
-                    open_change,
-                    m.c.audience_key == key,
-                    changes.c.user_id == m.c.user_id,
-                    changes.c.email != m.c.email,
-                )
-                .values(email=m.c.email)
-            )
         staged_anywhere = [
             exists().where(staged_user(s.table) == changes.c.user_id) for s in snapshots
-        ] + [_member(k, changes.c.user_id) for k in spared]
+        ]
         connection.execute(
             update(changes)
             .where(

@@ -161,12 +161,18 @@ def finish_run(
     error: str | None,
     interrupted: bool,
     clock: Clock,
+    *,
+    lost: str | None = None,
 ) -> RunResult:
-    """Count what was delivered and failed, settle the run's status and save it."""
+    """Count what was delivered and failed, settle the run's status and save it. ``lost``:
+    why the run's lease was lost; such a run ends ``interrupted`` whatever it delivered
+    (another process may have superseded what it planned)."""
     counts = change_counts(engine, result.run_id)
     delivered, failed, pending = (counts.get(s, 0) for s in ("delivered", "failed", "pending"))
     status: RunStatus
-    if interrupted and pending:
+    if lost is not None:
+        status, error, interrupted = "interrupted", lost, True
+    elif interrupted and pending:
         status = "interrupted"
     elif error is not None and not interrupted:
         # Delivery stopped (key refused, Gist down, events owed): not a success, even if

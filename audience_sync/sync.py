@@ -23,12 +23,14 @@ from sqlalchemy.exc import SQLAlchemyError
 from audience_sync import db, lease
 from audience_sync.budget import workspace_budget
 from audience_sync.config import Computation, Settings, TraitConfig, scrub
-from audience_sync.delivery import Deliverer, DeliveryReport, Pacer, vacuum_uncertain
+from audience_sync.delivery import Deliverer, DeliveryReport
 from audience_sync.errors import ConfigError, LockHeldError, SourceError, StopRequestedError
 from audience_sync.events import EventNames, send_events
 from audience_sync.fastpath import config_fingerprint, judge, overlaps
 from audience_sync.gist import GistClient, RequestObserver, make_http_client
+from audience_sync.ledger import vacuum_uncertain
 from audience_sync.models import audiences
+from audience_sync.pacer import Pacer
 from audience_sync.plan import (
     PlanTarget,
     count_planned,
@@ -172,13 +174,18 @@ def run_once(
             full_diff=full_diff,
         )
         targets = _targets(settings, engine, keys, mode)
-        heartbeat = lease.Heartbeat(engine, ctx.owner)
+        holder = lease.Holder(
+            engine,
+            ctx.owner,
+            seconds=settings.state.lease_seconds,
+            request_seconds=settings.gist.timeout_seconds,
+        )
         held: list[_Target] = []
         results: dict[str, RunResult] = {}
         try:
             for target in targets:
                 try:
-                    lease.acquire(engine, target.key, ctx.owner)
+                    holder.acquire(target.key)
                 except LockHeldError as exc:
                     # The caller reports it (a daemon once per holder, `run` in its table).
                     log.debug("skipping %s: %s", target.key, exc)
@@ -187,9 +194,8 @@ def run_once(
                     )
                     continue
                 held.append(target)
-                heartbeat.add(target.key)
             worker.running(t.key for t in held)
-            heartbeat.start()
+            holder.start()
             planned = _prepare(ctx, held, results)
             report = DeliveryReport()
             # Audiences with track events may owe events from earlier runs even with no change.
@@ -199,11 +205,18 @@ def run_once(
                 if t.audience is not None and t.audience.send_track
             }
             if (planned or tracked) and not ctx.dry_run:
-                report = asyncio.run(_deliver(ctx, planned, tracked, heartbeat))
+                report = asyncio.run(_deliver(ctx, planned, tracked, holder))
+            lost = {**holder.loss(), **report.lost}
             for result in planned:
                 results[result.audience_key] = finish_run(
-                    engine, result, report.error, report.interrupted, clock
-                )
+                    engine, result, report.error, report.interrupted, clock,
+                    lost=lost.get(result.audience_key),
+                )  # fmt: skip
+            for key, reason in lost.items():
+                # A run that planned nothing still ran without its lease at the end.
+                if key in results and results[key].status == "succeeded":
+                    results[key] = replace(results[key], status="interrupted", error=reason)
+                    save_run(engine, results[key], clock())
             vacuum_uncertain(engine, sum(results[r.audience_key].delivered for r in planned))
         except BaseException as exc:
             # Ctrl-C, SIGTERM or a crash of our own: record it; acknowledged work is already saved.
@@ -212,8 +225,8 @@ def run_once(
             abandon_runs(engine, running, status, exc, clock)
             raise
         finally:
-            heartbeat.stop()
-            lease.release(engine, [t.key for t in held], ctx.owner)
+            holder.stop()
+            holder.release()
             worker.running(())
         return [results[t.key] for t in targets]
 
@@ -299,8 +312,7 @@ def _prepare(
             plans = [
                 r.run_id for _, r in opened if r.run_id and r.status in ("running", "succeeded")
             ]
-            spared = [r.audience_key for _, r in opened if r.fast_path]
-            resolve_emails(connection, staged, plans, spared)
+            resolve_emails(connection, staged, plans)
         finally:
             # Every snapshot of this invocation, also one cut short while staging.
             _drop_quietly(staging)
@@ -531,21 +543,19 @@ async def _deliver(
     ctx: SyncContext,
     planned: Sequence[RunResult],
     tracked: dict[str, EventNames],
-    heartbeat: lease.Heartbeat,
+    holder: lease.Holder,
 ) -> DeliveryReport:
     def should_stop() -> str | None:
         if ctx.stop.is_set():
             return "stopped by a signal"
-        if heartbeat.lost.is_set():
-            return "lost the audience lease to another process"
         return None
 
     gist = ctx.settings.gist
     async with make_http_client(gist, ctx.transport) as http:
-        client = GistClient(http, ctx.observer)
+        client = GistClient(http, ctx.observer, deadline=gist.timeout_seconds)
         pacer = Pacer(gist, budget=workspace_budget(ctx.engine, gist))
         try:
-            return await _send(ctx, client, pacer, planned, tracked, should_stop)
+            return await _send(ctx, client, pacer, planned, tracked, should_stop, holder)
         finally:
             await pacer.close()
 
@@ -557,6 +567,7 @@ async def _send(
     planned: Sequence[RunResult],
     tracked: dict[str, EventNames],
     should_stop: Callable[[], str | None],
+    holder: lease.Holder,
 ) -> DeliveryReport:
     """The contacts of every planned run, then the events they owe."""
     gist = ctx.settings.gist
@@ -567,7 +578,7 @@ async def _send(
         ctx.clock,
         should_stop,
         on_result=ctx.progress.sent,
-        owner=ctx.owner,
+        holder=holder,
         pacer=pacer,
     )
     run_ids = [r.run_id for r in planned if r.run_id is not None]
@@ -577,8 +588,11 @@ async def _send(
     if tracked and report.error is None:
         # Events describe acknowledged changes only: they go after the contacts.
         report.error = await send_events(
-            ctx.engine, client, pacer, tracked, gist.max_concurrency, should_stop, ctx.owner
+            ctx.engine, client, pacer, tracked, gist.max_concurrency, should_stop, holder
         )
+        if report.error is not None and holder.loss():
+            report.interrupted = True
+            report.lost.update(holder.loss())
     return report
 
 

@@ -19,12 +19,12 @@ from sqlalchemy import Connection, Engine, Select, exists, false, func, select
 from audience_sync.budget import workspace_budget
 from audience_sync.config import Settings
 from audience_sync.db import upsert
-from audience_sync.delivery import Pacer
 from audience_sync.errors import ApiError, AuthError
 from audience_sync.gist import GistClient, make_http_client
 from audience_sync.models import audiences, memberships, trait_values, uncertain_members
 from audience_sync.models import member_changes as changes
 from audience_sync.models import sync_runs as runs
+from audience_sync.pacer import Pacer
 
 MISSING = "missing"  # Drift.actual when Gist has no contact with that user_id
 STREAM_ROWS = 1000

@@ -120,6 +120,7 @@ class Workspace:
         self.traits: list[dict[str, Any]] = []
         self.sources: dict[str, str] = {}
         self.sections: dict[str, dict[str, Any]] = {}  # e.g. {"daemon": {...}, "alerts": {...}}
+        self.state_options: dict[str, Any] = {}  # [state] beside its url, e.g. lease_seconds
 
     def add_file_audience(self, name: str, **options: Any) -> Path:
         """Configure an audience read from ``<key>.jsonl``; returns that file's path."""
@@ -138,6 +139,7 @@ class Workspace:
         lines = [
             "[state]",
             f"url = {json.dumps(self.state_url)}",
+            *(f"{k} = {json.dumps(v)}" for k, v in self.state_options.items()),
             "[gist]",
             'api_key = "${GIST_API_KEY}"',
             f"base_url = {json.dumps(self.gist_url)}",
@@ -212,6 +214,7 @@ def plant_lease(engine: Engine, key: str, owner: str, seconds_left: int) -> None
     (negative: expired that long ago), as another process would have left it."""
     dialect = engine.dialect.name
     with engine.begin() as connection:
+        connection.execute(leases.delete().where(leases.c.audience_key == key))
         connection.execute(
             leases.insert().values(
                 audience_key=key,

@@ -15,8 +15,8 @@ import pytest
 from sqlalchemy import ColumnElement, Engine, Table, func, select
 
 from audience_sync import lease
-from audience_sync.delivery import ACK_BATCH
 from audience_sync.fakegist import FakeGist
+from audience_sync.ledger import ACK_BATCH
 from audience_sync.models import member_changes, rejected_rows, sync_runs
 from tests.conftest import API_KEY, Workspace, write_members
 from tests.helpers import KEY, acknowledged, in_gist, users

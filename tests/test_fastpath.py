@@ -10,17 +10,19 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 from sqlalchemy import Engine, select, text, update
 
-from audience_sync import delivery
+from audience_sync import ledger
 from audience_sync.cli import run_cli
 from audience_sync.fakegist import FakeGist
-from audience_sync.history import load_run, load_runs
-from audience_sync.models import sync_runs
+from audience_sync.history import load_run, load_runs, prune
+from audience_sync.models import member_changes, sync_runs
+from audience_sync.runs import utcnow
 from audience_sync.sync import RunResult, run_once
 from audience_sync.verify import verify_audience
 from tests.conftest import API_KEY, Workspace, write_csv, write_members
@@ -347,8 +349,10 @@ def test_another_source_changing_a_members_email_disables_the_fast_path(
 def test_an_exit_elsewhere_carries_the_email_of_the_unread_file(
     workspace: Workspace, engine: Engine, gist: FakeGist
 ) -> None:
-    # u2 leaves the first audience; the second, unchanged and spared, still has u2: the exit
-    # carries its email, as it would with the file read.
+    # u2 leaves the first audience; the second, unchanged, still has u2: the exit carries
+    # its email. (Gist holds the first's email for u2 since the first ran alone, so the
+    # second's stored email drifted from Gist's: it is read, not spared, and the full diff
+    # that puts Gist right takes the fast path's place until then.)
     first = workspace.add_file_audience("VIP Customers")
     second = workspace.add_file_audience("Newsletter Signups")
     write_members(first, [1])
@@ -361,9 +365,10 @@ def test_an_exit_elsewhere_carries_the_email_of_the_unread_file(
 
     vip, news = run_once(workspace.settings(), engine)
 
-    assert (vip.exited, news.fast_path) == (1, True)
+    assert (vip.exited, news.fast_path, news.resent) == (1, False, 0)
     [request] = gist.requests("/contacts")
     assert request.body["email"] == "second@example.com"
+    assert [r.fast_path for r in run_once(workspace.settings(), engine)] == [True, True]
 
 
 def test_schedule_changes_keep_the_fast_path_and_traits_never_take_it(
@@ -402,7 +407,7 @@ def test_a_large_delivery_vacuums_the_uncertainty_it_settled_on_postgresql(
 ) -> None:
     # Every change in flight had an uncertain_members row: left to a (possibly disabled)
     # autovacuum, a million dead index entries slowed every later fast-path check.
-    monkeypatch.setattr(delivery, "VACUUM_AFTER", 5)
+    monkeypatch.setattr(ledger, "VACUUM_AFTER", 5)
     source = workspace.add_file_audience(NAME)
 
     def vacuums() -> int:
@@ -424,3 +429,58 @@ def test_a_large_delivery_vacuums_the_uncertainty_it_settled_on_postgresql(
     assert vacuums() == 1
     assert sync(workspace, engine).fast_path
     assert in_gist(gist) == acknowledged(engine) == users(*range(4, 10))
+
+
+def test_an_email_sent_by_one_audience_alone_is_corrected_when_both_run(
+    workspace: Workspace, engine: Engine, gist: FakeGist
+) -> None:
+    """Audiences A and B both hold u1; B's email for u1 changes and only B runs, so Gist gets
+    B's email. A full diff of both then sends A's (the first configured source's): the fast
+    path must plan exactly that, not keep B's for good."""
+    first = workspace.add_file_audience("VIP Customers")
+    second = workspace.add_file_audience("Newsletter Signups")
+    write_members(first, [1, 2])
+    write_members(second, [1, 3])
+    run_once(workspace.settings(), engine)
+    write_members(second, [(("u1", "second@example.com")), 3])
+    [news] = run_once(workspace.settings(), engine, keys=["newsletter_signups"])
+    assert (news.resent, gist.contacts()["u1"]["email"]) == (1, "second@example.com")
+    gist.clear_log()
+
+    vip, news = run_once(workspace.settings(), engine)
+
+    assert (vip.fast_path, news.fast_path) == (False, False)
+    assert gist.contacts()["u1"]["email"] == "u1@example.com"
+    gist.clear_log()
+    vip, news = run_once(workspace.settings(), engine)
+    # The files still disagree on u1: the second's rows keep conflicting, so both are read
+    # (a full diff each time, which sends nothing).
+    assert (vip.fast_path, news.fast_path, news.email_conflicts) == (False, False, 1)
+    assert gist.requests() == []
+
+
+def test_a_refused_change_owes_no_event_and_the_fast_path_comes_back(
+    workspace: Workspace, engine: Engine, gist: FakeGist
+) -> None:
+    source = workspace.add_file_audience(NAME, send_track=True)
+    write_members(source, range(3))
+    sync(workspace, engine)
+    write_members(source, range(4))  # u3 enters; Gist refuses it
+    gist.fail_user("u3")
+    assert sync(workspace, engine).status == "partial"
+    gist.reset_faults()
+    assert sync(workspace, engine).delivered == 1  # u3 sent again, acknowledged
+    gist.clear_log()
+
+    again = sync(workspace, engine)
+
+    assert (again.status, again.fast_path) == ("succeeded", True)
+    assert gist.requests() == []
+    with engine.connect() as connection:
+        refused = connection.execute(
+            select(member_changes.c.event_status).where(member_changes.c.status == "failed")
+        ).scalar_one()
+    assert refused is None  # nothing owed for what Gist never applied
+    # And prune lets the refused change go with its run.
+    deleted = prune(engine, utcnow() + timedelta(days=1))
+    assert deleted["member_changes"] >= 1

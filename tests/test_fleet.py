@@ -24,9 +24,10 @@ from sqlalchemy import Engine, select
 
 from audience_sync.budget import Block, SharedBudget, workspace_id
 from audience_sync.config import GistConfig
-from audience_sync.delivery import ACK_BATCH, Pacer
 from audience_sync.fakegist import FakeGist
+from audience_sync.ledger import ACK_BATCH
 from audience_sync.models import leases, rate_limits, sync_runs, workers
+from audience_sync.pacer import Pacer
 from audience_sync.workers import Presence, list_workers
 from tests.conftest import API_KEY, Workspace, write_members
 

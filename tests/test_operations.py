@@ -647,7 +647,7 @@ def test_ctrl_c_in_demo_stops_without_a_traceback(
 def test_a_second_sigterm_stops_a_daemon_whose_sync_is_stuck(
     workspace: Workspace, gist: FakeGist, engine: Engine
 ) -> None:
-    workspace.gist_options["timeout_seconds"] = 60
+    workspace.gist_options["timeout_seconds"] = 30
     source = workspace.add_file_audience("Order Completed Last 30days", every="1h")
     write_members(source, range(3))
     gist.latency = 8  # every request hangs longer than the test waits for the stop

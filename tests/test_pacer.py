@@ -16,14 +16,14 @@ from hypothesis import strategies as st
 from pydantic import SecretStr
 
 from audience_sync.config import GistConfig
-from audience_sync.delivery import (
+from audience_sync.errors import RetriableApiError
+from audience_sync.pacer import (
     FLEET_PACE_SHARE,
     PACE_SHARE,
     WINDOW_MARGIN,
     Pacer,
     allowed_lateness,
 )
-from audience_sync.errors import RetriableApiError
 
 
 class VirtualClock:
