@@ -24,7 +24,7 @@ __all__ = ["RunResult", "exit_code", "run"]
 
 def run(
     config: str | Path | None = None,
-    audiences: Sequence[str] = (),
+    audiences: str | Sequence[str] = (),
     *,
     mode: Mode = "run",
     dry_run: bool = False,
@@ -32,7 +32,8 @@ def run(
     stop: threading.Event | None = None,
     environ: Mapping[str, str] | None = None,
 ) -> list[RunResult]:
-    """Sync the audiences with these property keys (every configured one when empty) once.
+    """Sync the audiences with these property keys (one key as a string, or several; every
+    configured one when empty) once.
 
     ``config`` is found as the CLI finds it (this argument, else ``$AUDIENCE_SYNC_CONFIG``,
     else ``./audience_sync.toml``) and ``${VAR}`` in it are read from ``environ`` (default:
@@ -41,8 +42,9 @@ def run(
     gracefully (what was sent is recorded; the next run sends the rest).
 
     A bad config raises ``ConfigError``, an unreachable or outdated state database
-    ``StateError``; what happened to each audience is in its result's ``status`` (never an
-    exception: one audience failing does not stop the others).
+    ``StateError``; ``mode="retire"`` without keys raises ``ValueError`` and keys that are
+    not strings ``TypeError``. What happened to each audience is in its result's
+    ``status`` (never an exception: one audience failing does not stop the others).
     """
     env = os.environ if environ is None else environ
     path = resolve_config_path(str(config) if config is not None else None, env)

@@ -23,7 +23,18 @@ import math
 import time
 from dataclasses import dataclass
 
-from sqlalchemy import ColumnElement, Engine, Float, cast, func, literal_column, update
+from sqlalchemy import (
+    ColumnElement,
+    Engine,
+    Float,
+    and_,
+    case,
+    cast,
+    func,
+    literal_column,
+    or_,
+    update,
+)
 from sqlalchemy.exc import SQLAlchemyError
 
 from audience_sync.config import GistConfig
@@ -33,6 +44,10 @@ from audience_sync.models import rate_limits
 log = logging.getLogger(__name__)
 
 BLOCK_SECONDS = 0.25  # of sending claimed at a time
+# A schedule more than one window off the database's clock was not left by claims of
+# processes sending now (those claim every fraction of a second): it was left by a clock
+# that stepped back, and waiting for it would send nothing for as long as the step.
+AHEAD_SECONDS = 1.0
 
 
 def workspace_id(gist: GistConfig) -> str:
@@ -96,7 +111,7 @@ class SharedBudget:
             claim = (
                 update(rate_limits)
                 .where(rate_limits.c.workspace == self._workspace)
-                .values(next_free=_greatest(self._engine, rate_limits.c.next_free, now) + span)
+                .values(next_free=_start(self._engine, now) + span, claimed_at=now)
                 .returning(rate_limits.c.next_free, now)
             )
             end, at = connection.execute(claim).one()
@@ -133,6 +148,30 @@ class SharedBudget:
                 )
         except SQLAlchemyError as exc:  # only an optimisation: the slots are simply lost
             log.debug("unused send slots not given back: %s", exc)
+
+
+def _start(engine: Engine, now: ColumnElement[float]) -> ColumnElement[float]:
+    """Where a claim made at the database's ``now`` starts: ``max(next_free, now)``, unless
+    the schedule is off the clock. The last claim was made more than a window after now: the
+    clock stepped back since, and the schedule moves back with it. Or the schedule runs more
+    than a window ahead while no one claimed for a window: it is left by a step no claim
+    recorded, and starts afresh at now. Claims of processes sending together stay exact."""
+    table = rate_limits.c
+    window = AHEAD_SECONDS
+    return case(
+        (
+            table.claimed_at > now + window,
+            _greatest(engine, table.next_free - (table.claimed_at - now), now),
+        ),
+        (
+            and_(
+                table.next_free > now + window,
+                or_(table.claimed_at.is_(None), table.claimed_at < now - window),
+            ),
+            now,
+        ),
+        else_=_greatest(engine, table.next_free, now),
+    )
 
 
 def database_seconds(dialect: str) -> ColumnElement[float]:

@@ -68,7 +68,7 @@ def make_engine(url: str, *, schema: str | None = None, create: bool = True) -> 
         path = sqlite_path(url)
         if path is not None:
             _prepare_sqlite_file(url, path, create)
-        return _sqlite_engine(url)
+        return _sqlite_engine(url, path=path)
     except ImportError as exc:
         # The driver is imported when the engine is made: say which extra brings it.
         raise StateError(
@@ -77,11 +77,14 @@ def make_engine(url: str, *, schema: str | None = None, create: bool = True) -> 
         ) from exc
 
 
-def _sqlite_engine(url: str, *, immediate: bool = False) -> Engine:
+def _sqlite_engine(url: str, *, immediate: bool = False, path: Path | None = None) -> Engine:
     engine = create_engine(url, connect_args={"timeout": 60})
+    watch = _FileIdentity(path) if path is not None else None
 
     @event.listens_for(engine, "connect")
     def _pragmas(dbapi_connection: Any, _record: Any) -> None:
+        if watch is not None:
+            watch.note()
         cursor = dbapi_connection.cursor()
         # WAL lets history readers and the lease heartbeat work beside a running sync.
         cursor.execute("PRAGMA journal_mode=WAL")
@@ -100,10 +103,48 @@ def _sqlite_engine(url: str, *, immediate: bool = False) -> Engine:
         # the state and then writes it (planning) asks for it too: begun deferred, its
         # write would fail at once ("database is locked", no busy wait) whenever another
         # connection (a lease or worker heartbeat) committed after its first read.
+        if watch is not None:
+            watch.check()
         if immediate or connection.get_execution_options().get(WRITE_LOCK):
             connection.exec_driver_sql("BEGIN IMMEDIATE")
 
     return engine
+
+
+class _FileIdentity:
+    """Which file a SQLite state path named when the engine first opened it (device and
+    inode), checked as each transaction begins: a state file deleted or replaced while a
+    daemon runs would otherwise take every later write into the unlinked file, each run
+    "succeeding", until a restart loses them all."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._known: tuple[int, int] | None = None
+
+    def _current(self) -> tuple[int, int] | None:
+        try:
+            found = os.stat(self._path)
+        except FileNotFoundError:
+            return None
+        return found.st_dev, found.st_ino
+
+    def note(self) -> None:
+        """Remember the file the first connection opened."""
+        if self._known is None:
+            self._known = self._current()
+
+    def check(self) -> None:
+        """Raise StateError when the path no longer names that file."""
+        if self._known is None:
+            return
+        current = self._current()
+        if current != self._known:
+            what = "deleted" if current is None else "replaced by another file"
+            raise StateError(
+                f"the state file {self._path} was {what} while audience-sync was running; "
+                "nothing more is written to the old one. Restart audience-sync (without "
+                "the state, every audience is synced again from the start)"
+            )
 
 
 WRITE_LOCK = "audience_sync_write_lock"

@@ -24,7 +24,7 @@ from sqlalchemy import ColumnElement, Engine, literal_column, select, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError, OperationalError
 
-from audience_sync.errors import FencedError, LockHeldError
+from audience_sync.errors import FencedError, LockHeldError, StateError
 from audience_sync.models import leases
 
 log = logging.getLogger(__name__)
@@ -335,7 +335,7 @@ class Holder:
             try:
                 with self.fenced(keys):
                     pass
-            except OperationalError as exc:
+            except (OperationalError, StateError) as exc:
                 # A busy or briefly unreachable database: the next beat tries again; the
                 # fence stops sending if none succeeds in time.
                 log.warning("could not renew the leases of %s: %s", ", ".join(sorted(keys)), exc)

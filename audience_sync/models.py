@@ -223,6 +223,9 @@ class RateLimit(Base):
 
     workspace: Mapped[str] = mapped_column(String(64), primary_key=True)  # a hash, no secret
     next_free: Mapped[float] = mapped_column(Double)
+    # The database's time of the last claim: a later claim that finds its own time earlier
+    # knows the clock stepped back by the difference.
+    claimed_at: Mapped[float | None] = mapped_column(Double)
 
 
 class Worker(Base):

@@ -21,7 +21,7 @@ from apscheduler.util import undefined
 
 from audience_sync.config import Computation, Settings, parse_duration
 from audience_sync.cron import cron_trigger
-from audience_sync.errors import ConfigError
+from audience_sync.errors import AudienceSyncError, ConfigError
 from audience_sync.health import HeartbeatFile, Signs, SyncProgress, assess
 from audience_sync.sync import RunResult
 
@@ -317,7 +317,10 @@ class Daemon:
             results = self._sync(settings, keys, self._stop)
         except Exception as exc:
             # One failing audience (or a state database outage) must never kill the daemon.
-            log.exception("sync of %s failed", ", ".join(keys))
+            if isinstance(exc, AudienceSyncError):  # says what is wrong: no traceback
+                log.error("sync of %s failed: %s", ", ".join(keys), exc)
+            else:
+                log.exception("sync of %s failed", ", ".join(keys))
             names = {a.property_key: a.name for a in settings.computations}
             error = f"{type(exc).__name__}: {exc}"
             results = [RunResult(k, names.get(k, k), "run", "failed", error=error) for k in keys]

@@ -126,7 +126,7 @@ class _Target:
 def run_once(
     settings: Settings,
     engine: Engine,
-    keys: Sequence[str] = (),
+    keys: str | Sequence[str] = (),
     *,
     mode: Mode = "run",
     dry_run: bool = False,
@@ -139,7 +139,8 @@ def run_once(
     progress: Progress | None = None,
     worker: Presence | None = None,
 ) -> list[RunResult]:
-    """Sync the audiences named by ``keys`` (all configured ones when empty) once.
+    """Sync the audiences named by ``keys`` (one key, or several; all configured ones when
+    empty, except for ``retire``, which needs them named) once.
 
     ``mode`` is ``run`` (send what changed), ``backfill`` (send ``true`` to every current
     member, resuming an unfinished backfill) or ``retire`` (clear a key no longer configured
@@ -156,6 +157,9 @@ def run_once(
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}")
+    keys = audience_keys(keys)
+    if mode == "retire" and not keys:
+        raise ValueError("retire needs the keys to retire: it never means every audience")
     # Without a worker of the caller's (a daemon keeps one), this call is one for its length.
     registered = nullcontext(worker) if worker is not None else Presence(engine, mode)
     with registered as worker:
@@ -229,6 +233,16 @@ def run_once(
             holder.release()
             worker.running(())
         return [results[t.key] for t in targets]
+
+
+def audience_keys(keys: str | Sequence[str]) -> list[str]:
+    """The keys a caller named, once each in their order: a single string is one key (not
+    its characters); anything else must be a sequence of strings."""
+    if isinstance(keys, str):
+        return [keys]
+    if not all(isinstance(key, str) for key in keys):
+        raise TypeError(f"audience keys must be strings, got {keys!r}")
+    return list(dict.fromkeys(keys))
 
 
 def _targets(settings: Settings, engine: Engine, keys: Sequence[str], mode: Mode) -> list[_Target]:

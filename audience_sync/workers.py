@@ -24,6 +24,7 @@ from sqlalchemy import Engine, case, delete, select, update
 from sqlalchemy.exc import SQLAlchemyError
 
 from audience_sync import lease
+from audience_sync.errors import StateError
 from audience_sync.models import workers
 
 log = logging.getLogger(__name__)
@@ -87,7 +88,7 @@ class Presence:
                     .where(workers.c.id == self.id)
                     .values(heartbeat_at=now, stopped_at=now, running=None)
                 )
-        except SQLAlchemyError as exc:  # the row then ages into "dead": nothing is lost
+        except (SQLAlchemyError, StateError) as exc:  # the row ages into "dead": nothing lost
             log.warning("could not record this worker's stop: %s", exc)
 
     def running(self, keys: Iterable[str]) -> None:
@@ -114,7 +115,7 @@ class Presence:
                             running=running,
                         )
                     )
-            except SQLAlchemyError as exc:
+            except (SQLAlchemyError, StateError) as exc:
                 # A busy or briefly unreachable database: the next beat tries again.
                 log.debug("worker heartbeat failed: %s", exc)
 

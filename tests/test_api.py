@@ -43,6 +43,25 @@ def test_run_syncs_and_returns_each_audiences_result(
     assert audience_sync.exit_code(again) == 0
 
 
+def test_one_key_as_a_string_is_one_key_and_a_retire_of_nothing_is_refused(
+    workspace: Workspace, engine: Engine, gist: FakeGist
+) -> None:
+    source = workspace.add_file_audience("Order Completed Last 30days")
+    write_members(source, range(2))
+    workspace.add_file_audience("Other")
+
+    [result] = audience_sync.run(workspace.config_path, "order_completed_last_30days", environ=ENV)
+
+    assert (result.audience_key, result.delivered) == ("order_completed_last_30days", 2)
+    with pytest.raises(ValueError, match="retire needs the keys to retire"):
+        audience_sync.run(workspace.config_path, mode="retire", environ=ENV)
+    with pytest.raises(TypeError, match="audience keys must be strings"):
+        audience_sync.run(workspace.config_path, [b"vip"], environ=ENV)  # type: ignore[list-item]
+    # The same key twice is one run of it.
+    results = audience_sync.run(workspace.config_path, ["other", "other"], environ=ENV)
+    assert [r.audience_key for r in results] == ["other"]
+
+
 def test_run_finds_the_config_as_the_cli_does(
     workspace: Workspace,
     engine: Engine,

@@ -22,8 +22,11 @@ from typing import Any
 import httpx
 import pytest
 from sqlalchemy import Engine, func, select, update
+from sqlalchemy.exc import OperationalError
 
 from audience_sync.cli import run_cli
+from audience_sync.db import make_engine
+from audience_sync.errors import StateError
 from audience_sync.fakegist import FakeGist
 from audience_sync.models import member_changes, sync_runs
 from audience_sync.render import ProgressBars, render_table
@@ -668,3 +671,62 @@ def test_a_second_sigterm_stops_a_daemon_whose_sync_is_stuck(
     assert stopped_in < 5, f"the second SIGTERM took {stopped_in:.1f}s"
     assert "SIGTERM again: stopping now" in err
     assert "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_a_daemon_whose_sqlite_state_file_vanishes_fails_loudly_and_writes_nothing(
+    tmp_path: Path, gist: FakeGist
+) -> None:
+    """Removing ``state.db*`` under a running daemon made its runs "succeed" into the
+    unlinked file, /healthz stayed 200, and everything was lost at restart."""
+    state = tmp_path / "state.db"
+    workspace = Workspace(tmp_path, f"sqlite:///{state}", gist.url)
+    port = free_port()
+    workspace.sections["daemon"] = {"metrics_port": port}
+    source = workspace.add_file_audience("Order Completed Last 30days", every="1s")
+    write_members(source, range(3))
+    healthz = f"http://127.0.0.1:{port}/healthz"
+    process = start_daemon(workspace)
+    try:
+        engine = make_engine(workspace.state_url)
+
+        def synced() -> bool:
+            try:
+                return "succeeded" in run_statuses(engine)
+            except OperationalError:  # the daemon has not migrated the new file yet
+                return False
+
+        wait_for(synced, "a first good run")
+        engine.dispose()
+        for file in tmp_path.glob("state.db*"):
+            file.unlink()
+        write_members(source, range(5))  # two enter: a run would send and "record" them
+        gist.clear_log()
+        wait_for(lambda: httpx.get(healthz).status_code == 503, "an unhealthy answer")
+        answer = httpx.get(healthz).json()
+        assert any("StateError" in reason for reason in answer["reasons"]), answer
+        time.sleep(2)  # ticks go on failing
+        assert gist.requests() == []  # nothing sent that could only be recorded in the ghost
+    finally:
+        process.send_signal(signal.SIGTERM)
+        _out, err = process.communicate(timeout=30)
+    assert f"the state file {state} was deleted while audience-sync was running" in err
+    assert "Traceback" not in err
+
+
+def test_a_replaced_sqlite_state_file_is_refused_before_any_transaction(tmp_path: Path) -> None:
+    state = tmp_path / "state.db"
+    engine = make_engine(f"sqlite:///{state}")
+    with engine.begin() as connection:
+        connection.exec_driver_sql("CREATE TABLE t (x INTEGER)")
+    other = tmp_path / "other.db"
+    other.write_bytes(state.read_bytes())
+    os.replace(other, state)  # a restore from backup under a running process, say
+
+    with pytest.raises(StateError, match="was replaced by another file"), engine.begin():
+        pass
+    engine.dispose()
+    fresh = make_engine(f"sqlite:///{state}")  # a process started now uses the new file
+    with fresh.begin() as connection:
+        connection.exec_driver_sql("INSERT INTO t VALUES (1)")
+    fresh.dispose()

@@ -1,5 +1,5 @@
 """leases keep who held them last (released_at); events of undelivered changes are not owed;
-members whose acknowledged email is not the contact's (email_drift)
+members whose acknowledged email is not the contact's (email_drift); rate_limits.claimed_at
 
 Revision ID: 0007
 Revises: 0006
@@ -30,6 +30,8 @@ def upgrade() -> None:
         "UPDATE member_changes SET event_status = NULL "
         "WHERE status IN ('failed', 'superseded') AND event_status IN ('pending', 'failed')"
     )
+    # When the last claim was made (database time): a clock that steps back is noticed.
+    op.add_column("rate_limits", sa.Column("claimed_at", sa.Double(), nullable=True))
     op.create_table(
         "email_drift",
         sa.Column("audience_key", sa.String(length=255), nullable=False),
@@ -46,6 +48,8 @@ def upgrade() -> None:
 def downgrade() -> None:
     """Downgrade schema."""
     op.drop_table("email_drift")
+    with op.batch_alter_table("rate_limits", schema=None) as batch_op:
+        batch_op.drop_column("claimed_at")
     # Older versions delete a released lease: drop the released rows, as they would have.
     op.execute("DELETE FROM leases WHERE released_at IS NOT NULL")
     with op.batch_alter_table("leases", schema=None) as batch_op:
