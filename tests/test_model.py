@@ -263,9 +263,12 @@ def machine_for(store: str) -> type[RuleBasedStateMachine]:
             """The config and every configured key's source; numeric ids in ``form``.
             ``paused``: the config of a ``run`` process that will be stopped mid-delivery
             (a short lease, a slow pace), written beside the usual one."""
+            url = self.state_url
+            if paused and self.schema is not None:  # its connections, told apart
+                url += f"&application_name={self.schema}-paused"
             lines = [
                 "[state]",
-                f"url = {json.dumps(self.state_url)}",
+                f"url = {json.dumps(url)}",
                 *([f"lease_seconds = {PAUSED_LEASE_SECONDS}"] if paused else []),
                 "[gist]",
                 f'api_key = "{API_KEY}"',
@@ -634,7 +637,7 @@ def machine_for(store: str) -> type[RuleBasedStateMachine]:
                 while not self.gist.requests() and process.poll() is None:
                     assert time.monotonic() < deadline, "the run never sent anything"
                     time.sleep(0.005)
-                process.send_signal(signal.SIGSTOP)
+                self.stop_between_transactions(process)
                 stopped_with = len(self.gist.requests())
                 self.gist.latency = 0
                 for user in users:  # newer sources for the taker
@@ -656,6 +659,40 @@ def machine_for(store: str) -> type[RuleBasedStateMachine]:
             if stopped_with and process.returncode != 0:
                 assert late == [], f"{late} sent after the lease was lost\n{err}"
             assert process.returncode in (0, 1), out + err
+
+        def stop_between_transactions(self, process: subprocess.Popen[str]) -> None:
+            """SIGSTOP ``process`` at a moment it holds no lock in the state database: a
+            process stopped inside a transaction blocks every other writer (SQLite's write
+            lock, PostgreSQL's row locks) until it wakes, which is availability, not what
+            this rule is about."""
+            for _ in range(200):
+                process.send_signal(signal.SIGSTOP)
+                if self.is_free_to_write():
+                    return
+                process.send_signal(signal.SIGCONT)
+                time.sleep(0.003)
+            raise AssertionError("the stopped run always held a lock")
+
+        def is_free_to_write(self) -> bool:
+            if self.schema is None:
+                probe = sqlite3.connect(self.root / "state.db", timeout=0)
+                try:
+                    probe.execute("BEGIN IMMEDIATE")
+                    probe.rollback()
+                    return True
+                except sqlite3.OperationalError:
+                    return False
+                finally:
+                    probe.close()
+            with self.admin.connect() as connection:
+                busy = connection.scalar(
+                    text(
+                        "SELECT count(*) FROM pg_stat_activity "
+                        "WHERE application_name = :name AND state <> 'idle'"
+                    ),
+                    {"name": f"{self.schema}-paused"},
+                )
+            return not busy
 
         # ------------------------------------------------------------- checks
 
