@@ -19,6 +19,7 @@ from audience_sync.models import member_changes, rejected_rows
 from audience_sync.stage import TEXT_TYPES, WHOLE_TYPES, _checked_rows, column_types
 from audience_sync.sync import RunResult, run_once
 from tests.conftest import Workspace, postgres_admin_url
+from tests.test_stage import USERS, duplicated_rows
 
 # Warehouse-native staging exists on a PostgreSQL state only.
 postgres_state = pytest.mark.parametrize(
@@ -63,10 +64,10 @@ def fill(schema: str, rows: list[tuple[Any, Any]], table: str = "members") -> No
     engine = create_engine(admin, poolclass=NullPool)
     with engine.begin() as connection:
         connection.execute(text(f'TRUNCATE "{schema}".{table}'))
-        for user_id, email in rows:
+        if rows:
             connection.execute(
                 text(f'INSERT INTO "{schema}".{table} (user_id, email) VALUES (:u, :e)'),
-                {"u": user_id, "e": email},
+                [{"u": user_id, "e": email} for user_id, email in rows],
             )
     engine.dispose()
 
@@ -152,6 +153,25 @@ def test_native_and_python_paths_plan_the_same(
 
     assert (native.staged_in, python.staged_in) == ("database", "python")
     assert plan_of(engine, native) == plan_of(engine, python)
+
+
+@postgres_state
+def test_the_first_row_of_a_user_wins_wherever_postgresql_puts_it(
+    workspace: Workspace, engine: Engine, gist: FakeGist, warehouse: str
+) -> None:
+    fill(warehouse, duplicated_rows())  # rows of varied widths: see test_stage
+    workspace.audiences.append({"name": "VIP", "source": "state", "query": query(warehouse)})
+    workspace.write_config()
+
+    [run] = run_once(workspace.settings(), engine, dry_run=True)
+
+    assert (run.status, run.staged_in, run.members) == ("succeeded", "database", USERS)
+    with engine.connect() as connection:
+        emails = connection.scalars(
+            select(member_changes.c.email).where(member_changes.c.run_id == run.run_id)
+        ).all()
+    assert len(emails) == USERS
+    assert [email for email in emails if not email.startswith("first.")] == []
 
 
 @postgres_state
