@@ -158,7 +158,8 @@ class Staging:
         try:
             with connection.begin():
                 connection.exec_driver_sql("SET TRANSACTION READ ONLY")
-                # The query sees what it would on a connection of its own (not state.schema).
+                # The query sees what it would on a connection of its own: the database's
+                # (or role's) search_path, not state.schema (see db.make_engine).
                 connection.exec_driver_sql("SET LOCAL search_path TO DEFAULT")
                 types = column_types(connection, source.query)
                 # no_parameters: a `%` of the query (LIKE 'a%') is not a placeholder.
