@@ -13,6 +13,7 @@ for each column type.
 
 from __future__ import annotations
 
+import re
 from decimal import Decimal, localcontext
 from typing import Literal
 
@@ -102,8 +103,86 @@ def _family(name: str, category: str) -> Family:
 
 
 def embedded(query: str) -> str:
-    """``query`` in parentheses, to be embedded in a larger statement."""
-    return f"({query})"
+    """``query`` in parentheses, to be embedded in a larger statement: without the
+    semicolons that end it, and the closing parenthesis on a line of its own (after a
+    trailing ``-- comment``)."""
+    return f"({without_trailing_semicolons(query)}\n)"
+
+
+_DOLLAR_QUOTE = re.compile(r"\$(?:[^\W\d]\w*)?\$")
+
+
+def without_trailing_semicolons(query: str) -> str:
+    """``query`` with the semicolons that end it blanked (``SELECT 1; -- done`` becomes
+    ``SELECT 1  -- done``). A semicolon inside a quoted string, a quoted identifier, a
+    dollar-quoted string or a comment is not the end of anything and stays."""
+    trailing: list[int] = []
+    position, end = 0, len(query)
+    while position < end:
+        character = query[position]
+        if character == ";":
+            trailing.append(position)
+            position += 1
+        elif character.isspace():
+            position += 1
+        else:
+            after, comment = _token_end(query, position)
+            if not comment:
+                trailing.clear()  # something follows: those semicolons end nothing
+            position = after
+    text = list(query)
+    for position in trailing:
+        text[position] = " "
+    return "".join(text)
+
+
+def _token_end(query: str, start: int) -> tuple[int, bool]:
+    """Where the token at ``start`` ends (a comment, a quoted string or identifier, a
+    dollar-quoted string, else one character), and whether it was a comment."""
+    end = len(query)
+    if query.startswith("--", start):
+        newline = query.find("\n", start)
+        return (end if newline < 0 else newline + 1), True
+    if query.startswith("/*", start):  # comments nest in PostgreSQL
+        depth, position = 1, start + 2
+        while position < end and depth:
+            if query.startswith("/*", position):
+                depth, position = depth + 1, position + 2
+            elif query.startswith("*/", position):
+                depth, position = depth - 1, position + 2
+            else:
+                position += 1
+        return position, True
+    character = query[start]
+    if character in "'\"":
+        # E'…' strings escape with backslashes; every quoted token doubles its quote.
+        backslashes = (
+            character == "'"
+            and start > 0
+            and query[start - 1] in "Ee"
+            and (start < 2 or not _is_word(query[start - 2]))
+        )
+        position = start + 1
+        while position < end:
+            if backslashes and query[position] == "\\":
+                position += 2
+            elif query[position] != character:
+                position += 1
+            elif query.startswith(character, position + 1):
+                position += 2
+            else:
+                return position + 1, False
+        return end, False
+    if character == "$" and (start == 0 or not _is_word(query[start - 1])):
+        tag = _DOLLAR_QUOTE.match(query, start)
+        if tag:
+            close = query.find(tag.group(), tag.end())
+            return (end if close < 0 else close + len(tag.group())), False
+    return start + 1, False
+
+
+def _is_word(character: str) -> bool:
+    return character.isalnum() or character in "_$"
 
 
 def _user_id_sql(family: Family) -> tuple[str, str, str]:

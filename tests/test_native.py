@@ -20,6 +20,7 @@ from audience_sync.native import (
     Family,
     checked_rows,
     column_families,
+    without_trailing_semicolons,
 )
 from audience_sync.rows import NOT_WHOLE, check_row
 from audience_sync.sources import SqlSource
@@ -319,6 +320,53 @@ def test_a_query_with_percent_signs_and_missing_columns(
     assert (like.status, like.members) == ("succeeded", 1)
     assert wrong.status == "failed"
     assert "must return columns user_id and email" in (wrong.error or "")
+
+
+@postgres_state
+def test_a_query_ending_in_a_semicolon_or_a_comment_runs_natively(
+    workspace: Workspace, engine: Engine, gist: FakeGist, warehouse: str
+) -> None:
+    fill(warehouse, [("u1", "u1@example.com"), ("u2", "u2@example.com")])
+    endings = [";", " -- the VIPs", ";  -- done; really", " /* ; */ ;\n", ";;\n\t"]
+    for number, ending in enumerate(endings):
+        workspace.audiences.append(
+            {"name": f"Q{number}", "source": "state", "query": query(warehouse) + ending}
+        )
+    workspace.write_config()
+
+    runs = run_once(workspace.settings(), engine, dry_run=True)
+
+    assert [(r.status, r.staged_in, r.members) for r in runs] == [
+        ("succeeded", "database", 2)
+    ] * len(endings), [r.error for r in runs]
+
+
+@pytest.mark.parametrize(
+    ("query", "expected"),
+    [
+        ("SELECT 1;", "SELECT 1 "),
+        ("SELECT 1; -- done", "SELECT 1  -- done"),
+        ("SELECT 1;; \n;", "SELECT 1   \n "),
+        ("SELECT 1 /* ; */", "SELECT 1 /* ; */"),
+        ("SELECT 1 /* a /* nested; */ ; */;", "SELECT 1 /* a /* nested; */ ; */ "),
+        ("SELECT ';'", "SELECT ';'"),
+        ("SELECT 'it''s;'", "SELECT 'it''s;'"),
+        ("SELECT E'\\';'", "SELECT E'\\';'"),
+        ('SELECT 1 AS ";"', 'SELECT 1 AS ";"'),
+        ("SELECT $$;$$;", "SELECT $$;$$ "),
+        ("SELECT $fn$ $$; $fn$", "SELECT $fn$ $$; $fn$"),
+        ("SELECT a$b;", "SELECT a$b "),
+        ("SELECT 1; SELECT 2", "SELECT 1; SELECT 2"),
+        ("SELECT '-- not a comment;'", "SELECT '-- not a comment;'"),
+    ],
+    ids=[
+        "semicolon", "then-comment", "several", "in-comment", "nested-comments", "in-string",
+        "doubled-quote", "e-string", "in-identifier", "dollar-quoted", "tagged-dollar",
+        "dollar-in-name", "two-statements", "dashes-in-string",
+    ],
+)  # fmt: skip
+def test_only_the_semicolons_that_end_a_query_are_removed(query: str, expected: str) -> None:
+    assert without_trailing_semicolons(query) == expected
 
 
 def test_state_source_on_sqlite_reads_through_python(tmp_path: Path, gist: FakeGist) -> None:
