@@ -8,7 +8,7 @@ exact, floats are ids only while whole and below 2^53, a json/jsonb value is wha
 ``json.loads`` makes of its text. Trimming and the character classes come from the
 constants of ``rows``, spelled as code points (``[[:space:]]`` and ``[[:cntrl:]]`` would
 follow the database's locale). ``tests/test_native.py`` compares it with the Python checks
-for each column type.
+for each column type, and ``tests/test_contract.py`` holds every source path to one result.
 """
 
 from __future__ import annotations
