@@ -48,8 +48,10 @@ def normalize_url(url: str) -> str:
 def make_engine(url: str, *, schema: str | None = None, create: bool = True) -> Engine:
     """An engine for the state database; SQLite gets WAL, a busy timeout and foreign keys.
 
-    ``schema`` (PostgreSQL) puts the state tables in that schema: it is the connections'
-    ``search_path``, so every statement, Alembic's included, stays unqualified.
+    ``schema`` (PostgreSQL) puts the state tables in that schema: every connection sets it
+    as its ``search_path`` (``SET SESSION``, so that ``SET search_path TO DEFAULT`` still
+    returns to the database's or role's own, which warehouse-native queries run with), and
+    every statement, Alembic's included, stays unqualified.
 
     A SQLite state file is created owner-only (0600; its -wal and -shm files take the
     same mode), because it holds every member's email; an existing one that others can
@@ -61,10 +63,10 @@ def make_engine(url: str, *, schema: str | None = None, create: bool = True) -> 
     try:
         if make_url(url).get_backend_name() != "sqlite":
             # A database that does not answer must not hang a command (or /healthz) for ever.
-            connect_args: dict[str, Any] = {"connect_timeout": 10}
+            engine = create_engine(url, pool_pre_ping=True, connect_args={"connect_timeout": 10})
             if schema:
-                connect_args["options"] = f"-csearch_path={quote_schema(schema)}"
-            return create_engine(url, pool_pre_ping=True, connect_args=connect_args)
+                _use_schema(engine, schema)
+            return engine
         path = sqlite_path(url)
         if path is not None:
             _prepare_sqlite_file(url, path, create)
@@ -75,6 +77,21 @@ def make_engine(url: str, *, schema: str | None = None, create: bool = True) -> 
             f"state.url {redact_url(url)}: its database driver is not installed "
             f"({exc.name or exc}); install it with: {driver_hint(url)}"
         ) from exc
+
+
+def _use_schema(engine: Engine, schema: str) -> None:
+    """Make ``schema`` the search_path of each new connection of ``engine``, in a session
+    setting rather than a connection option (``-csearch_path``): an option would become the
+    session's default, and ``SET … TO DEFAULT`` would return to it."""
+
+    # insert=True: before SQLAlchemy's own first-connect handler reads current_schema().
+    @event.listens_for(engine, "connect", insert=True)
+    def _search_path(dbapi_connection: Any, _record: Any) -> None:
+        autocommit = dbapi_connection.autocommit
+        dbapi_connection.autocommit = True  # the setting outlives no rolled-back transaction
+        with dbapi_connection.cursor() as cursor:
+            cursor.execute(f"SET SESSION search_path TO {quote_schema(schema)}")
+        dbapi_connection.autocommit = autocommit
 
 
 def _sqlite_engine(url: str, *, immediate: bool = False, path: Path | None = None) -> Engine:

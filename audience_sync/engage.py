@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from audience_sync.errors import SourceError
-from audience_sync.rows import CHUNK_SIZE, SourceRow, canonical_user_id
+from audience_sync.rows import CHUNK_SIZE, WHITE_SPACE, SourceRow, canonical_user_id
 
 _ENTERED, _EXITED, _COMPUTED = "Audience Entered", "Audience Exited", "Trait Computed"
 _TIME_FIELDS = ("timestamp", "sentAt", "receivedAt")
@@ -153,7 +153,7 @@ def _email(event: dict[str, Any]) -> Any:
         _object(event.get("context")).get("traits"),
     ):
         email = _object(holder).get("email")
-        if email is not None and not (isinstance(email, str) and not email.strip()):
+        if email is not None and not (isinstance(email, str) and not email.strip(WHITE_SPACE)):
             return email
     return None
 

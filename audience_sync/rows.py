@@ -10,7 +10,6 @@ common case is checked inline: this loop runs once per source row, millions of t
 from __future__ import annotations
 
 import json
-import math
 import re
 from collections.abc import Iterable, Iterator
 from datetime import date, time
@@ -41,17 +40,75 @@ class Batch(NamedTuple):
     bad: list[Rejected]
 
 
-# Control characters and lone surrogates (which no UTF-8 text can hold: a JSON "\ud800"
-# decodes to one) make a user id or an email unusable.
-_BAD_CHARACTERS = "\x00-\x1f\x7f\ud800-\udfff"
-# Matched whole (fullmatch): local part, "@", a domain with a dot before its last label.
-# The possessive ++ never backtracks into parts that cannot hold an "@" or a dot anyway.
-EMAIL_PATTERN = re.compile(
-    f"[^@\\s{_BAD_CHARACTERS}]++@[^@\\s{_BAD_CHARACTERS}]+\\.[^@\\s.{_BAD_CHARACTERS}]++"
+# The row contract (README "Source rows"): every source path trims, canonicalises and rejects
+# as this module does. Warehouse-native staging writes the same checks as SQL (``native``),
+# its character classes generated from these constants.
+
+# Unicode's White_Space property: what trimming removes at either end of a user id or an email.
+# Not str.strip()'s set, which adds \x1c-\x1f: control characters, which reject a row.
+WHITE_SPACE = (
+    "\t\n\x0b\x0c\r \x85\xa0\u1680"
+    + "".join(map(chr, range(0x2000, 0x200B)))
+    + "\u2028\u2029\u202f\u205f\u3000"
 )
-BAD_CHARACTERS = re.compile(f"[{_BAD_CHARACTERS}]")
+# Characters no user id or email may hold once trimmed, as ranges: control characters (C0
+# and DEL) and lone surrogates (which no UTF-8 text can hold: a JSON "\ud800" decodes to one).
+BAD_RANGES = ((0x00, 0x1F), (0x7F, 0x7F), (0xD800, 0xDFFF))
 MAX_USER_ID = 255
 MAX_EMAIL = 320
+FLOAT_EXACT = 2**53  # from here on a float may stand for its neighbour: no float is an id
+
+# The reasons a row is rejected: the same texts on every path, whatever type or database.
+MISSING_USER_ID = "missing user_id"
+NOT_AN_ID = "user_id must be text or a whole number"
+NOT_WHOLE = "user_id is not a whole number"
+INEXACT_FLOAT = "user_id is a float too large to be an exact id (2^53 or more)"
+LONG_USER_ID = f"user_id longer than {MAX_USER_ID} characters"
+BAD_USER_ID = "user_id contains control characters or invalid Unicode"
+MISSING_EMAIL = "missing email"
+NOT_TEXT_EMAIL = "email must be text"
+LONG_EMAIL = f"email longer than {MAX_EMAIL} characters"
+BAD_EMAIL = "email contains control characters or invalid Unicode"
+INVALID_EMAIL = "invalid email"
+
+
+def char_class(ranges: Iterable[tuple[int, int]]) -> str:
+    """The inside of a regular expression's bracket expression matching ``ranges`` of code
+    points, written with ``\\uXXXX`` escapes that Python's ``re`` and PostgreSQL's regular
+    expressions both read the same way (no locale-dependent class like ``[:space:]``)."""
+    return "".join(
+        f"\\u{low:04x}" if low == high else f"\\u{low:04x}-\\u{high:04x}" for low, high in ranges
+    )
+
+
+def _ranges(characters: str) -> list[tuple[int, int]]:
+    """``characters`` as sorted ranges of code points."""
+    ranges: list[tuple[int, int]] = []
+    for code in sorted(map(ord, characters)):
+        if ranges and code == ranges[-1][1] + 1:
+            ranges[-1] = (ranges[-1][0], code)
+        else:
+            ranges.append((code, code))
+    return ranges
+
+
+SPACE_CLASS = char_class(_ranges(WHITE_SPACE))
+BAD_CLASS = char_class(BAD_RANGES)
+
+
+def email_pattern(bad_class: str, plus: str = "++") -> str:
+    """The text of the pattern a whole email must match: a local part, "@", a domain with a
+    dot before its last label, none holding white space or a character of ``bad_class``.
+    The possessive ``++`` (PostgreSQL has none: ``plus="+"``) never backtracks into parts
+    that cannot hold an "@" or a dot anyway."""
+    part = f"[^@{SPACE_CLASS}{bad_class}]"
+    return f"{part}{plus}@{part}+\\.[^@.{SPACE_CLASS}{bad_class}]{plus}"
+
+
+EMAIL_PATTERN = re.compile(email_pattern(BAD_CLASS))  # matched whole (fullmatch)
+BAD_CHARACTERS = re.compile(f"[{BAD_CLASS}]")
+# Whole numbers whose decimal form fits in a user id: from -(10^254 - 1) to 10^255 - 1.
+_LOW, _HIGH = -(10 ** (MAX_USER_ID - 1)), 10**MAX_USER_ID
 
 
 def canonical_user_id(value: Any) -> str:
@@ -59,40 +116,59 @@ def canonical_user_id(value: Any) -> str:
 
     One user is one user whatever type a source gives: ``42``, ``"42"``, ``42.0`` and
     ``Decimal("42")`` are all ``"42"`` (a pandas export turns integer ids into floats); a
-    UUID is its canonical string. Strings are only stripped: ``"007"`` is not ``"7"``.
+    UUID is its canonical string. Strings are only trimmed (``WHITE_SPACE``): ``"007"`` is
+    not ``"7"``. A float is an id only while every whole number up to it is a float
+    (below 2^53): beyond, it may stand for a neighbour, and a wrong contact in Gist is worse
+    than a rejected row.
     """
     if type(value) is str:
-        text = value.strip()
+        text = value.strip(WHITE_SPACE)
     elif value is None:
-        raise ValueError("missing user_id")
+        raise ValueError(MISSING_USER_ID)
     elif isinstance(value, bool):
-        raise ValueError("user_id has type bool")
+        raise ValueError(NOT_AN_ID)
     elif isinstance(value, int):
-        text = str(value)
-    elif isinstance(value, float | Decimal):
-        if not (math.isfinite(value) and value == int(value)):
-            raise ValueError(f"user_id {value} is not a whole number")
+        text = _whole(value)
+    elif isinstance(value, float):
+        if not value.is_integer():  # NaN and ±Inf included
+            raise ValueError(NOT_WHOLE)
+        if abs(value) >= FLOAT_EXACT:
+            raise ValueError(INEXACT_FLOAT)
         text = str(int(value))
+    elif isinstance(value, Decimal):
+        if not value.is_finite() or value != value.to_integral_value():
+            raise ValueError(NOT_WHOLE)
+        if value.adjusted() >= MAX_USER_ID:  # 256 digits or more: too long to convert
+            raise ValueError(LONG_USER_ID)
+        text = _whole(int(value))
     elif isinstance(value, UUID):
         text = str(value)
     elif isinstance(value, str):  # a str subclass
-        text = str(value).strip()
+        text = str(value).strip(WHITE_SPACE)
     else:
-        raise ValueError(f"user_id has type {type(value).__name__}")
+        raise ValueError(NOT_AN_ID)
     if not text:
-        raise ValueError("missing user_id")
+        raise ValueError(MISSING_USER_ID)
     if len(text) > MAX_USER_ID:
-        raise ValueError(f"user_id longer than {MAX_USER_ID} characters")
+        raise ValueError(LONG_USER_ID)
     if BAD_CHARACTERS.search(text):
-        raise ValueError("user_id contains control characters or invalid Unicode")
+        raise ValueError(BAD_USER_ID)
     return text
+
+
+def _whole(number: int) -> str:
+    """A whole number's decimal form, unless it is too long for a user id (CPython refuses
+    to write an int of over 4,300 digits, and any of over 255 is refused anyway)."""
+    if _LOW < number < _HIGH:
+        return str(number)
+    raise ValueError(LONG_USER_ID)
 
 
 def check_row(user_id: Any, email: Any) -> tuple[str, str] | str:
     """``(user_id, email)`` cleaned, or the reason the row cannot be used."""
     if type(user_id) is str and type(email) is str:
         # The common case, checked in as few steps as possible: it runs once per source row.
-        user_id, email = user_id.strip(), email.strip()
+        user_id, email = user_id.strip(WHITE_SPACE), email.strip(WHITE_SPACE)
         if (
             user_id
             and len(user_id) <= MAX_USER_ID
@@ -105,19 +181,17 @@ def check_row(user_id: Any, email: Any) -> tuple[str, str] | str:
         user_id = canonical_user_id(user_id)
     except ValueError as exc:
         return str(exc)
-    if email is None or (isinstance(email, str) and not email.strip()):
-        return "missing email"
+    if email is None:
+        return MISSING_EMAIL
     if not isinstance(email, str):
-        return f"email has type {type(email).__name__}"
-    email = email.strip()
+        return NOT_TEXT_EMAIL
+    email = email.strip(WHITE_SPACE)
+    if not email:
+        return MISSING_EMAIL
     if len(email) > MAX_EMAIL:
-        return f"email longer than {MAX_EMAIL} characters"
+        return LONG_EMAIL
     if not EMAIL_PATTERN.fullmatch(email):
-        return (
-            "email contains control characters or invalid Unicode"
-            if BAD_CHARACTERS.search(email)
-            else "invalid email"
-        )
+        return BAD_EMAIL if BAD_CHARACTERS.search(email) else INVALID_EMAIL
     return user_id, email
 
 
@@ -166,12 +240,12 @@ BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "n
 
 
 # The common case, in one step each: a user id already trimmed, 1 to 255 characters, none a
-# control character (so strip() would change nothing), and an email already valid (the
-# pattern allows no whitespace at all). Anything else takes check_row's slower path, which
+# control character (so trimming would change nothing), and an email already valid (the
+# pattern allows no white space at all). Anything else takes check_row's slower path, which
 # trims and says what is wrong.
 _PLAIN_USER_ID = re.compile(
-    f"[^\\s{_BAD_CHARACTERS}](?:[^{_BAD_CHARACTERS}]{{0,{MAX_USER_ID - 2}}}"
-    f"[^\\s{_BAD_CHARACTERS}])?"
+    f"[^{SPACE_CLASS}{BAD_CLASS}](?:[^{BAD_CLASS}]{{0,{MAX_USER_ID - 2}}}"
+    f"[^{SPACE_CLASS}{BAD_CLASS}])?"
 )
 
 
@@ -229,7 +303,7 @@ def rejected_text(value: Any, *, canonical: bool = False, limit: int = 500) -> s
             return canonical_user_id(value)
         except ValueError:
             pass
-    text = str(value).strip().replace("\x00", "\\x00")  # PostgreSQL text cannot hold NUL
+    text = str(value).strip(WHITE_SPACE).replace("\x00", "\\x00")  # PostgreSQL text cannot hold NUL
     # Nor can any UTF-8 column hold a lone surrogate: show it escaped.
     text = text.encode("utf-8", "backslashreplace").decode("utf-8")
     return text if len(text) <= limit else text[:limit] + "…"

@@ -29,7 +29,7 @@ from audience_sync.db import driver_hint, normalize_url
 from audience_sync.engage import read_engage
 from audience_sync.errors import SourceError
 from audience_sync.plaincsv import PlainCsv
-from audience_sync.rows import CHUNK_SIZE, Batch, SourceRow, check_chunks
+from audience_sync.rows import CHUNK_SIZE, WHITE_SPACE, Batch, SourceRow, check_chunks
 
 __all__ = ["CHUNK_SIZE", "FileSource", "Source", "SourceRow", "SqlSource", "source_for"]
 
@@ -283,8 +283,8 @@ class FileSource:
         for record in records:
             # Only a short row or one without user_id can be blank: test just those.
             user = record[user_index] if len(record) > width else ""
-            if not user or user.isspace():
-                if not any(field.strip() for field in record):
+            if not user.strip(WHITE_SPACE):
+                if not any(field.strip(WHITE_SPACE) for field in record):
                     continue  # a blank line, as in JSONL: not a row
                 if len(record) <= width:  # a short row: what is missing reads as None
                     record = [*record, *[None] * (width + 1 - len(record))]  # type: ignore[list-item]

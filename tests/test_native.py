@@ -10,15 +10,23 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, create_engine, select, text
+from sqlalchemy import Connection, Engine, create_engine, select, text
 from sqlalchemy.pool import NullPool
 
 from audience_sync.fakegist import FakeGist
 from audience_sync.metrics import Metrics
 from audience_sync.models import member_changes, rejected_rows
-from audience_sync.stage import TEXT_TYPES, WHOLE_TYPES, _checked_rows, column_types
+from audience_sync.native import (
+    Family,
+    checked_rows,
+    column_families,
+    without_trailing_semicolons,
+)
+from audience_sync.rows import NOT_WHOLE, check_row
+from audience_sync.sources import SqlSource
 from audience_sync.sync import RunResult, run_once
 from tests.conftest import Workspace, postgres_admin_url
+from tests.test_stage import USERS, duplicated_rows
 
 # Warehouse-native staging exists on a PostgreSQL state only.
 postgres_state = pytest.mark.parametrize(
@@ -63,10 +71,10 @@ def fill(schema: str, rows: list[tuple[Any, Any]], table: str = "members") -> No
     engine = create_engine(admin, poolclass=NullPool)
     with engine.begin() as connection:
         connection.execute(text(f'TRUNCATE "{schema}".{table}'))
-        for user_id, email in rows:
+        if rows:
             connection.execute(
                 text(f'INSERT INTO "{schema}".{table} (user_id, email) VALUES (:u, :e)'),
-                {"u": user_id, "e": email},
+                [{"u": user_id, "e": email} for user_id, email in rows],
             )
     engine.dispose()
 
@@ -155,6 +163,83 @@ def test_native_and_python_paths_plan_the_same(
 
 
 @postgres_state
+def test_the_first_row_of_a_user_wins_wherever_postgresql_puts_it(
+    workspace: Workspace, engine: Engine, gist: FakeGist, warehouse: str
+) -> None:
+    fill(warehouse, duplicated_rows())  # rows of varied widths: see test_stage
+    workspace.audiences.append({"name": "VIP", "source": "state", "query": query(warehouse)})
+    workspace.write_config()
+
+    [run] = run_once(workspace.settings(), engine, dry_run=True)
+
+    assert (run.status, run.staged_in, run.members) == ("succeeded", "database", USERS)
+    with engine.connect() as connection:
+        emails = connection.scalars(
+            select(member_changes.c.email).where(member_changes.c.run_id == run.run_id)
+        ).all()
+    assert len(emails) == USERS
+    assert [email for email in emails if not email.startswith("first.")] == []
+
+
+# Rows that staged differently natively and through Python (issue 22): Unicode white space
+# (which both trim), \x1f (a control character to both, not white space), a "v" at either end
+# (native trimmed it: E'\v' is no escape in PostgreSQL), a float beyond 2^53, a jsonb string,
+# NaN and Infinity.
+DIFFERED = {
+    "text": "SELECT * FROM (VALUES (E'\\u00a0t1', 't1@example.com'),"
+    " ('t2', E'\\u3000t2@example.com'), (E'\\u2003t3\\u2003', E't3@example.com\\u2028'),"
+    " (E'us\\x1f', 'us@example.com'), ('t5', E't5@example.com\\x1f'),"
+    " ('v6v', 'steve@example.dev')) AS t(user_id, email)",
+    "float": "SELECT * FROM (VALUES (1.2345678901234568e20::float8, 'f1@example.com'),"
+    " ('NaN', 'f2@example.com'), ('Infinity', 'f3@example.com'), (42.0, 'f4@example.com'),"
+    " (42.5, 'f5@example.com')) AS t(user_id, email)",
+    "jsonb": "SELECT * FROM (VALUES ('\"j1\"'::jsonb, 'j1@example.com'), ('7', 'j2@example.com'),"
+    " ('true', 'j3@example.com'), ('1.5', 'j4@example.com')) AS t(user_id, email)",
+}
+
+
+@postgres_state
+def test_native_and_python_paths_check_white_space_controls_floats_and_jsonb_alike(
+    workspace: Workspace, engine: Engine, gist: FakeGist
+) -> None:
+    admin = postgres_admin_url()
+    assert admin is not None
+    workspace.sources["warehouse"] = admin.replace("127.0.0.1", "localhost")  # through Python
+    for kind, sql in DIFFERED.items():
+        workspace.audiences.append(
+            {"name": f"Native {kind}", "key": f"n_{kind}", "source": "state", "query": sql}
+        )
+        workspace.audiences.append(
+            {"name": f"Python {kind}", "key": f"p_{kind}", "source": "warehouse", "query": sql}
+        )
+    workspace.write_config()
+
+    runs = run_once(workspace.settings(), engine, dry_run=True)
+
+    with engine.connect() as connection:
+
+        def outcome(run: RunResult) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+            planned = connection.execute(
+                select(member_changes.c.user_id, member_changes.c.email)
+                .where(member_changes.c.run_id == run.run_id)
+                .order_by(member_changes.c.user_id)
+            ).all()
+            refused = connection.execute(
+                select(rejected_rows.c.row_number, rejected_rows.c.reason)
+                .where(rejected_rows.c.run_id == run.run_id)
+                .order_by(rejected_rows.c.row_number)
+            ).all()
+            return [tuple(r) for r in planned], [tuple(r) for r in refused]
+
+        for native, python in zip(runs[::2], runs[1::2], strict=True):
+            assert (native.staged_in, python.staged_in) == ("database", "python")
+            assert outcome(native) == outcome(python), native.audience_key
+        text_plan, _ = outcome(runs[0])
+    assert text_plan == [("t1", "t1@example.com"), ("t2", "t2@example.com"),
+                         ("t3", "t3@example.com"), ("v6v", "steve@example.dev")]  # fmt: skip
+
+
+@postgres_state
 def test_numbers_and_uuids_are_canonical_ids_in_sql_too(
     workspace: Workspace, engine: Engine, gist: FakeGist, warehouse: str
 ) -> None:
@@ -185,7 +270,7 @@ def test_numbers_and_uuids_are_canonical_ids_in_sql_too(
         [reason] = connection.scalars(
             select(rejected_rows.c.reason).where(rejected_rows.c.run_id == number_run.run_id)
         )
-    assert reason == "user_id 42.5 is not a whole number"
+    assert reason == NOT_WHOLE
 
 
 @postgres_state
@@ -237,6 +322,53 @@ def test_a_query_with_percent_signs_and_missing_columns(
     assert "must return columns user_id and email" in (wrong.error or "")
 
 
+@postgres_state
+def test_a_query_ending_in_a_semicolon_or_a_comment_runs_natively(
+    workspace: Workspace, engine: Engine, gist: FakeGist, warehouse: str
+) -> None:
+    fill(warehouse, [("u1", "u1@example.com"), ("u2", "u2@example.com")])
+    endings = [";", " -- the VIPs", ";  -- done; really", " /* ; */ ;\n", ";;\n\t"]
+    for number, ending in enumerate(endings):
+        workspace.audiences.append(
+            {"name": f"Q{number}", "source": "state", "query": query(warehouse) + ending}
+        )
+    workspace.write_config()
+
+    runs = run_once(workspace.settings(), engine, dry_run=True)
+
+    assert [(r.status, r.staged_in, r.members) for r in runs] == [
+        ("succeeded", "database", 2)
+    ] * len(endings), [r.error for r in runs]
+
+
+@pytest.mark.parametrize(
+    ("query", "expected"),
+    [
+        ("SELECT 1;", "SELECT 1 "),
+        ("SELECT 1; -- done", "SELECT 1  -- done"),
+        ("SELECT 1;; \n;", "SELECT 1   \n "),
+        ("SELECT 1 /* ; */", "SELECT 1 /* ; */"),
+        ("SELECT 1 /* a /* nested; */ ; */;", "SELECT 1 /* a /* nested; */ ; */ "),
+        ("SELECT ';'", "SELECT ';'"),
+        ("SELECT 'it''s;'", "SELECT 'it''s;'"),
+        ("SELECT E'\\';'", "SELECT E'\\';'"),
+        ('SELECT 1 AS ";"', 'SELECT 1 AS ";"'),
+        ("SELECT $$;$$;", "SELECT $$;$$ "),
+        ("SELECT $fn$ $$; $fn$", "SELECT $fn$ $$; $fn$"),
+        ("SELECT a$b;", "SELECT a$b "),
+        ("SELECT 1; SELECT 2", "SELECT 1; SELECT 2"),
+        ("SELECT '-- not a comment;'", "SELECT '-- not a comment;'"),
+    ],
+    ids=[
+        "semicolon", "then-comment", "several", "in-comment", "nested-comments", "in-string",
+        "doubled-quote", "e-string", "in-identifier", "dollar-quoted", "tagged-dollar",
+        "dollar-in-name", "two-statements", "dashes-in-string",
+    ],
+)  # fmt: skip
+def test_only_the_semicolons_that_end_a_query_are_removed(query: str, expected: str) -> None:
+    assert without_trailing_semicolons(query) == expected
+
+
 def test_state_source_on_sqlite_reads_through_python(tmp_path: Path, gist: FakeGist) -> None:
     from audience_sync import db
 
@@ -263,46 +395,146 @@ def test_state_source_on_sqlite_reads_through_python(tmp_path: Path, gist: FakeG
     assert (run.status, run.staged_in, run.delivered) == ("succeeded", "python", 1)
 
 
-SAMPLES = [
-    "'u1'", "'  u2 '", "''", "'   '", "NULL", "E'u\\x01'", "repeat('x', 300)",
+# Values of each column type as SQL literals, to be checked natively and through Python: the
+# issue-22 differences (Unicode white space, \x1f, a float beyond 2^53, a jsonb string) first.
+TEXTS = [
+    "'u1'", "'  u2 '", "''", "'   '", "NULL", "E'u\\x01'", "repeat('x', 300)", "E'\\u00a0u3'",
+    "E'u4\\u3000'", "E'\\u2003u5\\u2003'", "E'us\\x1f'", "E'\\x1cu6'", "E'\\u0085u7\\u200b'",
     "'a@example.com'", "' b@example.com '", "'not an email'", "E'c@exam\\x02ple.com'",
-    "repeat('y', 400) || '@example.com'", "'d@@example.com'",
+    "repeat('y', 400) || '@example.com'", "'d@@example.com'", "E'e@example.com\\u2028'",
+    "E'f@example.com\\x1f'", "E'\\u3000g@example.com'", "E'h@exa\\u00a0mple.com'",
 ]  # fmt: skip
-TYPED = [  # (SQL type, whether the checks are written for it, samples)
-    ("text", True, SAMPLES),
-    ("character varying(500)", True, SAMPLES),
-    ("character(12)", True, ["'u1'", "'  u2 '", "''", "NULL", "'e@example.com'"]),
-    ("name", True, ["'u1'", "' u2 '", "''", "NULL"]),
-    ("uuid", True, ["'5f0c6d0e-8d5b-4a58-9a0e-0d1b8e3f2a61'", "NULL"]),
-    ("integer", True, ["42", "-7", "0", "NULL"]),
-    ("bigint", True, ["9007199254740993", "NULL"]),
-    ("smallint", True, ["3", "NULL"]),
-    ("numeric", False, ["42", "42.0", "42.5", "NULL"]),
-    ("double precision", False, ["1.5", "2", "'NaN'", "NULL"]),
-    ("boolean", False, ["true", "NULL"]),
-    ("jsonb", False, ["'\"u9\"'", "'9'", "'[1]'", "NULL"]),
-    ("date", False, ["'2026-12-02'", "NULL"]),
+TYPED = [  # (SQL type, its family, samples)
+    ("text", "text", TEXTS),
+    ("character varying(500)", "text", TEXTS),
+    ("character(12)", "text", ["'u1'", "'  u2 '", "''", "NULL", "'e@example.com'"]),
+    ("name", "text", ["'u1'", "' u2 '", "''", "NULL", "E'\\u00a0u3'"]),
+    ("uuid", "uuid", ["'5f0c6d0e-8d5b-4a58-9a0e-0d1b8e3f2a61'", "NULL"]),
+    ("integer", "integer", ["42", "-7", "0", "NULL"]),
+    ("bigint", "integer", ["9007199254740993", "-9223372036854775808", "NULL"]),
+    ("smallint", "integer", ["3", "NULL"]),
+    (
+        "numeric",
+        "numeric",
+        [
+            "42",
+            "42.0",
+            "42.000",
+            "42.5",
+            "-0.0",
+            "'NaN'",
+            "'Infinity'",
+            "'-Infinity'",
+            "1e254",
+            "-1e253",
+            "1e255",
+            "-1e254",
+            "1e300 + 0.5",
+            "0.000001",
+            "NULL",
+        ],
+    ),
+    (
+        "double precision",
+        "float",
+        [
+            "1.5",
+            "2",
+            "-0.0",
+            "'NaN'",
+            "'Infinity'",
+            "'-Infinity'",
+            "1.2345678901234568e20",
+            "9007199254740991",
+            "9007199254740992",
+            "-9007199254740992",
+            "4503599627370495.5",
+            "1e-320",
+            "NULL",
+        ],
+    ),
+    ("real", "real", ["1073741888", "0.5", "16777216", "'NaN'", "3e10", "NULL"]),
+    ("boolean", "other", ["true", "NULL"]),
+    (
+        "jsonb",
+        "jsonb",
+        [
+            "'\"j1\"'",
+            "'\" j2\\u3000\"'",
+            "'9'",
+            "'-0'",
+            "'42.0'",
+            "'1e2'",
+            "'1.5'",
+            "'1e20'",
+            "'1.2345678901234568e20'",
+            "'9007199254740993.0'",
+            "'0.99999999999999999999'",
+            "'1e-400'",
+            "'-1e-400'",
+            "'1e400'",
+            "'true'",
+            "'null'",
+            "'[1]'",
+            "'{\"a\": 1}'",
+            "'\"a@example.com\"'",
+            "'\" b@example.com \"'",
+            "'\"us\\u001f\"'",
+            "NULL",
+        ],
+    ),
+    (
+        "json",
+        "json",
+        [
+            "'\"j1\"'",
+            "'1e2'",
+            "'-0'",
+            "'1E400'",
+            "'1e-400'",
+            "'42.0'",
+            "'1.25e1'",
+            "'[1]'",
+            "'null'",
+            "'\"a@example.com\"'",
+            "NULL",
+        ],
+    ),
+    ("date", "other", ["'2026-12-02'", "NULL"]),
 ]
 
 
+def checked_natively(connection: Connection, query: str) -> list[tuple[int, Any]]:
+    """(row number, (user_id, email) or the reason) of each row, checked by native SQL."""
+    with connection.begin():
+        families = column_families(connection, query)
+        rows = connection.exec_driver_sql(checked_rows(query, *families)).all()
+    return sorted((seq, reason or (user_id, email)) for seq, user_id, email, reason, *_ in rows)
+
+
+def checked_in_python(url: str, query: str) -> list[tuple[int, Any]]:
+    """The same, of the rows psycopg gives a Python reader, by ``rows.check_row``."""
+    source = SqlSource(url, query, "python")
+    checked = []
+    for chunk in source.read_chunks():
+        checked += [(number, check_row(user, email)) for number, user, email, _ in chunk]
+    return checked
+
+
 @postgres_state
-@pytest.mark.parametrize(("sql_type", "specialised", "samples"), TYPED)
-def test_checks_written_for_the_column_types_reject_and_keep_what_the_general_ones_do(
-    engine: Engine, sql_type: str, specialised: bool, samples: list[str]
+@pytest.mark.parametrize(
+    ("sql_type", "family", "samples"), TYPED, ids=[sql_type for sql_type, *_ in TYPED]
+)
+def test_native_checks_keep_and_reject_what_python_does_for_every_column_type(
+    engine: Engine, state_url: str, sql_type: str, family: Family, samples: list[str]
 ) -> None:
-    # Every value as a user id and as an email, each pairing once, in one query.
-    values = ", ".join(f"(({u})::{sql_type}, ({e})::{sql_type})" for u in samples for e in samples)
-    mixed = ", ".join(f"(({u})::{sql_type}, 'ok@example.com')" for u in samples)
+    as_ids = ", ".join(f"(({u})::{sql_type}, 'ok@example.com')" for u in samples)
+    as_emails = ", ".join(f"('u1', ({e})::{sql_type})" for e in samples)
     with engine.connect() as connection:
-        for rows, count in ((values, len(samples) ** 2), (mixed, len(samples))):
+        for rows in (as_ids, as_emails):
             query = f"SELECT * FROM (VALUES {rows}) AS t(user_id, email)"
-            types = column_types(connection, query)
-            if sql_type.startswith(("character varying", "character(")):
-                assert types[0].startswith("character")
-            else:
-                assert types[0] == sql_type
-            general = connection.exec_driver_sql(_checked_rows(query)).all()
-            written = connection.exec_driver_sql(_checked_rows(query, *types)).all()
-            assert written == general
-            assert len(general) == count
-            assert (types[0] in TEXT_TYPES | WHOLE_TYPES) == specialised
+            with connection.begin():
+                assert column_families(connection, query)[rows is as_emails] == family
+            native = checked_natively(connection, query)
+            assert native == checked_in_python(state_url, query)
+            assert len(native) == len(samples)
