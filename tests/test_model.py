@@ -29,6 +29,7 @@ a thousand examples per store.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -158,6 +159,21 @@ class Key:
     # Users holding the `false` that retiring the key's old audience kind left in Gist,
     # which the trait's state never tracked.
     leftover: set[str] = field(default_factory=set)
+
+
+def wait_until_stopped(pid: int) -> None:
+    """Return once every thread of ``pid`` is stopped (a signal is delivered, not awaited)."""
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        states = []
+        with contextlib.suppress(OSError):  # a process already reaped has no tasks left
+            for task in Path(f"/proc/{pid}/task").iterdir():
+                with contextlib.suppress(OSError):
+                    states.append((task / "stat").read_text().rsplit(")", 1)[1].split()[0])
+        if all(state in "TtZX" for state in states):  # stopped, or gone
+            return
+        time.sleep(0.001)
+    raise AssertionError(f"process {pid} did not stop")
 
 
 def canonical(value: Any) -> str:
@@ -443,10 +459,23 @@ def machine_for(store: str) -> type[RuleBasedStateMachine]:
         # ----------------------------------------------------------------- rules
 
         @initialize(batch=st.sampled_from([1, 1, 3]), data=st.data())
-        def choose_batches_and_sources(self, batch: int, data: st.DataObject) -> None:
+        def choose_batches_sources_and_members(self, batch: int, data: st.DataObject) -> None:
+            """Every key starts with its source kind (files twice as likely: only they have
+            a fast path) and some members or values, so that short runs reach the states
+            where audiences share users."""
             self.batch_size = batch
             for model in self.keys.values():
-                model.source = data.draw(st.sampled_from(sources[model.kind]))
+                kinds = sources[model.kind]
+                model.source = data.draw(st.sampled_from(kinds[:2] + kinds))
+                if model.kind == "audience":
+                    model.members = set(data.draw(st.sets(st.sampled_from(USERS))))
+                    model.ever = set(model.members)
+                else:
+                    model.values = data.draw(
+                        st.dictionaries(st.sampled_from(USERS), trait_values_strategy)
+                    )
+                    for user, value in model.values.items():
+                        model.possible[user].add(canonical(value))
 
         @rule(data=st.data(), user=st.sampled_from(USERS))
         def enter(self, data: st.DataObject, user: str) -> None:
@@ -666,7 +695,10 @@ def machine_for(store: str) -> type[RuleBasedStateMachine]:
             lock, PostgreSQL's row locks) until it wakes, which is availability, not what
             this rule is about."""
             for _ in range(200):
+                if process.poll() is not None:
+                    return
                 process.send_signal(signal.SIGSTOP)
+                wait_until_stopped(process.pid)
                 if self.is_free_to_write():
                     return
                 process.send_signal(signal.SIGCONT)
