@@ -1,7 +1,7 @@
 """The Python API for orchestrators (Airflow, Dagster, a notebook): one call, one sync.
 
 ``run`` is what ``audience-sync run`` does, without the CLI's output: the same engine,
-leases, state and guarantees, returning each audience's ``RunResult``. ``exit_code`` maps
+leases, state, alerts and guarantees, returning each audience's ``RunResult``. ``exit_code`` maps
 results to the CLI's exit codes (0 all succeeded, 1 any failed/partial/guarded, 3 skipped
 because another worker holds the audience).
 """
@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from audience_sync import db
+from audience_sync.alerts import post_alert, select_alerts
 from audience_sync.config import load_settings, resolve_config_path
 from audience_sync.runs import RunResult, exit_code
 from audience_sync.statuses import Mode
@@ -50,7 +51,7 @@ def run(
     path = resolve_config_path(str(config) if config is not None else None, env)
     settings = load_settings(path, env)
     with db.open_state(settings) as engine:
-        return run_once(
+        results = run_once(
             settings,
             engine,
             audiences,
@@ -59,3 +60,8 @@ def run(
             allow_mass_exit=allow_mass_exit,
             stop=stop,
         )
+        # Decided from sync_runs as `run` does, so a failure the API met is alerted once,
+        # and the next run, whoever starts it, knows the streak began here.
+        alerts = [] if dry_run else select_alerts(settings.alerts, results, engine)
+    post_alert(settings.alerts, alerts)
+    return results

@@ -138,7 +138,9 @@ class DaemonConfig(_Frozen):
     heartbeat_file: Path | None = None
     metrics_host: str = "127.0.0.1"
     metrics_port: int | None = Field(None, ge=0, le=65535)
-    health_stall_seconds: int = Field(900, ge=10, le=7 * 86400)
+    # The daemon's heartbeat job ticks every 60 s: a shorter stall would flap between ok and
+    # 503 on a healthy daemon; two ticks is the least that never does.
+    health_stall_seconds: int = Field(900, ge=120, le=7 * 86400)
     health_failed_runs: int = Field(3, ge=1, le=1000)
 
     @model_validator(mode="after")
@@ -157,6 +159,20 @@ class AlertsConfig(_Frozen):
     always: bool = False  # also for runs that succeeded
     timeout_seconds: float = Field(10.0, gt=0, le=300)  # the whole alert, not one read
     remind_every: str = "6h"  # while an audience keeps failing
+
+    @field_validator("webhook_url")
+    @classmethod
+    def _check_webhook_url(cls, url: str | None) -> str | None:
+        if url is None:
+            return None
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            shown = f"{parts.scheme}://{parts.hostname or ''}/…" if parts.scheme else "it"
+            raise ValueError(
+                f"{shown} must be an http(s) URL with a host, like "
+                "https://hooks.example.com/… (an alert to anything else would be lost)"
+            )
+        return url
 
     @model_validator(mode="after")
     def _check(self) -> AlertsConfig:
@@ -356,6 +372,8 @@ def load_settings(
     if not gist and isinstance(raw.get("gist", {}), dict):
         raw["gist"] = {**raw.get("gist", {}), "api_key": UNUSED_KEY}
     data = _interpolate(raw, env, path, "")
+    if gist:
+        _check_api_key(raw, data, path)
     base = path.resolve().parent
     _resolve_paths(data, base, path)
     try:
@@ -427,6 +445,30 @@ def _interpolate(value: Any, env: Mapping[str, str], path: Path, where: str) -> 
     if isinstance(value, list):
         return [_interpolate(v, env, path, f"{where}[{i}]") for i, v in enumerate(value)]
     return value
+
+
+def _check_api_key(raw: dict[str, Any], data: dict[str, Any], path: Path) -> None:
+    """Refuse a ``gist.api_key`` that cannot be one: empty, or holding white space or a
+    character a header cannot carry (a trailing newline from ``$(cat key.txt)``, say), naming
+    where it came from but never the key. Sent as it is, such a key was retried as if Gist
+    were down, or turned up in an error message, header and all."""
+    given = raw.get("gist", {}).get("api_key") if isinstance(raw.get("gist"), dict) else None
+    key = data.get("gist", {}).get("api_key") if isinstance(data.get("gist"), dict) else None
+    if not isinstance(key, str) or not isinstance(given, str):
+        return  # missing or not text: the model's own validation says so
+    names = [m.group(1) for m in _ENV_REF.finditer(given) if m.group(1)]
+    origin = f" (from ${{{names[0]}}})" if len(names) == 1 else ""
+    if not key.strip():
+        raise ConfigError(f"{path}: gist.api_key{origin} is empty")
+    if not _API_KEY.fullmatch(key):
+        raise ConfigError(
+            f"{path}: gist.api_key{origin} holds white space or a character that is not "
+            "printable ASCII (a trailing newline?); a Gist API key is one token"
+        )
+
+
+# A key as an HTTP header carries it: visible ASCII, no space.
+_API_KEY = re.compile(r"[\x21-\x7e]+")
 
 
 def _resolve_paths(data: dict[str, Any], base: Path, path: Path) -> None:

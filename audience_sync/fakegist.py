@@ -27,6 +27,14 @@ _Answer = tuple[int, Any, _Headers]
 
 
 @dataclass(frozen=True)
+class _Raw:
+    """An answer's body sent as these bytes, not as JSON."""
+
+    data: bytes
+    content_type: str
+
+
+@dataclass(frozen=True)
 class RecordedRequest:
     """One request the fake answered (status 0 when the connection was dropped)."""
 
@@ -135,9 +143,11 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             return
         status, body, headers = answer
-        payload = json.dumps(body).encode()
+        payload = body.data if isinstance(body, _Raw) else json.dumps(body).encode()
         self.send_response(status)
-        self.send_header("Content-Type", "application/json")
+        self.send_header(
+            "Content-Type", body.content_type if isinstance(body, _Raw) else "application/json"
+        )
         self.send_header("Content-Length", str(len(payload)))
         for name, value in headers.items():
             self.send_header(name, value)
@@ -180,6 +190,7 @@ class FakeGist(BackgroundServer):
         self._fail_after: int | None = None
         self._fail_after_status = 503
         self._fail_after_message = ""
+        self._raw_next: list[tuple[int, _Raw]] = []  # answers given as they are, not applied
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -310,8 +321,17 @@ class FakeGist(BackgroundServer):
             self._fail_after_status = status
             self._fail_after_message = message
 
+    def answer_next(
+        self, n: int, status: int, body: bytes, content_type: str = "text/plain"
+    ) -> None:
+        """Answer the next ``n`` requests ``status`` with exactly ``body`` (say a proxy's
+        HTML page, or JSON of another shape) without applying them."""
+        with self._lock:
+            self._raw_next = [(status, _Raw(body, content_type))] * n
+
     def reset_faults(self) -> None:
         with self._lock:
+            self._raw_next.clear()
             self._fail_next = 0
             self._drop_next = 0
             self._drop_applied = 0
@@ -365,6 +385,9 @@ class FakeGist(BackgroundServer):
     ) -> _Answer:
         if authorization != f"Bearer {self.api_key}":
             return 401, _errors("Unauthorized"), {}
+        if self._raw_next:
+            status, raw = self._raw_next.pop()
+            return status, raw, {}
         if self._fail_next > 0:
             self._fail_next -= 1
             headers: _Headers = {}

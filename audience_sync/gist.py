@@ -9,7 +9,7 @@ import logging
 import socket
 import ssl
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -125,6 +125,11 @@ class GistClient:
         self._observer = observer
         self._deadline = deadline
 
+    def _secrets(self) -> list[str]:
+        """What no message may show: the Authorization header's value and the key in it."""
+        header = self._http.headers.get("Authorization", "")
+        return [v for v in (header, header.removeprefix("Bearer ").strip()) if v]
+
     async def push_contact(self, user_id: str, email: str, properties: dict[str, Any]) -> int:
         """Create or update a contact; returns Gist's 2xx status or raises an ApiError."""
         response = await self._request(
@@ -157,9 +162,21 @@ class GistClient:
         if response.status_code == 404:
             return None
         check_response(response)
-        body = response.json()
-        contact = body.get("contact") if isinstance(body, dict) else None
-        return contact if isinstance(contact, dict) else None
+        try:
+            body = response.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            body = None
+        # {"contact": {...}}, or {"contact": null} for none; any other answer says nothing
+        # about the contact, so nothing can be concluded from it.
+        if isinstance(body, dict) and "contact" in body:
+            contact = body["contact"]
+            if contact is None or isinstance(contact, dict):
+                return contact
+        shown = response.text[:100].replace("\n", " ")
+        raise FatalApiError(
+            f"HTTP {response.status_code}: an answer that is not a contact ({shown!r})",
+            status=response.status_code,
+        )
 
     async def _request(self, endpoint: str, method: str, url: str, **kwargs: Any) -> httpx.Response:
         started = time.monotonic()
@@ -177,7 +194,7 @@ class GistClient:
             status = response.status_code
             return response
         except httpx.TransportError as exc:
-            raise transport_error(exc, str(self._http.base_url)) from exc
+            raise transport_error(exc, str(self._http.base_url), self._secrets()) from exc
         except TimeoutError as exc:
             where = str(self._http.base_url).rstrip("/")
             raise RetriableApiError(
@@ -247,10 +264,23 @@ def _position(
     return None
 
 
-def transport_error(exc: httpx.TransportError, base_url: str) -> RetriableApiError | FatalApiError:
+def transport_error(
+    exc: httpx.TransportError, base_url: str, secrets: Sequence[str] = ()
+) -> RetriableApiError | FatalApiError:
     """What a request that got no answer means: retry what can succeed later (a refused
     connection, an unknown host, a timeout, a dropped connection), stop on what never can
-    (a scheme or a TLS set-up that is wrong). Every message names the URL and the cause."""
+    (a scheme or a TLS set-up that is wrong). Every message names the URL and the cause,
+    and none shows ``secrets`` (an illegal header's error quotes the header)."""
+    error = _classify(exc, base_url)
+    text = str(error)
+    for secret in sorted(secrets, key=len, reverse=True):
+        text = text.replace(secret, "***")
+    if text != str(error):
+        error.args = (text,)
+    return error
+
+
+def _classify(exc: httpx.TransportError, base_url: str) -> RetriableApiError | FatalApiError:
     url = base_url.rstrip("/")
     where = f"cannot reach Gist at {url}"
     if isinstance(exc, httpx.UnsupportedProtocol):

@@ -219,7 +219,7 @@ async def _fetch_all(
     errors: list[tuple[int, ReadError]] = []
     pending = iter(enumerate(samples))  # shared by the workers: each takes the next sample
     async with make_http_client(settings.gist, transport) as http:
-        client = GistClient(http)
+        client = GistClient(http, deadline=settings.gist.timeout_seconds)
 
         async def worker() -> None:
             for position, s in pending:

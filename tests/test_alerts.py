@@ -30,6 +30,7 @@ from audience_sync.models import audiences, sync_runs
 from audience_sync.runs import result_fields
 from audience_sync.statuses import RunStatus
 from audience_sync.sync import RunResult
+from tests.conftest import API_KEY, Workspace, write_members
 
 TOKEN = "SECRET-tok3n"
 
@@ -310,9 +311,11 @@ def test_non_2xx_answers_are_logged_not_raised(
     assert_warned_without_secrets(caplog, f"https://hooks.example.com/… answered HTTP {status}")
 
 
-def test_unusable_url_is_logged_not_raised(caplog: pytest.LogCaptureFixture) -> None:
-    assert send_alerts(config(f"ftp://hooks.example.com/{TOKEN}"), [run("failed")]) is False
-    assert_warned_without_secrets(caplog, "ftp://hooks.example.com/…")
+def test_an_unusable_url_is_refused_with_the_config(caplog: pytest.LogCaptureFixture) -> None:
+    """Accepted before, and every alert then lost with a warning (tests/test_config.py
+    checks the message names the key)."""
+    with pytest.raises(ValueError, match="must be an http"):
+        config(f"ftp://hooks.example.com/{TOKEN}")
 
 
 def test_httpx_request_log_never_shows_the_token(
@@ -575,3 +578,27 @@ def test_the_sender_closes_at_once_when_everything_was_posted() -> None:
     sender.submit([Alert(run("failed", key="a"), "failing")])
     assert sender.close(timeout=5) is True
     assert posted == ["a"]
+
+
+def test_the_python_api_alerts_like_run_does(
+    workspace: Workspace, engine: Engine, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``audience_sync.run()`` with a wrong key returned ``failed`` and posted nothing, and
+    the next CLI run, seeing the audience already failing, posted nothing either."""
+    import audience_sync
+    from audience_sync.cli import run_cli
+
+    workspace.sections["alerts"] = {"webhook_url": receiver.url}
+    write_members(workspace.add_file_audience("VIP"), range(2))
+
+    [failed] = audience_sync.run(workspace.config_path, environ={"GIST_API_KEY": "wrong"})
+
+    assert failed.status == "failed"
+    [post] = receiver.posts
+    assert [a["status"] for a in post["body"]["runs"]] == ["failed"]
+    monkeypatch.setenv("GIST_API_KEY", "wrong")
+    assert run_cli(["run", "--config", str(workspace.config_path)]) == 1
+    assert len(receiver.posts) == 1  # still failing: no news
+    monkeypatch.setenv("GIST_API_KEY", API_KEY)
+    assert run_cli(["run", "--config", str(workspace.config_path)]) == 0
+    assert [a["status"] for a in receiver.posts[-1]["body"]["runs"]] == ["succeeded"]

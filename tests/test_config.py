@@ -564,3 +564,70 @@ def test_relative_sqlite_uri_filenames_are_resolved_against_the_config_folder(
 def test_absolute_and_memory_sqlite_uris_are_left_alone(tmp_path: Path, url: str) -> None:
     path = _write(tmp_path, f'[state]\nurl = "{url}"\n' + GIST + FILE_AUDIENCE)
     assert load_settings(path, ENV).state.url == url
+
+
+@pytest.mark.parametrize(
+    ("value", "fragment"),
+    [
+        ("", "gist.api_key (from ${GIST_KEY}) is empty"),
+        ("   ", "gist.api_key (from ${GIST_KEY}) is empty"),
+        ("SECRETKEY123\n", "holds white space or a character that is not printable ASCII"),
+        (" SECRETKEY123", "holds white space"),
+        ("SECRET KEY123", "holds white space"),
+        ("SECRETKEY123\t", "holds white space"),
+        ("SECRETKÉY123", "not printable ASCII"),
+    ],
+    ids=["empty", "blank", "trailing-newline", "leading-space", "inner-space", "tab", "non-ascii"],
+)
+def test_an_api_key_that_cannot_be_one_is_refused_naming_where_it_came_from(
+    tmp_path: Path, value: str, fragment: str
+) -> None:
+    """A key with a trailing newline was retried for 35 s and then shown, header and all,
+    in the error and in sync_runs.error; an empty one was retried as if Gist were down."""
+    message = _load_error(_write(tmp_path, GIST + FILE_AUDIENCE), {"GIST_KEY": value})
+    assert fragment in message
+    assert value.strip() not in message or not value.strip()  # never the key itself
+
+
+def test_an_api_key_written_in_the_file_is_checked_too(tmp_path: Path) -> None:
+    message = _load_error(_write(tmp_path, '[gist]\napi_key = "abc def"\n' + FILE_AUDIENCE))
+    assert "gist.api_key holds white space" in message
+    assert "abc def" not in message
+
+
+def test_commands_that_never_call_gist_do_not_check_the_key(tmp_path: Path) -> None:
+    path = _write(tmp_path, GIST + FILE_AUDIENCE)
+    assert load_settings(path, {"GIST_KEY": ""}, gist=False) is not None
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("hooks.example.com/services/T0KEN", "it must be an http(s) URL"),
+        ("htps://hooks.example.com/services/T0KEN", "htps://hooks.example.com/… must be"),
+        ("file:///etc/passwd", "file:///… must be"),
+        ("https:///services/T0KEN", "https:///… must be"),
+    ],
+    ids=["no-scheme", "misspelt-scheme", "file", "no-host"],
+)
+def test_a_webhook_url_that_cannot_work_is_refused(tmp_path: Path, url: str, shown: str) -> None:
+    """Accepted before, the alert was then lost with a WARNING."""
+    message = _load_error(
+        _write(tmp_path, GIST + f'[alerts]\nwebhook_url = "{url}"\n' + FILE_AUDIENCE)
+    )
+    assert f"alerts.webhook_url: {shown}" in message
+    assert "T0KEN" not in message
+
+
+@pytest.mark.parametrize(("seconds", "ok"), [(10, False), (59, False), (119, False), (120, True)])
+def test_a_health_stall_shorter_than_two_heartbeats_is_refused(
+    tmp_path: Path, seconds: int, ok: bool
+) -> None:
+    """Between 10 and 59 s a healthy daemon flapped to 503: its heartbeat ticks every 60 s."""
+    path = _write(tmp_path, GIST + f"[daemon]\nhealth_stall_seconds = {seconds}\n" + FILE_AUDIENCE)
+    if ok:
+        assert load_settings(path, ENV).daemon.health_stall_seconds == seconds
+    else:
+        assert "daemon.health_stall_seconds: Input should be greater than or equal to 120" in (
+            _load_error(path)
+        )

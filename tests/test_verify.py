@@ -335,3 +335,43 @@ def test_samples_stream_through_the_workers_not_one_task_each(
     assert len(transport.tasks) == 300
     # The 4 workers, the main task and what httpx runs itself: never one task per sample.
     assert max(transport.tasks) <= 2 * 4 + 2
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type"),
+    [
+        (b"<html><body>Bad gateway</body></html>", "text/html"),
+        (b"[1,2,3]", "application/json"),
+        (b'{"contacts": []}', "application/json"),
+        (b'{"contact": "u1"}', "application/json"),
+        (b"\xff\xfe", "application/json"),
+    ],
+    ids=["html", "a-list", "another-shape", "contact-not-an-object", "not-utf8"],
+)
+def test_an_unreadable_answer_could_not_be_checked_and_is_no_drift(
+    workspace: Workspace,
+    engine: Engine,
+    gist: FakeGist,
+    body: bytes,
+    content_type: str,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A 200 that does not carry a contact says nothing of it: it was a crash ("failed
+    unexpectedly: JSONDecodeError", exit 1 = drift), and `[1,2,3]` counted as drift."""
+    setup(workspace, engine, range(3))
+    gist.answer_next(3, 200, body, content_type)
+
+    report = verify(workspace, engine, sample=3, repair=True)
+
+    assert (report.matching, report.drifted, report.repaired) == (0, [], 0)
+    assert len(report.errors) == 3
+    assert "an answer that is not a contact" in report.errors[0].error
+    from audience_sync.cli import run_cli
+
+    monkeypatch.setenv("GIST_API_KEY", API_KEY)
+    gist.answer_next(3, 200, body, content_type)
+    assert run_cli(["verify", KEY, "--config", str(workspace.config_path)]) == 2
+    out, err = capsys.readouterr()
+    assert "drifted" not in err
+    assert "Traceback" not in out + err
