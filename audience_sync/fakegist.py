@@ -24,6 +24,8 @@ __all__ = ["FakeGist", "RecordedRequest", "main"]
 
 _Headers = dict[str, str]
 _Answer = tuple[int, Any, _Headers]
+DEFAULT_PER_PAGE = 50  # contacts per page of GET /contacts when none is asked
+MAX_PER_PAGE = 100  # the most the list endpoint gives per page, whatever is asked
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,17 @@ class RecordedRequest:
     status: int
     at: float
     answered: bool = True  # False when the connection was dropped (after applying, or not)
+    query: str = ""  # the URL's query string, as sent
+
+    @property
+    def page(self) -> int | None:
+        """The ``page`` a list request asked for (1 when it asked for none)."""
+        if self.method != "GET" or self.path != "/contacts":
+            return None
+        params = parse_qs(self.query)
+        if "user_id" in params or "email" in params:
+            return None
+        return int(params.get("page", ["1"])[0])
 
 
 class _ApiError(Exception):
@@ -170,6 +183,7 @@ class FakeGist(BackgroundServer):
         self.api_key = api_key
         self._lock = threading.RLock()
         self._contacts: dict[int, dict[str, Any]] = {}
+        self._order: list[int] = []  # contact ids in creation order: the list endpoint's pages
         self._by_user: dict[str, int] = {}  # user_id → contact id
         self._by_email: dict[str, list[int]] = {}  # email → contact ids, oldest first
         self._next_id = 1
@@ -240,6 +254,40 @@ class FakeGist(BackgroundServer):
     def events(self) -> list[dict[str, Any]]:
         with self._lock:
             return [dict(e) for e in self._events]
+
+    def add_contact(
+        self, user_id: str | None, email: str | None, properties: dict[str, Any] | None = None
+    ) -> None:
+        """Create or update a contact as another tool would have (Segment's destination,
+        say); ``user_id=None`` makes a lead."""
+        with self._lock:
+            self._upsert(
+                {
+                    "user_id": None if user_id is None else str(user_id),
+                    "email": email,
+                    "custom_properties": dict(properties or {}),
+                }
+            )
+
+    def remove_contact(self, user_id: str) -> None:
+        """Delete a user's contact, as someone in Gist's own UI would."""
+        with self._lock:
+            contact = self._find(str(user_id), None)
+            if contact is None:
+                raise KeyError(user_id)
+            del self._contacts[contact["id"]]
+            self._order.remove(contact["id"])
+            del self._by_user[str(user_id)]
+            if contact["email"]:
+                self._by_email[contact["email"]].remove(contact["id"])
+
+    def drop_property(self, user_id: str, key: str) -> None:
+        """Remove a property from a user's contact, as someone in Gist's own UI would."""
+        with self._lock:
+            contact = self._find(str(user_id), None)
+            if contact is None:
+                raise KeyError(user_id)
+            contact["custom_properties"].pop(key, None)
 
     def edit_contact(self, user_id: str, properties: dict[str, Any]) -> None:
         """Change a contact's properties as someone in Gist's own UI would, behind the
@@ -360,7 +408,7 @@ class FakeGist(BackgroundServer):
         with self._lock:
             if self._drop_next > 0:
                 self._drop_next -= 1
-                self._log.append(RecordedRequest(method, path, body, 0, at, False))
+                self._log.append(RecordedRequest(method, path, body, 0, at, False, query))
                 return None
             latency = self._latency
         if latency > 0:
@@ -371,7 +419,7 @@ class FakeGist(BackgroundServer):
             dropped = self._drop_applied > 0 and 200 <= answer[0] < 300
             if dropped:
                 self._drop_applied -= 1
-            self._log.append(RecordedRequest(method, path, body, answer[0], at, not dropped))
+            self._log.append(RecordedRequest(method, path, body, answer[0], at, not dropped, query))
             return None if dropped else answer
 
     def _decide(
@@ -460,7 +508,7 @@ class FakeGist(BackgroundServer):
             user_id = params.get("user_id", [None])[0]
             email = params.get("email", [None])[0]
             if user_id is None and email is None:
-                return {"contacts": [self._public(c) for c in self._contacts.values()]}
+                return self._page(params)
             found = self._find(user_id, email)
             if found is None:
                 raise _ApiError(404, "Not found")
@@ -472,6 +520,31 @@ class FakeGist(BackgroundServer):
             self._events.append(event)
             return {"event": dict(event)}
         raise _ApiError(404, "Not found")
+
+    def _page(self, params: dict[str, list[str]]) -> dict[str, Any]:
+        """``GET /contacts?page=N&per_page=P``: contacts in creation order, ``per_page``
+        capped at ``MAX_PER_PAGE``; ``pages.next`` names the next page while there is one."""
+        try:
+            page = max(1, int(params.get("page", ["1"])[0]))
+            per_page = int(params.get("per_page", [str(DEFAULT_PER_PAGE)])[0])
+        except ValueError:
+            raise _ApiError(400, "page and per_page must be numbers") from None
+        per_page = min(max(1, per_page), MAX_PER_PAGE)
+        total = len(self._order)
+        ids = self._order[(page - 1) * per_page : page * per_page]
+        total_pages = -(-total // per_page)
+        return {
+            "contacts": [self._public(self._contacts[i]) for i in ids],
+            "pages": {
+                "page": page,
+                "per_page": per_page,
+                "total_count": total,
+                "total_pages": total_pages,
+                "next": (
+                    f"/contacts?page={page + 1}&per_page={per_page}" if page < total_pages else None
+                ),
+            },
+        }
 
     @staticmethod
     def _validate_contact(body: Any) -> dict[str, Any]:
@@ -509,6 +582,7 @@ class FakeGist(BackgroundServer):
         if contact is None:
             contact = {"id": self._next_id, "user_id": None, "email": None, "custom_properties": {}}
             self._contacts[self._next_id] = contact
+            self._order.append(self._next_id)
             self._next_id += 1
         if item["user_id"] is not None and contact["user_id"] is None:
             self._by_user.setdefault(item["user_id"], contact["id"])

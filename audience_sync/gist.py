@@ -52,6 +52,15 @@ def build_contact(user_id: str, email: str, properties: dict[str, Any]) -> dict[
 
 
 @dataclass(frozen=True)
+class ContactPage:
+    """One page of ``GET /contacts``: its contacts, and whether another page follows
+    (``pages.next`` when Gist gives it, else the page count; None when it says neither)."""
+
+    contacts: list[dict[str, Any]]
+    more: bool | None
+
+
+@dataclass(frozen=True)
 class BatchAnswer:
     """Gist's 2xx answer to ``POST /contacts/batch``.
 
@@ -177,6 +186,34 @@ class GistClient:
             f"HTTP {response.status_code}: an answer that is not a contact ({shown!r})",
             status=response.status_code,
         )
+
+    async def fetch_contacts(self, page: int, per_page: int) -> ContactPage:
+        """Page ``page`` (from 1) of every contact, ``per_page`` at a time (Gist may give
+        fewer). An answer that is not a page of contacts raises FatalApiError."""
+        response = await self._request(
+            "fetch_contacts", "GET", "/contacts", params={"page": page, "per_page": per_page}
+        )
+        check_response(response)
+        try:
+            body = response.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            body = None
+        contacts = body.get("contacts") if isinstance(body, dict) else None
+        if not isinstance(contacts, list) or not all(isinstance(c, dict) for c in contacts):
+            shown = response.text[:100].replace("\n", " ")
+            raise FatalApiError(
+                f"HTTP {response.status_code}: an answer that is not a page of contacts "
+                f"({shown!r})",
+                status=response.status_code,
+            )
+        pages = body.get("pages") if isinstance(body, dict) else None
+        more: bool | None = None
+        if isinstance(pages, dict):
+            if "next" in pages:
+                more = bool(pages["next"])
+            elif isinstance(pages.get("total_pages"), int):
+                more = page < pages["total_pages"]
+        return ContactPage(contacts, more)
 
     async def _request(self, endpoint: str, method: str, url: str, **kwargs: Any) -> httpx.Response:
         started = time.monotonic()

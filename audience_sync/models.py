@@ -80,6 +80,10 @@ class SyncRun(Base):
     config_fingerprint: Mapped[str | None] = mapped_column(String(64))
     # True when the run skipped load and diff (unchanged file, nothing owed: see fastpath.py).
     fast_path: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    # A reconcile's reading of Gist: contacts and pages read, leads (no user_id) skipped.
+    contacts_read: Mapped[int | None] = mapped_column(Integer)
+    pages_read: Mapped[int | None] = mapped_column(Integer)
+    leads: Mapped[int | None] = mapped_column(Integer)
 
 
 class Membership(Base):
@@ -201,6 +205,38 @@ class Contact(Base):
     last_run_id: Mapped[int] = mapped_column(Integer)
 
 
+class Reconcile(Base):
+    """A reading of every Gist contact for some keys (``reconcile``), page by page: where it
+    is, so that one killed half-way continues instead of starting again."""
+
+    __tablename__ = "reconciles"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    audience_keys: Mapped[str] = mapped_column(Text)  # the keys read, sorted, comma-separated
+    per_page: Mapped[int] = mapped_column(Integer)
+    next_page: Mapped[int] = mapped_column(Integer)
+    pages: Mapped[int] = mapped_column(Integer)
+    contacts: Mapped[int] = mapped_column(Integer)
+    leads: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[datetime] = mapped_column(DateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime)
+
+
+class GistHolding(Base):
+    """What a reconcile in progress found Gist holding: a member (``value`` NULL) of an
+    audience, or a trait's value (canonical JSON), with the contact's email."""
+
+    __tablename__ = "gist_holdings"
+
+    reconcile_id: Mapped[int] = mapped_column(
+        Integer, ForeignKey("reconciles.id", ondelete="CASCADE"), primary_key=True
+    )
+    key: Mapped[str] = mapped_column(KEY, primary_key=True)
+    user_id: Mapped[str] = mapped_column(USER_ID, primary_key=True)
+    email: Mapped[str | None] = mapped_column(EMAIL)
+    value: Mapped[str | None] = mapped_column(Text)
+
+
 class Lease(Base):
     """Who may sync an audience right now; renewed by a heartbeat, free once expired or
     released."""
@@ -258,6 +294,8 @@ uncertain_members = _table(UncertainMember)
 trait_values = _table(TraitValue)
 contacts = _table(Contact)
 email_drift = _table(EmailDrift)
+reconciles = _table(Reconcile)
+gist_holdings = _table(GistHolding)
 email_conflicts = _table(EmailConflict)
 rejected_rows = _table(RejectedRow)
 leases = _table(Lease)

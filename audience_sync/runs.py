@@ -48,6 +48,9 @@ class RunResult:
     fast_path: bool = False  # load and diff skipped: an unchanged file, nothing owed
     source_digest: str | None = None  # the file's bytes as read (CSV/JSONL sources)
     config_fingerprint: str | None = None  # a hash of the settings deciding what is sent
+    contacts_read: int | None = None  # a reconcile's: Gist contacts read,
+    pages_read: int | None = None  # ...pages of them,
+    leads: int | None = None  # ...and leads among them (no user_id: skipped)
 
 
 def result_fields(result: RunResult) -> dict[str, Any]:
@@ -142,6 +145,9 @@ def save_run(engine: Engine, result: RunResult, finished_at: datetime | None) ->
                 fast_path=result.fast_path,
                 source_digest=result.source_digest,
                 config_fingerprint=result.config_fingerprint,
+                contacts_read=result.contacts_read,
+                pages_read=result.pages_read,
+                leads=result.leads,
             )
         )
         if finished_at is not None and result.status in ("succeeded", "partial"):

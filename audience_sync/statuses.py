@@ -11,8 +11,9 @@ from typing import Final, Literal, get_args
 Mode = Literal["run", "backfill", "retire"]
 """What a sync does: send what changed, resend every member, or unset a removed key."""
 
-RunKind = Literal["run", "backfill", "retire", "dry-run"]
-"""``sync_runs.kind``: the mode, or ``dry-run`` for a run that sent nothing."""
+RunKind = Literal["run", "backfill", "retire", "dry-run", "reconcile"]
+"""``sync_runs.kind``: the mode, ``dry-run`` for a run that sent nothing, or ``reconcile``
+for a reading of what Gist holds that became the ledger."""
 
 RunStatus = Literal[
     "running", "succeeded", "partial", "failed", "guarded", "interrupted", "skipped"

@@ -71,6 +71,7 @@ from audience_sync.models import (
     trait_values,
     uncertain_members,
 )
+from audience_sync.reconcile import reconcile
 from audience_sync.runs import utcnow
 from audience_sync.statuses import Mode
 from audience_sync.sync import RunResult, run_once
@@ -472,7 +473,7 @@ def machine_for(store: str) -> type[RuleBasedStateMachine]:
                     model.ever = set(model.members)
                 else:
                     model.values = data.draw(
-                        st.dictionaries(st.sampled_from(USERS), trait_values_strategy)
+                        st.dictionaries(st.sampled_from(USERS), trait_values_strategy, max_size=2)
                     )
                     for user, value in model.values.items():
                         model.possible[user].add(canonical(value))
@@ -541,6 +542,15 @@ def machine_for(store: str) -> type[RuleBasedStateMachine]:
             keys = tuple(data.draw(st.sets(st.sampled_from(self.configured()), max_size=2)))
             self.sync(keys, fault=fault, kill=kill, kill_after=kill_after, form=form)
 
+        @rule(data=st.data())
+        def run_some_keys_cleanly(self, data: st.DataObject) -> None:
+            """A run of one or two keys that goes through: what it sends (emails included)
+            is what those sources alone say, and a later run of every key must mend it."""
+            chosen = st.sets(st.sampled_from(self.configured()), min_size=1, max_size=2)
+            results = self.sync(tuple(data.draw(chosen)))
+            assert results is not None
+            assert all(r.status == "succeeded" for r in results), results
+
         @rule(data=st.data(), fault=faults)
         def backfill(self, data: st.DataObject, fault: str) -> None:
             key = data.draw(st.sampled_from(self.configured()))
@@ -562,7 +572,7 @@ def machine_for(store: str) -> type[RuleBasedStateMachine]:
                 if known:  # a key no run ever opened has nothing in Gist (retire refuses it)
                     raise AssertionError(f"retiring {key} never succeeded: {result}")
             cleared = set()
-            for user, contact in self.gist.contacts().items():
+            for user, contact in self.users_in_gist().items():
                 assert contact["custom_properties"].get(key) in (None, False)
                 if contact["custom_properties"].get(key) is False:
                     cleared.add(user)
@@ -608,6 +618,52 @@ def machine_for(store: str) -> type[RuleBasedStateMachine]:
             # An uncertain member is re-sent by the next run anyway: verify leaves it out.
             found = any(d.user_id == user for d in report.drifted)
             assert found != bool(unsure), report
+
+        @rule(
+            data=st.data(),
+            edits=st.lists(
+                st.tuples(
+                    st.sampled_from(USERS),
+                    st.sampled_from(["flip", "drop", "email", "remove", "lead"]),
+                ),
+                max_size=4,
+            ),
+            per_page=st.integers(1, 4),
+        )
+        def tamper_with_gist_then_reconcile(
+            self, data: st.DataObject, edits: list[tuple[str, str]], per_page: int
+        ) -> None:
+            """Gist is changed behind the tool's back in any way (values flipped or dropped,
+            emails changed, contacts deleted, leads added), then ``reconcile`` reads it back
+            as the ledger for the keys it was changed on: the next clean run must leave Gist
+            equal to the sources again."""
+            keys = sorted(data.draw(st.sets(st.sampled_from(self.configured()), min_size=1)))
+            contacts = self.gist.contacts()
+            for n, (user, edit) in enumerate(edits):
+                key = data.draw(st.sampled_from(keys))
+                model = self.keys[key]
+                if edit == "lead":
+                    self.gist.add_contact(None, f"lead{n}.{user}@example.com", {key: True})
+                    continue
+                if user not in contacts:
+                    continue
+                if edit == "remove":
+                    self.gist.remove_contact(user)
+                    contacts.pop(user)
+                elif edit == "email":
+                    self.gist.add_contact(user, f"{user}.elsewhere@example.com")
+                elif edit == "drop":
+                    self.gist.drop_property(user, key)
+                elif model.kind == "audience":
+                    held = contacts[user]["custom_properties"].get(key)
+                    self.gist.edit_contact(user, {key: held is not True})
+                else:
+                    self.gist.edit_contact(user, {key: "tampered"})
+                    model.possible[user].add(canonical("tampered"))
+            config = self.write("str")
+            report = reconcile(load_settings(config, {}), self.engine, keys, per_page=per_page)
+            assert report.error is None, report
+            assert all(r.status == "succeeded" for r in report.results), report
 
         @rule()
         def prune_history(self) -> None:
@@ -748,15 +804,19 @@ def machine_for(store: str) -> type[RuleBasedStateMachine]:
                         allowed = model.possible[user] | {"absent"}
                         assert canonical(value) in allowed, f"{where}, may hold {allowed}"
             for key in self.retired:
-                for contact in contacts.values():
+                for contact in self.users_in_gist().values():
                     assert contact["custom_properties"].get(key) in (None, False)
             for user in USERS:
                 expected = self.expected_email(user)
                 if expected is not None:
                     assert contacts[user]["email"] == expected, (user, contacts[user])
 
+        def users_in_gist(self) -> dict[str, dict[str, Any]]:
+            """Gist's contacts but leads (no user_id), which the tool never touches."""
+            return {u: c for u, c in self.gist.contacts().items() if c["user_id"] is not None}
+
         def check_state(self) -> None:
-            contacts = self.gist.contacts()
+            contacts = self.users_in_gist()
             with self.engine.connect() as connection:
                 assert connection.scalar(select(func.count()).select_from(uncertain_members)) == 0
                 for key, model in self.keys.items():

@@ -1,0 +1,213 @@
+"""``reconcile``: what Gist holds becomes the ledger, so switching over from Segment's Gist
+destination re-sends nobody and re-fires no ``Audience Entered``."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Engine, func, select
+
+from audience_sync.fakegist import FakeGist
+from audience_sync.models import gist_holdings, reconciles, sync_runs
+from audience_sync.reconcile import reconcile
+from audience_sync.sync import run_once
+from tests.conftest import API_KEY, Workspace, write_members
+from tests.helpers import acknowledged, in_gist, users
+
+VIP = "vip"
+SCORE = "score"
+
+
+def segment_left(gist: FakeGist) -> None:
+    """Gist as Segment's destination left it: u0-u5 members (u5 stale: it left the source
+    since), u6 a member with another email, u10 unrelated, two leads; u7-u9 unknown."""
+    for n in range(5):
+        gist.add_contact(f"u{n}", f"u{n}@example.com", {VIP: True, "plan": "pro"})
+    gist.add_contact("u5", "u5@example.com", {VIP: True})
+    gist.add_contact("u6", "old6@example.com", {VIP: True})
+    gist.add_contact("u10", "u10@example.com", {"plan": "free"})
+    gist.add_contact(None, "lead1@example.com", {VIP: True})
+    gist.add_contact(None, "lead2@example.com")
+    gist.add_contact("u11", "u11@example.com", {VIP: False})
+
+
+@pytest.fixture
+def source(workspace: Workspace) -> Path:
+    """The source now: u0-u4, u6 (its email as the source says) and u7-u9 new."""
+    path = workspace.add_file_audience("VIP", key=VIP, send_track=True)
+    write_members(path, [*range(5), 6, 7, 8, 9])
+    return path
+
+
+def paging(gist: FakeGist) -> list[int]:
+    """The page numbers of every list request the fake answered."""
+    return [r.page for r in gist.requests("/contacts") if r.page is not None]
+
+
+def test_reconcile_sends_nothing_and_the_next_run_sends_only_the_differences(
+    workspace: Workspace, engine: Engine, gist: FakeGist, source: Path
+) -> None:
+    segment_left(gist)
+
+    report = reconcile(workspace.settings(), engine, per_page=3)
+
+    assert {(r.method, r.path) for r in gist.requests()} == {("GET", "/contacts")}
+    assert gist.events() == []
+    [result] = report.results
+    assert (result.kind, result.status) == ("reconcile", "succeeded")
+    assert (report.contacts, report.leads, report.pages) == (11, 2, 4)
+    # Gist holds u0-u6 (u6 with another email); the source adds u7-u9 and drops u5.
+    assert (result.members, result.entered, result.exited, result.resent) == (7, 3, 1, 1)
+    assert acknowledged(engine, VIP) == users(*range(7))
+    with engine.connect() as connection:
+        assert connection.scalar(select(func.count()).select_from(gist_holdings)) == 0
+        assert connection.scalar(select(func.count()).select_from(reconciles)) == 0
+        recorded = connection.execute(select(sync_runs)).one()
+    assert (recorded.kind, recorded.contacts_read, recorded.pages_read, recorded.leads) == (
+        "reconcile", 11, 4, 2,
+    )  # fmt: skip
+    gist.clear_log()
+
+    [run] = run_once(workspace.settings(), engine)
+
+    sent = {r.body["user_id"]: r.body for r in gist.requests("/contacts")}
+    assert set(sent) == {"u5", "u6", "u7", "u8", "u9"}
+    assert sent["u5"]["custom_properties"] == {VIP: False}
+    assert sent["u6"]["email"] == "u6@example.com"  # the source's email, no event for it
+    assert (run.entered, run.exited, run.resent) == (3, 1, 1)
+    names = Counter((e["user_id"], e["event_name"]) for e in gist.events())
+    assert names == Counter(
+        {("u7", "Audience Entered"): 1, ("u8", "Audience Entered"): 1,
+         ("u9", "Audience Entered"): 1, ("u5", "Audience Exited"): 1}
+    )  # fmt: skip
+    assert in_gist(gist, VIP) == users(*range(5), 6, 7, 8, 9) | {"lead1@example.com"}
+    gist.clear_log()
+    [again] = run_once(workspace.settings(), engine)
+    assert (again.status, gist.requests()) == ("succeeded", [])
+
+
+def test_a_dry_run_counts_the_differences_and_records_no_ledger(
+    workspace: Workspace, engine: Engine, gist: FakeGist, source: Path
+) -> None:
+    segment_left(gist)
+
+    report = reconcile(workspace.settings(), engine, dry_run=True, per_page=4)
+
+    [result] = report.results
+    assert (result.kind, result.entered, result.exited, result.resent) == ("dry-run", 3, 1, 1)
+    assert acknowledged(engine, VIP) == set()
+    with engine.connect() as connection:
+        assert connection.scalar(select(func.count()).select_from(reconciles)) == 0
+
+
+def test_trait_values_are_read_by_value(
+    workspace: Workspace, engine: Engine, gist: FakeGist
+) -> None:
+    path = workspace.root / "score.jsonl"
+    path.write_text(
+        '{"user_id": "u1", "email": "u1@example.com", "value": 3}\n'
+        '{"user_id": "u2", "email": "u2@example.com", "value": "gold"}\n'
+    )
+    workspace.traits.append({"name": "Score", "key": SCORE, "file": path.name})
+    workspace.write_config()
+    gist.add_contact("u1", "u1@example.com", {SCORE: 3})
+    gist.add_contact("u2", "u2@example.com", {SCORE: 2})
+    gist.add_contact("u3", "u3@example.com", {SCORE: 1.5})
+
+    [result] = reconcile(workspace.settings(), engine).results
+
+    assert (result.members, result.entered, result.exited) == (3, 1, 1)
+    gist.clear_log()
+    run_once(workspace.settings(), engine)
+    sent = {r.body["user_id"]: r.body["custom_properties"] for r in gist.requests("/contacts")}
+    assert sent == {"u2": {SCORE: "gold"}, "u3": {SCORE: None}}
+
+
+def test_429s_and_5xx_while_paging_are_retried(
+    workspace: Workspace, engine: Engine, gist: FakeGist, source: Path
+) -> None:
+    segment_left(gist)
+    gist.fail_next(2, 429, retry_after="0")
+
+    report = reconcile(workspace.settings(), engine, per_page=5)
+
+    assert report.error is None
+    gist.fail_next(1, 503)
+    assert reconcile(workspace.settings(), engine, per_page=5).error is None
+    assert acknowledged(engine, VIP) == users(*range(7))
+
+
+def test_a_wrong_key_fails_at_once_with_a_clear_error(
+    workspace: Workspace, engine: Engine, gist: FakeGist, source: Path
+) -> None:
+    segment_left(gist)
+    gist.fail_after(0, 401)
+
+    report = reconcile(workspace.settings(), engine)
+
+    [result] = report.results
+    assert result.status == "failed"
+    assert "Gist refused the API key" in (result.error or "")
+    assert len(gist.requests()) == 1
+    assert acknowledged(engine, VIP) == set()
+
+
+def test_a_key_whose_lease_is_held_is_skipped(
+    workspace: Workspace, engine: Engine, gist: FakeGist, source: Path
+) -> None:
+    from audience_sync import lease
+
+    lease.acquire(engine, VIP, "elsewhere/boot.1:1:live")
+
+    [result] = reconcile(workspace.settings(), engine).results
+
+    assert result.status == "skipped"
+    assert gist.requests() == []
+
+
+@pytest.mark.slow
+def test_a_reconcile_killed_half_way_continues_where_it_stopped(
+    workspace: Workspace, engine: Engine, gist: FakeGist, source: Path
+) -> None:
+    for n in range(400):
+        gist.add_contact(f"u{n}", f"u{n}@example.com", {VIP: n % 2 == 0})
+    gist.latency = 0.01
+    script = (
+        "import sys; from pathlib import Path; from audience_sync.config import load_settings; "
+        "from audience_sync.db import make_engine; from audience_sync.reconcile import reconcile; "
+        "s = load_settings(Path(sys.argv[1])); reconcile(s, make_engine(s.state.url), per_page=5)"
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-c", script, str(workspace.config_path)],
+        env={**os.environ, "GIST_API_KEY": API_KEY},
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 60
+    while len(paging(gist)) < 20:
+        assert time.monotonic() < deadline
+        assert process.poll() is None, process.communicate()[1]
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    process.stderr.close()  # type: ignore[union-attr]
+    gist.latency = 0
+    read_before = paging(gist)
+
+    report = reconcile(workspace.settings(), engine, per_page=5)
+
+    assert report.error is None
+    assert (report.pages, report.contacts) == (80, 400)
+    counts = Counter(paging(gist))
+    assert sorted(counts) == list(range(1, 81))  # page 80 says no page follows
+    # Only a page whose save the kill cut short is read twice.
+    assert sum(1 for n in counts.values() if n > 1) <= 1
+    assert min(paging(gist)[len(read_before) :]) >= len(set(read_before))
+    assert acknowledged(engine, VIP) == {f"u{n}" for n in range(0, 400, 2)}
