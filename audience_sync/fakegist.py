@@ -184,6 +184,7 @@ class FakeGist(BackgroundServer):
         self._lock = threading.RLock()
         self._contacts: dict[int, dict[str, Any]] = {}
         self._order: list[int] = []  # contact ids in creation order: the list endpoint's pages
+        self._in_flight = 0  # requests received and waiting out their latency
         self._by_user: dict[str, int] = {}  # user_id → contact id
         self._by_email: dict[str, list[int]] = {}  # email → contact ids, oldest first
         self._next_id = 1
@@ -236,6 +237,12 @@ class FakeGist(BackgroundServer):
             for uid, c in self.contacts().items()
             if key in c["custom_properties"]
         }
+
+    @property
+    def in_flight(self) -> int:
+        """Requests received whose answer is still being held back by ``latency``."""
+        with self._lock:
+            return self._in_flight
 
     def requests(self, path: str | None = None) -> list[RecordedRequest]:
         with self._lock:
@@ -411,8 +418,13 @@ class FakeGist(BackgroundServer):
                 self._log.append(RecordedRequest(method, path, body, 0, at, False, query))
                 return None
             latency = self._latency
-        if latency > 0:
-            time.sleep(latency)
+            self._in_flight += 1
+        try:
+            if latency > 0:
+                time.sleep(latency)
+        finally:
+            with self._lock:
+                self._in_flight -= 1
 
         with self._lock:
             answer = self._decide(method, path, query, body, bad_json, authorization)
