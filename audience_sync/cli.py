@@ -51,6 +51,7 @@ from audience_sync.metrics import Metrics, MetricsServer
 from audience_sync.render import (
     JsonFormatter,
     ProgressBars,
+    ProgressLog,
     output_json,
     output_rows,
     short_time,
@@ -446,8 +447,11 @@ def _sync_command(
     metrics = Metrics()
     show_progress = sys.stderr.isatty() and not (args.quiet or args.json)
     show_progress = show_progress and args.log_format == "text"  # JSON lines only, then
+    # Not on a terminal (cron, a log file), progress is log lines instead (with -v).
     bars: AbstractContextManager[Progress | None] = (
-        ProgressBars(sys.stderr) if show_progress else nullcontext(None)
+        ProgressBars(sys.stderr)
+        if show_progress
+        else nullcontext(None if args.quiet else ProgressLog())
     )
     alerts: list[Alert] = []
     with db.open_state(settings) as engine, _stop_on_signals() as stop, bars as progress:
