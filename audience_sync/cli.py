@@ -523,7 +523,8 @@ def _load_last_successes(engine: Engine, settings: Settings) -> dict[str, dateti
         with db.state_errors(settings.state.url):
             return load_last_successes(engine, [a.property_key for a in settings.computations])
     except StateError as exc:
-        log.warning("cannot read the last successes for metrics: %s", exc)
+        # INFO (-v): the failure that matters is said already, once per daemon tick.
+        log.info("cannot read the last successes for metrics: %s", exc)
         return {}
 
 
@@ -867,6 +868,7 @@ def _make_daemon(
         on_results=on_results,
         stop=stop,
         recent_statuses=lambda keys, n: load_recent_statuses(engine, keys, n),
+        hard_stop=stop is None,  # serving, the daemon is the process: its stop has a bound
     )
     return daemon
 
