@@ -51,6 +51,7 @@ from audience_sync.metrics import Metrics, MetricsServer
 from audience_sync.render import (
     JsonFormatter,
     ProgressBars,
+    ProgressLog,
     output_json,
     output_rows,
     short_time,
@@ -446,8 +447,11 @@ def _sync_command(
     metrics = Metrics()
     show_progress = sys.stderr.isatty() and not (args.quiet or args.json)
     show_progress = show_progress and args.log_format == "text"  # JSON lines only, then
+    # Not on a terminal (cron, a log file), progress is log lines instead (with -v).
     bars: AbstractContextManager[Progress | None] = (
-        ProgressBars(sys.stderr) if show_progress else nullcontext(None)
+        ProgressBars(sys.stderr)
+        if show_progress
+        else nullcontext(None if args.quiet else ProgressLog())
     )
     alerts: list[Alert] = []
     with db.open_state(settings) as engine, _stop_on_signals() as stop, bars as progress:
@@ -519,7 +523,8 @@ def _load_last_successes(engine: Engine, settings: Settings) -> dict[str, dateti
         with db.state_errors(settings.state.url):
             return load_last_successes(engine, [a.property_key for a in settings.computations])
     except StateError as exc:
-        log.warning("cannot read the last successes for metrics: %s", exc)
+        # INFO (-v): the failure that matters is said already, once per daemon tick.
+        log.info("cannot read the last successes for metrics: %s", exc)
         return {}
 
 
@@ -863,6 +868,7 @@ def _make_daemon(
         on_results=on_results,
         stop=stop,
         recent_statuses=lambda keys, n: load_recent_statuses(engine, keys, n),
+        hard_stop=stop is None,  # serving, the daemon is the process: its stop has a bound
     )
     return daemon
 

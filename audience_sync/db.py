@@ -62,8 +62,7 @@ def make_engine(url: str, *, schema: str | None = None, create: bool = True) -> 
     url = normalize_url(url)
     try:
         if make_url(url).get_backend_name() != "sqlite":
-            # A database that does not answer must not hang a command (or /healthz) for ever.
-            engine = create_engine(url, pool_pre_ping=True, connect_args={"connect_timeout": 10})
+            engine = create_engine(url, pool_pre_ping=True, connect_args=_bounded_waits(url))
             if schema:
                 _use_schema(engine, schema)
             return engine
@@ -77,6 +76,30 @@ def make_engine(url: str, *, schema: str | None = None, create: bool = True) -> 
             f"state.url {redact_url(url)}: its database driver is not installed "
             f"({exc.name or exc}); install it with: {driver_hint(url)}"
         ) from exc
+
+
+# libpq's parameters that bound every wait on a state database that stops answering: a
+# connection attempt gives up after connect_timeout; an open connection whose peer went
+# silent (a partition drops packets: no reset ever comes) is closed by the kernel once sent
+# data stays unacknowledged for tcp_user_timeout, or keepalive probes go unanswered. A long
+# query is not cut: the server's kernel acknowledges the probes while it computes.
+LIBPQ_BOUNDS = {
+    "connect_timeout": 10,
+    "keepalives": 1,
+    "keepalives_idle": 10,
+    "keepalives_interval": 5,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 30_000,  # milliseconds
+}
+
+
+def _bounded_waits(url: str) -> dict[str, Any]:
+    """The driver's connection arguments that bound its waits (``LIBPQ_BOUNDS`` for
+    PostgreSQL), less those the URL sets itself: the URL's win."""
+    parsed = make_url(url)
+    # Other drivers know connect_timeout alone (keyword arguments they do not know fail).
+    bounds = LIBPQ_BOUNDS if parsed.get_backend_name() == "postgresql" else {"connect_timeout": 10}
+    return {key: value for key, value in bounds.items() if key not in parsed.query}
 
 
 def _use_schema(engine: Engine, schema: str) -> None:

@@ -157,6 +157,10 @@ class _Handler(BaseHTTPRequestHandler):
             return
         status, body, headers = answer
         payload = body.data if isinstance(body, _Raw) else json.dumps(body).encode()
+        trickle = gist._take_trickle()
+        if trickle is not None:
+            length, every = trickle
+            payload = payload.ljust(length)  # JSON still, should it ever arrive whole
         self.send_response(status)
         self.send_header(
             "Content-Type", body.content_type if isinstance(body, _Raw) else "application/json"
@@ -165,7 +169,20 @@ class _Handler(BaseHTTPRequestHandler):
         for name, value in headers.items():
             self.send_header(name, value)
         self.end_headers()
-        self.wfile.write(payload)
+        if trickle is None:
+            self.wfile.write(payload)
+            return
+        self.close_connection = True
+        self.wfile.flush()
+        for byte in range(len(payload)):
+            # One byte per `every` seconds; the fake's stop (or the client leaving) ends it.
+            if byte and gist._closing.wait(every):
+                return
+            try:
+                self.wfile.write(payload[byte : byte + 1])
+                self.wfile.flush()
+            except OSError:
+                return
 
 
 class FakeGist(BackgroundServer):
@@ -206,14 +223,23 @@ class FakeGist(BackgroundServer):
         self._fail_after_status = 503
         self._fail_after_message = ""
         self._raw_next: list[tuple[int, _Raw]] = []  # answers given as they are, not applied
+        self._trickle_next = 0
+        self._trickle = (1000, 1.0)  # answer length, seconds per byte
+        self._closing = threading.Event()
 
     # ----------------------------------------------------------------- lifecycle
 
     def _make_server(self, address: tuple[str, int]) -> JoiningHTTPServer:
         return _Server(address, self)
 
+    def start(self) -> FakeGist:
+        self._closing.clear()
+        return super().start()
+
     def _before_close(self, server: JoiningHTTPServer) -> None:
-        # Idle keep-alive connections would otherwise hold their handler threads (and stop()).
+        # Idle keep-alive connections (and trickling answers) would otherwise hold their
+        # handler threads, and stop().
+        self._closing.set()
         cast(_Server, server).cut_connections()
 
     # ------------------------------------------------------------------- state
@@ -366,6 +392,21 @@ class FakeGist(BackgroundServer):
             self._fail_in_batch[str(user_id)] = message
             self._batch_error_shape = shape
 
+    def trickle_next(self, n: int, *, length: int = 1000, every: float = 1.0) -> None:
+        """The next ``n`` answers are applied and announced with ``Content-Length: length``,
+        then sent one byte per ``every`` seconds: an answer that never ends for a client
+        that bounds each read, not the whole request."""
+        with self._lock:
+            self._trickle_next = n
+            self._trickle = (length, every)
+
+    def _take_trickle(self) -> tuple[int, float] | None:
+        with self._lock:
+            if self._trickle_next <= 0:
+                return None
+            self._trickle_next -= 1
+            return self._trickle
+
     def fail_user(self, user_id: str, status: int = 422, message: str = "Email is invalid") -> None:
         with self._lock:
             self._fail_users[str(user_id)] = (status, message)
@@ -390,6 +431,7 @@ class FakeGist(BackgroundServer):
             self._fail_next = 0
             self._drop_next = 0
             self._drop_applied = 0
+            self._trickle_next = 0
             self._fail_users.clear()
             self._fail_in_batch.clear()
             self._fail_after = None

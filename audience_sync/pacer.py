@@ -246,6 +246,7 @@ class Pacer:
             retry=retry_if_exception_type(RetriableApiError),
             reraise=True,
             sleep=self._sleep,
+            before_sleep=self._say_retry,
         )
         async for try_ in retrying:
             with try_:
@@ -258,6 +259,16 @@ class Pacer:
                 with on_wire(left):
                     return await request()
         raise AssertionError("unreachable: tenacity re-raises the last error")  # pragma: no cover
+
+    def _say_retry(self, state: RetryCallState) -> None:
+        """One line per retry (shown with -v): which try failed, why, and how long it waits,
+        so a Gist that cannot be reached is never a silent half-minute."""
+        error = state.outcome.exception() if state.outcome else None
+        wait = state.next_action.sleep if state.next_action else 0.0
+        log.info(
+            "Gist request failed on attempt %d/%d (%s); retrying in %.1fs",
+            state.attempt_number, self._config.max_retries + 1, error, wait,
+        )  # fmt: skip
 
     def _wait(self, state: RetryCallState) -> float:
         error = state.outcome.exception() if state.outcome else None

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from types import TracebackType
 from typing import IO, Any
@@ -27,6 +28,11 @@ from rich.table import Table
 from rich.text import Text
 
 from audience_sync.statuses import RunStatus
+
+log = logging.getLogger(__name__)
+
+PROGRESS_SECONDS = 10.0  # a progress line at least this often while a run moves...
+PROGRESS_STEP = 0.1  # ...and at each further tenth of the changes sent
 
 STATUS_STYLES: dict[RunStatus, str] = {
     "succeeded": "green",
@@ -235,6 +241,70 @@ class ProgressBars:
     def sent(self, changes: int) -> None:
         if self._delivery is not None:
             self._bars.advance(self._delivery, changes)
+
+
+class ProgressLog:
+    """Progress as log lines (INFO: shown with ``-v``), for output that is not a terminal:
+    rows read every ``PROGRESS_SECONDS``; changes sent at each tenth and at least every
+    ``PROGRESS_SECONDS``, with the rate and the time left. Implements ``sync.Progress``."""
+
+    def __init__(self, monotonic: Callable[[], float] = time.monotonic) -> None:
+        self._monotonic = monotonic
+        self._rows: dict[str, int] = {}
+        self._loading_since: dict[str, float] = {}
+        self._said_at = monotonic()
+        self._total = 0
+        self._sent = 0
+        self._sending_since = 0.0
+        self._step = 0  # tenths of the changes already said
+
+    def loaded(self, audience_key: str, rows: int) -> None:
+        now = self._monotonic()
+        self._loading_since.setdefault(audience_key, now)
+        self._rows[audience_key] = self._rows.get(audience_key, 0) + rows
+        if now - self._said_at >= PROGRESS_SECONDS:
+            self._said_at = now
+            done = self._rows[audience_key]
+            log.info(
+                "load %s: %s rows read%s",
+                audience_key, f"{done:,}", _rate(done, now - self._loading_since[audience_key]),
+            )  # fmt: skip
+
+    def planned(self, changes: int) -> None:
+        self._total, self._sent, self._step = changes, 0, 0
+        self._said_at = self._sending_since = self._monotonic()
+        log.info("send changes: %s planned", f"{changes:,}")
+
+    def sent(self, changes: int) -> None:
+        self._sent += changes
+        now = self._monotonic()
+        step = int(self._sent / self._total / PROGRESS_STEP) if self._total else 0
+        if step <= self._step and now - self._said_at < PROGRESS_SECONDS:
+            return
+        self._step, self._said_at = max(step, self._step), now
+        elapsed = now - self._sending_since
+        share = self._sent / self._total if self._total else 1.0
+        left = ""
+        if 0 < share < 1 and elapsed > 0:
+            left = f", about {duration_text(elapsed / share - elapsed)} left"
+        log.info(
+            "send changes: %s of %s (%.0f%%)%s%s",
+            f"{self._sent:,}", f"{self._total:,}", 100 * share, _rate(self._sent, elapsed), left,
+        )  # fmt: skip
+
+
+def _rate(count: int, seconds: float) -> str:
+    return f", {count / seconds:,.0f}/s" if seconds > 0 else ""
+
+
+def duration_text(seconds: float) -> str:
+    """``45s``, ``3m05s`` or ``2h07m``: how long, for people."""
+    whole = round(seconds)
+    if whole < 60:
+        return f"{whole}s"
+    if whole < 3600:
+        return f"{whole // 60}m{whole % 60:02d}s"
+    return f"{whole // 3600}h{whole % 3600 // 60:02d}m"
 
 
 class JsonFormatter(logging.Formatter):

@@ -1,31 +1,49 @@
-"""The daemon: one APScheduler job per scheduled audience, reload, graceful stop, heartbeat."""
+"""The daemon: one APScheduler job per scheduled audience, reload, graceful stop within a
+bound, heartbeat, and its own check of the state database behind ``/healthz``."""
 
 from __future__ import annotations
 
 import logging
 import os
 import threading
-from collections.abc import Callable
-from contextlib import suppress
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import asdict
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from apscheduler.events import EVENT_SCHEDULER_STARTED
+from apscheduler.events import EVENT_JOB_MAX_INSTANCES, EVENT_SCHEDULER_STARTED
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers import SchedulerNotRunningError
 from apscheduler.schedulers.blocking import BlockingScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 from apscheduler.util import undefined
+from sqlalchemy.exc import SQLAlchemyError
 
 from audience_sync.config import Computation, Settings, parse_duration
 from audience_sync.cron import cron_trigger
+from audience_sync.db import describe_error
 from audience_sync.errors import AudienceSyncError, ConfigError
-from audience_sync.health import HeartbeatFile, Signs, SyncProgress, assess
+from audience_sync.health import HeartbeatFile, Signs, StateWatch, SyncProgress, assess
+from audience_sync.render import ProgressLog, duration_text
 from audience_sync.sync import RunResult
 
 log = logging.getLogger(__name__)
+
+
+class _QuietSkips(logging.Filter):
+    """Drops APScheduler's warning at every tick of a job still running: the daemon says
+    it once per overrun, in its own words (``Daemon._on_max_instances``)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "maximum number of running instances reached" not in str(record.msg)
+
+
+# The scheduler's own logger: a child of APScheduler's, so its level follows -vv, filtered
+# here rather than on APScheduler's logger, which other code in the process may share.
+_scheduler_log = logging.getLogger("apscheduler.scheduler.audience_sync")
+_scheduler_log.addFilter(_QuietSkips())
 
 SyncFn = Callable[[Settings, list[str], threading.Event], list[RunResult]]
 """Syncs the given audience keys once (a closure over ``run_once`` and the state engine)."""
@@ -39,6 +57,9 @@ RESTART_KEYS = ("state.url", "daemon.metrics_host", "daemon.metrics_port")
 
 HEARTBEAT_JOB = "daemon:heartbeat"  # ':' never occurs in an audience key
 HEARTBEAT_SECONDS = 60
+# A stop asked for (SIGTERM) ends the process within gist.timeout_seconds (requests in
+# flight get their deadline) plus this, whatever the state database or a source does.
+STOP_MARGIN_SECONDS = 10
 
 # What a job's trigger is built from; a reload reschedules a job only when this changes.
 _Spec = tuple[str, str]
@@ -65,12 +86,16 @@ class Daemon:
         on_results: Callable[[list[RunResult]], None] = _ignore,
         stop: threading.Event | None = None,
         recent_statuses: RecentStatuses | None = None,
+        hard_stop: bool = False,
     ) -> None:
         """Load the config and schedule its audiences (the scheduler starts in :meth:`serve`).
 
         ``ConfigError`` when no audience has a ``schedule`` or ``every``: such a daemon
         would idle forever. ``stop`` is the event that ends the running sync (a signal
-        handler's, for ``--once``).
+        handler's, for ``--once``). ``recent_statuses`` is read by the daemon's own check
+        of the state database while it serves (see ``health.StateWatch``). With
+        ``hard_stop`` (the daemon is the process), a stop that has not finished within
+        :attr:`stop_seconds` ends the process (exit 1), whatever still waits.
         """
         self._load_settings = load_settings
         self._sync = sync
@@ -78,10 +103,20 @@ class Daemon:
         self._clock = clock
         self._on_results = on_results
         self._recent_statuses = recent_statuses
+        self._hard_stop = hard_stop
         self._stop = stop if stop is not None else threading.Event()
         self._tick_at: datetime | None = None  # the scheduler loop's last heartbeat job
         self._progress_at = clock()  # the sync thread's last sign of life
-        self.progress = SyncProgress(self._touch)
+        # Progress as log lines too (shown with -v): a long sync is never silent. Each sync
+        # gets a fresh one (see _sync_and_report); ``sync`` reads this attribute per call.
+        self.progress = SyncProgress(self._touch, ProgressLog())
+        self._state = (
+            StateWatch(self._read_recent, clock, describe_error, log)
+            if recent_statuses is not None
+            else None
+        )
+        self._job_started: dict[str, datetime] = {}  # job id → when its run began
+        self._ticks_skipped: dict[str, int] = {}  # job id → ticks skipped while it ran
         self._lock = threading.RLock()  # reloads, last results and the heartbeat file
         self._idle = threading.Condition()  # guards _active and _running
         self._active = 0  # sync calls not yet reported; serve() waits for none
@@ -94,12 +129,14 @@ class Daemon:
         _check_scheduled(self._settings)
         self._heartbeat = HeartbeatFile(self._settings.daemon.heartbeat_file)
         self._scheduler = BlockingScheduler(
+            logger=_scheduler_log,
             timezone=ZoneInfo(self._settings.daemon.timezone),
             # One sync at a time, so gist.requests_per_second holds for the daemon as a whole;
             # the heartbeat has its own thread so a long sync never makes it look dead.
             executors={"default": ThreadPoolExecutor(1), "heartbeat": ThreadPoolExecutor(1)},
         )
         self._scheduler.add_listener(self._on_started, EVENT_SCHEDULER_STARTED)
+        self._scheduler.add_listener(self._on_max_instances, EVENT_JOB_MAX_INSTANCES)
         self._apply(self._settings, self._load_starts())
         unscheduled = [a.property_key for a in self._settings.computations if _spec(a, "") is None]
         if unscheduled:
@@ -181,12 +218,43 @@ class Daemon:
             *(", ".join(keys) or "none" for keys in (added, removed, changed)),
         )
 
+    @property
+    def stop_seconds(self) -> float:
+        """How long a stop may take: the requests in flight get their deadline
+        (``gist.timeout_seconds``), saving what they did ``STOP_MARGIN_SECONDS`` more."""
+        return self._settings.gist.timeout_seconds + STOP_MARGIN_SECONDS
+
     def request_stop(self) -> None:
         """Stop scheduling; the running sync sees the stop event and ends gracefully."""
         if not self._stop.is_set():
             log.info("stopping: the running sync finishes its requests in flight")
+            if self._hard_stop:
+                overdue = threading.Timer(self.stop_seconds, self._stop_overdue)
+                overdue.daemon = True  # a stop that finishes in time exits without it
+                overdue.name = "stop-deadline"
+                overdue.start()
         self._stop.set()
         self._shutdown()
+
+    def _stop_overdue(self) -> None:
+        """The stop took longer than its bound: something waits on a database, a source or
+        the network without end. Leave it; nothing acknowledged and saved is lost, and a run
+        left ``running`` is marked ``interrupted`` by the next one."""
+        with self._idle:
+            running = list(self._running)
+        what = (
+            f"the sync of {', '.join(running)} is still waiting (on the state database, a "
+            "source or Gist)"
+            if running
+            else "the state database does not answer"
+        )
+        log.error(
+            "not stopped within %gs (gist.timeout_seconds + %d s): %s; exiting now (the next "
+            "run marks a run left `running` interrupted)",
+            self.stop_seconds, STOP_MARGIN_SECONDS, what,
+        )  # fmt: skip
+        logging.shutdown()
+        os._exit(1)
 
     def serve(self) -> int:
         """Run the scheduler until :meth:`request_stop`, wait for the running sync, return 0.
@@ -210,6 +278,10 @@ class Daemon:
             misfire_grace_time=HEARTBEAT_SECONDS,
         )
         self._write_heartbeat()
+        if self._state is not None:
+            threading.Thread(
+                target=self._state.watch, args=(self._stop,), name="state-watch", daemon=True
+            ).start()
         log.info("daemon started (pid %d): %d audiences scheduled", os.getpid(), len(self._specs))
         self._scheduler.start()  # blocks until request_stop() shuts it down
         with self._idle:
@@ -259,13 +331,62 @@ class Daemon:
 
     def _run_job(self, key: str) -> None:
         if key in self._specs:  # a reload may have dropped it while the run was queued
-            self._sync_and_report([key])
+            with self._job_running(key):
+                self._sync_and_report([key])
+
+    @contextmanager
+    def _job_running(self, job_id: str) -> Iterator[None]:
+        """Notes when a job's run began; after a run that outlasted ticks, says so once."""
+        started = self._clock()
+        with self._idle:
+            self._job_started[job_id] = started
+        try:
+            yield
+        finally:
+            with self._idle:
+                self._job_started.pop(job_id, None)
+                skipped = self._ticks_skipped.pop(job_id, 0)
+            if skipped:
+                took = duration_text((self._clock() - started).total_seconds())
+                log.info(
+                    "%s: the run that began at %s ended after %s; %d %s skipped",
+                    job_id, self._local(started), took,
+                    skipped, "tick was" if skipped == 1 else "ticks were",
+                )  # fmt: skip
+
+    def _on_max_instances(self, event: Any) -> None:
+        """A tick came while the job's previous run still runs (or waits for the one
+        thread syncs run on): said once per overrun, not at every tick."""
+        job_id = event.job_id
+        with self._idle:
+            first = job_id not in self._ticks_skipped
+            self._ticks_skipped[job_id] = self._ticks_skipped.get(job_id, 0) + 1
+            started = self._job_started.get(job_id)
+            others = sorted(k for k in self._job_started if k not in (job_id, HEARTBEAT_JOB))
+        if not first:
+            return
+        if started is not None:
+            doing = "running" if job_id == HEARTBEAT_JOB else "syncing"
+            log.warning(
+                "%s: still %s since %s; ticks are skipped until it ends",
+                job_id, doing, self._local(started),
+            )  # fmt: skip
+        else:
+            behind = f"the sync of {', '.join(others)}" if others else "the running sync"
+            log.warning(
+                "%s: waiting for %s to end; ticks are skipped until it has run", job_id, behind
+            )
+
+    def _local(self, moment: datetime) -> str:
+        """``moment`` as a time of day in ``daemon.timezone``, as people read schedules."""
+        return moment.astimezone(ZoneInfo(self._settings.daemon.timezone)).strftime("%H:%M:%S")
 
     def _sync_and_report(self, keys: list[str]) -> list[RunResult]:
         with self._idle:
             if self._stop.is_set():
                 return []
             self._active += 1
+        self.progress = SyncProgress(self._touch, ProgressLog())  # counts start from zero
         self._touch()
         try:
             return self._sync_logged(keys)
@@ -276,17 +397,16 @@ class Daemon:
                 self._idle.notify_all()
 
     def health(self) -> tuple[bool, dict[str, Any]]:
-        """Whether the daemon is healthy, with details for ``/healthz`` (see ``health.assess``)."""
+        """Whether the daemon is healthy, with details for ``/healthz`` (see ``health.assess``).
+
+        Answered from what the daemon keeps: the state database is never asked here (the
+        daemon's own check does, see :meth:`check_state`), so a database that stopped
+        answering never holds a probe."""
         config = self._settings.daemon
         with self._idle:
             busy, running = self._active > 0, list(self._running)
         keys = sorted(self.jobs())
-        recent: dict[str, list[str]] | Exception | None = None
-        if self._recent_statuses is not None:
-            try:
-                recent = self._recent_statuses(keys, config.health_failed_runs)
-            except Exception as exc:  # any failure to read is "cannot be reached"
-                recent = exc
+        recent, unanswered_since = self._state.seen() if self._state else (None, None)
         return assess(
             Signs(
                 now=self._clock(),
@@ -295,17 +415,30 @@ class Daemon:
                 running=running,
                 keys=keys,
                 recent=recent,
+                unanswered_since=unanswered_since,
             ),
             stall_seconds=config.health_stall_seconds,
             failed_runs=config.health_failed_runs,
         )
 
+    def check_state(self) -> None:
+        """Check the state database once, in this thread, for ``/healthz`` (serving, the
+        daemon does so every ``health.STATE_CHECK_SECONDS`` from a thread of its own)."""
+        if self._state is not None:
+            self._state.check()
+
+    def _read_recent(self) -> dict[str, list[str]]:
+        assert self._recent_statuses is not None
+        keys = sorted(self.jobs())
+        return self._recent_statuses(keys, self._settings.daemon.health_failed_runs)
+
     def _touch(self) -> None:
         self._progress_at = self._clock()
 
     def _tick(self) -> None:
-        self._tick_at = self._clock()
-        self._write_heartbeat()
+        with self._job_running(HEARTBEAT_JOB):
+            self._tick_at = self._clock()
+            self._write_heartbeat()
 
     def _sync_logged(self, keys: list[str]) -> list[RunResult]:
         """Call ``sync``, then log a line per run, refresh the heartbeat and call ``on_results``."""
@@ -313,16 +446,16 @@ class Daemon:
         started = self._clock()
         with self._idle:
             self._running.extend(keys)
+        raised = False
         try:
             results = self._sync(settings, keys, self._stop)
         except Exception as exc:
-            # One failing audience (or a state database outage) must never kill the daemon.
-            if isinstance(exc, AudienceSyncError):  # says what is wrong: no traceback
-                log.error("sync of %s failed: %s", ", ".join(keys), exc)
-            else:
-                log.exception("sync of %s failed", ", ".join(keys))
+            # One failing audience (or a state database outage) must never kill the daemon,
+            # nor fill its log: one line per failed tick, the traceback with -v.
+            log.error("sync of %s failed: %s", ", ".join(keys), _one_line(exc), exc_info=_verbose())
+            raised = True
             names = {a.property_key: a.name for a in settings.computations}
-            error = f"{type(exc).__name__}: {exc}"
+            error = describe_error(exc)  # its first line: the heartbeat file and alerts show it
             results = [RunResult(k, names.get(k, k), "run", "failed", error=error) for k in keys]
         finally:
             with self._idle:
@@ -338,6 +471,8 @@ class Daemon:
                     log.info("%s: skipped, %s", r.audience_key, r.error)
                 continue
             self._skipped.pop(r.audience_key, None)
+            if raised:
+                continue  # the error line above said it
             log.info(
                 "%s %s: %s entered=%d exited=%d delivered=%d failed=%d rejected=%d in %.1fs%s",
                 r.kind, r.audience_key, r.status, r.entered, r.exited, r.delivered, r.failed,
@@ -348,8 +483,8 @@ class Daemon:
         self._write_heartbeat()
         try:
             self._on_results(results)
-        except Exception:
-            log.exception("the on_results hook failed")
+        except Exception as exc:
+            log.error("the on_results hook failed: %s", _one_line(exc), exc_info=_verbose())
         return results
 
     def _write_heartbeat(self) -> None:
@@ -382,6 +517,21 @@ class Daemon:
     def _shutdown(self) -> None:
         with suppress(SchedulerNotRunningError):
             self._scheduler.shutdown(wait=False)
+
+
+def _verbose() -> bool:
+    """Whether ``-v`` was given (the package logs INFO): then failures carry a traceback."""
+    return logging.getLogger("audience_sync").isEnabledFor(logging.INFO)
+
+
+def _one_line(exc: BaseException) -> str:
+    """What went wrong in one line: our own errors say it themselves; a database error by
+    its first line (never SQL or parameters); anything else by its type and first line."""
+    if isinstance(exc, AudienceSyncError):
+        return str(exc)
+    if isinstance(exc, SQLAlchemyError):
+        return f"the state database: {describe_error(exc)}"
+    return f"unexpected {describe_error(exc)}" + ("" if _verbose() else " (-v shows the traceback)")
 
 
 def _check_scheduled(settings: Settings) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
@@ -31,6 +32,7 @@ log = logging.getLogger(__name__)
 
 BEAT_SECONDS = 10.0
 KEEP_DAYS = 7
+STOP_RECORD_SECONDS = 5.0  # the longest a clean exit waits to record itself
 WorkerState = Literal["alive", "dead", "stopped"]
 
 
@@ -79,7 +81,21 @@ class Presence:
     ) -> None:
         self._stop.set()
         self._wake.set()
-        self._thread.join()
+        # A database that stopped answering must not hold the process: a beat stuck in it
+        # is left behind, and the stop is recorded only if it is in time.
+        deadline = time.monotonic() + STOP_RECORD_SECONDS
+        self._thread.join(STOP_RECORD_SECONDS)
+        recording = threading.Thread(target=self._record_stop, name="worker-stop", daemon=True)
+        recording.start()
+        recording.join(max(0.0, deadline - time.monotonic()))
+        if recording.is_alive():
+            log.warning(
+                "could not record this worker's stop: the state database did not answer "
+                "within %gs (its row shows it dead once its heartbeat is old)",
+                STOP_RECORD_SECONDS,
+            )
+
+    def _record_stop(self) -> None:
         try:
             with self._engine.begin() as connection:
                 now = lease.database_now(self._engine.dialect.name)

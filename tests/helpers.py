@@ -1,9 +1,13 @@
 """Helpers several test modules share (fixtures live in conftest.py): what Gist and the
-state database hold, and a free loopback port."""
+state database hold, a free loopback port, and a TCP proxy that partitions."""
 
 from __future__ import annotations
 
+import contextlib
+import selectors
 import socket
+import threading
+from typing import Any
 
 from sqlalchemy import Engine, select
 
@@ -38,3 +42,109 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
+
+
+class PausableProxy:
+    """A loopback TCP proxy in front of ``upstream`` that can stop forwarding without closing
+    anything: a network partition as the client sees it (sockets open, no answer, no reset).
+    ``refuse()`` is an outage instead: every connection is closed and new ones are refused.
+    A context manager; ``port`` is where clients connect."""
+
+    def __init__(self, upstream: tuple[str, int]) -> None:
+        self._upstream = upstream
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener.settimeout(0.05)
+        self.port = int(self._listener.getsockname()[1])
+        self._forwarding = threading.Event()
+        self._forwarding.set()
+        self._refusing = threading.Event()
+        self._closed = threading.Event()
+        self._lock = threading.Lock()
+        self._sockets: set[socket.socket] = set()
+        self._threads: list[threading.Thread] = []
+        self._start(self._accept)
+
+    def partition(self) -> None:
+        """Stop forwarding in both directions; connections stay open, data waits."""
+        self._forwarding.clear()
+
+    def heal(self) -> None:
+        """Forward again (what waited goes through) and accept connections again."""
+        self._refusing.clear()
+        self._forwarding.set()
+
+    def refuse(self) -> None:
+        """Close every connection and refuse new ones: the database is down."""
+        self._refusing.set()
+        with self._lock:
+            live = list(self._sockets)
+        for sock in live:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        self._closed.set()
+        self._forwarding.set()
+        self.refuse()
+        for thread in self._threads:
+            thread.join(5)
+        self._listener.close()
+        with self._lock:
+            for sock in self._sockets:
+                sock.close()
+            self._sockets.clear()
+
+    def __enter__(self) -> PausableProxy:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _start(self, target: Any, *args: Any) -> None:
+        thread = threading.Thread(target=target, args=args, daemon=True)
+        self._threads.append(thread)
+        thread.start()
+
+    def _accept(self) -> None:
+        while not self._closed.is_set():
+            try:
+                client, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            if self._refusing.is_set():
+                client.close()
+                continue
+            client.settimeout(None)
+            try:
+                server = socket.create_connection(self._upstream, timeout=5)
+            except OSError:
+                client.close()
+                continue
+            server.settimeout(None)
+            with self._lock:
+                self._sockets |= {client, server}
+            self._start(self._pump, client, server)
+            self._start(self._pump, server, client)
+
+    def _pump(self, source: socket.socket, target: socket.socket) -> None:
+        watch = selectors.DefaultSelector()
+        watch.register(source, selectors.EVENT_READ)
+        try:
+            while not self._closed.is_set():
+                if not self._forwarding.wait(0.05):
+                    continue  # partitioned: read nothing, so nothing moves either way
+                if not watch.select(0.05):
+                    continue
+                data = source.recv(65536)
+                if not data:
+                    break
+                target.sendall(data)
+        except OSError:
+            pass
+        finally:
+            watch.close()
+            for sock in (source, target):
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)

@@ -238,6 +238,27 @@ def test_latency(gist: FakeGist, client: httpx.Client) -> None:
     assert time.monotonic() - start >= 0.2
 
 
+def test_trickle_next_announces_a_length_and_sends_a_byte_at_a_time() -> None:
+    gist = FakeGist(API_KEY).start()
+    try:
+        gist.trickle_next(1, length=1000, every=0.05)
+        with _client(gist) as c, c.stream("POST", "/contacts", json=_contact("1", a=True)) as r:
+            assert r.headers["Content-Length"] == "1000"
+            chunks = r.iter_raw()
+            arrived = [next(chunks) for _ in range(3)]
+        assert [len(chunk) for chunk in arrived] == [1, 1, 1]  # one byte at a time
+        assert set(gist.contacts()) == {"1"}  # applied: only its answer is slow
+        with _client(gist) as c:
+            assert c.post("/contacts", json=_contact("2", a=True)).status_code == 200
+        gist.trickle_next(1, every=60)
+        with _client(gist) as c, c.stream("POST", "/contacts", json=_contact("3", a=True)):
+            start = time.monotonic()
+            gist.stop()  # a trickle in progress does not hold up the stop
+            assert time.monotonic() - start < 2.0
+    finally:
+        gist.stop()
+
+
 def test_concurrent_requests(gist: FakeGist) -> None:
     barrier = threading.Barrier(30)
 

@@ -3,6 +3,7 @@ after it (fault gone) leaves Gist equal to the source and ``memberships`` equal 
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 import threading
 import time
@@ -16,7 +17,7 @@ import pytest
 from sqlalchemy import Engine, create_engine, func, select, text
 
 from audience_sync.fakegist import FakeGist
-from audience_sync.models import sync_runs, uncertain_members
+from audience_sync.models import member_changes, sync_runs, uncertain_members
 from audience_sync.sync import RunResult, run_once
 from tests.conftest import Workspace, postgres_admin_url, write_members
 from tests.helpers import KEY, acknowledged, free_port, in_gist, users
@@ -41,6 +42,12 @@ def too_slow(gist: FakeGist, workspace: Workspace) -> None:
     gist.latency = 0.4
 
 
+def trickling(gist: FakeGist, workspace: Workspace) -> None:
+    workspace.gist_options["timeout_seconds"] = 0.5
+    workspace.write_config()
+    gist.trickle_next(5, every=0.2)  # each would take 200 s to arrive whole
+
+
 FAULTS: dict[str, Callable[[FakeGist, Workspace], None]] = {
     "429-retry-after-seconds": lambda g, w: g.fail_next(4, 429, retry_after="1"),
     "429-retry-after-http-date": lambda g, w: g.fail_next(3, 429, retry_after=http_date(1.5)),
@@ -48,6 +55,7 @@ FAULTS: dict[str, Callable[[FakeGist, Workspace], None]] = {
     "5xx-burst": lambda g, w: g.fail_next(6, 503),
     "5xx-half-way-for-good": lambda g, w: g.fail_after(8, 500),
     "slow-answers-past-timeout": too_slow,
+    "answers-trickling-past-timeout": trickling,
     "dropped-connections": lambda g, w: g.drop_next(6),
     "gist-down-whole-run": gist_down,
     "401-half-way": lambda g, w: g.fail_after(8, 401, message="Invalid API key"),
@@ -94,6 +102,41 @@ def test_fault_then_clean_run_converges(
     gist.clear_log()
     [idle] = run_once(workspace.settings(), engine)
     assert (idle.entered, idle.exited, gist.requests()) == (0, 0, [])
+
+
+def test_a_trickling_answer_ends_at_the_deadline_and_is_retried(
+    workspace: Workspace, engine: Engine, gist: FakeGist, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`Content-Length: 1000`, then a byte a second: httpx's timeouts bound each read, so
+    one request lived ~1000 s with `timeout_seconds = 5`. The timeout is a deadline."""
+    caplog.set_level(logging.INFO, "audience_sync.pacer")
+    workspace.gist_options.update(timeout_seconds=2, max_retries=1, max_concurrency=1)
+    source = workspace.add_file_audience("Order Completed Last 30days")
+    write_members(source, range(3))
+    gist.trickle_next(1, every=1.0)
+
+    began = time.monotonic()
+    [run] = run_once(workspace.settings(), engine)
+    took = time.monotonic() - began
+
+    assert run.status == "succeeded", run
+    assert took < 2 + 3, f"the run took {took:.1f}s"  # the deadline, then the retry
+    assert in_gist(gist) == acknowledged(engine) == users(0, 1, 2)
+    [retry] = [r.getMessage() for r in caplog.records if r.name == "audience_sync.pacer"]
+    assert "on attempt 1/2 (Gist at " in retry
+    assert "timed out: no whole answer within 2 s); retrying in " in retry
+
+    write_members(source, range(4))
+    workspace.gist_options["max_retries"] = 0
+    workspace.write_config()
+    gist.trickle_next(1, every=1.0)
+    [run] = run_once(workspace.settings(), engine)
+    assert (run.status, run.failed) == ("failed", 1)  # its one change timed out
+    with engine.connect() as connection:
+        error = connection.scalar(
+            select(member_changes.c.last_error).where(member_changes.c.run_id == run.run_id)
+        )
+    assert "timed out: no whole answer within 2 s" in str(error)
 
 
 def test_client_waits_as_told_and_never_exceeds_its_rate(

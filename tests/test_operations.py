@@ -31,7 +31,7 @@ from audience_sync.fakegist import FakeGist
 from audience_sync.models import member_changes, sync_runs
 from audience_sync.render import ProgressBars, render_table
 from audience_sync.sync import utcnow
-from tests.conftest import API_KEY, Workspace, write_members
+from tests.conftest import API_KEY, Workspace, assert_no_traceback, run_process, write_members
 from tests.helpers import KEY, acknowledged, free_port, in_gist, users
 
 
@@ -259,6 +259,36 @@ def test_progress_bars_count_rows_and_changes() -> None:
         tasks = {t.description: (t.completed, t.total) for t in bars._bars.tasks}
     assert tasks == {f"load {KEY}": (6200, 6200), "send changes": (25, 40)}
     assert "send changes" in stream.getvalue()
+
+
+@pytest.mark.slow
+def test_a_piped_verbose_run_logs_each_retry_and_its_progress(
+    workspace: Workspace, gist: FakeGist, engine: Engine
+) -> None:
+    """With -v, a Gist that could not be reached was 33 s of silence, and output that is not
+    a terminal never showed progress."""
+    workspace.gist_options |= {"max_concurrency": 1, "retry_backoff_seconds": 0.2}
+    source = workspace.add_file_audience("Order Completed Last 30days")
+    write_members(source, range(20))
+    gist.fail_next(2, 503)
+
+    done = run_process("run", "-v", "--config", str(workspace.config_path), env=workspace.env)
+
+    assert done.returncode == 0, done.stderr
+    assert_no_traceback(done.stderr)
+    retries = [line for line in done.stderr.splitlines() if "Gist request failed" in line]
+    assert len(retries) == 2, done.stderr
+    assert "on attempt 1/4 (HTTP 503: Service unavailable); retrying in 0." in retries[0]
+    assert "on attempt 2/4 (HTTP 503: Service unavailable); retrying in 0." in retries[1]
+    progress = [
+        line.split(": ", 1)[1] for line in done.stderr.splitlines() if "send changes" in line
+    ]
+    assert progress[0] == "send changes: 20 planned"
+    shares = [int(line.split("(")[1].split("%)")[0]) for line in progress[1:]]
+    # A line at each further tenth (answers may come a few at a time), the last at 100%.
+    assert len(shares) >= 7, progress
+    assert shares == sorted(set(shares)), progress
+    assert shares[-1] == 100, progress
 
 
 def test_tables_are_plain_when_piped_and_rich_on_a_terminal() -> None:

@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
+import logging
 import math
+import re
 from collections.abc import Coroutine, Iterator
 from typing import Any
 
@@ -190,3 +192,43 @@ def test_at_a_high_rate_a_wake_up_late_by_a_millisecond_keeps_its_slot() -> None
     assert allowed_lateness(1 / (10_000 * PACE_SHARE), 10_000) > 0.002
     assert allowed_lateness(1 / (10_000 * FLEET_PACE_SHARE), 10_000) > 0.014
     assert allowed_lateness(1 / (50 * PACE_SHARE), 50) == pytest.approx(1 / (50 * PACE_SHARE) / 2)
+
+
+def test_each_retry_is_logged_with_its_attempt_wait_and_cause(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """With -v, a Gist that could not be reached was 33 s of silence between two lines."""
+    caplog.set_level(logging.INFO, "audience_sync.pacer")
+    clock = VirtualClock()
+    pacer = Pacer(
+        config(100, max_retries=3, retry_backoff_seconds=0.5),
+        monotonic=clock.monotonic,
+        sleep=clock.sleep,
+    )
+    failures = iter(
+        [
+            RetriableApiError("cannot reach Gist at http://gist.test: connection refused"),
+            RetriableApiError("HTTP 429: Too many requests", status=429, retry_after=7.0),
+        ]
+    )
+
+    async def request() -> int:
+        failure = next(failures, None)
+        if failure is not None:
+            raise failure
+        return 200
+
+    async def call() -> None:
+        assert await pacer.call(request) == 200
+
+    asyncio.run(clock.run(call()))
+    lines = [r.getMessage() for r in caplog.records if r.name == "audience_sync.pacer"]
+    assert len(lines) == 2, lines
+    assert re.fullmatch(
+        r"Gist request failed on attempt 1/4 \(cannot reach Gist at http://gist\.test: "
+        r"connection refused\); retrying in 0\.\ds",
+        lines[0],
+    ), lines[0]
+    assert lines[1] == (
+        "Gist request failed on attempt 2/4 (HTTP 429: Too many requests); retrying in 7.0s"
+    )

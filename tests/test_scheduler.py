@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import threading
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from zoneinfo import ZoneInfo
 import pytest
 from apscheduler.events import EVENT_SCHEDULER_STARTED
 from apscheduler.triggers.interval import IntervalTrigger
+from sqlalchemy.exc import OperationalError
 
 from audience_sync.config import Settings, load_settings
 from audience_sync.cron import CronSchedule
@@ -577,7 +579,9 @@ def test_healthz_ok_while_the_daemon_works(tmp_path: Path) -> None:
     h = Harness(tmp_path, [VIP, NIGHTLY])
     statuses = Statuses()
     statuses.by_key = {"vip": ["failed"] * 3, "nightly": ["succeeded", "failed", "failed"]}
-    healthy, info = h.daemon(recent_statuses=statuses).health()
+    daemon = h.daemon(recent_statuses=statuses)
+    daemon.check_state()
+    healthy, info = daemon.health()
     assert healthy, info
     assert info["status"] == "ok"
     assert info["audiences"] == ["nightly", "vip"]
@@ -587,11 +591,15 @@ def test_healthz_fails_when_the_last_runs_of_every_audience_failed(tmp_path: Pat
     h = Harness(tmp_path, [VIP, NIGHTLY], health_failed_runs=3)
     statuses = Statuses()
     statuses.by_key = {"vip": ["failed", "partial", "guarded"], "nightly": ["failed"] * 5}
-    healthy, info = h.daemon(recent_statuses=statuses).health()
+    daemon = h.daemon(recent_statuses=statuses)
+    assert daemon.health()[0]  # nothing checked yet: nothing known against it
+    daemon.check_state()
+    healthy, info = daemon.health()
     assert not healthy
     assert info["reasons"] == ["the last 3 runs of every audience failed"]
     statuses.by_key["vip"] = ["failed", "failed"]  # too few runs to tell
-    assert h.daemon(recent_statuses=statuses).health()[0]
+    daemon.check_state()
+    assert daemon.health()[0]
 
 
 def test_healthz_fails_when_the_state_database_cannot_be_reached(tmp_path: Path) -> None:
@@ -599,10 +607,12 @@ def test_healthz_fails_when_the_state_database_cannot_be_reached(tmp_path: Path)
     statuses = Statuses()
     daemon = h.daemon(recent_statuses=statuses)
     statuses.down = True
+    daemon.check_state()
     healthy, info = daemon.health()
     assert not healthy
-    assert info["reasons"] == ["the state database cannot be reached: OSError"]
+    assert info["reasons"] == ["the state database cannot be reached: OSError: connection refused"]
     statuses.down = False
+    daemon.check_state()
     assert daemon.health()[0]
 
 
@@ -657,3 +667,106 @@ def test_healthz_fails_when_the_scheduler_loop_stops_ticking(tmp_path: Path) -> 
         daemon.request_stop()
         thread.join(WAIT)
     assert codes == [0]
+
+
+def test_healthz_answers_from_the_last_check_and_never_waits_on_the_database(
+    tmp_path: Path,
+) -> None:
+    """A state database that stopped answering (a partition) held every /healthz request
+    inside its query for ever; now the daemon's own check waits, and the answer says so."""
+    h = Harness(tmp_path, [VIP])
+    answer = threading.Event()
+    asked = threading.Event()
+
+    def silent(keys: list[str], n: int) -> dict[str, list[str]]:
+        asked.set()
+        answer.wait(WAIT)
+        return {k: [] for k in keys}
+
+    daemon = h.daemon(recent_statuses=silent)
+    checking = threading.Thread(target=daemon.check_state)
+    checking.start()
+    try:
+        assert asked.wait(WAIT)
+        began = time.monotonic()
+        assert daemon.health()[0]  # within its patience: no verdict yet
+        h.clock.now += timedelta(seconds=11)
+        healthy, info = daemon.health()
+        assert time.monotonic() - began < 1  # answered at once, the check still waiting
+        assert not healthy
+        assert info["reasons"] == ["the state database has not answered for 11s"]
+    finally:
+        answer.set()
+        checking.join(WAIT)
+    assert daemon.health()[0]  # it answered: healthy again
+
+
+def test_an_overrunning_sync_is_said_once_when_it_overruns_and_once_when_it_ends(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """APScheduler logged a WARNING at every tick a sync overran (1,008 of 3,535 lines)."""
+    caplog.set_level(logging.INFO)
+    h = Harness(tmp_path, [{"name": "vip", "every": "1s"}, {"name": "fast", "every": "1s"}])
+    release = threading.Event()
+    calls: list[str] = []
+
+    def slow_vip(settings: Settings, keys: list[str], stop: threading.Event) -> Any:
+        calls.extend(keys)
+        if keys == ["vip"] and calls.count("vip") == 1:
+            release.wait(WAIT)  # the first vip run outlasts several ticks
+        return [RunResult(k, k, "run", "succeeded") for k in keys]
+
+    daemon = h.daemon(sync=slow_vip, clock=lambda: datetime.now(UTC))
+    thread, codes = serve_in_thread(daemon)
+    try:
+        deadline = time.monotonic() + WAIT
+        while sum("ticks are skipped" in m for m in caplog.messages) < 2:
+            assert time.monotonic() < deadline, caplog.messages
+            time.sleep(0.05)
+        time.sleep(2.5)  # more ticks come and go, unsaid
+        release.set()
+        while not any("ended after" in m for m in caplog.messages):
+            assert time.monotonic() < deadline + WAIT, caplog.messages
+            time.sleep(0.05)
+    finally:
+        release.set()
+        daemon.request_stop()
+        thread.join(WAIT)
+    assert codes == [0]
+    overran = [m for m in caplog.messages if m.startswith("vip: still syncing since ")]
+    assert len(overran) == 1, caplog.messages
+    assert overran[0].endswith("; ticks are skipped until it ends")
+    waiting = [m for m in caplog.messages if m.startswith("fast: waiting for the sync of vip")]
+    assert len(waiting) == 1, caplog.messages
+    ended = [m for m in caplog.messages if m.startswith("vip: the run that began at ")]
+    assert len(ended) == 1, caplog.messages
+    assert "ticks were skipped" in ended[0]
+    assert not any("maximum number of running instances" in m for m in caplog.messages)
+
+
+@pytest.mark.parametrize("verbose", [False, True], ids=["quiet", "verbose"])
+def test_a_tick_failing_on_the_state_database_is_one_line_with_the_traceback_at_v(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, verbose: bool
+) -> None:
+    """A state database outage logged a full traceback at every tick (21 in 20 s)."""
+    caplog.set_level(logging.INFO if verbose else logging.WARNING)
+    caplog.set_level(logging.INFO, "audience_sync.scheduler")  # as the daemon command does
+    h = Harness(tmp_path, [NIGHTLY])
+    h.sync.error = OperationalError(
+        "SELECT email FROM memberships WHERE user_id = %(u)s", {"u": "secret@example.com"},
+        Exception("connection failed: server closed the connection unexpectedly\nDETAIL: x"),
+    )  # fmt: skip
+    daemon = h.daemon()
+
+    for _ in range(3):
+        daemon.run_due()
+
+    lines = [r for r in caplog.records if r.name == "audience_sync.scheduler"]
+    assert [r.getMessage() for r in lines] == [
+        "sync of nightly failed: the state database: Exception: connection failed: server "
+        "closed the connection unexpectedly"
+    ] * 3
+    assert all(bool(r.exc_info) is verbose for r in lines)
+    assert h.seen[0][0].error == (
+        "Exception: connection failed: server closed the connection unexpectedly"
+    )
