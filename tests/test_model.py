@@ -909,7 +909,7 @@ def machine_for(store: str) -> type[RuleBasedStateMachine]:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(3600 if LONG else 600)
+@pytest.mark.timeout(6 * 3600 if LONG else 600)
 @pytest.mark.parametrize(
     "store", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]
 )
