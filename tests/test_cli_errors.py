@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -17,6 +19,7 @@ from audience_sync.cli import run_cli
 from audience_sync.fakegist import FakeGist
 from tests.conftest import (
     API_KEY,
+    EXECUTABLE,
     Workspace,
     assert_no_traceback,
     closed_port,
@@ -126,6 +129,39 @@ def test_a_reader_that_leaves_early_is_no_error(
     assert_no_traceback(done.stderr)
     if args[0] == "run":
         assert len(gist.contacts()) == 300  # the sync itself was not cut short
+
+
+@pytest.mark.parametrize(
+    "command", [[EXECUTABLE], [sys.executable, "-m", "audience_sync"]], ids=["script", "module"]
+)
+def test_no_arguments_prints_the_commands_and_exits_2(command: list[str]) -> None:
+    done = subprocess.run(command, capture_output=True, text=True, check=False, timeout=60)
+
+    assert (done.returncode, done.stdout) == (2, "")
+    assert_no_traceback(done.stderr)
+    assert done.stderr.startswith("usage: audience-sync")
+    assert "    run " in done.stderr  # the commands are listed, not only the usage line
+    assert done.stderr.endswith("audience-sync: error: no command given\n")
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_starting_up_exits_130_quietly() -> None:
+    # The first second of `demo` is mostly imports, then the fake Gist starts and syncs.
+    # (A signal in the interpreter's own first ~20 ms, before any of our code, is Python's.)
+    for delay in (0.15, 0.3, 0.45, 0.6, 0.75, 0.9):
+        process = subprocess.Popen(
+            [sys.executable, "-m", "audience_sync", "demo"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        time.sleep(delay)
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=60)
+
+        assert_no_traceback(err)
+        assert "KeyboardInterrupt" not in err, (delay, err)
+        assert process.returncode == 130, (delay, process.returncode, err)
 
 
 # ---------------------------------------------------------------- Gist unreachable

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import shlex
-import signal
 import sys
 from pathlib import Path
 
@@ -13,7 +12,7 @@ from argcomplete.shell_integration import shellcode
 
 from audience_sync import db
 from audience_sync.cli.options import Commands, settings_for
-from audience_sync.cli.output import EXIT_OK, report_error
+from audience_sync.cli.output import EXIT_INTERRUPTED, EXIT_OK, report_error
 from audience_sync.config import redact_url
 from audience_sync.starter import write_starter
 
@@ -66,7 +65,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         return run_demo(sys.stdout, keep=args.keep)
     except KeyboardInterrupt:
         report_error("demo interrupted", args, prefix="\n")
-        return 128 + signal.SIGINT
+        return EXIT_INTERRUPTED
 
 
 def cmd_init(args: argparse.Namespace) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import logging
 import os
 import sys
@@ -22,6 +23,7 @@ from audience_sync.cli import admin, audiences, history, syncing
 from audience_sync.cli.options import Commands, add_global_options, command_name
 from audience_sync.cli.output import (
     EXIT_FAILED,
+    EXIT_INTERRUPTED,
     EXIT_OK,
     EXIT_USAGE,
     detach_stdout,
@@ -29,18 +31,19 @@ from audience_sync.cli.output import (
     report_error,
     usage_error,
 )
+from audience_sync.cli.signals import StopNow
 from audience_sync.errors import AudienceSyncError, ConfigError, StateError
 
 HELP_WIDTH = 96  # the README's CLI reference is generated at this width, whatever the terminal
 log = logging.getLogger(__package__)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """Console entry point."""
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse ``argv`` (or the command line), run the command, return its exit code."""
     parser = build_parser()
     # Answers a shell's tab-completion request and exits; returns at once otherwise.
     argcomplete.autocomplete(parser)
-    sys.exit(run_cli(argv, parser))
+    return run_cli(argv, parser)
 
 
 def run_cli(
@@ -52,10 +55,15 @@ def run_cli(
     # A usage error comes before the options are parsed: look for the log format by hand.
     json_logs = any(
         word == "--log-format=json" or (word == "--log-format" and following == "json")
-        for word, following in zip(words, [*words[1:], ""], strict=True)
+        for word, following in itertools.pairwise([*words, ""])
     )
     for each in (parser, *command_parsers(parser).values()):
         each.error = functools.partial(usage_error, each, json_logs)  # type: ignore[method-assign]
+    if not words:
+        # No command at all: a newcomer's first try. The commands, not only the usage line.
+        parser.print_help(sys.stderr)
+        print(f"\n{parser.prog}: error: no command given", file=sys.stderr)
+        return EXIT_USAGE
     args = parser.parse_args(words)
     with logging_to_stderr(args.verbose, args.log_format):
         try:
@@ -72,9 +80,13 @@ def run_cli(
         except AudienceSyncError as exc:
             report_error(str(exc), args)
             return EXIT_FAILED
-        except KeyboardInterrupt:
+        except StopNow:
             report_error("stopped at once by a second signal; the next run resumes", args)
             return EXIT_FAILED
+        except KeyboardInterrupt:
+            # A Ctrl-C no handler of ours asked for (a command that does not sync): stop,
+            # quietly, as a shell expects.
+            return EXIT_INTERRUPTED
         except Exception as exc:
             log.debug("traceback of the unexpected error", exc_info=True)
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""

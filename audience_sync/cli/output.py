@@ -7,6 +7,7 @@ import argparse
 import io
 import logging
 import os
+import signal
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,6 +17,7 @@ from typing import NoReturn
 from audience_sync.render import JsonFormatter
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_LOCKED = 0, 1, 2, 3
+EXIT_INTERRUPTED = 128 + signal.SIGINT  # stopped by Ctrl-C, as a shell reports it
 # Loggers that chatter at INFO: shown from -vv on, never at -v.
 CHATTY = ("alembic", "apscheduler", "httpx")
 # psycopg warns of errors it ignored while cleaning up after one we report: -vv only.

@@ -17,6 +17,10 @@ SignalHandler = Callable[[int, FrameType | None], None]
 log = logging.getLogger(__package__)
 
 
+class StopNow(KeyboardInterrupt):
+    """A second signal while a sync stops gracefully: stop at once."""
+
+
 @contextmanager
 def stop_on_signals() -> Iterator[threading.Event]:
     """SIGTERM, SIGHUP or Ctrl-C asks the run to stop gracefully; a second one stops it at
@@ -25,7 +29,7 @@ def stop_on_signals() -> Iterator[threading.Event]:
 
     def handle(signum: int, _frame: FrameType | None) -> None:
         if stop.is_set():
-            raise KeyboardInterrupt
+            raise StopNow
         log.warning(
             "%s: finishing requests in flight, then stopping (again to stop now)",
             signal.Signals(signum).name,
