@@ -18,7 +18,7 @@ from audience_sync.render import render_table
 from audience_sync.sync import RunResult, run_once
 
 DEMO_KEY = "demo-key-not-secret"  # the fake Gist's key; never a real one
-RUN_COLUMNS = ("audience", "status", "members", "entered", "exited", "delivered", "failed")
+RUN_COLUMNS = ("audience_key", "status", "members", "entered", "exited", "delivered", "failed")
 # Everything a demo writes into its folder (SQLite adds -wal/-shm beside its file).
 DEMO_FILES = (
     "audience_sync.toml", "vip.csv", "newsletter.jsonl", "state.db", "state.db-wal",
@@ -61,7 +61,7 @@ def run_demo(out: IO[str], keep: Path | None = None) -> int:
                 gist.clear_log()
                 _show(out, run_once(settings, engine), tty)
                 out.write(f"   {len(gist.requests())} requests.\n\n4. The history:\n")
-                columns = ("id", "audience", "status", "entered", "exited", "delivered")
+                columns = ("run_id", "audience_key", "status", "entered", "exited", "delivered")
                 render_table(load_runs(engine), columns, out, tty=tty)
             finally:
                 engine.dispose()
@@ -135,6 +135,7 @@ def _write_members(path: Path, numbers: range | list[int]) -> None:
 
 def _show(out: IO[str], results: list[RunResult], tty: bool) -> None:
     rows = [
-        {"audience": r.audience_key, **{c: getattr(r, c) for c in RUN_COLUMNS[1:]}} for r in results
+        {"audience_key": r.audience_key, **{c: getattr(r, c) for c in RUN_COLUMNS[1:]}}
+        for r in results
     ]
     render_table(rows, RUN_COLUMNS, out, tty=tty)

@@ -22,7 +22,7 @@ from audience_sync.models import (
 from audience_sync.statuses import RunStatus
 
 RUN_FIELDS = (
-    "id",
+    "run_id",
     "audience_key",
     "kind",
     "status",
@@ -51,7 +51,7 @@ def load_runs(
     since: datetime | None = None,
 ) -> list[dict[str, Any]]:
     """The newest ``limit`` runs, newest first, filtered by audience, status and start time."""
-    query = select(*(sync_runs.c[f] for f in RUN_FIELDS)).order_by(sync_runs.c.id.desc())
+    query = select(*_run_columns()).order_by(sync_runs.c.id.desc())
     if audience is not None:
         query = query.where(sync_runs.c.audience_key == audience)
     if status is not None:
@@ -70,9 +70,7 @@ def load_run(
     each, after skipping ``offset``."""
     with engine.connect() as connection:
         row = (
-            connection.execute(
-                select(*(sync_runs.c[f] for f in RUN_FIELDS)).where(sync_runs.c.id == run_id)
-            )
+            connection.execute(select(*_run_columns()).where(sync_runs.c.id == run_id))
             .mappings()
             .first()
         )
@@ -237,9 +235,13 @@ def load_recent_statuses(engine: Engine, keys: Iterable[str], n: int) -> dict[st
     return found
 
 
+def _run_columns() -> list[Any]:
+    """``RUN_FIELDS`` of ``sync_runs``: its ``id`` is ``run_id``, as everywhere else."""
+    return [sync_runs.c.id.label("run_id") if f == "run_id" else sync_runs.c[f] for f in RUN_FIELDS]
+
+
 def _run_dict(row: Any) -> dict[str, Any]:
     run = dict(row)
-    run["audience"] = run.pop("audience_key")
     run["started_at"] = _iso(run["started_at"])
     run["finished_at"] = _iso(run["finished_at"])
     return run

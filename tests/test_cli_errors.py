@@ -87,7 +87,7 @@ def test_sql_source_without_its_driver_fails_only_that_audience(
     code, out, _ = cli("run", "--json")
 
     assert code == 1
-    by_key = {r["audience"]: r for r in _json(out)}
+    by_key = {r["audience_key"]: r for r in _json(out)}
     assert by_key["newsletter_signups"]["status"] == "succeeded"
     assert by_key[KEY]["status"] == "failed"
     assert "pip install 'audience-sync[postgres]'" in by_key[KEY]["error"]
@@ -224,7 +224,7 @@ def test_a_missing_source_file_fails_only_its_audience(
     code, out, _ = cli("run", "--json")
 
     assert code == 1
-    by_key = {r["audience"]: r for r in _json(out)}
+    by_key = {r["audience_key"]: r for r in _json(out)}
     assert by_key["newsletter_signups"]["status"] == "succeeded"
     assert (by_key[KEY]["status"], by_key[KEY]["error"]) == ("failed", f"{missing}: file not found")
     assert set(gist.contacts()) == {"u1"}

@@ -17,6 +17,7 @@ from sqlalchemy import Engine
 
 from audience_sync.cli import run_cli
 from audience_sync.fakegist import FakeGist
+from audience_sync.workers import Presence
 from tests.conftest import (
     API_KEY,
     EXECUTABLE,
@@ -107,8 +108,8 @@ def test_commands_that_never_call_gist_need_no_api_key(
     assert "${GIST_API_KEY} is not set" in err
 
 
-def test_one_vocabulary_run_id_and_audience_in_every_json(
-    workspace: Workspace, gist: FakeGist, cli: Any
+def test_one_vocabulary_run_id_and_audience_key_everywhere(
+    workspace: Workspace, gist: FakeGist, cli: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:
     write_members(workspace.add_file_audience("Order Completed Last 30days"), [1])
 
@@ -118,12 +119,35 @@ def test_one_vocabulary_run_id_and_audience_in_every_json(
     [listed] = json.loads(out)
     _, out, _ = cli("show", str(ran["run_id"]), "--json")
     shown = json.loads(out)
+    _, out, _ = cli("verify", KEY, "--json")
+    verified = json.loads(out)
+    _, out, _ = cli("audiences", "--json")
+    [configured] = json.loads(out)
 
     for run in (ran, listed, shown):
-        assert (run["run_id"], run["audience"]) == (ran["run_id"], KEY)
-    # The old names, kept one release as aliases.
-    assert ran["audience_key"] == KEY
+        assert (run["run_id"], run["audience_key"]) == (ran["run_id"], KEY)
+    assert verified["audience_key"] == configured["audience_key"] == KEY
+    # The names a --json printed before stay beside the new ones until 0.3.
+    assert ran["audience"] == listed["audience"] == shown["audience"] == configured["key"]
     assert listed["id"] == shown["id"] == ran["run_id"]
+    # Tables say what --json says: no bare `id` or `audience` column anywhere.
+    headers = [cli(*args)[1].splitlines()[0].split() for args in (["history"], ["audiences"])]
+    headers.append(cli("run")[1].splitlines()[0].split())
+    assert all("audience_key" in h and "id" not in h and "audience" not in h for h in headers)
+    assert "run_id" in headers[0]
+    assert run_cli(["demo"]) == 0
+    demo = capsys.readouterr().out.split("4. The history:")[1].splitlines()[1].split()
+    assert demo[:2] == ["run_id", "audience_key"]
+
+
+def test_workers_are_worker_id(workspace: Workspace, engine: Engine, cli: Any) -> None:
+    workspace.add_file_audience("VIP")
+    with Presence(engine, "daemon") as alive:
+        _, out, _ = cli("workers", "--json")
+        [listed] = json.loads(out)
+        assert listed["worker_id"] == listed["id"] == alive.id  # `id` until 0.3
+        _, out, _ = cli("workers")
+        assert out.split()[0] == "worker_id"
 
 
 # ---------------------------------------------------------------- hints that lead to `show`

@@ -9,7 +9,14 @@ from dataclasses import asdict
 
 from audience_sync import db
 from audience_sync.cli.options import MAX_SAMPLE, Commands, int_arg, settings_for
-from audience_sync.cli.output import EXIT_FAILED, EXIT_OK, EXIT_USAGE, iso, report_error
+from audience_sync.cli.output import (
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_USAGE,
+    iso,
+    report_error,
+    with_old_names,
+)
 from audience_sync.errors import ApiError, AuthError
 from audience_sync.render import output_json, output_rows, short_time
 from audience_sync.sources import source_for
@@ -17,7 +24,8 @@ from audience_sync.verify import verify_audience
 from audience_sync.workers import list_workers
 
 WORKER_COLUMNS = (
-    "id", "state", "command", "running", "started_at", "heartbeat_at", "seconds_since_heartbeat",
+    "worker_id", "state", "command", "running", "started_at", "heartbeat_at",
+    "seconds_since_heartbeat",
 )  # fmt: skip
 
 
@@ -57,16 +65,19 @@ def cmd_audiences(args: argparse.Namespace) -> int:
     settings = settings_for(args)
     rows = [
         {
+            "audience_key": a.property_key,
             "name": a.name,
-            "key": a.property_key,
             "kind": "trait" if a.is_trait else "audience",
             "source": source_for(settings, a).description,
             "schedule": a.schedule or (f"every {a.every}" if a.every else None),
         }
         for a in settings.computations
     ]
-    columns = ("key", "kind", "name", "source", "schedule")
-    output_rows(rows, columns, sys.stdout, as_json=args.json, optional=("schedule", "kind"))
+    if args.json:
+        output_json([with_old_names(r, {"audience_key": "key"}) for r in rows], sys.stdout)
+        return EXIT_OK
+    columns = ("audience_key", "kind", "name", "source", "schedule")
+    output_rows(rows, columns, sys.stdout, optional=("schedule", "kind"))
     return EXIT_OK
 
 
@@ -78,7 +89,8 @@ def cmd_workers(args: argparse.Namespace) -> int:
         return EXIT_OK
     rows = [
         {
-            **asdict(w),
+            "worker_id": w.id,
+            **{k: v for k, v in asdict(w).items() if k != "id"},
             "started_at": iso(w.started_at),
             "heartbeat_at": iso(w.heartbeat_at),
             "stopped_at": iso(w.stopped_at),
@@ -86,17 +98,19 @@ def cmd_workers(args: argparse.Namespace) -> int:
         }
         for w in found
     ]
-    if not args.json:
-        rows = [
-            {
-                **r,
-                "running": ", ".join(r["running"]) or None,
-                "started_at": short_time(r["started_at"]),
-                "heartbeat_at": short_time(r["heartbeat_at"]),
-            }
-            for r in rows
-        ]
-    output_rows(rows, WORKER_COLUMNS, sys.stdout, as_json=args.json, optional=("started_at",))
+    if args.json:
+        output_json([with_old_names(r, {"worker_id": "id"}) for r in rows], sys.stdout)
+        return EXIT_OK
+    rows = [
+        {
+            **r,
+            "running": ", ".join(r["running"]) or None,
+            "started_at": short_time(r["started_at"]),
+            "heartbeat_at": short_time(r["heartbeat_at"]),
+        }
+        for r in rows
+    ]
+    output_rows(rows, WORKER_COLUMNS, sys.stdout, optional=("started_at",))
     return EXIT_OK
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import sys
 from datetime import timedelta
-from typing import Any
 
 from audience_sync import db
 from audience_sync.cli.options import (
@@ -19,7 +18,7 @@ from audience_sync.cli.options import (
     settings_for,
     since_arg,
 )
-from audience_sync.cli.output import EXIT_OK
+from audience_sync.cli.output import EXIT_OK, with_old_names
 from audience_sync.errors import ConfigError
 from audience_sync.history import load_run, load_runs, prune
 from audience_sync.render import output_json, output_rows, short_time
@@ -27,14 +26,14 @@ from audience_sync.statuses import RUN_STATUSES
 from audience_sync.sync import utcnow
 
 HISTORY_COLUMNS = (
-    "run_id", "audience", "kind", "status", "started_at", "members", "entered", "exited",
+    "run_id", "audience_key", "kind", "status", "started_at", "members", "entered", "exited",
     "delivered", "failed", "rejected",
 )  # fmt: skip
 HISTORY_OPTIONAL = (
     "started_at", "entered", "exited", "failed", "delivered", "members", "rejected", "kind",
 )  # fmt: skip
 SHOW_FIELDS = (
-    "run_id", "audience", "kind", "status", "started_at", "finished_at", "source_rows",
+    "run_id", "audience_key", "kind", "status", "started_at", "finished_at", "source_rows",
     "members", "entered", "exited", "resent", "delivered", "failed", "rejected",
     "email_conflicts", "fast_path", "error",
 )  # fmt: skip
@@ -42,6 +41,7 @@ CHANGE_COLUMNS = (
     "user_id", "email", "value", "status", "event", "attempts", "http_status", "last_error",
 )  # fmt: skip
 CHANGE_OPTIONAL = ("http_status", "attempts", "event")
+OLD_RUN_NAMES = {"run_id": "id", "audience_key": "audience"}  # in --json until 0.3
 
 
 def register(commands: Commands) -> None:
@@ -99,17 +99,15 @@ def register(commands: Commands) -> None:
 
 def cmd_history(args: argparse.Namespace) -> int:
     with db.open_state(settings_for(args), writes=False) as engine:
-        runs = [
-            _run_vocabulary(r)
-            for r in load_runs(
-                engine, args.audience, args.limit, status=args.status, since=args.since
-            )
-        ]
+        runs = load_runs(engine, args.audience, args.limit, status=args.status, since=args.since)
     if not runs and not args.json:
         print("No runs match." if args.audience or args.status or args.since else "No runs yet.")
         return EXIT_OK
-    rows = runs if args.json else [{**r, "started_at": short_time(r["started_at"])} for r in runs]
-    output_rows(rows, HISTORY_COLUMNS, sys.stdout, as_json=args.json, optional=HISTORY_OPTIONAL)
+    if args.json:
+        output_json([with_old_names(r, OLD_RUN_NAMES) for r in runs], sys.stdout)
+        return EXIT_OK
+    rows = [{**r, "started_at": short_time(r["started_at"])} for r in runs]
+    output_rows(rows, HISTORY_COLUMNS, sys.stdout, optional=HISTORY_OPTIONAL)
     return EXIT_OK
 
 
@@ -118,9 +116,9 @@ def cmd_show(args: argparse.Namespace) -> int:
         found = load_run(engine, args.run_id, args.limit, (args.page - 1) * args.limit)
     if found is None:
         raise ConfigError(f"no run with id {args.run_id}: `audience-sync history` lists them")
-    run = _run_vocabulary(found)
+    run = found
     if args.json:
-        output_json(run, sys.stdout)
+        output_json(with_old_names(run, OLD_RUN_NAMES), sys.stdout)
         return EXIT_OK
     for field in SHOW_FIELDS:
         value = run[field]
@@ -151,11 +149,6 @@ def cmd_show(args: argparse.Namespace) -> int:
             more += ["--limit", str(args.limit)]
         print(f"\nMore: {again(args, 'show', *more)}")
     return EXIT_OK
-
-
-def _run_vocabulary(run: dict[str, Any]) -> dict[str, Any]:
-    """A run as ``history`` and ``show`` print it: ``run_id`` first, ``id`` kept as an alias."""
-    return {"run_id": run["id"], **run}
 
 
 def cmd_prune(args: argparse.Namespace) -> int:

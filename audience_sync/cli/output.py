@@ -12,7 +12,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from audience_sync.render import JsonFormatter
 
@@ -54,6 +54,17 @@ def detach_stdout() -> None:
         os.close(devnull)
     except (OSError, ValueError, io.UnsupportedOperation):
         pass  # not a real file (a test's capture): nothing will flush it at exit
+
+
+# One name per thing in every output, tables and --json alike: a run is `run_id`, the key of
+# an audience or trait `audience_key` (as in the state tables, alerts and the Python API), a
+# worker `worker_id`. The names a --json printed before stay beside them until 0.3.
+
+
+def with_old_names(row: dict[str, Any], old: dict[str, str]) -> dict[str, Any]:
+    """``row`` for --json: its fields, then the name each field had before (``old``: new
+    name → old name), kept until 0.3."""
+    return {**row, **{old[k]: v for k, v in row.items() if k in old}}
 
 
 def count(n: int, noun: str) -> str:

@@ -18,7 +18,7 @@ from sqlalchemy import Engine
 from audience_sync import db
 from audience_sync.alerts import Alert, AlertMemory, AlertSender, post_alert, select_alerts
 from audience_sync.cli.options import Commands, again, settings_for
-from audience_sync.cli.output import count, detach_stdout, report_error
+from audience_sync.cli.output import count, detach_stdout, report_error, with_old_names
 from audience_sync.cli.signals import daemon_signals, stop_on_signals
 from audience_sync.config import Settings
 from audience_sync.errors import ConfigError, StateError
@@ -38,10 +38,8 @@ from audience_sync.sync import Progress, RunResult, exit_code, run_once
 from audience_sync.workers import Presence
 
 ALERT_STOP_GRACE = 5.0  # seconds a stopping daemon gives alerts still being posted
-# One vocabulary for runs in every output: `run_id` and `audience`, as in tables. The old
-# names (`audience_key` in `run --json`, `id` in `history`/`show --json`) stay one release.
 RUN_COLUMNS = (
-    "audience", "kind", "status", "members", "entered", "exited", "rejected", "delivered",
+    "audience_key", "kind", "status", "members", "entered", "exited", "rejected", "delivered",
     "failed", "run_id",
 )  # fmt: skip
 RUN_OPTIONAL = ("run_id", "entered", "exited", "failed", "delivered", "members", "rejected", "kind")
@@ -283,7 +281,7 @@ def _print_results(
             print("Dry run: nothing was sent to Gist.\n")
         rows = [
             {
-                "audience": r.audience_key, "kind": r.kind, "status": r.status,
+                "audience_key": r.audience_key, "kind": r.kind, "status": r.status,
                 "members": r.members, "entered": r.entered, "exited": r.exited,
                 "rejected": r.rejected, "delivered": r.delivered, "failed": r.failed,
                 "run_id": r.run_id,
@@ -305,9 +303,8 @@ def _print_results(
 
 def _result_dict(result: RunResult) -> dict[str, Any]:
     fields = result_fields(result)
-    key = fields.pop("audience_key")
-    run_id = fields.pop("run_id")
-    return {"audience": key, "run_id": run_id, **fields, "audience_key": key}
+    first = {"run_id": fields.pop("run_id"), "audience_key": fields.pop("audience_key")}
+    return with_old_names({**first, **fields}, {"audience_key": "audience"})
 
 
 def cmd_daemon(args: argparse.Namespace) -> int:
