@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import termios
+import time
 from pathlib import Path
 from typing import Any
 
@@ -148,6 +149,44 @@ def test_workers_are_worker_id(workspace: Workspace, engine: Engine, cli: Any) -
         assert listed["worker_id"] == listed["id"] == alive.id  # `id` until 0.3
         _, out, _ = cli("workers")
         assert out.split()[0] == "worker_id"
+
+
+def _table(out: str) -> list[dict[str, str]]:
+    """A plain (piped) table's rows as dicts of its header's columns (two spaces or more
+    part them; a time holds one)."""
+    header, *rows = [re.split(r" {2,}", line.strip()) for line in out.splitlines() if line.strip()]
+    return [dict(zip(header, row, strict=False)) for row in rows]
+
+
+def test_resent_contacts_are_shown_in_tables_json_and_the_daemon_line(
+    workspace: Workspace, gist: FakeGist, cli: Any
+) -> None:
+    # Every second, so that each `daemon --once` a second apart finds it due.
+    source = workspace.add_file_audience("Order Completed Last 30days", every="1s")
+    write_members(source, [1, 2, 3])
+    assert cli("run")[0] == 0
+    write_members(source, [(f"u{n}", f"new{n}@example.com") for n in (1, 2, 3)])
+
+    code, out, _ = cli("run")
+
+    assert code == 0
+    [row] = _table(out)
+    assert (row["entered"], row["exited"], row["resent"], row["delivered"]) == ("0", "0", "3", "3")
+    [latest, _] = _table(cli("history")[1])
+    assert (latest["resent"], latest["delivered"]) == ("3", "3")
+    assert json.loads(cli("history", "--json", "-n", "1")[1])[0]["resent"] == 3
+
+    write_members(
+        source, [("u1", "third1@example.com"), ("u2", "x2@example.com"), ("u3", "new3@example.com")]
+    )
+    time.sleep(1.1)
+    code, out, err = cli("daemon", "--once")
+    assert code == 0
+    assert f"run {KEY}: succeeded entered=0 exited=0 resent=2 delivered=2 " in err, err
+    write_members(source, [1, 2, 3])
+    time.sleep(1.1)
+    code, out, _ = cli("run", "--json")
+    assert json.loads(out)[0]["resent"] == 3
 
 
 # ---------------------------------------------------------------- hints that lead to `show`

@@ -27,10 +27,11 @@ from audience_sync.sync import utcnow
 
 HISTORY_COLUMNS = (
     "run_id", "audience_key", "kind", "status", "started_at", "members", "entered", "exited",
-    "delivered", "failed", "rejected",
+    "resent", "delivered", "failed", "rejected",
 )  # fmt: skip
 HISTORY_OPTIONAL = (
-    "started_at", "entered", "exited", "failed", "delivered", "members", "rejected", "kind",
+    "started_at", "entered", "exited", "failed", "delivered", "members", "rejected", "resent",
+    "kind",
 )  # fmt: skip
 SHOW_FIELDS = (
     "run_id", "audience_key", "kind", "status", "started_at", "finished_at", "source_rows",

@@ -38,11 +38,15 @@ from audience_sync.sync import Progress, RunResult, exit_code, run_once
 from audience_sync.workers import Presence
 
 ALERT_STOP_GRACE = 5.0  # seconds a stopping daemon gives alerts still being posted
+# `resent`: members sent again with their membership unchanged (their email changed in the
+# source): delivered without entering or exiting.
 RUN_COLUMNS = (
-    "audience_key", "kind", "status", "members", "entered", "exited", "rejected", "delivered",
-    "failed", "run_id",
+    "audience_key", "kind", "status", "members", "entered", "exited", "resent", "rejected",
+    "delivered", "failed", "run_id",
 )  # fmt: skip
-RUN_OPTIONAL = ("run_id", "entered", "exited", "failed", "delivered", "members", "rejected", "kind")
+RUN_OPTIONAL = (
+    "run_id", "entered", "exited", "failed", "delivered", "members", "rejected", "resent", "kind",
+)  # fmt: skip
 log = logging.getLogger(__package__)
 
 
@@ -279,15 +283,7 @@ def _print_results(
     if not args.quiet:
         if args.dry_run:
             print("Dry run: nothing was sent to Gist.\n")
-        rows = [
-            {
-                "audience_key": r.audience_key, "kind": r.kind, "status": r.status,
-                "members": r.members, "entered": r.entered, "exited": r.exited,
-                "rejected": r.rejected, "delivered": r.delivered, "failed": r.failed,
-                "run_id": r.run_id,
-            }
-            for r in results
-        ]  # fmt: skip
+        rows = [{c: getattr(r, c) for c in RUN_COLUMNS} for r in results]
         output_rows(rows, RUN_COLUMNS, sys.stdout, optional=RUN_OPTIONAL)
     # The same message for several audiences (delivery stopped for all) is said once.
     grouped: dict[tuple[str, bool], list[str]] = {}
