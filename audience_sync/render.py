@@ -237,6 +237,28 @@ class ProgressBars:
             self._bars.advance(self._delivery, changes)
 
 
+class TextFormatter(logging.Formatter):
+    """``warning: message``: the shape of every line a person reads on stderr, errors
+    included. ``with_time`` starts each with the UTC time (a daemon's lines are read later).
+    Our own lines speak for themselves; a library's name its logger (``info: httpx: …``)."""
+
+    def __init__(self, *, with_time: bool = False) -> None:
+        super().__init__()
+        self.with_time = with_time
+
+    def format(self, record: logging.LogRecord) -> str:
+        level = record.levelname.lower()
+        level = "error" if level == "critical" else level
+        own = record.name == "audience_sync" or record.name.startswith("audience_sync.")
+        text = f"{level}: " + ("" if own else f"{record.name}: ") + record.getMessage()
+        if self.with_time:
+            moment = datetime.fromtimestamp(record.created, UTC)
+            text = f"{moment:%Y-%m-%d %H:%M:%S} {text}"
+        if record.exc_info:
+            text += "\n" + self.formatException(record.exc_info)
+        return text
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per log line, for log shippers (``--log-format json``)."""
 

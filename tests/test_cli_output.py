@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import re
+import signal
 import subprocess
 import termios
 import time
@@ -14,10 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine
+from sqlalchemy import Engine, select
 
 from audience_sync.cli import run_cli
 from audience_sync.fakegist import FakeGist
+from audience_sync.models import sync_runs
 from audience_sync.workers import Presence
 from tests.conftest import (
     API_KEY,
@@ -27,6 +29,7 @@ from tests.conftest import (
     invoker,
     write_members,
 )
+from tests.helpers import free_port
 
 KEY = "order_completed_last_30days"
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
@@ -241,7 +244,7 @@ def test_quiet_prints_each_error_once(workspace: Workspace, gist: FakeGist, cli:
 
     assert (code, out) == (1, "")
     assert err.count("Gist refused the API key") == 1, err
-    assert err.startswith(f"{KEY}, newsletter_signups: Gist refused the API key")
+    assert err.startswith(f"error: {KEY}, newsletter_signups: Gist refused the API key")
 
 
 @pytest.mark.parametrize(
@@ -282,6 +285,69 @@ def test_json_log_format_covers_usage_errors(
     assert record["message"].startswith("audience-sync: ")
 
 
+def test_warnings_and_errors_share_one_style(
+    workspace: Workspace, gist: FakeGist, cli: Any
+) -> None:
+    source = workspace.add_file_audience("Order Completed Last 30days")
+    write_members(source, [1])
+    write_members(workspace.add_file_audience("Newsletter Signups"), [2])
+    assert cli("run")[0] == 0
+    workspace.audiences.pop()  # Newsletter Signups is no longer configured: a warning
+    workspace.write_config()
+    gist.fail_user("u3", 422, "Nope")  # and a failed change: an error
+    write_members(source, [1, 3])
+
+    code, out, err = cli("run", "--quiet")
+
+    assert (code, out) == (1, "")
+    warning, error = err.splitlines()
+    assert warning.startswith(
+        "warning: audience 'newsletter_signups' is no longer configured but Gist may still "
+        "hold 1 of its members: run `audience-sync retire newsletter_signups`"
+    )
+    assert error.startswith(f"error: {KEY}: 1 change failed (first: user u3: HTTP 422: Nope)")
+
+
+@pytest.mark.slow
+def test_every_line_of_the_daemon_says_when(
+    workspace: Workspace, gist: FakeGist, engine: Engine
+) -> None:
+    write_members(workspace.add_file_audience("Order Completed Last 30days", every="1h"), [1])
+    port = free_port()
+    workspace.sections["daemon"] = {"metrics_port": port}
+    workspace.write_config()
+    daemon = subprocess.Popen(
+        [EXECUTABLE, "daemon", "--config", str(workspace.config_path)],
+        env={**os.environ, "GIST_API_KEY": API_KEY},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while len(gist.contacts()) < 1 or not _runs_finished(engine):
+            assert time.monotonic() < deadline, "the daemon's first run did not finish"
+            time.sleep(0.05)
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        _, err = daemon.communicate(timeout=30)
+
+    assert daemon.returncode == 0, err
+    lines = err.splitlines()
+    stamped = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d (info|warning|error): ")
+    assert all(stamped.match(line) for line in lines), err
+    said = [stamped.sub("", line) for line in lines]
+    assert f"serving /metrics and /healthz at http://127.0.0.1:{port}" in said, err
+    assert any(line.startswith(f"run {KEY}: succeeded entered=1 ") for line in said), err
+    assert "SIGTERM: stopping after the running sync (again to stop now)" in said, err
+
+
+def _runs_finished(engine: Engine) -> bool:
+    with engine.connect() as connection:
+        statuses = list(connection.scalars(select(sync_runs.c.status)))
+    return bool(statuses) and "running" not in statuses
+
+
 def test_v_hides_library_chatter_and_vv_shows_request_bodies(
     tmp_path: Path,
     gist: FakeGist,
@@ -297,7 +363,7 @@ def test_v_hides_library_chatter_and_vv_shows_request_bodies(
 
     code, _, err = cli("run", "-v")
     assert code == 0
-    assert f"audience_sync.sync: {KEY}: 1 rows" in err
+    assert f"info: {KEY}: 1 rows" in err
     for chatter in ("alembic", "Context impl", "httpx", "HTTP Request"):
         assert chatter not in err
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import shlex
 import sys
 from pathlib import Path
@@ -12,11 +13,12 @@ from argcomplete.shell_integration import shellcode
 
 from audience_sync import db
 from audience_sync.cli.options import Commands, settings_for
-from audience_sync.cli.output import EXIT_INTERRUPTED, EXIT_OK, report_error
+from audience_sync.cli.output import EXIT_INTERRUPTED, EXIT_OK
 from audience_sync.config import redact_url
 from audience_sync.starter import write_starter
 
 SHELLS = ("bash", "zsh", "fish")
+log = logging.getLogger(__package__)
 
 
 def register(commands: Commands) -> None:
@@ -64,7 +66,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     try:
         return run_demo(sys.stdout, keep=args.keep)
     except KeyboardInterrupt:
-        report_error("demo interrupted", args, prefix="\n")
+        if sys.stderr.isatty():
+            print(file=sys.stderr)  # off the line the ^C was echoed on
+        log.warning("demo interrupted")
         return EXIT_INTERRUPTED
 
 

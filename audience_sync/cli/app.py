@@ -75,13 +75,13 @@ def run_cli(
             detach_stdout()
             return EXIT_OK
         except (ConfigError, StateError) as exc:
-            report_error(str(exc), args)
+            report_error(str(exc))
             return EXIT_USAGE
         except AudienceSyncError as exc:
-            report_error(str(exc), args)
+            report_error(str(exc))
             return EXIT_FAILED
         except StopNow:
-            report_error("stopped at once by a second signal; the next run resumes", args)
+            report_error("stopped at once by a second signal; the next run resumes")
             return EXIT_FAILED
         except KeyboardInterrupt:
             # A Ctrl-C no handler of ours asked for (a command that does not sync): stop,
@@ -93,8 +93,7 @@ def run_cli(
             report_error(
                 f"`{command_name(args)}` failed unexpectedly: {type(exc).__name__}"
                 + (f": {first}" if first else "")
-                + " (-vv shows the traceback)",
-                args,
+                + " (-vv shows the traceback)"
             )
             return EXIT_FAILED
 

@@ -124,10 +124,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
             )
         except AuthError as exc:
             # Not drift: nothing could be checked.
-            report_error(f"Gist refused the API key ({exc}); nothing was checked", args)
+            report_error(f"Gist refused the API key ({exc}); nothing was checked")
             return EXIT_USAGE
         except ApiError as exc:
-            report_error(f"{exc}; nothing was checked", args)
+            report_error(f"{exc}; nothing was checked")
             return EXIT_USAGE
     if args.json:
         output_json(report.to_dict(), sys.stdout)
@@ -143,7 +143,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
             output_rows(rows, ("user_id", "expected", "actual", "reason"), sys.stdout)
         if report.errors:
             first = report.errors[0]
-            report_error(f"{first.user_id}: {first.error}", args, prefix="first read error: ")
+            report_error(
+                f"user {first.user_id} could not be read: {first.error}"
+                + (f" (the first of {len(report.errors)})" if len(report.errors) > 1 else "")
+            )
     # 2: could not check everything; 1: drift found; 0: every sampled value matches.
     if report.errors:
         return EXIT_USAGE

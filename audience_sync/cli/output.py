@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from datetime import datetime
 from typing import Any, NoReturn
 
-from audience_sync.render import JsonFormatter
+from audience_sync.render import JsonFormatter, TextFormatter
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_LOCKED = 0, 1, 2, 3
 EXIT_INTERRUPTED = 128 + signal.SIGINT  # stopped by Ctrl-C, as a shell reports it
@@ -22,15 +22,13 @@ EXIT_INTERRUPTED = 128 + signal.SIGINT  # stopped by Ctrl-C, as a shell reports 
 CHATTY = ("alembic", "apscheduler", "httpx")
 # psycopg warns of errors it ignored while cleaning up after one we report: -vv only.
 SECOND_HAND = ("psycopg",)
+HANDLER = "audience-sync"  # the name of the log handler a command installs
 log = logging.getLogger(__package__)
 
 
-def report_error(message: str, args: argparse.Namespace, prefix: str = "error: ") -> None:
-    """One line on stderr: plain text, or a JSON log line with ``--log-format json``."""
-    if args.log_format == "json":
-        log.error("%s", message)
-    else:
-        print(f"{prefix}{message}", file=sys.stderr, flush=True)
+def report_error(message: str) -> None:
+    """One line on stderr, ``error: message`` (or a JSON line with ``--log-format json``)."""
+    log.error("%s", message)
 
 
 def usage_error(parser: argparse.ArgumentParser, json_logs: bool, message: str) -> NoReturn:
@@ -77,6 +75,13 @@ def iso(value: datetime | None) -> str | None:
     return None if value is None else value.isoformat(timespec="seconds") + "Z"
 
 
+def timestamp_log_lines() -> None:
+    """Start every text log line with the time from now on (a daemon's lines are read later)."""
+    for handler in logging.getLogger().handlers:
+        if handler.get_name() == HANDLER and isinstance(handler.formatter, TextFormatter):
+            handler.formatter.with_time = True
+
+
 @contextmanager
 def logging_to_stderr(verbosity: int, log_format: str = "text") -> Iterator[None]:
     """Log to stderr as the flags ask for the length of one command, then put back every
@@ -84,19 +89,16 @@ def logging_to_stderr(verbosity: int, log_format: str = "text") -> Iterator[None
     root = logging.getLogger()
     touched = [
         logging.getLogger(name)
-        for name in (*CHATTY, *SECOND_HAND, "audience_sync", "audience_sync.scheduler")
+        for name in (*CHATTY, *SECOND_HAND, "audience_sync", "audience_sync.scheduler", __package__)
     ]
     saved_root = (root.level, list(root.handlers))
     saved = [(logger, logger.level) for logger in touched]
     handler = logging.StreamHandler(sys.stderr)
-    if log_format == "json":
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    handler.set_name("audience-sync")
+    handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
+    handler.set_name(HANDLER)
     logging.captureWarnings(True)  # a library's warning is a log line too (JSON with json)
     # Replace only our own handler: others (a test's log capture, say) stay.
-    root.handlers = [h for h in root.handlers if h.get_name() != "audience-sync"] + [handler]
+    root.handlers = [h for h in root.handlers if h.get_name() != HANDLER] + [handler]
     root.setLevel(logging.WARNING if verbosity == 0 else logging.INFO)
     for name in CHATTY:
         # httpx logs every request, Alembic and APScheduler their set-up: only at -vv.

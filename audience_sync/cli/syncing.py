@@ -18,7 +18,13 @@ from sqlalchemy import Engine
 from audience_sync import db
 from audience_sync.alerts import Alert, AlertMemory, AlertSender, post_alert, select_alerts
 from audience_sync.cli.options import Commands, again, settings_for
-from audience_sync.cli.output import count, detach_stdout, report_error, with_old_names
+from audience_sync.cli.output import (
+    count,
+    detach_stdout,
+    report_error,
+    timestamp_log_lines,
+    with_old_names,
+)
 from audience_sync.cli.signals import daemon_signals, stop_on_signals
 from audience_sync.config import Settings
 from audience_sync.errors import ConfigError, StateError
@@ -201,8 +207,7 @@ def _write_metrics_file(metrics: Metrics, path: Path, args: argparse.Namespace) 
     except OSError as exc:
         report_error(
             f"cannot write --metrics-file {path}: {exc.strerror or exc}; the sync itself is "
-            "unaffected",
-            args,
+            "unaffected"
         )
 
 
@@ -294,7 +299,7 @@ def _print_results(
         if not args.quiet:
             print(line)
         elif is_error:
-            report_error(line, args, prefix="")
+            report_error(line)
 
 
 def _result_dict(result: RunResult) -> dict[str, Any]:
@@ -316,6 +321,10 @@ def cmd_daemon(args: argparse.Namespace) -> int:
                 daemon = _make_daemon(args, engine, worker, metrics, memory, None, stop)
                 results = daemon.run_due()
             return exit_code(results)
+        # A daemon's lines are read later, from a file or a journal: each says when, and
+        # its own notices (what it serves) show without -v, as its line per run does.
+        timestamp_log_lines()
+        log.setLevel(min(logging.INFO, log.getEffectiveLevel()))
         sender = AlertSender(lambda: daemon.settings.alerts)  # its thread starts when needed
         daemon = _make_daemon(args, engine, worker, metrics, memory, sender, None)
         metrics.set_last_successes(_load_last_successes(engine, settings))
@@ -330,7 +339,7 @@ def cmd_daemon(args: argparse.Namespace) -> int:
                     f"{settings.path}: daemon.metrics_port: cannot serve /metrics on {where}: "
                     f"{exc.strerror or exc}"
                 ) from None
-            print(f"serving /metrics and /healthz at {server.url}", file=sys.stderr, flush=True)
+            log.info("serving /metrics and /healthz at %s", server.url)
         with daemon_signals(daemon):
             try:
                 return daemon.serve()
