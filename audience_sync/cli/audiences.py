@@ -13,6 +13,7 @@ from audience_sync.cli.output import (
     EXIT_FAILED,
     EXIT_OK,
     EXIT_USAGE,
+    count,
     iso,
     report_error,
     with_old_names,
@@ -37,13 +38,17 @@ def register(commands: Commands) -> None:
         handler=cmd_audiences, needs_gist=False, json="print a JSON array",
     )  # fmt: skip
 
-    commands.add(
-        "workers", "list the processes that sync, alive and dead",
-        "List the daemons and runs registered in the state database: alive (heartbeat within "
-        "the lease length), dead (killed or host gone; their audiences pass to another "
-        "worker) or stopped, with what each is syncing.",
+    workers = commands.add(
+        "workers", "list the processes syncing now",
+        "List the daemons and runs syncing now (alive: a heartbeat within the lease length), "
+        "with what each is syncing. --all adds the dead (killed or host gone; their "
+        "audiences pass to another worker) and the stopped. A finished run's row is deleted "
+        "an hour after it stopped, any other's after 7 days or by `prune`.",
         handler=cmd_workers, needs_gist=False, json="print a JSON array",
     )  # fmt: skip
+    workers.add_argument(
+        "--all", action="store_true", help="also the dead and stopped workers still listed"
+    )
 
     verify = commands.add(
         "verify", "check a sample of members against Gist",
@@ -83,9 +88,15 @@ def cmd_audiences(args: argparse.Namespace) -> int:
 
 def cmd_workers(args: argparse.Namespace) -> int:
     with db.open_state(settings_for(args), writes=False) as engine:
-        found = list_workers(engine)
+        listed = list_workers(engine)
+    found = listed if args.all else [w for w in listed if w.state == "alive"]
     if not found and not args.json:
-        print("No workers yet: a daemon or a run registers itself while it syncs.")
+        gone = len(listed)
+        print(
+            f"No live workers ({count(gone, 'dead or stopped one')}: `workers --all` lists them)."
+            if gone
+            else "No workers yet: a daemon or a run registers itself while it syncs."
+        )
         return EXIT_OK
     rows = [
         {

@@ -24,6 +24,7 @@ from audience_sync.history import load_run, load_runs, prune
 from audience_sync.render import output_json, output_rows, short_time
 from audience_sync.statuses import RUN_STATUSES
 from audience_sync.sync import utcnow
+from audience_sync.workers import prune_workers
 
 HISTORY_COLUMNS = (
     "run_id", "audience_key", "kind", "status", "started_at", "members", "entered", "exited",
@@ -85,8 +86,8 @@ def register(commands: Commands) -> None:
 
     prune_cmd = commands.add(
         "prune", "delete old per-member history",
-        "Delete member_changes and rejected_rows of runs older than the given age; sync_runs "
-        "summaries are kept.",
+        "Delete member_changes and rejected_rows of runs older than the given age, and the "
+        "workers rows of processes gone that long; sync_runs summaries are kept.",
         handler=cmd_prune, needs_gist=False, json="print counts as JSON",
     )  # fmt: skip
     prune_cmd.add_argument(
@@ -155,11 +156,11 @@ def cmd_show(args: argparse.Namespace) -> int:
 def cmd_prune(args: argparse.Namespace) -> int:
     with db.open_state(settings_for(args), writes=False) as engine:
         counts = prune(engine, utcnow() - timedelta(seconds=args.older_than), dry_run=args.dry_run)
+        counts["workers"] = prune_workers(engine, args.older_than, dry_run=args.dry_run)
     if args.json:
         output_json(counts, sys.stdout)
-    elif args.dry_run:
-        listed = " and ".join(f"{count} {table}" for table, count in counts.items())
-        print(f"would delete {listed} (dry run)")
-    else:
-        print(", ".join(f"{count} {table} deleted" for table, count in counts.items()))
+        return EXIT_OK
+    *first, last = [f"{n} {table}" for table, n in counts.items()]
+    listed = f"{', '.join(first)} and {last}"
+    print(f"would delete {listed} (dry run)" if args.dry_run else f"deleted {listed}")
     return EXIT_OK
