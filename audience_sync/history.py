@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -17,8 +18,10 @@ from audience_sync.models import (
     memberships,
     rejected_rows,
     sync_runs,
+    trait_values,
     uncertain_members,
 )
+from audience_sync.plan import NULL_JSON
 from audience_sync.statuses import RunStatus
 
 RUN_FIELDS = (
@@ -159,23 +162,34 @@ def prune(engine: Engine, older_than: datetime, *, dry_run: bool = False) -> dic
     return {"member_changes": changes, "rejected_rows": rejected}
 
 
-def load_orphans(engine: Engine, configured: Iterable[str]) -> dict[str, int]:
-    """Audiences Gist may still hold members of that are no longer configured: key → count."""
+@dataclass(frozen=True)
+class Orphan:
+    """A key no longer configured that Gist may still hold values of."""
+
+    kind: str  # "audience" or "trait" (``audiences.kind``): `retire` sends false or null
+    held: int  # users Gist may hold a value of it for (members, non-null values, uncertain)
+
+
+def load_orphans(engine: Engine, configured: Iterable[str]) -> dict[str, Orphan]:
+    """Audiences and traits no longer configured that Gist may still hold values of, by key."""
     keys = set(configured)
-    orphans: dict[str, int] = {}
+    orphans: dict[str, Orphan] = {}
     with engine.connect() as connection:
-        # Every audience ever synced has an `audiences` row: look only at the unconfigured
-        # ones, so a run never scans the memberships of the audiences it just synced.
-        for key in connection.scalars(select(audiences.c.key)):
+        # Every key ever synced has an `audiences` row: look only at the unconfigured ones,
+        # so a run never scans the memberships of the audiences it just synced.
+        for key, kind in connection.execute(select(audiences.c.key, audiences.c.kind)):
             if key in keys:
                 continue
             held = union_all(
                 select(memberships.c.user_id).where(memberships.c.audience_key == key),
+                select(trait_values.c.user_id).where(
+                    trait_values.c.trait_key == key, trait_values.c.value != NULL_JSON
+                ),
                 select(uncertain_members.c.user_id).where(uncertain_members.c.audience_key == key),
             ).subquery()
             count = connection.scalar(select(func.count(func.distinct(held.c.user_id))))
             if count:
-                orphans[key] = count
+                orphans[key] = Orphan("trait" if kind == "trait" else "audience", count)
     return orphans
 
 

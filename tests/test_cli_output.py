@@ -303,9 +303,38 @@ def test_warnings_and_errors_share_one_style(
     warning, error = err.splitlines()
     assert warning.startswith(
         "warning: audience 'newsletter_signups' is no longer configured but Gist may still "
-        "hold 1 of its members: run `audience-sync retire newsletter_signups`"
+        "hold 1 of its members: run `audience-sync retire newsletter_signups --config"
     )
     assert error.startswith(f"error: {KEY}: 1 change failed (first: user u3: HTTP 422: Nope)")
+
+
+def test_a_removed_trait_is_warned_about_as_an_audience_is(
+    workspace: Workspace, gist: FakeGist, cli: Any
+) -> None:
+    write_members(workspace.add_file_audience("VIP"), [1])
+    (workspace.root / "revenue.jsonl").write_text(
+        "".join(
+            json.dumps({"user_id": f"u{n}", "email": f"u{n}@example.com", "value": value}) + "\n"
+            for n, value in ((1, 10.5), (2, None), (3, "gold"))
+        )
+    )
+    workspace.traits.append({"name": "Revenue", "file": "revenue.jsonl"})
+    workspace.write_config()
+    assert cli("run")[0] == 0
+    workspace.traits.clear()  # Revenue is removed; Gist holds 2 non-null values of it
+    workspace.write_config()
+
+    code, _, err = cli("run")
+
+    assert code == 0
+    retire = f"audience-sync retire revenue --config {workspace.config_path}"
+    assert err == (
+        "warning: trait 'revenue' is no longer configured but Gist may still hold a value of "
+        f"it for 2 users: run `{retire}` to send them null and forget it\n"
+    )
+    assert cli("retire", "revenue")[0] == 0
+    assert gist.properties("revenue") == {"u1": None, "u2": None, "u3": None}
+    assert cli("run")[2] == ""  # retired: nothing more to say
 
 
 @pytest.mark.slow

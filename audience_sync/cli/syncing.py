@@ -174,12 +174,20 @@ def _sync_command(
     if args.metrics_file:
         _write_metrics_file(metrics, args.metrics_file, args)
     if mode == "run":
-        for key, held in orphans.items():
-            log.warning(
-                "audience %r is no longer configured but Gist may still hold %d of its members: "
-                "run `audience-sync retire %s` to send them false and forget it",
-                key, held, key,
-            )  # fmt: skip
+        for key, orphan in orphans.items():
+            retire = again(args, "retire", key)
+            if orphan.kind == "trait":
+                log.warning(
+                    "trait %r is no longer configured but Gist may still hold a value of it "
+                    "for %s: run `%s` to send them null and forget it",
+                    key, count(orphan.held, "user"), retire,
+                )  # fmt: skip
+            else:
+                log.warning(
+                    "audience %r is no longer configured but Gist may still hold %d of its "
+                    "members: run `%s` to send them false and forget it",
+                    key, orphan.held, retire,
+                )  # fmt: skip
     code = exit_code(results)
     try:
         _print_results(results, notes, args)
