@@ -189,6 +189,20 @@ class RateColumn(ProgressColumn):
         return Text(f"{speed:>9,.0f}/s" if speed else "        -/s")
 
 
+class ElapsedColumn(TimeElapsedColumn):
+    """Time since the bar started, labelled."""
+
+    def render(self, task: Task) -> Text:
+        return Text.assemble("elapsed ", super().render(task))
+
+
+class EtaColumn(TimeRemainingColumn):
+    """Time the bar has left at its current rate, labelled (``-:--:--`` while unknown)."""
+
+    def render(self, task: Task) -> Text:
+        return Text.assemble("eta ", super().render(task))
+
+
 class ProgressBars:
     """Progress bars for loading and delivery (rows/s, ETA); a context manager.
 
@@ -201,10 +215,14 @@ class ProgressBars:
             BarColumn(),
             MofNCompleteColumn(),
             RateColumn(),
-            TimeElapsedColumn(),
-            TimeRemainingColumn(),
+            ElapsedColumn(),
+            EtaColumn(),
             console=Console(file=stream),
             transient=False,
+            # Lines written to stdout or stderr meanwhile (a log line, a Ctrl-C notice) are
+            # printed above the bars, never into them: see `output.StderrHandler`.
+            redirect_stdout=True,
+            redirect_stderr=True,
         )
         self._loading: dict[str, TaskID] = {}
         self._delivery: TaskID | None = None

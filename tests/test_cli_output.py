@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import re
+import selectors
 import signal
 import subprocess
 import termios
@@ -454,6 +455,60 @@ def test_tables_fit_the_terminal(
         assert "delivered" in history  # room for the counts
     else:
         assert "hidden to fit" in history
+
+
+@pytest.mark.slow
+def test_ctrl_c_mid_run_keeps_the_progress_bars_whole(
+    workspace: Workspace, gist: FakeGist, engine: Engine
+) -> None:
+    write_members(workspace.add_file_audience("Order Completed Last 30days"), range(400))
+    workspace.gist_options["max_concurrency"] = 2
+    workspace.write_config()
+    gist.latency = 0.05  # 400 requests two at a time: ten seconds, if nothing stops them
+    master, slave = os.openpty()
+    termios.tcsetwinsize(slave, (40, 120))
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
+    process = subprocess.Popen(
+        [EXECUTABLE, "run", "--config", str(workspace.config_path)],
+        stdin=slave,
+        stdout=slave,
+        stderr=slave,
+        env={**env, "GIST_API_KEY": API_KEY, "TERM": "xterm-256color"},
+    )
+    os.close(slave)
+    shown = b""
+    try:
+        while b"send changes" not in shown or len(gist.requests("/contacts")) < 20:
+            shown += _read_some(master)
+        process.send_signal(signal.SIGINT)
+        while chunk := _read_some(master):
+            shown += chunk
+    finally:
+        process.wait(timeout=60)
+        os.close(master)
+
+    assert process.returncode == 1  # the run was interrupted, gracefully
+    # What the terminal was sent, colours and cursor moves removed; a carriage return
+    # starts a line again, as on the screen.
+    lines = ANSI.sub("", shown.decode()).replace("\r\n", "\n").splitlines()
+    notice = [line for line in lines if "SIGINT" in line]
+    assert notice, lines
+    # The notice is a line of its own above the bars, never written into one of them.
+    assert all(line.startswith("warning: SIGINT: finishing requests") for line in notice), notice
+    assert_no_traceback("\n".join(lines))
+    bars = [line for line in lines if line.startswith("send changes")]
+    assert all("elapsed" in bar and "eta" in bar for bar in bars), bars[-1]
+
+
+def _read_some(fd: int) -> bytes:
+    """What the terminal got next (b"" once the process closed it); fails after 30 s."""
+    with selectors.DefaultSelector() as waiting:
+        waiting.register(fd, selectors.EVENT_READ)
+        assert waiting.select(30), "the command printed nothing for 30 s"
+    try:
+        return os.read(fd, 65536)
+    except OSError:  # EIO: the process closed the terminal
+        return b""
 
 
 def test_a_dry_run_records_the_requests_it_would_send(

@@ -75,6 +75,19 @@ def iso(value: datetime | None) -> str | None:
     return None if value is None else value.isoformat(timespec="seconds") + "Z"
 
 
+class StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes each line to ``sys.stderr`` as it is when the line is written, not as it was
+    when the handler was made: progress bars on a terminal put a proxy there that prints
+    the line above them (a line written past it would land inside a bar)."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr  # under the handler's lock, held by `handle`
+        super().emit(record)
+
+
 def timestamp_log_lines() -> None:
     """Start every text log line with the time from now on (a daemon's lines are read later)."""
     for handler in logging.getLogger().handlers:
@@ -93,7 +106,7 @@ def logging_to_stderr(verbosity: int, log_format: str = "text") -> Iterator[None
     ]
     saved_root = (root.level, list(root.handlers))
     saved = [(logger, logger.level) for logger in touched]
-    handler = logging.StreamHandler(sys.stderr)
+    handler = StderrHandler()
     handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
     handler.set_name(HANDLER)
     logging.captureWarnings(True)  # a library's warning is a log line too (JSON with json)
