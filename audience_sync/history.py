@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Engine, case, delete, exists, func, select, union_all
+from sqlalchemy import ColumnElement, Engine, and_, case, delete, exists, func, select, union_all
 
 from audience_sync.ledger import owed_event
 from audience_sync.models import (
@@ -69,8 +69,9 @@ def load_runs(
 def load_run(
     engine: Engine, run_id: int, limit: int = 100, offset: int = 0
 ) -> dict[str, Any] | None:
-    """One run with a page of its changes (failed first) and rejected rows: ``limit`` of
-    each, after skipping ``offset``."""
+    """One run with a page of its changes (failed first, then by user) and rejected rows:
+    ``limit`` of each, after skipping ``offset``. ``pruned`` counts what ``prune`` deleted of
+    the run's changes and rejected rows (the run's own counts say what there was)."""
     with engine.connect() as connection:
         row = (
             connection.execute(select(*_run_columns()).where(sync_runs.c.id == run_id))
@@ -100,7 +101,7 @@ def load_run(
                 member_changes.c.event_status.label("event"),
             )
             .where(member_changes.c.run_id == run_id)
-            .order_by(failed_first, member_changes.c.id)
+            .order_by(failed_first, *_by_user(member_changes.c.user_id), member_changes.c.id)
             .limit(limit)
             .offset(offset)
         ).mappings()
@@ -119,15 +120,47 @@ def load_run(
         run["changes_by_status"] = {status: count for status, count in by_status}
         run["changes"] = [_change_dict(change) for change in changes]
         run["rejected_rows"] = [dict(r) for r in rejected]
+        rejected_left = connection.scalar(
+            select(func.count()).where(rejected_rows.c.run_id == run_id)
+        )
+        run["pruned"] = _pruned(run, rejected_left or 0)
         conflicts = connection.execute(
             select(email_conflicts.c.user_id, email_conflicts.c.email, email_conflicts.c.used_email)
             .where(email_conflicts.c.run_id == run_id)
-            .order_by(email_conflicts.c.id)
+            .order_by(*_by_user(email_conflicts.c.user_id), email_conflicts.c.id)
             .limit(limit)
             .offset(offset)
         ).mappings()
         run["email_conflict_rows"] = [dict(r) for r in conflicts]
     return run
+
+
+def _by_user(user_id: ColumnElement[str]) -> list[ColumnElement[Any]]:
+    """Sort keys putting user ids in natural order: numeric ones first, by value (1, 2, 10,
+    100, not 1, 10, 100, 2), then the others as text."""
+    digits = func.ltrim(user_id, "0123456789")
+    numeric = and_(user_id != "", digits == "")
+    significant = func.ltrim(user_id, "0")  # "007" is 7: its length is its magnitude
+    return [
+        case((numeric, 0), else_=1),
+        case((numeric, func.length(significant)), else_=0),
+        case((numeric, significant), else_=user_id),
+    ]
+
+
+def _pruned(run: dict[str, Any], rejected_left: int) -> dict[str, int]:
+    """How many of the run's changes and rejected rows ``prune`` deleted. Delivered and
+    failed changes are final, and the run counted them when it ended; a dry run's planned
+    ones are its entered, exited and re-sent members, pruned all together."""
+    left = run["changes_by_status"]
+    if run["kind"] == "dry-run":
+        planned = run["entered"] + run["exited"] + run["resent"]
+        changes = planned if not left.get("planned") else 0
+    else:
+        changes = max(0, run["delivered"] - left.get("delivered", 0)) + max(
+            0, run["failed"] - left.get("failed", 0)
+        )
+    return {"changes": changes, "rejected_rows": max(0, run["rejected"] - rejected_left)}
 
 
 def prune(engine: Engine, older_than: datetime, *, dry_run: bool = False) -> dict[str, int]:

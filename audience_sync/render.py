@@ -102,13 +102,9 @@ def render_table(
             min_width=min(WRAP_MIN, _natural_width(rows, column)) if wraps else None,
         )
     for row in rows:
-        cells = [_cell(row.get(c)) for c in shown]
-        if "status" in shown:
-            index = shown.index("status")
-            # A cell is any text; only a run status has a style.
-            style = STATUS_STYLES.get(cells[index])  # type: ignore[call-overload]
-            cells[index] = f"[{style}]{cells[index]}[/]" if style else cells[index]
-        table.add_row(*cells)
+        # Text, never markup: a value such as "[/x]" is shown as written. Only a run status
+        # has a style.
+        table.add_row(*(Text(_cell(row.get(c)), style=_style(c, row.get(c))) for c in shown))
     console.print(table)
     hidden = [c for c in columns if c not in shown]
     if hidden:
@@ -116,6 +112,11 @@ def render_table(
         if len(note) > console.width:
             note = f"(hidden to fit: {', '.join(hidden)})"
         console.print(note, style="dim", overflow="ellipsis", no_wrap=True)
+
+
+def _style(column: str, value: Any) -> str:
+    styles: dict[Any, str] = dict(STATUS_STYLES)
+    return styles.get(value, "") if column == "status" else ""
 
 
 def fit_columns(
@@ -177,8 +178,33 @@ def _is_tty(stream: IO[str]) -> bool:
 def _cell(value: Any) -> str:
     if value is None:
         return "-"
-    text = str(value)
+    text = as_text(value)
     return text if len(text) <= 60 else text[:59] + "…"
+
+
+def as_text(value: Any) -> str:
+    """A value as a table or a field line shows it: ``yes``/``no`` for a boolean, and text
+    with its control characters escaped (``\\n``), so no value can break a line or a table."""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return str(value).translate(_ESCAPES)
+
+
+def _escape(code: int) -> str:
+    named = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+    char = chr(code)
+    return named.get(char) or (f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
+
+
+# C0 and C1 controls, DEL, the line and paragraph separators and the bidirectional
+# overrides (which reorder what follows them on the line).
+_ESCAPES = {
+    code: _escape(code)
+    for code in (
+        *range(0x20), *range(0x7F, 0xA0), 0x2028, 0x2029, *range(0x202A, 0x202F),
+        *range(0x2066, 0x206A),
+    )
+}  # fmt: skip
 
 
 class RateColumn(ProgressColumn):

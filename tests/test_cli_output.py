@@ -12,15 +12,17 @@ import signal
 import subprocess
 import termios
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, select, update
 
 from audience_sync.cli import run_cli
 from audience_sync.fakegist import FakeGist
 from audience_sync.models import sync_runs
+from audience_sync.sync import utcnow
 from audience_sync.workers import Presence
 from tests.conftest import (
     API_KEY,
@@ -221,6 +223,68 @@ def test_failed_changes_and_rejected_rows_point_at_show(
     assert (code, out) == (1, "")
     assert "2 changes failed (first: user u2: HTTP 422: Email is invalid)" in err
     assert "rejected" not in err  # --quiet: errors only
+
+
+def test_show_reads_true_after_prune_and_whatever_the_rows_hold(
+    workspace: Workspace, engine: Engine, gist: FakeGist, cli: Any
+) -> None:
+    source = workspace.add_file_audience("Order Completed Last 30days")
+    write_members(
+        source,
+        [(str(n), f"u{n}@example.com") for n in (100, 2, 10, 1, 20)]
+        + [("evil\nid", "e@example.com"), ("[/bold]", "not-an-email\u202e")],
+    )
+    gist.fail_user("20", 422, "Nope")
+    assert cli("run")[0] == 1
+
+    code, out, _ = cli("show", "1")
+
+    assert code == 0
+    fields = out.split("\n\nChanges")[0].splitlines()
+    # Every field's value starts in one column; booleans read yes/no.
+    starts = {len(line) - len(line.split(":", 1)[1].lstrip()) for line in fields}
+    assert len(starts) == 1, fields
+    assert re.search(r"^fast_path: +no$", out, re.MULTILINE), out
+    assert "True" not in out
+    assert "False" not in out
+    changes = _table(out.split("), page 1:\n")[1].split("\n\n")[0])
+    # Failed first, then numeric ids by value; values as JSON spells them.
+    assert [c["user_id"] for c in changes] == ["20", "1", "2", "10", "100"]
+    assert {c["value"] for c in changes} == {"true"}
+    # A raw newline, a markup-like id and a bidi override cannot break the table.
+    rejected = out.split("Rejected rows (2), page 1:\n")[1].splitlines()
+    assert len(rejected) == 3, rejected  # the header and one line per row
+    assert "evil\\nid" in rejected[1] + rejected[2]
+    assert "[/bold]" in rejected[1] + rejected[2]
+    assert "\\u202e" in rejected[1] + rejected[2]
+
+    with engine.begin() as connection:
+        connection.execute(update(sync_runs).values(started_at=utcnow() - timedelta(days=2)))
+    assert cli("prune", "--older-than", "1d")[0] == 0
+    code, out, _ = cli("show", "1")
+    assert code == 0
+    # The failed change went (a failed change is not owed), as did the four delivered.
+    assert "Changes (5 pruned), page 1:" in out
+    assert "Rejected rows (2):\n  (they were pruned: `audience-sync prune` deleted them" in out
+    shown = json.loads(cli("show", "1", "--json")[1])
+    assert shown["pruned"] == {"changes": 5, "rejected_rows": 2}
+
+
+def test_show_on_a_terminal_takes_values_as_text(
+    workspace: Workspace, gist: FakeGist, cli: Any
+) -> None:
+    write_members(
+        workspace.add_file_audience("Order Completed Last 30days"),
+        [1, ("[/]", "a@example.com"), ("x\ny", "b@example.com")],
+    )
+    cli("run")
+
+    shown = run_on_terminal(["show", "1", "--config", str(workspace.config_path)], 120)
+
+    assert_no_traceback(shown)
+    assert "failed unexpectedly" not in shown
+    assert "[/]" in shown
+    assert "x\\ny" in shown
 
 
 def test_show_paging_hint_keeps_the_config(workspace: Workspace, gist: FakeGist, cli: Any) -> None:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from dataclasses import asdict
 
@@ -150,7 +151,14 @@ def cmd_verify(args: argparse.Namespace) -> int:
             + (f", {report.repaired} re-planned for the next run" if args.repair else "")
         )
         if report.drifted:
-            rows = [asdict(d) for d in report.drifted]
+            # Property values as JSON spells them (true, not yes): what Gist holds.
+            rows = [
+                {
+                    **asdict(d),
+                    **{k: json.dumps(v) for k, v in asdict(d).items() if isinstance(v, bool)},
+                }
+                for d in report.drifted
+            ]
             output_rows(rows, ("user_id", "expected", "actual", "reason"), sys.stdout)
         if report.errors:
             first = report.errors[0]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from datetime import timedelta
 
@@ -21,7 +22,7 @@ from audience_sync.cli.options import (
 from audience_sync.cli.output import EXIT_OK, with_old_names
 from audience_sync.errors import ConfigError
 from audience_sync.history import load_run, load_runs, prune
-from audience_sync.render import output_json, output_rows, short_time
+from audience_sync.render import as_text, output_json, output_rows, short_time
 from audience_sync.statuses import RUN_STATUSES
 from audience_sync.sync import utcnow
 from audience_sync.workers import prune_workers
@@ -44,6 +45,7 @@ CHANGE_COLUMNS = (
 )  # fmt: skip
 CHANGE_OPTIONAL = ("http_status", "attempts", "event")
 OLD_RUN_NAMES = {"run_id": "id", "audience_key": "audience"}  # in --json until 0.3
+PRUNED_NOTE = "  ({what} pruned: `audience-sync prune` deleted them; the counts above remain)"
 
 
 def register(commands: Commands) -> None:
@@ -122,20 +124,30 @@ def cmd_show(args: argparse.Namespace) -> int:
     if args.json:
         output_json(with_old_names(run, OLD_RUN_NAMES), sys.stdout)
         return EXIT_OK
+    width = max(len(field) for field in SHOW_FIELDS) + 2
     for field in SHOW_FIELDS:
-        value = run[field]
-        if field.endswith("_at"):
-            value = short_time(value)
-        print(f"{field + ':':<13}{value if value is not None else '-'}")
-    by_status = ", ".join(f"{k} {v}" for k, v in sorted(run["changes_by_status"].items()))
-    print(f"\nChanges ({by_status or 'none'}), page {args.page}:")
+        value = short_time(run[field]) if field.endswith("_at") else run[field]
+        print(f"{field + ':':<{width}}{as_text(value) if value is not None else '-'}")
+    by_status = [f"{k} {v}" for k, v in sorted(run["changes_by_status"].items())]
+    pruned = run["pruned"]
+    if pruned["changes"]:
+        by_status.append(f"{pruned['changes']} pruned")
+    print(f"\nChanges ({', '.join(by_status) or 'none'}), page {args.page}:")
     if run["changes"]:
-        changes = [{**c, "delivered_at": short_time(c["delivered_at"])} for c in run["changes"]]
+        changes = [
+            {**c, "value": json.dumps(c["value"]), "delivered_at": short_time(c["delivered_at"])}
+            for c in run["changes"]
+        ]
         output_rows(changes, CHANGE_COLUMNS, sys.stdout, optional=CHANGE_OPTIONAL)
+    elif pruned["changes"]:
+        print(PRUNED_NOTE.format(what="they were"))
     if run["rejected_rows"]:
         print(f"\nRejected rows ({run['rejected']}), page {args.page}:")
         columns = ("row_number", "user_id", "email", "reason")
         output_rows(run["rejected_rows"], columns, sys.stdout)
+    elif pruned["rejected_rows"] and args.page == 1:
+        print(f"\nRejected rows ({run['rejected']}):")
+        print(PRUNED_NOTE.format(what="they were"))
     if run["email_conflict_rows"]:
         print(
             f"\nEmails that differed from an earlier audience's ({run['email_conflicts']}), "
