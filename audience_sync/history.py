@@ -22,7 +22,7 @@ from audience_sync.models import (
     uncertain_members,
 )
 from audience_sync.plan import NULL_JSON
-from audience_sync.statuses import RunStatus
+from audience_sync.statuses import DRY_RUN_KINDS, RunStatus
 
 RUN_FIELDS = (
     "run_id",
@@ -153,7 +153,7 @@ def _pruned(run: dict[str, Any], rejected_left: int) -> dict[str, int]:
     failed changes are final, and the run counted them when it ended; a dry run's planned
     ones are its entered, exited and re-sent members, pruned all together."""
     left = run["changes_by_status"]
-    if run["kind"] == "dry-run":
+    if run["kind"] in DRY_RUN_KINDS.values():
         planned = run["entered"] + run["exited"] + run["resent"]
         changes = planned if not left.get("planned") else 0
     else:
@@ -230,7 +230,7 @@ def load_last_starts(engine: Engine) -> dict[str, datetime]:
     """When each audience's latest real run (not a dry run) started, by audience key."""
     query = (
         select(sync_runs.c.audience_key, func.max(sync_runs.c.started_at))
-        .where(sync_runs.c.kind != "dry-run")
+        .where(sync_runs.c.kind.not_in(DRY_RUN_KINDS.values()))
         .group_by(sync_runs.c.audience_key)
     )
     with engine.connect() as connection:
@@ -253,7 +253,7 @@ def load_last_successes(engine: Engine, keys: Iterable[str]) -> dict[str, dateti
         select(sync_runs.c.audience_key, func.max(sync_runs.c.finished_at))
         .where(
             sync_runs.c.status == "succeeded",
-            sync_runs.c.kind != "dry-run",
+            sync_runs.c.kind.not_in(DRY_RUN_KINDS.values()),
             sync_runs.c.audience_key.in_(wanted),
         )
         .group_by(sync_runs.c.audience_key)
@@ -272,7 +272,7 @@ def load_recent_statuses(engine: Engine, keys: Iterable[str], n: int) -> dict[st
                     select(sync_runs.c.status)
                     .where(
                         sync_runs.c.audience_key == key,
-                        sync_runs.c.kind != "dry-run",
+                        sync_runs.c.kind.not_in(DRY_RUN_KINDS.values()),
                         sync_runs.c.status != "running",
                     )
                     .order_by(sync_runs.c.id.desc())

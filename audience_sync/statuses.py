@@ -11,8 +11,9 @@ from typing import Final, Literal, get_args
 Mode = Literal["run", "backfill", "retire"]
 """What a sync does: send what changed, resend every member, or unset a removed key."""
 
-RunKind = Literal["run", "backfill", "retire", "dry-run"]
-"""``sync_runs.kind``: the mode, or ``dry-run`` for a run that sent nothing."""
+RunKind = Literal["run", "backfill", "retire", "dry-run", "backfill-dry-run", "retire-dry-run"]
+"""``sync_runs.kind``: the mode, or for a run that sent nothing ``dry-run`` (of ``run``),
+``backfill-dry-run`` or ``retire-dry-run``."""
 
 RunStatus = Literal[
     "running", "succeeded", "partial", "failed", "guarded", "interrupted", "skipped"
@@ -28,6 +29,12 @@ EventStatus = Literal["pending", "delivered", "failed", "planned"]
 ``planned`` for a dry run's."""
 
 MODES: Final[tuple[Mode, ...]] = get_args(Mode)
+DRY_RUN_KINDS: Final[dict[Mode, RunKind]] = {
+    "run": "dry-run",
+    "backfill": "backfill-dry-run",
+    "retire": "retire-dry-run",
+}
+"""The kind a dry run of each mode is recorded as; its values are the kinds that sent nothing."""
 RUN_STATUSES: Final[tuple[RunStatus, ...]] = get_args(RunStatus)
 FAILED_STATUSES: Final[frozenset[RunStatus]] = frozenset(
     {"partial", "failed", "guarded", "interrupted"}

@@ -21,6 +21,7 @@ from sqlalchemy import Engine, select, update
 
 from audience_sync.cli import run_cli
 from audience_sync.fakegist import FakeGist
+from audience_sync.history import load_last_starts
 from audience_sync.models import sync_runs
 from audience_sync.sync import utcnow
 from audience_sync.workers import Presence
@@ -598,6 +599,41 @@ def test_a_dry_run_records_the_requests_it_would_send(
     [real] = json.loads(out)
     assert (real["entered"], real["delivered"]) == (2, 2)
     assert len(gist.requests("/contacts")) == 2
+
+
+def test_dry_runs_are_recorded_as_the_mode_they_rehearse(
+    workspace: Workspace, engine: Engine, gist: FakeGist, cli: Any
+) -> None:
+    write_members(workspace.add_file_audience("VIP"), [1, 2])
+    assert cli("run")[0] == 0
+    started = load_last_starts(engine)["vip"]
+
+    code, out, _ = cli("backfill", "vip", "--dry-run", "--json")
+    assert (code, [r["kind"] for r in json.loads(out)]) == (0, ["backfill-dry-run"])
+    workspace.audiences.clear()
+    write_members(workspace.add_file_audience("Other"), [1])
+    code, out, _ = cli("retire", "vip", "--dry-run", "--json")
+    assert (code, [r["kind"] for r in json.loads(out)]) == (0, ["retire-dry-run"])
+
+    kinds = [r["kind"] for r in json.loads(cli("history", "--json")[1])]
+    assert kinds == ["retire-dry-run", "backfill-dry-run", "run"]
+    assert len(gist.requests("/contacts")) == 2  # the first run's, and no more
+    assert load_last_starts(engine)["vip"] == started  # rehearsals are not runs to schedule by
+    _, out, _ = cli("prune", "--older-than", "0d", "--json", "--dry-run")
+    assert json.loads(out)["dry_run"] is True
+    _, out, _ = cli("prune", "--older-than", "0d", "--json")
+    assert json.loads(out)["dry_run"] is False
+
+
+@pytest.mark.parametrize("command", ["backfill", "retire"], ids=str)
+def test_backfill_and_retire_help_say_what_a_trait_is_sent(
+    command: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit):
+        run_cli([command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "true for an audience" in text or "false for an audience" in text
+    assert ("null for a trait" if command == "retire" else "the computed value for a trait") in text
 
 
 def test_an_email_two_audiences_disagree_on_is_reported(

@@ -128,7 +128,9 @@ def test_history_filters_show_pages_and_prune(
         connection.execute(update(sync_runs).values(started_at=utcnow() - timedelta(days=100)))
     code, out, _ = cli("prune", "--older-than", "90d", "--json")
     assert code == 0
-    assert json.loads(out) == {"member_changes": 7, "rejected_rows": 1, "workers": 0}
+    assert json.loads(out) == {
+        "member_changes": 7, "rejected_rows": 1, "workers": 0, "dry_run": False,
+    }  # fmt: skip
     with engine.connect() as connection:
         assert connection.scalar(select(func.count()).select_from(member_changes)) == 0
         assert connection.scalar(select(func.count()).select_from(sync_runs)) == 1
@@ -325,7 +327,7 @@ def test_prune_takes_zero_and_weeks_and_has_a_dry_run(
 
     code, out, _ = cli("prune", "--older-than", "2w", "--json")
     assert (code, json.loads(out)) == (
-        0, {"member_changes": 0, "rejected_rows": 0, "workers": 0},
+        0, {"member_changes": 0, "rejected_rows": 0, "workers": 0, "dry_run": False},
     )  # fmt: skip
 
     code, out, _ = cli("prune", "--older-than", "1w", "--dry-run")
@@ -337,7 +339,7 @@ def test_prune_takes_zero_and_weeks_and_has_a_dry_run(
     code, out, _ = cli("prune", "--older-than", "0d", "--json")
     # The run's worker row too: it stopped, so it is gone for any age.
     assert (code, json.loads(out)) == (
-        0, {"member_changes": 3, "rejected_rows": 1, "workers": 1},
+        0, {"member_changes": 3, "rejected_rows": 1, "workers": 1, "dry_run": False},
     )  # fmt: skip
 
 

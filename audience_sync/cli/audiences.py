@@ -57,7 +57,7 @@ def register(commands: Commands) -> None:
         "expected property value (drift from edits made in Gist itself).",
         handler=cmd_verify, json="print the report as JSON",
     )  # fmt: skip
-    verify.add_argument("key", metavar="KEY", help="the audience's property key")
+    verify.add_argument("key", metavar="KEY", help="the audience's or trait's property key")
     verify.add_argument(
         "--sample", type=int_arg(1, MAX_SAMPLE), default=100,
         help="members to check (default 100)",

@@ -97,8 +97,9 @@ def register(commands: Commands) -> None:
         help="e.g. 90d, 2w, 12h; 0d prunes every finished run",
     )  # fmt: skip
     prune_cmd.add_argument(
-        "--dry-run", action="store_true", help="count what would be deleted, delete nothing"
-    )
+        "--dry-run", action="store_true",
+        help="count what would be deleted, delete nothing (--json says dry_run: true)",
+    )  # fmt: skip
 
 
 def cmd_history(args: argparse.Namespace) -> int:
@@ -170,7 +171,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         counts = prune(engine, utcnow() - timedelta(seconds=args.older_than), dry_run=args.dry_run)
         counts["workers"] = prune_workers(engine, args.older_than, dry_run=args.dry_run)
     if args.json:
-        output_json(counts, sys.stdout)
+        output_json({**counts, "dry_run": args.dry_run}, sys.stdout)
         return EXIT_OK
     *first, last = [f"{n} {table}" for table, n in counts.items()]
     listed = f"{', '.join(first)} and {last}"

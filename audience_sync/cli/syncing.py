@@ -59,7 +59,11 @@ log = logging.getLogger(__package__)
 def register(commands: Commands) -> None:
     """``run``, ``backfill`` and ``retire``: one sync, then exit."""
     syncing = argparse.ArgumentParser(add_help=False)
-    syncing.add_argument("--dry-run", action="store_true", help="plan and print, send nothing")
+    syncing.add_argument(
+        "--dry-run", action="store_true",
+        help="plan and print, send nothing (recorded as kind dry-run, backfill-dry-run or "
+        "retire-dry-run)",
+    )  # fmt: skip
     syncing.add_argument("--json", action="store_true", help="print the results as JSON")
     syncing.add_argument(
         "--quiet", "-q", action="store_true", help="no progress bars or table; errors only"
@@ -77,7 +81,7 @@ def register(commands: Commands) -> None:
     )  # fmt: skip
     run.add_argument(
         "--audience", action="append", default=[], metavar="KEY",
-        help="sync only this audience (by property key); repeat for several",
+        help="sync only this audience or trait (by property key); repeat for several",
     )  # fmt: skip
     run.add_argument(
         "--allow-mass-exit", action="store_true",
@@ -89,21 +93,23 @@ def register(commands: Commands) -> None:
     )  # fmt: skip
 
     backfill = commands.add(
-        "backfill", "resend an audience's full membership",
-        "Send true to every current member of the audience, whatever Gist acknowledged "
-        "before (for a new or reset Gist workspace). An unfinished backfill is resumed.",
+        "backfill", "resend every member's value",
+        "Send every current member of the audience or trait its value again (true for an "
+        "audience, the computed value for a trait), whatever Gist acknowledged before (for a "
+        "new or reset Gist workspace). An unfinished backfill is resumed.",
         syncing,
         handler=cmd_backfill,
     )  # fmt: skip
-    backfill.add_argument("key", metavar="KEY", help="the audience's property key")
+    backfill.add_argument("key", metavar="KEY", help="the audience's or trait's property key")
 
     retire = commands.add(
-        "retire", "unset a removed audience in Gist and forget it",
-        "Send false to every member still acknowledged in an audience that was removed from "
-        "the config (or renamed), then forget its state.",
+        "retire", "clear a removed audience or trait in Gist and forget it",
+        "Clear the property of an audience or trait removed from the config (or renamed) for "
+        "everyone Gist may hold a value of it for (false for an audience, null for a trait), "
+        "then forget its state.",
         syncing, handler=cmd_retire,
     )  # fmt: skip
-    retire.add_argument("key", metavar="KEY", help="the retired audience's property key")
+    retire.add_argument("key", metavar="KEY", help="the removed audience's or trait's property key")
 
 
 def register_daemon(commands: Commands) -> None:
