@@ -226,6 +226,12 @@ def load_orphans(engine: Engine, configured: Iterable[str]) -> dict[str, Orphan]
     return orphans
 
 
+def load_keys(engine: Engine) -> list[str]:
+    """Every audience and trait key the state has known, sorted."""
+    with engine.connect() as connection:
+        return sorted(connection.scalars(select(audiences.c.key)))
+
+
 def load_last_starts(engine: Engine) -> dict[str, datetime]:
     """When each audience's latest real run (not a dry run) started, by audience key."""
     query = (

@@ -12,9 +12,10 @@ from pathlib import Path
 from argcomplete.shell_integration import shellcode
 
 from audience_sync import db
-from audience_sync.cli.options import Commands, settings_for
+from audience_sync.cli.options import Commands, naming_config, settings_for
 from audience_sync.cli.output import EXIT_INTERRUPTED, EXIT_OK
 from audience_sync.config import redact_url
+from audience_sync.errors import StateError
 from audience_sync.starter import write_starter
 
 SHELLS = ("bash", "zsh", "fish")
@@ -92,7 +93,10 @@ def cmd_completion(args: argparse.Namespace) -> int:
 def cmd_db_upgrade(args: argparse.Namespace) -> int:
     settings = settings_for(args)
     with db.state_errors(settings.state.url):
-        engine = db.make_engine(settings.state.url, schema=settings.state.db_schema)
+        try:
+            engine = db.make_engine(settings.state.url, schema=settings.state.db_schema)
+        except StateError as exc:
+            raise naming_config(exc, settings) from None
         try:
             if settings.state.db_schema:
                 db.create_schema(engine, settings.state.db_schema)

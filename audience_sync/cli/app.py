@@ -64,7 +64,14 @@ def run_cli(
         parser.print_help(sys.stderr)
         print(f"\n{parser.prog}: error: no command given", file=sys.stderr)
         return EXIT_USAGE
-    args = parser.parse_args(words)
+    args, extra = parser.parse_known_args(words)
+    if extra:
+        # argparse blames the top parser (its usage) for words a command does not know:
+        # the command's own usage is the one that helps.
+        name = command_name(args)
+        command_parsers(parser).get(name, parser).error(
+            f"unrecognized arguments: {' '.join(extra)}"
+        )
     with logging_to_stderr(args.verbose, args.log_format):
         try:
             code: int = args.handler(args)

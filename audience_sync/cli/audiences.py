@@ -8,8 +8,7 @@ import json
 import sys
 from dataclasses import asdict
 
-from audience_sync import db
-from audience_sync.cli.options import MAX_SAMPLE, Commands, int_arg, settings_for
+from audience_sync.cli.options import MAX_SAMPLE, Commands, int_arg, open_state, settings_for
 from audience_sync.cli.output import (
     EXIT_FAILED,
     EXIT_OK,
@@ -88,7 +87,7 @@ def cmd_audiences(args: argparse.Namespace) -> int:
 
 
 def cmd_workers(args: argparse.Namespace) -> int:
-    with db.open_state(settings_for(args), writes=False) as engine:
+    with open_state(settings_for(args), writes=False) as engine:
         listed = list_workers(engine)
     found = listed if args.all else [w for w in listed if w.state == "alive"]
     if not found and not args.json:
@@ -129,7 +128,7 @@ def cmd_workers(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     settings = settings_for(args)
     settings.audience(args.key)  # a clear error for a key that is not configured
-    with db.open_state(settings, writes=False) as engine:
+    with open_state(settings, writes=False) as engine:
         try:
             report = verify_audience(
                 settings, engine, args.key, sample=args.sample, repair=args.repair

@@ -7,7 +7,6 @@ import json
 import sys
 from datetime import timedelta
 
-from audience_sync import db
 from audience_sync.cli.options import (
     MAX_ID,
     MAX_PAGE,
@@ -16,12 +15,14 @@ from audience_sync.cli.options import (
     again,
     age_arg,
     int_arg,
+    open_state,
     settings_for,
     since_arg,
 )
 from audience_sync.cli.output import EXIT_OK, with_old_names
+from audience_sync.config import Settings
 from audience_sync.errors import ConfigError
-from audience_sync.history import load_run, load_runs, prune
+from audience_sync.history import load_keys, load_run, load_runs, prune
 from audience_sync.render import as_text, output_json, output_rows, short_time
 from audience_sync.statuses import RUN_STATUSES
 from audience_sync.sync import utcnow
@@ -103,7 +104,10 @@ def register(commands: Commands) -> None:
 
 
 def cmd_history(args: argparse.Namespace) -> int:
-    with db.open_state(settings_for(args), writes=False) as engine:
+    settings = settings_for(args)
+    with open_state(settings, writes=False) as engine:
+        if args.audience is not None:
+            _check_known(settings, load_keys(engine), args.audience)
         runs = load_runs(engine, args.audience, args.limit, status=args.status, since=args.since)
     if not runs and not args.json:
         print("No runs match." if args.audience or args.status or args.since else "No runs yet.")
@@ -116,8 +120,23 @@ def cmd_history(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _check_known(settings: Settings, in_state: list[str], key: str) -> None:
+    """Refuse an ``--audience`` neither configured nor ever synced (a typo), naming the
+    keys that are, as ``run`` does: "No runs match." would hide the typo."""
+    configured = [a.property_key for a in settings.computations]
+    if key in configured or key in in_state:
+        return
+    gone = [k for k in in_state if k not in configured]
+    raise ConfigError(
+        f"history --audience {key}: no audience or trait with that key "
+        f"(configured: {', '.join(configured) or 'none'}"
+        + (f"; no longer configured: {', '.join(gone)}" if gone else "")
+        + ")"
+    )
+
+
 def cmd_show(args: argparse.Namespace) -> int:
-    with db.open_state(settings_for(args), writes=False) as engine:
+    with open_state(settings_for(args), writes=False) as engine:
         found = load_run(engine, args.run_id, args.limit, (args.page - 1) * args.limit)
     if found is None:
         raise ConfigError(f"no run with id {args.run_id}: `audience-sync history` lists them")
@@ -167,7 +186,7 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    with db.open_state(settings_for(args), writes=False) as engine:
+    with open_state(settings_for(args), writes=False) as engine:
         counts = prune(engine, utcnow() - timedelta(seconds=args.older_than), dry_run=args.dry_run)
         counts["workers"] = prune_workers(engine, args.older_than, dry_run=args.dry_run)
     if args.json:

@@ -6,11 +6,16 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from sqlalchemy import Engine
+
+from audience_sync import db
 from audience_sync.config import Settings, load_settings, parse_duration, resolve_config_path
+from audience_sync.errors import StateError
 from audience_sync.sync import utcnow
 
 # Bounds of numeric flags: large enough for any real use, small enough for every database.
@@ -122,6 +127,24 @@ def settings_for(args: argparse.Namespace) -> Settings:
     return load_settings(
         resolve_config_path(args.config, os.environ), gist=getattr(args, "needs_gist", True)
     )
+
+
+@contextmanager
+def open_state(settings: Settings, *, writes: bool = True) -> Iterator[Engine]:
+    """``db.open_state``, whose errors about ``state.url`` itself (a missing folder, a
+    missing driver) name the config file that set it, as every config error does."""
+    with ExitStack() as stack:
+        try:
+            engine = stack.enter_context(db.open_state(settings, writes=writes))
+        except StateError as exc:
+            raise naming_config(exc, settings) from None
+        yield engine
+
+
+def naming_config(error: StateError, settings: Settings) -> StateError:
+    """``error`` with the config file's path in front when it is about ``state.url``."""
+    text = str(error)
+    return StateError(f"{settings.path}: {text}") if text.startswith("state.url") else error
 
 
 def again(args: argparse.Namespace, *words: str) -> str:

@@ -17,7 +17,7 @@ from sqlalchemy import Engine
 
 from audience_sync import db
 from audience_sync.alerts import Alert, AlertMemory, AlertSender, post_alert, select_alerts
-from audience_sync.cli.options import Commands, again, settings_for
+from audience_sync.cli.options import Commands, again, open_state, settings_for
 from audience_sync.cli.output import (
     count,
     detach_stdout,
@@ -155,7 +155,7 @@ def _sync_command(
         ProgressBars(sys.stderr) if show_progress else nullcontext(None)
     )
     alerts: list[Alert] = []
-    with db.open_state(settings) as engine, stop_on_signals() as stop, bars as progress:
+    with open_state(settings) as engine, stop_on_signals() as stop, bars as progress:
         results = run_once(
             settings,
             engine,
@@ -328,7 +328,7 @@ def cmd_daemon(args: argparse.Namespace) -> int:
     settings = settings_for(args)
     metrics = Metrics()
     memory = AlertMemory()  # what this process told the webhook, for runs without an id
-    with db.open_state(settings) as engine, Presence(engine, "daemon") as worker:
+    with open_state(settings) as engine, Presence(engine, "daemon") as worker:
         if args.once:
             # `--once` is a run from cron: the signals mean what they mean for `run`.
             with stop_on_signals() as stop:
