@@ -3,7 +3,7 @@ declared by its command group's module, and every error mapped to one line and a
 
 Exit codes: 0 all good; 1 a run partial, failed, guarded or interrupted (or an unexpected
 error); 2 usage, config or state-database error; 3 an audience skipped because another
-process holds its lease.
+process holds its lease; 130 Ctrl-C outside a sync.
 """
 
 from __future__ import annotations
