@@ -224,8 +224,11 @@ def test_daemon_process_serves_metrics_reloads_and_stops_on_sigterm(
         while acknowledged(engine) != users(0, 1, 2):  # the never-run audience runs at start
             assert time.monotonic() < deadline, "the daemon never synced"
             time.sleep(0.05)
-        metrics = httpx.get(f"http://127.0.0.1:{port}/metrics").text
-        assert f'audience_sync_runs_total{{audience="{KEY}",status="succeeded"}} 1.0' in metrics
+        # The run's metrics are recorded a moment after its acknowledgements are saved.
+        counted = f'audience_sync_runs_total{{audience="{KEY}",status="succeeded"}} 1.0'
+        while counted not in httpx.get(f"http://127.0.0.1:{port}/metrics").text:
+            assert time.monotonic() < deadline, "the run was never counted in /metrics"
+            time.sleep(0.05)
         assert httpx.get(f"http://127.0.0.1:{port}/healthz").json()["status"] == "ok"
 
         other = workspace.add_file_audience("Newsletter Signups", every="2h")
