@@ -28,7 +28,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from audience_sync.config import AlertsConfig, parse_duration
 from audience_sync.models import sync_runs as runs
 from audience_sync.runs import RunResult, result_fields
-from audience_sync.statuses import FAILED_STATUSES, RunStatus
+from audience_sync.statuses import DRY_RUN_KINDS, FAILED_STATUSES, RunStatus
 
 __all__ = [
     "ALERT_STATUSES",
@@ -146,7 +146,7 @@ def _event(
 def _event_from_history(engine: Engine, result: RunResult, remind: timedelta) -> AlertEvent:
     """``failing``, ``reminder``, ``still failing``, ``recovered`` or ``ok`` from sync_runs."""
     key, run_id = result.audience_key, result.run_id
-    real = (runs.c.audience_key == key, runs.c.kind != "dry-run")
+    real = (runs.c.audience_key == key, runs.c.kind.not_in(DRY_RUN_KINDS.values()))
     with engine.connect() as connection:
         started = connection.scalar(select(runs.c.started_at).where(runs.c.id == run_id))
         previous = connection.execute(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import tomllib
@@ -28,6 +29,7 @@ from audience_sync.cron import parse_crontab
 from audience_sync.errors import ConfigError
 from audience_sync.naming import check_unique_keys, is_valid_key, property_key
 
+log = logging.getLogger(__name__)
 DEFAULT_CONFIG = "audience_sync.toml"
 STATE_SOURCE = "state"  # `source = "state"`: the query runs on the state database itself
 CONFIG_ENV = "AUDIENCE_SYNC_CONFIG"
@@ -362,13 +364,15 @@ def load_settings(
     """
     env = os.environ if environ is None else environ
     try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        raw = tomllib.loads(path.read_text(encoding="utf-8-sig"))  # a BOM is not TOML
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read config file: {exc}") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: invalid TOML: {exc}") from exc
+    if gist:
+        _warn_of_a_written_key(raw, path)
     if not gist and isinstance(raw.get("gist", {}), dict):
         raw["gist"] = {**raw.get("gist", {}), "api_key": UNUSED_KEY}
     data = _interpolate(raw, env, path, "")
@@ -380,6 +384,25 @@ def load_settings(
         return Settings.model_validate({**data, "path": path})
     except ValidationError as exc:
         raise ConfigError(_describe(exc, path, data)) from None
+
+
+_warned_written_key: set[Path] = set()
+
+
+def _warn_of_a_written_key(raw: dict[str, Any], path: Path) -> None:
+    """A key written into the file travels with it (backups, version control): said once
+    per file, as the README asks for ``${GIST_API_KEY}``."""
+    section = raw.get("gist")
+    key = section.get("api_key") if isinstance(section, dict) else None
+    if not isinstance(key, str) or not key or path in _warned_written_key:
+        return
+    if not any(match.group(1) for match in _ENV_REF.finditer(key)):
+        _warned_written_key.add(path)
+        log.warning(
+            '%s: gist.api_key is written in the file; set api_key = "${GIST_API_KEY}" and '
+            "export the key instead, so it stays out of backups and version control",
+            path,
+        )
 
 
 # Query parameters that carry credentials in database URLs (libpq's password/sslpassword,

@@ -18,7 +18,9 @@ from audience_sync.render import render_table
 from audience_sync.sync import RunResult, run_once
 
 DEMO_KEY = "demo-key-not-secret"  # the fake Gist's key; never a real one
-RUN_COLUMNS = ("audience", "status", "members", "entered", "exited", "delivered", "failed")
+# The demo's config reads its key from the environment, as every config should.
+DEMO_KEY_ENV = "AUDIENCE_SYNC_DEMO_KEY"
+RUN_COLUMNS = ("audience_key", "status", "members", "entered", "exited", "delivered", "failed")
 # Everything a demo writes into its folder (SQLite adds -wal/-shm beside its file).
 DEMO_FILES = (
     "audience_sync.toml", "vip.csv", "newsletter.jsonl", "state.db", "state.db-wal",
@@ -35,7 +37,7 @@ def run_demo(out: IO[str], keep: Path | None = None) -> int:
     try:
         with FakeGist(api_key=DEMO_KEY) as gist:
             config = _seed(folder, gist.url)
-            settings = load_settings(config, {})
+            settings = load_settings(config, {DEMO_KEY_ENV: DEMO_KEY})
             engine = db.make_engine(settings.state.url)
             try:
                 db.ensure_schema(engine, migrate=True)
@@ -61,7 +63,7 @@ def run_demo(out: IO[str], keep: Path | None = None) -> int:
                 gist.clear_log()
                 _show(out, run_once(settings, engine), tty)
                 out.write(f"   {len(gist.requests())} requests.\n\n4. The history:\n")
-                columns = ("id", "audience", "status", "entered", "exited", "delivered")
+                columns = ("run_id", "audience_key", "status", "entered", "exited", "delivered")
                 render_table(load_runs(engine), columns, out, tty=tty)
             finally:
                 engine.dispose()
@@ -88,7 +90,8 @@ def _clear_earlier_demo(folder: Path) -> bool:
         return False
     config = folder / "audience_sync.toml"
     others = present - set(DEMO_FILES)
-    is_demo = config.is_file() and DEMO_KEY in config.read_text(errors="replace")
+    text = config.read_text(errors="replace") if config.is_file() else ""
+    is_demo = DEMO_KEY_ENV in text or DEMO_KEY in text  # this demo's, or an older one's
     if others or not is_demo:
         raise ConfigError(
             f"demo --keep {folder}: the folder holds files that are not an earlier demo's "
@@ -110,7 +113,7 @@ def _seed(folder: Path, gist_url: str) -> Path:
 url = "sqlite:///state.db"
 
 [gist]
-api_key = "{DEMO_KEY}"
+api_key = "${{{DEMO_KEY_ENV}}}"  # the fake Gist's key: {DEMO_KEY}
 base_url = "{gist_url}"
 requests_per_second = 50
 
@@ -135,6 +138,7 @@ def _write_members(path: Path, numbers: range | list[int]) -> None:
 
 def _show(out: IO[str], results: list[RunResult], tty: bool) -> None:
     rows = [
-        {"audience": r.audience_key, **{c: getattr(r, c) for c in RUN_COLUMNS[1:]}} for r in results
+        {"audience_key": r.audience_key, **{c: getattr(r, c) for c in RUN_COLUMNS[1:]}}
+        for r in results
     ]
     render_table(rows, RUN_COLUMNS, out, tty=tty)

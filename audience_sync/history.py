@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Engine, case, delete, exists, func, select, union_all
+from sqlalchemy import ColumnElement, Engine, and_, case, delete, exists, func, select, union_all
 
 from audience_sync.ledger import owed_event
 from audience_sync.models import (
@@ -17,12 +18,14 @@ from audience_sync.models import (
     memberships,
     rejected_rows,
     sync_runs,
+    trait_values,
     uncertain_members,
 )
-from audience_sync.statuses import RunStatus
+from audience_sync.plan import NULL_JSON
+from audience_sync.statuses import DRY_RUN_KINDS, RunStatus
 
 RUN_FIELDS = (
-    "id",
+    "run_id",
     "audience_key",
     "kind",
     "status",
@@ -51,7 +54,7 @@ def load_runs(
     since: datetime | None = None,
 ) -> list[dict[str, Any]]:
     """The newest ``limit`` runs, newest first, filtered by audience, status and start time."""
-    query = select(*(sync_runs.c[f] for f in RUN_FIELDS)).order_by(sync_runs.c.id.desc())
+    query = select(*_run_columns()).order_by(sync_runs.c.id.desc())
     if audience is not None:
         query = query.where(sync_runs.c.audience_key == audience)
     if status is not None:
@@ -66,13 +69,12 @@ def load_runs(
 def load_run(
     engine: Engine, run_id: int, limit: int = 100, offset: int = 0
 ) -> dict[str, Any] | None:
-    """One run with a page of its changes (failed first) and rejected rows: ``limit`` of
-    each, after skipping ``offset``."""
+    """One run with a page of its changes (failed first, then by user) and rejected rows:
+    ``limit`` of each, after skipping ``offset``. ``pruned`` counts what ``prune`` deleted of
+    the run's changes and rejected rows (the run's own counts say what there was)."""
     with engine.connect() as connection:
         row = (
-            connection.execute(
-                select(*(sync_runs.c[f] for f in RUN_FIELDS)).where(sync_runs.c.id == run_id)
-            )
+            connection.execute(select(*_run_columns()).where(sync_runs.c.id == run_id))
             .mappings()
             .first()
         )
@@ -99,7 +101,7 @@ def load_run(
                 member_changes.c.event_status.label("event"),
             )
             .where(member_changes.c.run_id == run_id)
-            .order_by(failed_first, member_changes.c.id)
+            .order_by(failed_first, *_by_user(member_changes.c.user_id), member_changes.c.id)
             .limit(limit)
             .offset(offset)
         ).mappings()
@@ -118,15 +120,47 @@ def load_run(
         run["changes_by_status"] = {status: count for status, count in by_status}
         run["changes"] = [_change_dict(change) for change in changes]
         run["rejected_rows"] = [dict(r) for r in rejected]
+        rejected_left = connection.scalar(
+            select(func.count()).where(rejected_rows.c.run_id == run_id)
+        )
+        run["pruned"] = _pruned(run, rejected_left or 0)
         conflicts = connection.execute(
             select(email_conflicts.c.user_id, email_conflicts.c.email, email_conflicts.c.used_email)
             .where(email_conflicts.c.run_id == run_id)
-            .order_by(email_conflicts.c.id)
+            .order_by(*_by_user(email_conflicts.c.user_id), email_conflicts.c.id)
             .limit(limit)
             .offset(offset)
         ).mappings()
         run["email_conflict_rows"] = [dict(r) for r in conflicts]
     return run
+
+
+def _by_user(user_id: ColumnElement[str]) -> list[ColumnElement[Any]]:
+    """Sort keys putting user ids in natural order: numeric ones first, by value (1, 2, 10,
+    100, not 1, 10, 100, 2), then the others as text."""
+    digits = func.ltrim(user_id, "0123456789")
+    numeric = and_(user_id != "", digits == "")
+    significant = func.ltrim(user_id, "0")  # "007" is 7: its length is its magnitude
+    return [
+        case((numeric, 0), else_=1),
+        case((numeric, func.length(significant)), else_=0),
+        case((numeric, significant), else_=user_id),
+    ]
+
+
+def _pruned(run: dict[str, Any], rejected_left: int) -> dict[str, int]:
+    """How many of the run's changes and rejected rows ``prune`` deleted. Delivered and
+    failed changes are final, and the run counted them when it ended; a dry run's planned
+    ones are its entered, exited and re-sent members, pruned all together."""
+    left = run["changes_by_status"]
+    if run["kind"] in DRY_RUN_KINDS.values():
+        planned = run["entered"] + run["exited"] + run["resent"]
+        changes = planned if not left.get("planned") else 0
+    else:
+        changes = max(0, run["delivered"] - left.get("delivered", 0)) + max(
+            0, run["failed"] - left.get("failed", 0)
+        )
+    return {"changes": changes, "rejected_rows": max(0, run["rejected"] - rejected_left)}
 
 
 def prune(engine: Engine, older_than: datetime, *, dry_run: bool = False) -> dict[str, int]:
@@ -161,31 +195,48 @@ def prune(engine: Engine, older_than: datetime, *, dry_run: bool = False) -> dic
     return {"member_changes": changes, "rejected_rows": rejected}
 
 
-def load_orphans(engine: Engine, configured: Iterable[str]) -> dict[str, int]:
-    """Audiences Gist may still hold members of that are no longer configured: key → count."""
+@dataclass(frozen=True)
+class Orphan:
+    """A key no longer configured that Gist may still hold values of."""
+
+    kind: str  # "audience" or "trait" (``audiences.kind``): `retire` sends false or null
+    held: int  # users Gist may hold a value of it for (members, non-null values, uncertain)
+
+
+def load_orphans(engine: Engine, configured: Iterable[str]) -> dict[str, Orphan]:
+    """Audiences and traits no longer configured that Gist may still hold values of, by key."""
     keys = set(configured)
-    orphans: dict[str, int] = {}
+    orphans: dict[str, Orphan] = {}
     with engine.connect() as connection:
-        # Every audience ever synced has an `audiences` row: look only at the unconfigured
-        # ones, so a run never scans the memberships of the audiences it just synced.
-        for key in connection.scalars(select(audiences.c.key)):
+        # Every key ever synced has an `audiences` row: look only at the unconfigured ones,
+        # so a run never scans the memberships of the audiences it just synced.
+        for key, kind in connection.execute(select(audiences.c.key, audiences.c.kind)):
             if key in keys:
                 continue
             held = union_all(
                 select(memberships.c.user_id).where(memberships.c.audience_key == key),
+                select(trait_values.c.user_id).where(
+                    trait_values.c.trait_key == key, trait_values.c.value != NULL_JSON
+                ),
                 select(uncertain_members.c.user_id).where(uncertain_members.c.audience_key == key),
             ).subquery()
             count = connection.scalar(select(func.count(func.distinct(held.c.user_id))))
             if count:
-                orphans[key] = count
+                orphans[key] = Orphan("trait" if kind == "trait" else "audience", count)
     return orphans
+
+
+def load_keys(engine: Engine) -> list[str]:
+    """Every audience and trait key the state has known, sorted."""
+    with engine.connect() as connection:
+        return sorted(connection.scalars(select(audiences.c.key)))
 
 
 def load_last_starts(engine: Engine) -> dict[str, datetime]:
     """When each audience's latest real run (not a dry run) started, by audience key."""
     query = (
         select(sync_runs.c.audience_key, func.max(sync_runs.c.started_at))
-        .where(sync_runs.c.kind != "dry-run")
+        .where(sync_runs.c.kind.not_in(DRY_RUN_KINDS.values()))
         .group_by(sync_runs.c.audience_key)
     )
     with engine.connect() as connection:
@@ -208,7 +259,7 @@ def load_last_successes(engine: Engine, keys: Iterable[str]) -> dict[str, dateti
         select(sync_runs.c.audience_key, func.max(sync_runs.c.finished_at))
         .where(
             sync_runs.c.status == "succeeded",
-            sync_runs.c.kind != "dry-run",
+            sync_runs.c.kind.not_in(DRY_RUN_KINDS.values()),
             sync_runs.c.audience_key.in_(wanted),
         )
         .group_by(sync_runs.c.audience_key)
@@ -227,7 +278,7 @@ def load_recent_statuses(engine: Engine, keys: Iterable[str], n: int) -> dict[st
                     select(sync_runs.c.status)
                     .where(
                         sync_runs.c.audience_key == key,
-                        sync_runs.c.kind != "dry-run",
+                        sync_runs.c.kind.not_in(DRY_RUN_KINDS.values()),
                         sync_runs.c.status != "running",
                     )
                     .order_by(sync_runs.c.id.desc())
@@ -237,9 +288,13 @@ def load_recent_statuses(engine: Engine, keys: Iterable[str], n: int) -> dict[st
     return found
 
 
+def _run_columns() -> list[Any]:
+    """``RUN_FIELDS`` of ``sync_runs``: its ``id`` is ``run_id``, as everywhere else."""
+    return [sync_runs.c.id.label("run_id") if f == "run_id" else sync_runs.c[f] for f in RUN_FIELDS]
+
+
 def _run_dict(row: Any) -> dict[str, Any]:
     run = dict(row)
-    run["audience"] = run.pop("audience_key")
     run["started_at"] = _iso(run["started_at"])
     run["finished_at"] = _iso(run["finished_at"])
     return run

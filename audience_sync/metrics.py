@@ -23,6 +23,7 @@ from prometheus_client import (
 )
 
 from audience_sync.httpserver import BackgroundServer, JoiningHTTPServer
+from audience_sync.statuses import DRY_RUN_KINDS
 from audience_sync.sync import RunResult
 
 __all__ = ["REQUEST_BUCKETS", "HealthCheck", "Metrics", "MetricsServer"]
@@ -107,7 +108,7 @@ class Metrics:
             self.changes.labels(audience, "failed").inc(result.failed)
             self.changes.labels(audience, "rejected").inc(result.rejected)
             # A dry run sends nothing, so it must not make a stale audience look fresh.
-            if result.status == "succeeded" and result.kind != "dry-run":
+            if result.status == "succeeded" and result.kind not in DRY_RUN_KINDS.values():
                 self.last_success.labels(audience).set(self._clock())
             if _has_read_source(result):
                 self.members.labels(audience).set(result.members)

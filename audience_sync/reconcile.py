@@ -117,7 +117,7 @@ def reconcile(
         )
         results: dict[str, RunResult] = {}
         held: list[Computation] = []
-        kind: RunKind = "dry-run" if dry_run else "reconcile"
+        kind: RunKind = "dry-reconcile" if dry_run else "reconcile"
         try:
             for audience in chosen:
                 key = audience.property_key
@@ -158,7 +158,7 @@ def _reconcile(
     holder: lease.Holder,
     results: dict[str, RunResult],
 ) -> ReconcileReport:
-    kind: RunKind = "dry-run" if dry_run else "reconcile"
+    kind: RunKind = "dry-reconcile" if dry_run else "reconcile"
     for audience in held:
         key = audience.property_key
         description = f"Gist contacts ({settings.gist.base_url.rstrip('/')})"

@@ -108,13 +108,9 @@ def render_table(
             min_width=min(WRAP_MIN, _natural_width(rows, column)) if wraps else None,
         )
     for row in rows:
-        cells = [_cell(row.get(c)) for c in shown]
-        if "status" in shown:
-            index = shown.index("status")
-            # A cell is any text; only a run status has a style.
-            style = STATUS_STYLES.get(cells[index])  # type: ignore[call-overload]
-            cells[index] = f"[{style}]{cells[index]}[/]" if style else cells[index]
-        table.add_row(*cells)
+        # Text, never markup: a value such as "[/x]" is shown as written. Only a run status
+        # has a style.
+        table.add_row(*(Text(_cell(row.get(c)), style=_style(c, row.get(c))) for c in shown))
     console.print(table)
     hidden = [c for c in columns if c not in shown]
     if hidden:
@@ -122,6 +118,11 @@ def render_table(
         if len(note) > console.width:
             note = f"(hidden to fit: {', '.join(hidden)})"
         console.print(note, style="dim", overflow="ellipsis", no_wrap=True)
+
+
+def _style(column: str, value: Any) -> str:
+    styles: dict[Any, str] = dict(STATUS_STYLES)
+    return styles.get(value, "") if column == "status" else ""
 
 
 def fit_columns(
@@ -183,8 +184,33 @@ def _is_tty(stream: IO[str]) -> bool:
 def _cell(value: Any) -> str:
     if value is None:
         return "-"
-    text = str(value)
+    text = as_text(value)
     return text if len(text) <= 60 else text[:59] + "…"
+
+
+def as_text(value: Any) -> str:
+    """A value as a table or a field line shows it: ``yes``/``no`` for a boolean, and text
+    with its control characters escaped (``\\n``), so no value can break a line or a table."""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return str(value).translate(_ESCAPES)
+
+
+def _escape(code: int) -> str:
+    named = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+    char = chr(code)
+    return named.get(char) or (f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
+
+
+# C0 and C1 controls, DEL, the line and paragraph separators and the bidirectional
+# overrides (which reorder what follows them on the line).
+_ESCAPES = {
+    code: _escape(code)
+    for code in (
+        *range(0x20), *range(0x7F, 0xA0), 0x2028, 0x2029, *range(0x202A, 0x202F),
+        *range(0x2066, 0x206A),
+    )
+}  # fmt: skip
 
 
 class RateColumn(ProgressColumn):
@@ -193,6 +219,20 @@ class RateColumn(ProgressColumn):
     def render(self, task: Task) -> Text:
         speed = task.finished_speed or task.speed
         return Text(f"{speed:>9,.0f}/s" if speed else "        -/s")
+
+
+class ElapsedColumn(TimeElapsedColumn):
+    """Time since the bar started, labelled."""
+
+    def render(self, task: Task) -> Text:
+        return Text.assemble("elapsed ", super().render(task))
+
+
+class EtaColumn(TimeRemainingColumn):
+    """Time the bar has left at its current rate, labelled (``-:--:--`` while unknown)."""
+
+    def render(self, task: Task) -> Text:
+        return Text.assemble("eta ", super().render(task))
 
 
 class ProgressBars:
@@ -207,10 +247,14 @@ class ProgressBars:
             BarColumn(),
             MofNCompleteColumn(),
             RateColumn(),
-            TimeElapsedColumn(),
-            TimeRemainingColumn(),
+            ElapsedColumn(),
+            EtaColumn(),
             console=Console(file=stream),
             transient=False,
+            # Lines written to stdout or stderr meanwhile (a log line, a Ctrl-C notice) are
+            # printed above the bars, never into them: see `output.StderrHandler`.
+            redirect_stdout=True,
+            redirect_stderr=True,
         )
         self._loading: dict[str, TaskID] = {}
         self._delivery: TaskID | None = None
@@ -305,6 +349,28 @@ def duration_text(seconds: float) -> str:
     if whole < 3600:
         return f"{whole // 60}m{whole % 60:02d}s"
     return f"{whole // 3600}h{whole % 3600 // 60:02d}m"
+
+
+class TextFormatter(logging.Formatter):
+    """``warning: message``: the shape of every line a person reads on stderr, errors
+    included. ``with_time`` starts each with the UTC time (a daemon's lines are read later).
+    Our own lines speak for themselves; a library's name its logger (``info: httpx: …``)."""
+
+    def __init__(self, *, with_time: bool = False) -> None:
+        super().__init__()
+        self.with_time = with_time
+
+    def format(self, record: logging.LogRecord) -> str:
+        level = record.levelname.lower()
+        level = "error" if level == "critical" else level
+        own = record.name == "audience_sync" or record.name.startswith("audience_sync.")
+        text = f"{level}: " + ("" if own else f"{record.name}: ") + record.getMessage()
+        if self.with_time:
+            moment = datetime.fromtimestamp(record.created, UTC)
+            text = f"{moment:%Y-%m-%d %H:%M:%S} {text}"
+        if record.exc_info:
+            text += "\n" + self.formatException(record.exc_info)
+        return text
 
 
 class JsonFormatter(logging.Formatter):

@@ -55,9 +55,12 @@ class RunResult:
 
 def result_fields(result: RunResult) -> dict[str, Any]:
     """The result as a dict for output and alerts: without the digest and fingerprint, which
-    are ``sync_runs`` bookkeeping for the fast path."""
+    are ``sync_runs`` bookkeeping for the fast path, and with a reconcile's counts of what it
+    read only for a reconcile."""
     fields = asdict(result)
     del fields["source_digest"], fields["config_fingerprint"]
+    if result.contacts_read is None:
+        del fields["contacts_read"], fields["pages_read"], fields["leads"]
     return fields
 
 

@@ -474,9 +474,10 @@ class Daemon:
             if raised:
                 continue  # the error line above said it
             log.info(
-                "%s %s: %s entered=%d exited=%d delivered=%d failed=%d rejected=%d in %.1fs%s",
-                r.kind, r.audience_key, r.status, r.entered, r.exited, r.delivered, r.failed,
-                r.rejected, seconds, f" ({r.error})" if r.error else "",
+                "%s %s: %s entered=%d exited=%d resent=%d delivered=%d failed=%d rejected=%d"
+                " in %.1fs%s",
+                r.kind, r.audience_key, r.status, r.entered, r.exited, r.resent, r.delivered,
+                r.failed, r.rejected, seconds, f" ({r.error})" if r.error else "",
             )  # fmt: skip
         with self._lock:
             self._last_results.update((r.audience_key, (r, finished)) for r in results)

@@ -11,9 +11,19 @@ from typing import Final, Literal, get_args
 Mode = Literal["run", "backfill", "retire"]
 """What a sync does: send what changed, resend every member, or unset a removed key."""
 
-RunKind = Literal["run", "backfill", "retire", "dry-run", "reconcile"]
-"""``sync_runs.kind``: the mode, ``dry-run`` for a run that sent nothing, or ``reconcile``
-for a reading of what Gist holds that became the ledger."""
+RunKind = Literal[
+    "run",
+    "backfill",
+    "retire",
+    "dry-run",
+    "backfill-dry-run",
+    "retire-dry-run",
+    "reconcile",
+    "dry-reconcile",
+]
+"""``sync_runs.kind``: the mode; for a run that sent nothing ``dry-run`` (of ``run``),
+``backfill-dry-run`` or ``retire-dry-run``; ``reconcile`` for a reading of what Gist holds
+that became the ledger, ``dry-reconcile`` for one that only counted the differences."""
 
 RunStatus = Literal[
     "running", "succeeded", "partial", "failed", "guarded", "interrupted", "skipped"
@@ -29,6 +39,12 @@ EventStatus = Literal["pending", "delivered", "failed", "planned"]
 ``planned`` for a dry run's."""
 
 MODES: Final[tuple[Mode, ...]] = get_args(Mode)
+DRY_RUN_KINDS: Final[dict[Mode, RunKind]] = {
+    "run": "dry-run",
+    "backfill": "backfill-dry-run",
+    "retire": "retire-dry-run",
+}
+"""The kind a dry run of each mode is recorded as; its values are the kinds that sent nothing."""
 RUN_STATUSES: Final[tuple[RunStatus, ...]] = get_args(RunStatus)
 FAILED_STATUSES: Final[frozenset[RunStatus]] = frozenset(
     {"partial", "failed", "guarded", "interrupted"}

@@ -60,7 +60,7 @@ from audience_sync.runs import (
 )
 from audience_sync.sources import FileSource, SqlSource, is_warehouse_native, source_for
 from audience_sync.stage import Snapshot, Staging, analyze_state
-from audience_sync.statuses import MODES, Mode, RunKind, RunStatus
+from audience_sync.statuses import DRY_RUN_KINDS, MODES, Mode, RunKind, RunStatus
 from audience_sync.workers import Presence
 
 __all__ = ["Progress", "RunResult", "SyncContext", "exit_code", "run_once", "utcnow"]
@@ -113,7 +113,7 @@ class SyncContext:
 
     @property
     def dry_run(self) -> bool:
-        return self.kind == "dry-run"
+        return self.kind in DRY_RUN_KINDS.values()
 
 
 @dataclass(frozen=True)
@@ -167,7 +167,7 @@ def run_once(
             settings=settings,
             engine=engine,
             mode=mode,
-            kind="dry-run" if dry_run else mode,
+            kind=DRY_RUN_KINDS[mode] if dry_run else mode,
             allow_mass_exit=allow_mass_exit,
             clock=clock,
             stop=stop or threading.Event(),

@@ -5,8 +5,11 @@ whose ``heartbeat_at`` (the **database's** time, as leases use) it renews every
 ``BEAT_SECONDS`` from a thread, and whose ``running`` lists the audiences it holds. A row
 whose heartbeat is older than the lease length belongs to a dead process (killed, or its
 host gone): its leases have expired too, and the next worker to tick takes its audiences
-over. A clean exit records ``stopped_at``. Rows of processes gone for ``KEEP_DAYS`` are
-deleted when a worker starts.
+over. A clean exit records ``stopped_at``.
+
+Rows are deleted when a worker starts: a one-shot sync's (``run``, ``backfill``,
+``retire``: cron starts ~100 a day) an hour after it stopped, any other's when it has been
+gone for ``KEEP_DAYS``; ``prune`` deletes the rows of processes gone longer than its age.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from datetime import datetime
 from types import TracebackType
 from typing import Literal
 
-from sqlalchemy import Engine, case, delete, select, update
+from sqlalchemy import Engine, and_, case, delete, func, or_, select, update
 from sqlalchemy.exc import SQLAlchemyError
 
 from audience_sync import lease
@@ -33,6 +36,8 @@ log = logging.getLogger(__name__)
 BEAT_SECONDS = 10.0
 KEEP_DAYS = 7
 STOP_RECORD_SECONDS = 5.0  # the longest a clean exit waits to record itself
+ONE_SHOT_COMMANDS = ("run", "backfill", "retire")
+ONE_SHOT_KEEP_SECONDS = 3600  # a finished one-shot sync's row, for `workers --all`
 WorkerState = Literal["alive", "dead", "stopped"]
 
 
@@ -56,7 +61,14 @@ class Presence:
         with self._engine.begin() as connection:
             connection.execute(
                 delete(workers).where(
-                    workers.c.heartbeat_at < lease.database_now(dialect, -KEEP_DAYS * 86400)
+                    or_(
+                        workers.c.heartbeat_at < lease.database_now(dialect, -KEEP_DAYS * 86400),
+                        and_(
+                            workers.c.command.in_(ONE_SHOT_COMMANDS),
+                            workers.c.stopped_at
+                            < lease.database_now(dialect, -ONE_SHOT_KEEP_SECONDS),
+                        ),
+                    )
                 )
             )
             connection.execute(
@@ -189,6 +201,23 @@ def list_workers(engine: Engine) -> list[WorkerRow]:
         )
     order = {"alive": 0, "dead": 1, "stopped": 2}
     return sorted(found, key=lambda w: order[w.state])
+
+
+def prune_workers(engine: Engine, older_than_seconds: float, *, dry_run: bool = False) -> int:
+    """Delete (``dry_run``: count) the rows of workers gone — stopped, or without a
+    heartbeat for the lease length — whose last heartbeat is older than the given age."""
+    dialect = engine.dialect.name
+    gone = (
+        or_(
+            workers.c.stopped_at.is_not(None),
+            workers.c.heartbeat_at < lease.database_now(dialect, -lease.LEASE_SECONDS),
+        ),
+        workers.c.heartbeat_at <= lease.database_now(dialect, -older_than_seconds),
+    )
+    with engine.begin() as connection:
+        if dry_run:
+            return connection.scalar(select(func.count()).where(*gone)) or 0
+        return connection.execute(delete(workers).where(*gone)).rowcount
 
 
 def _seconds(now: object, then: datetime) -> float:

@@ -65,7 +65,7 @@ def test_backfill_dry_run_sends_nothing(
     source = workspace.add_file_audience("Order Completed Last 30days")
     write_members(source, range(4))
     [run] = run_once(workspace.settings(), engine, [KEY], mode="backfill", dry_run=True)
-    assert (run.kind, run.status, run.entered) == ("dry-run", "succeeded", 4)
+    assert (run.kind, run.status, run.entered) == ("backfill-dry-run", "succeeded", 4)
     assert gist.requests() == []
 
 

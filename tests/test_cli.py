@@ -50,19 +50,19 @@ def test_run_history_show(workspace: Workspace, gist: FakeGist, cli: Any) -> Non
     code, out, _ = cli("history", "--json")
     assert code == 0
     [run] = json.loads(out)
-    expected = {"id", "audience", "kind", "status", "started_at", "finished_at", "members",
+    expected = {"run_id", "audience_key", "kind", "status", "started_at", "finished_at", "members",
                 "entered", "exited", "delivered", "failed", "rejected"}  # fmt: skip
     assert expected <= set(run)
-    assert (run["audience"], run["status"], run["delivered"], run["rejected"]) == (
+    assert (run["audience_key"], run["status"], run["delivered"], run["rejected"]) == (
         KEY, "succeeded", 2, 1,
     )  # fmt: skip
 
-    code, out, _ = cli("show", str(run["id"]), "--json")
+    code, out, _ = cli("show", str(run["run_id"]), "--json")
     shown = json.loads(out)
     assert {c["user_id"] for c in shown["changes"]} == {"u1", "u2"}
     assert shown["rejected_rows"][0]["reason"] == "invalid email"
 
-    code, out, _ = cli("show", str(run["id"]))
+    code, out, _ = cli("show", str(run["run_id"]))
     assert code == 0
     assert "invalid email" in out
 
@@ -80,8 +80,8 @@ def test_history_filters_and_limit(workspace: Workspace, gist: FakeGist, cli: An
     cli("run")
     _, out, _ = cli("history", "--json", "--audience", "newsletter_signups")
     runs = json.loads(out)
-    assert [r["audience"] for r in runs] == ["newsletter_signups"] * 2
-    assert runs[0]["id"] > runs[1]["id"]  # newest first
+    assert [r["audience_key"] for r in runs] == ["newsletter_signups"] * 2
+    assert runs[0]["run_id"] > runs[1]["run_id"]  # newest first
     _, out, _ = cli("history", "--json", "--limit", "1")
     assert len(json.loads(out)) == 1
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -17,6 +19,7 @@ from audience_sync.cli import run_cli
 from audience_sync.fakegist import FakeGist
 from tests.conftest import (
     API_KEY,
+    EXECUTABLE,
     Workspace,
     assert_no_traceback,
     closed_port,
@@ -84,7 +87,7 @@ def test_sql_source_without_its_driver_fails_only_that_audience(
     code, out, _ = cli("run", "--json")
 
     assert code == 1
-    by_key = {r["audience"]: r for r in _json(out)}
+    by_key = {r["audience_key"]: r for r in _json(out)}
     assert by_key["newsletter_signups"]["status"] == "succeeded"
     assert by_key[KEY]["status"] == "failed"
     assert "pip install 'audience-sync[postgres]'" in by_key[KEY]["error"]
@@ -126,6 +129,135 @@ def test_a_reader_that_leaves_early_is_no_error(
     assert_no_traceback(done.stderr)
     if args[0] == "run":
         assert len(gist.contacts()) == 300  # the sync itself was not cut short
+
+
+@pytest.mark.parametrize(
+    "command", [[EXECUTABLE], [sys.executable, "-m", "audience_sync"]], ids=["script", "module"]
+)
+def test_no_arguments_prints_the_commands_and_exits_2(command: list[str]) -> None:
+    done = subprocess.run(command, capture_output=True, text=True, check=False, timeout=60)
+
+    assert (done.returncode, done.stdout) == (2, "")
+    assert_no_traceback(done.stderr)
+    assert done.stderr.startswith("usage: audience-sync")
+    assert "    run " in done.stderr  # the commands are listed, not only the usage line
+    assert done.stderr.endswith("audience-sync: error: no command given\n")
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_starting_up_exits_130_quietly() -> None:
+    # The first second of `demo` is mostly imports, then the fake Gist starts and syncs.
+    # (A signal in the interpreter's own first ~20 ms, before any of our code, is Python's.)
+    for delay in (0.15, 0.3, 0.45, 0.6, 0.75, 0.9):
+        process = subprocess.Popen(
+            [sys.executable, "-m", "audience_sync", "demo"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        time.sleep(delay)
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=60)
+
+        assert_no_traceback(err)
+        assert "KeyboardInterrupt" not in err, (delay, err)
+        assert process.returncode == 130, (delay, process.returncode, err)
+
+
+# ---------------------------------------------------------------- a newcomer's config and flags
+
+
+def test_history_of_an_unknown_audience_names_the_known_ones(
+    workspace: Workspace, gist: FakeGist, cli: Any
+) -> None:
+    write_members(workspace.add_file_audience("VIP"), [1])
+    write_members(workspace.add_file_audience("Churned"), [2])
+    assert cli("run")[0] == 0
+    workspace.audiences.pop()  # churned: in the history, no longer configured
+    workspace.write_config()
+
+    code, out, err = cli("history", "--audience", "churn")
+
+    assert (code, out) == (2, "")
+    assert err == (
+        "error: history --audience churn: no audience or trait with that key (configured: "
+        "vip; no longer configured: churned)\n"
+    )
+    code, out, _ = cli("history", "--audience", "churned", "--json")
+    assert (code, [r["audience_key"] for r in _json(out)]) == (0, ["churned"])
+
+
+def test_a_config_file_with_a_byte_order_mark_is_read(
+    workspace: Workspace, engine: Engine, cli: Any
+) -> None:
+    write_members(workspace.add_file_audience("VIP"), [1])
+    workspace.config_path.write_bytes(b"\xef\xbb\xbf" + workspace.config_path.read_bytes())
+
+    code, out, err = cli("audiences")
+
+    assert (code, err) == (0, "")
+    assert "vip" in out
+
+
+def test_an_api_key_written_in_the_file_works_with_a_warning(
+    workspace: Workspace, gist: FakeGist, engine: Engine, cli: Any
+) -> None:
+    write_members(workspace.add_file_audience("VIP"), [1])
+    config = workspace.config_path
+    config.write_text(config.read_text().replace("${GIST_API_KEY}", API_KEY))
+
+    code, _, err = cli("run")
+
+    assert code == 0
+    assert err == (
+        f"warning: {config}: gist.api_key is written in the file; set "
+        'api_key = "${GIST_API_KEY}" and export the key instead, so it stays out of backups '
+        "and version control\n"
+    )
+    assert API_KEY not in err
+    assert set(gist.contacts()) == {"u1"}
+    assert cli("history")[2] == ""  # a command that never reads the key says nothing of it
+
+
+def test_a_missing_state_folder_names_the_config_file(
+    tmp_path: Path,
+    gist: FakeGist,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    folder = tmp_path / "nowhere"
+    workspace = Workspace(tmp_path, f"sqlite:///{folder / 'state.db'}", gist.url)
+    write_members(workspace.add_file_audience("VIP"), [1])
+    monkeypatch.setenv("GIST_API_KEY", API_KEY)
+    cli = invoker(workspace, capsys)
+
+    for command in (["run"], ["db", "upgrade"], ["history"]):
+        code, out, err = cli(*command)
+        assert (code, out) == (2, ""), command
+        assert err.startswith(
+            f"error: {workspace.config_path}: state.url: folder {folder} does not exist"
+        ), err
+
+
+@pytest.mark.parametrize(
+    ("args", "usage"),
+    [
+        (["init", "--json"], "init"),
+        (["show", "1", "2"], "show"),
+        (["db", "upgrade", "-x"], "db upgrade"),
+    ],
+    ids=["init-json", "show-extra", "db-upgrade"],
+)
+def test_an_unknown_word_shows_the_commands_own_usage(
+    args: list[str], usage: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        run_cli(args)
+
+    _, err = capsys.readouterr()
+    assert exited.value.code == 2
+    assert err.startswith(f"usage: audience-sync {usage} ")
+    assert f"audience-sync {usage}: error: unrecognized arguments: {args[-1]}" in err
 
 
 # ---------------------------------------------------------------- Gist unreachable
@@ -188,7 +320,7 @@ def test_a_missing_source_file_fails_only_its_audience(
     code, out, _ = cli("run", "--json")
 
     assert code == 1
-    by_key = {r["audience"]: r for r in _json(out)}
+    by_key = {r["audience_key"]: r for r in _json(out)}
     assert by_key["newsletter_signups"]["status"] == "succeeded"
     assert (by_key[KEY]["status"], by_key[KEY]["error"]) == ("failed", f"{missing}: file not found")
     assert set(gist.contacts()) == {"u1"}

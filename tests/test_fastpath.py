@@ -86,9 +86,9 @@ def test_show_and_run_output_tell_a_fast_path_run_apart(
     assert run_cli(["run", *config]) == 0
     out = capsys.readouterr().out
     assert "load and diff skipped (fast path; --full-diff forces them)" in out
-    run_id = load_runs(engine, KEY, 1)[0]["id"]
+    run_id = load_runs(engine, KEY, 1)[0]["run_id"]
     assert run_cli(["show", str(run_id), *config]) == 0
-    assert "fast_path:   True" in capsys.readouterr().out
+    assert "fast_path:       yes" in capsys.readouterr().out
     assert run_cli(["run", "--full-diff", *config]) == 0
     assert "fast path" not in capsys.readouterr().out
     assert load_run(engine, run_id + 1) is not None

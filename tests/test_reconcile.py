@@ -101,7 +101,7 @@ def test_a_dry_run_counts_the_differences_and_records_no_ledger(
     report = reconcile(workspace.settings(), engine, dry_run=True, per_page=4)
 
     [result] = report.results
-    assert (result.kind, result.entered, result.exited, result.resent) == ("dry-run", 3, 1, 1)
+    assert (result.kind, result.entered, result.exited, result.resent) == ("dry-reconcile", 3, 1, 1)
     assert acknowledged(engine, VIP) == set()
     with engine.connect() as connection:
         assert connection.scalar(select(func.count()).select_from(reconciles)) == 0

@@ -194,8 +194,8 @@ def test_run_due_syncs_exactly_the_due_audiences_once_and_writes_the_heartbeat(
     assert [r.audience_key for r in results] == ["nightly", "weekly"]
     assert h.seen == [results]
     assert (
-        "run nightly: succeeded entered=3 exited=1 delivered=4 failed=0 rejected=0 in 1.5s"
-        in caplog.messages
+        "run nightly: succeeded entered=3 exited=1 resent=0 delivered=4 failed=0 rejected=0 "
+        "in 1.5s" in caplog.messages
     )
     beat = json.loads((tmp_path / "beat.json").read_text())
     assert beat["pid"] == os.getpid()
