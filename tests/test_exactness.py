@@ -6,14 +6,20 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, create_engine, inspect, select, text, update
+import time_machine
+from sqlalchemy import Engine, create_engine, func, inspect, select, text, update
+from sqlalchemy.engine import Connection
 
 from audience_sync import lease
 from audience_sync.cli import run_cli
+from audience_sync.errors import LockHeldError
 from audience_sync.fakegist import FakeGist
 from audience_sync.history import load_run, prune
 from audience_sync.models import (
@@ -29,7 +35,14 @@ from audience_sync.models import (
 from audience_sync.runs import utcnow
 from audience_sync.sync import RunResult, run_once
 from audience_sync.verify import save_repairs
-from tests.conftest import API_KEY, Workspace, plant_lease, postgres_admin_url, write_members
+from tests.conftest import API_KEY, Workspace, plant_lease, require_postgres, write_members
+from tests.helpers import (
+    LEASE_SECONDS,
+    database_time,
+    lease_of,
+    renew_leases,
+    take_lease,
+)
 
 VIP = "vip"
 TRAIT = "score"
@@ -197,22 +210,33 @@ def test_every_request_carries_the_current_email(
     sync(workspace, engine)
     assert gist.contacts()["u1"]["email"] == "old@example.com"
 
-    write_members(vip, [("u1", "new@example.com"), 2, 3])
+    # u1 leaves VIP as another source brings it with a new email. The diff plans the exit
+    # from VIP's acknowledged row (old@); the one request for u1 must carry new@.
+    write_members(vip, [2, 3])
     write_members(other, [("u1", "new@example.com")])
-    sync(workspace, engine)
-    assert gist.contacts()["u1"]["email"] == "new@example.com"
-
-    write_members(vip, [2, 3])  # u1 leaves VIP; the exit must not carry old@
     gist.clear_log()
-    sync(workspace, engine)
+    vip_run, _ = sync(workspace, engine)
 
     [request] = gist.requests("/contacts")
     assert request.body == {
         "user_id": "u1",
         "email": "new@example.com",
-        "custom_properties": {VIP: False},
+        "custom_properties": {VIP: False, "other": True},
     }
     assert gist.contacts()["u1"]["email"] == "new@example.com"
+    [exit_email] = table(
+        engine,
+        select(member_changes.c.email).where(member_changes.c.run_id == vip_run.run_id),
+    )
+    assert tuple(exit_email) == ("new@example.com",)  # the ledger says what was sent
+
+    write_members(other, [("u1", "newer@example.com")])
+    write_members(vip, [("u1", "newer@example.com"), 2, 3])  # back in VIP, newer email
+    gist.clear_log()
+    sync(workspace, engine)
+
+    assert {r.body["email"] for r in gist.requests("/contacts")} == {"newer@example.com"}
+    assert gist.contacts()["u1"]["email"] == "newer@example.com"
 
 
 def test_exit_of_a_user_no_source_has_carries_the_last_acknowledged_email(
@@ -358,21 +382,73 @@ def test_guard_percentages_stay_true_after_a_refused_backfill(
 # 6 ----------------------------------------------------------------------------------------
 
 
+OTHER = "elsewhere/boot.1:1:live"  # another machine's owner: never taken for dead
+SKEWS = [pytest.param(120, id="client-2-min-fast"), pytest.param(-120, id="client-2-min-slow")]
+
+
+@contextmanager
+def client_clock_off_by(engine: Engine, seconds: int) -> Iterator[None]:
+    """Shift this process's clocks (``time.time``, ``datetime.now``, …) by ``seconds``; the
+    database's clock (SQLite's C library, PostgreSQL's server) stays where it is."""
+    with time_machine.travel(datetime.now(UTC) + timedelta(seconds=seconds), tick=True):
+        skew = (utcnow() - database_time(engine)).total_seconds()
+        assert abs(skew - seconds) < 5, "the client's clock did not move apart from the database's"
+        yield
+
+
+@pytest.mark.parametrize("skew", SKEWS)
 def test_lease_times_come_from_the_database_not_the_client(
-    workspace: Workspace, engine: Engine, gist: FakeGist
+    workspace: Workspace, engine: Engine, gist: FakeGist, skew: int
 ) -> None:
-    source = add_audience(workspace)
-    write_members(source, [1])
-    plant_lease(engine, VIP, "elsewhere/boot.1:1:live", 30)
-    from datetime import timedelta
+    live = add_audience(workspace, "live")
+    expired = add_audience(workspace, "expired")
+    write_members(live, [1])
+    write_members(expired, [2])
+    plant_lease(engine, "live", OTHER, 30)  # 30 s left, database time
+    plant_lease(engine, "expired", OTHER, -30)  # ended 30 s ago, database time
+    planted = lease_of(engine, "live")
 
-    # A client whose clock runs two minutes fast sees that lease as expired: it must not
-    # take it, since by the database's time it is live.
-    ahead = utcnow() + timedelta(seconds=120)
-    [run] = sync(workspace, engine, clock=lambda: ahead)
+    # A client two minutes fast sees the live lease as expired, one two minutes slow sees the
+    # expired one as live: neither may act on it.
+    with client_clock_off_by(engine, skew):
+        on_live, on_expired = sync(workspace, engine)
 
-    assert run.status == "skipped"
-    assert gist.requests() == []
+    assert (on_live.status, on_expired.status) == ("skipped", "succeeded")
+    assert [r.body["user_id"] for r in gist.requests("/contacts")] == ["u2"]
+    assert lease_of(engine, "live") == planted  # untouched
+    assert lease_of(engine, "expired") is None  # taken over, then released
+
+
+@pytest.mark.parametrize("skew", SKEWS)
+def test_a_lease_is_taken_and_renewed_until_the_database_now_plus_its_length(
+    engine: Engine, skew: int
+) -> None:
+    me = "here/boot.1:1:me"
+    plant_lease(engine, "live", OTHER, 30)
+    plant_lease(engine, "expired", OTHER, -30)
+    plant_lease(engine, "mine", me, 30)
+    plant_lease(engine, "mine-expired", me, -30)  # lapsed: renewing cannot bring it back
+    untouched = {key: lease_of(engine, key) for key in ("live", "mine-expired")}
+
+    with client_clock_off_by(engine, skew):
+        before = database_time(engine)
+        with pytest.raises(LockHeldError):
+            take_lease(engine, "live", me)
+        assert take_lease(engine, "expired", me) == OTHER
+        assert take_lease(engine, "new", me) is None
+        assert renew_leases(engine, ["mine", "mine-expired", "live"], me) == {"mine"}
+        after = database_time(engine)
+
+    length, slack = timedelta(seconds=LEASE_SECONDS), timedelta(seconds=1)
+    for key in ("expired", "new", "mine"):
+        row = lease_of(engine, key)
+        assert row is not None, key
+        owner, acquired, expires = row
+        assert owner == me, key
+        assert before - slack <= expires - length <= after + slack, key
+        if key != "mine":  # renewing moves the end only
+            assert before - slack <= acquired <= after + slack, key
+    assert {key: lease_of(engine, key) for key in untouched} == untouched
 
 
 def test_a_holder_that_loses_its_lease_stops_and_records_nothing_more(
@@ -385,11 +461,18 @@ def test_a_holder_that_loses_its_lease_stops_and_records_nothing_more(
     gist.latency = 0.05
     import threading
 
+    at_theft: dict[str, Any] = {}
+
     def steal() -> None:
         while len(gist.requests("/contacts")) < 10:
             time.sleep(0.005)
         with engine.begin() as connection:
             connection.execute(update(leases).values(owner="thief/boot.1:1:x"))
+            # What was recorded when the lease changed hands (in the same transaction: a
+            # save of the holder's either committed before it or is fenced out after it).
+            at_theft["members"] = set(connection.scalars(select(memberships.c.user_id)))
+            at_theft["delivered"] = delivered_changes(connection)
+            at_theft["answered"] = len(gist.requests("/contacts"))
 
     thief = threading.Thread(target=steal)
     thief.start()
@@ -404,11 +487,23 @@ def test_a_holder_that_loses_its_lease_stops_and_records_nothing_more(
     acked = {u for (u,) in table(engine, select(memberships.c.user_id))}
     in_gist = {u for u, v in held(gist, VIP).items() if v is True}
     assert acked <= in_gist  # only what Gist acknowledged before the theft was recorded
+    # Gist answered the holder after the theft (requests in flight, acknowledgements not yet
+    # saved), and none of those answers was recorded: not one membership, not one change.
+    assert stolen_at > at_theft["answered"]
+    assert acked == at_theft["members"]
+    with engine.connect() as connection:
+        assert delivered_changes(connection) == at_theft["delivered"]
     with engine.begin() as connection:
         connection.execute(leases.delete())
     gist.latency = 0
     assert sync(workspace, engine)[0].status == "succeeded"
     assert {u for u, v in held(gist, VIP).items() if v is True} == {f"u{n}" for n in range(60)}
+
+
+def delivered_changes(connection: Connection) -> int:
+    return int(
+        connection.scalar(select(func.count()).where(member_changes.c.status == "delivered")) or 0
+    )
 
 
 def test_owners_on_two_hosts_with_one_name_are_not_mistaken_for_dead() -> None:
@@ -429,9 +524,7 @@ def test_owners_on_two_hosts_with_one_name_are_not_mistaken_for_dead() -> None:
 def test_password_in_a_url_query_never_shows(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    admin = postgres_admin_url()
-    if admin is None:
-        pytest.skip("PostgreSQL is not reachable at 127.0.0.1:5432 (database test)")
+    admin = require_postgres()
     secret = f"pw-{uuid.uuid4().hex}"
     bad = admin.replace("/test", "/no_such_database") + f"?password={secret}"
     good = f"{admin}?password={secret}"
@@ -666,9 +759,7 @@ def test_a_run_whose_rows_are_all_rejected_fails(
 def test_uuid_user_ids_from_postgresql(
     workspace: Workspace, engine: Engine, gist: FakeGist
 ) -> None:
-    admin = postgres_admin_url()
-    if admin is None:
-        pytest.skip("PostgreSQL is not reachable at 127.0.0.1:5432 (database test)")
+    admin = require_postgres()
     ids = [uuid.uuid4() for _ in range(3)]
     rows = ", ".join(f"('{i}'::uuid, 'u{n}@example.com')" for n, i in enumerate(ids))
     workspace.add_sql_audience(
