@@ -135,9 +135,12 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             return
         status, body, headers = answer
-        payload = json.dumps(body).encode()
+        # No body at all (a redirect): a 304 must not have one, or it would be read as the
+        # start of the next answer on the connection.
+        payload = b"" if body is None else json.dumps(body).encode()
         self.send_response(status)
-        self.send_header("Content-Type", "application/json")
+        if payload:
+            self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(payload)))
         for name, value in headers.items():
             self.send_header(name, value)
@@ -172,6 +175,9 @@ class FakeGist(BackgroundServer):
         self._fail_next_status = 503
         self._fail_next_retry_after: str | None = None
         self._fail_next_message = "Service unavailable"
+        self._redirect_next = 0
+        self._redirect_status = 302
+        self._redirect_location = "/moved"
         self._drop_next = 0
         self._drop_applied = 0
         self._fail_users: dict[str, tuple[int, str]] = {}
@@ -280,6 +286,16 @@ class FakeGist(BackgroundServer):
             self._fail_next_retry_after = retry_after
             self._fail_next_message = message
 
+    def redirect_next(self, n: int, status: int = 302, location: str = "/moved") -> None:
+        """Answer the next ``n`` requests with a 3xx naming ``location``, an empty body and
+        nothing applied: a proxy or a moved API, which the client must not take for a yes."""
+        if not 300 <= status < 400:
+            raise ValueError(f"not a redirect status: {status}")
+        with self._lock:
+            self._redirect_next = n
+            self._redirect_status = status
+            self._redirect_location = location
+
     def drop_next(self, n: int) -> None:
         with self._lock:
             self._drop_next = n
@@ -313,6 +329,7 @@ class FakeGist(BackgroundServer):
     def reset_faults(self) -> None:
         with self._lock:
             self._fail_next = 0
+            self._redirect_next = 0
             self._drop_next = 0
             self._drop_applied = 0
             self._fail_users.clear()
@@ -365,6 +382,9 @@ class FakeGist(BackgroundServer):
     ) -> _Answer:
         if authorization != f"Bearer {self.api_key}":
             return 401, _errors("Unauthorized"), {}
+        if self._redirect_next > 0:
+            self._redirect_next -= 1
+            return self._redirect_status, None, {"Location": self._redirect_location}
         if self._fail_next > 0:
             self._fail_next -= 1
             headers: _Headers = {}
