@@ -18,7 +18,7 @@ from sqlalchemy import Engine, create_engine, func, select, text
 from audience_sync.fakegist import FakeGist
 from audience_sync.models import member_changes, sync_runs, uncertain_members
 from audience_sync.sync import RunResult, run_once
-from tests.conftest import Workspace, postgres_admin_url, write_members
+from tests.conftest import Workspace, require_postgres, write_members
 from tests.helpers import KEY, acknowledged, free_port, in_gist, users
 
 BEFORE = range(30)  # acknowledged before the fault
@@ -193,7 +193,7 @@ def test_state_db_unavailable_mid_run(
         blocker.close()
     else:
         # Every connection of this sync is killed, as in a PostgreSQL restart.
-        admin = create_engine(postgres_admin_url() or "")
+        admin = create_engine(require_postgres())
         name = state_url.rsplit("application_name=", 1)[1]
         killed = 0
         for _ in range(5):

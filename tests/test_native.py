@@ -18,7 +18,7 @@ from audience_sync.metrics import Metrics
 from audience_sync.models import member_changes, rejected_rows
 from audience_sync.stage import TEXT_TYPES, WHOLE_TYPES, _checked_rows, column_types
 from audience_sync.sync import RunResult, run_once
-from tests.conftest import Workspace, postgres_admin_url
+from tests.conftest import Workspace, require_postgres
 
 # Warehouse-native staging exists on a PostgreSQL state only.
 postgres_state = pytest.mark.parametrize(
@@ -40,8 +40,7 @@ ROWS: list[tuple[Any, Any]] = [
 @pytest.fixture
 def warehouse(workspace: Workspace) -> Iterator[str]:
     """A schema of the state's PostgreSQL database holding a `members` table."""
-    admin = postgres_admin_url()
-    assert admin is not None
+    admin = require_postgres()
     schema = f"wh_{uuid.uuid4().hex[:10]}"
     engine = create_engine(admin, poolclass=NullPool)
     with engine.begin() as connection:
@@ -58,8 +57,7 @@ def warehouse(workspace: Workspace) -> Iterator[str]:
 
 
 def fill(schema: str, rows: list[tuple[Any, Any]], table: str = "members") -> None:
-    admin = postgres_admin_url()
-    assert admin is not None
+    admin = require_postgres()
     engine = create_engine(admin, poolclass=NullPool)
     with engine.begin() as connection:
         connection.execute(text(f'TRUNCATE "{schema}".{table}'))
@@ -136,8 +134,7 @@ def test_native_and_python_paths_plan_the_same(
 ) -> None:
     fill(warehouse, ROWS)
     # The same database under another spelling of its URL: rows go through Python.
-    admin = postgres_admin_url()
-    assert admin is not None
+    admin = require_postgres()
     other = admin.replace("127.0.0.1", "localhost")
     workspace.audiences.append(
         {"name": "Native", "key": "native", "source": "state", "query": query(warehouse)}
@@ -204,8 +201,7 @@ def test_a_writing_query_is_refused_and_writes_nothing(
 
     assert run.status == "failed"
     assert "must be read-only" in (run.error or "")
-    admin = postgres_admin_url()
-    assert admin is not None
+    admin = require_postgres()
     check = create_engine(admin, poolclass=NullPool)
     with check.connect() as connection:
         left = connection.scalar(text(f'SELECT count(*) FROM "{warehouse}".members'))
