@@ -432,7 +432,7 @@ def test_a_lease_is_taken_and_renewed_until_the_database_now_plus_its_length(
 
     with client_clock_off_by(engine, skew):
         before = database_time(engine)
-        with pytest.raises(LockHeldError):
+        with pytest.raises(LockHeldError, match=f"'live' is being synced by {OTHER}"):
             take_lease(engine, "live", me)
         assert take_lease(engine, "expired", me) == OTHER
         assert take_lease(engine, "new", me) is None
@@ -715,6 +715,31 @@ def test_integer_ids_in_any_type_are_one_user(
     assert (run.entered, run.exited, run.rejected) == (0, 0, 0)
     assert gist.requests() == []
     assert held(gist, VIP) == {"42": True, "7": True}
+
+
+def test_a_member_whose_row_is_rejected_stays_whatever_the_type_of_its_id(
+    workspace: Workspace, engine: Engine, gist: FakeGist
+) -> None:
+    # A rejected row protects its user's membership (a broken email is no exit), which takes
+    # the rejected row's id in the canonical form the membership has: 42.0 is user 42.
+    source = add_audience(workspace)
+    write_rows(
+        source,
+        [{"user_id": 42, "email": "a@example.com"}, {"user_id": 7, "email": "b@example.com"}],
+    )
+    sync(workspace, engine)
+    write_rows(
+        source,
+        [{"user_id": 42.0, "email": "not an email"}, {"user_id": 7, "email": "b@example.com"}],
+    )
+    gist.clear_log()
+
+    [run] = sync(workspace, engine)
+
+    assert (run.status, run.rejected, run.exited) == ("succeeded", 1, 0)
+    assert gist.requests() == []
+    assert held(gist, VIP) == {"42": True, "7": True}
+    assert table(engine, select(rejected_rows.c.user_id)) == [("42",)]
 
 
 def test_fractional_ids_are_rejected_with_the_reason(
