@@ -135,6 +135,27 @@ def test_null_trait_value_then_lost_answer_then_leaving_sends_null(
     assert (sync(workspace, engine)[0].entered, gist.requests()) == (0, [])
 
 
+def test_a_trait_value_back_to_the_acknowledged_one_after_a_lost_answer_is_sent(
+    workspace: Workspace, engine: Engine, gist: FakeGist
+) -> None:
+    # The value is the acknowledged one again, so only u1 being uncertain (Gist may hold
+    # the 7 whose answer was lost) says to send it. Found by benchmarks/mutation.py.
+    source = add_trait(workspace)
+    values(source, {"u1": 1, "u2": 1})
+    sync(workspace, engine)
+    values(source, {"u1": 7, "u2": 1})
+    sync_losing_answers(workspace, engine, gist)
+    assert held(gist, TRAIT)["u1"] == 7  # applied, though never acknowledged
+
+    values(source, {"u1": 1, "u2": 1})
+    [run] = sync(workspace, engine)
+
+    assert run.status == "succeeded"
+    assert held(gist, TRAIT) == {"u1": 1, "u2": 1}
+    gist.clear_log()
+    assert (sync(workspace, engine)[0].entered, gist.requests()) == (0, [])
+
+
 # 2 ----------------------------------------------------------------------------------------
 
 
