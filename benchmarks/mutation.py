@@ -57,6 +57,7 @@ FAST_TESTS = (
     "tests/test_sync.py",
     "tests/test_traits.py",
     "tests/test_backfill.py",
+    "tests/test_native.py",  # warehouse-native staging: PostgreSQL only (--stores both)
     "tests/test_fastpath.py::test_any_doubt_means_a_full_diff_that_leaves_gist_equal_to_the_source",
     "tests/test_fastpath.py::test_unchanged_file_after_a_clean_run_skips_load_and_diff",
     "tests/test_fastpath.py::test_gist_edits_are_not_noticed_by_the_fast_path_but_by_verify_repair",
