@@ -156,6 +156,24 @@ def test_a_trait_value_back_to_the_acknowledged_one_after_a_lost_answer_is_sent(
     assert (sync(workspace, engine)[0].entered, gist.requests()) == (0, [])
 
 
+def test_an_object_value_with_its_keys_in_another_order_is_the_same_value(
+    workspace: Workspace, engine: Engine, gist: FakeGist
+) -> None:
+    # Values are compared as canonical JSON: a source that writes the same object's keys
+    # in another order has changed nothing, so nothing is sent and no event is owed.
+    source = add_trait(workspace, send_track=True)
+    values(source, {"u1": {"tier": "gold", "points": 3}})
+    sync(workspace, engine)
+    values(source, {"u1": {"points": 3, "tier": "gold"}})
+    gist.clear_log()
+
+    [run] = sync(workspace, engine)
+
+    assert (run.status, run.entered, run.resent) == ("succeeded", 0, 0)
+    assert gist.requests() == []
+    assert held(gist, TRAIT) == {"u1": {"points": 3, "tier": "gold"}}
+
+
 # 2 ----------------------------------------------------------------------------------------
 
 
