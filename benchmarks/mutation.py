@@ -115,6 +115,7 @@ def main() -> int:
     add("--seed", type=int, default=29)
     add("--stores", choices=["sqlite", "both"], default="sqlite", help="which cases of the subset")
     add("--tests-from", metavar="REV", help="take tests/ from this git revision (a score before)")
+    add("--from-dir", type=Path, help="report on a scratch copy kept by --keep (a run cut short)")
     parser.add_argument("--jobs", type=int, default=2, help="mutants tested at once")
     parser.add_argument("--json", type=Path, help="also write the mutants as JSON here")
     parser.add_argument("--keep", action="store_true", help="keep the scratch copy")
@@ -125,19 +126,21 @@ def main() -> int:
         parser.error(f"no such module: {', '.join(unknown)}")
 
     started = time.monotonic()
+    if args.from_dir:
+        # The same modules, sample and seed pick the same mutants; those mutmut did not
+        # get to are reported as not run.
+        names = listed(args.from_dir, modules)
+        chosen = sample(names, args.max_mutants, args.seed)
+        report(collect(args.from_dir, chosen), names, 0.0, args)
+        return 0
     work = Path(tempfile.mkdtemp(prefix="audience-sync-mutation-"))
     try:
         prepare(work, modules, args.stores, args.tests_from)
         names = generate(work, modules)
         chosen = sample(names, args.max_mutants, args.seed)
         log(f"testing {sum(map(len, chosen.values()))} of {sum(map(len, names.values()))} mutants")
-        mutmut(
-            work,
-            "run",
-            "--max-children",
-            str(args.jobs),
-            *sorted(n for ns in chosen.values() for n in ns),
-        )
+        every = sorted(n for ns in chosen.values() for n in ns)
+        mutmut(work, "run", "--max-children", str(args.jobs), *every)
         mutants = collect(work, chosen)
     finally:
         if args.keep:
@@ -210,6 +213,11 @@ def generate(work: Path, modules: list[str]) -> dict[str, list[str]]:
     """Generate every mutant (no test run: a pattern that names none) and list them by
     module."""
     mutmut(work, "run", "--max-children", "1", f"{PACKAGE}.no_such_module.*", quiet=True)
+    return listed(work, modules)
+
+
+def listed(work: Path, modules: list[str]) -> dict[str, list[str]]:
+    """The mutants generated in ``work``, by module."""
     names: dict[str, list[str]] = {}
     for module in modules:
         stem = f"{PACKAGE}.{module.removesuffix('.py')}."
@@ -268,8 +276,8 @@ def report(
     print(f"mutation testing: {tests}, stores: {args.stores}, seed {args.seed}, "
           f"{elapsed / 60:.1f} min wall")  # fmt: skip
     print()
-    print("| module | mutants | tested | killed | survived | no tests | other | score |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| module | mutants | tested | killed | survived | no tests | other | not run | score |")
+    print("|---|---|---|---|---|---|---|---|---|")
     total: Counter[str] = Counter()
     for module in names:
         counts = by_module[module]
@@ -279,7 +287,7 @@ def report(
     print()
     print("Survivors (file:line, the mutation):")
     for mutant in mutants:
-        if mutant.status != "killed":
+        if mutant.status not in ("killed", "not checked"):
             change = " | ".join(
                 line[1:].strip()
                 for line in mutant.diff.splitlines()
@@ -291,13 +299,14 @@ def report(
 
 
 def row(module: str, generated: int, counts: Counter[str]) -> str:
-    tested = sum(counts.values())
+    not_run = counts["not checked"]
+    tested = sum(counts.values()) - not_run
     killed = counts["killed"]
     other = tested - killed - counts["survived"] - counts["no tests"]
     # The score counts a mutant no test reaches as surviving: nothing would catch it.
-    score = f"{killed / tested:.0%}" if tested else "-"
+    score = f"{killed / tested:.1%}" if tested else "-"
     return (f"| {module} | {generated} | {tested} | {killed} | {counts['survived']} | "
-            f"{counts['no tests']} | {other} | {score} |")  # fmt: skip
+            f"{counts['no tests']} | {other} | {not_run} | {score} |")  # fmt: skip
 
 
 if __name__ == "__main__":
