@@ -1084,6 +1084,27 @@ def test_keep_resends_the_last_value_of_an_uncertain_user_who_left(
     }
 
 
+def test_keep_never_takes_a_dry_runs_value_for_one_attempted(
+    workspace: Workspace, engine: Engine, gist: FakeGist
+) -> None:
+    # A dry run plans without sending: its value was never attempted, so a user who then
+    # leaves keeps the last value really sent (5), not the dry run's (9). Found by
+    # benchmarks/mutation.py.
+    source = add_trait(workspace, on_missing="keep")
+    values(source, {"u1": 1, "u2": 2})
+    sync(workspace, engine)
+    values(source, {"u1": 5, "u2": 2})
+    sync_losing_answers(workspace, engine, gist)
+    values(source, {"u1": 9, "u2": 2})
+    assert sync(workspace, engine, dry_run=True)[0].kind == "dry-run"
+    values(source, {"u2": 2})
+
+    [run] = sync(workspace, engine)
+
+    assert run.status == "succeeded"
+    assert held(gist, TRAIT) == {"u1": 5, "u2": 2}
+
+
 def test_audiences_disagreeing_on_an_email_in_separate_runs_do_not_resend_forever(
     workspace: Workspace, engine: Engine, gist: FakeGist
 ) -> None:
