@@ -257,11 +257,11 @@ def _owed_event(
     assert (ran.status, ran.delivered, gist.events()) == ("succeeded", 1, [])
     with engine.connect() as connection:
         owed = connection.execute(
-            select(member_changes.c.status, member_changes.c.event_status).where(
-                member_changes.c.user_id == "u10"
-            )
+            select(
+                member_changes.c.status, member_changes.c.event_status, member_changes.c.event_error
+            ).where(member_changes.c.user_id == "u10")
         ).all()
-    assert [tuple(row) for row in owed] == [("delivered", "failed")]
+    assert [tuple(row) for row in owed] == [("delivered", "failed", "HTTP 422: Event refused")]
     return {}
 
 
