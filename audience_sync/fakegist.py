@@ -156,15 +156,23 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             return
         status, body, headers = answer
-        payload = body.data if isinstance(body, _Raw) else json.dumps(body).encode()
+        # No body at all (a redirect): a 304 must not have one, or it would be read as the
+        # start of the next answer on the connection.
+        if body is None:
+            payload = b""
+        elif isinstance(body, _Raw):
+            payload = body.data
+        else:
+            payload = json.dumps(body).encode()
         trickle = gist._take_trickle()
         if trickle is not None:
             length, every = trickle
             payload = payload.ljust(length)  # JSON still, should it ever arrive whole
         self.send_response(status)
-        self.send_header(
-            "Content-Type", body.content_type if isinstance(body, _Raw) else "application/json"
-        )
+        if payload:
+            self.send_header(
+                "Content-Type", body.content_type if isinstance(body, _Raw) else "application/json"
+            )
         self.send_header("Content-Length", str(len(payload)))
         for name, value in headers.items():
             self.send_header(name, value)
@@ -214,6 +222,9 @@ class FakeGist(BackgroundServer):
         self._fail_next_status = 503
         self._fail_next_retry_after: str | None = None
         self._fail_next_message = "Service unavailable"
+        self._redirect_next = 0
+        self._redirect_status = 302
+        self._redirect_location = "/moved"
         self._drop_next = 0
         self._drop_applied = 0
         self._fail_users: dict[str, tuple[int, str]] = {}
@@ -372,6 +383,16 @@ class FakeGist(BackgroundServer):
             self._fail_next_retry_after = retry_after
             self._fail_next_message = message
 
+    def redirect_next(self, n: int, status: int = 302, location: str = "/moved") -> None:
+        """Answer the next ``n`` requests with a 3xx naming ``location``, an empty body and
+        nothing applied: a proxy or a moved API, which the client must not take for a yes."""
+        if not 300 <= status < 400:
+            raise ValueError(f"not a redirect status: {status}")
+        with self._lock:
+            self._redirect_next = n
+            self._redirect_status = status
+            self._redirect_location = location
+
     def drop_next(self, n: int) -> None:
         with self._lock:
             self._drop_next = n
@@ -429,6 +450,7 @@ class FakeGist(BackgroundServer):
         with self._lock:
             self._raw_next.clear()
             self._fail_next = 0
+            self._redirect_next = 0
             self._drop_next = 0
             self._drop_applied = 0
             self._trickle_next = 0
@@ -490,6 +512,9 @@ class FakeGist(BackgroundServer):
         if self._raw_next:
             status, raw = self._raw_next.pop()
             return status, raw, {}
+        if self._redirect_next > 0:
+            self._redirect_next -= 1
+            return self._redirect_status, None, {"Location": self._redirect_location}
         if self._fail_next > 0:
             self._fail_next -= 1
             headers: _Headers = {}

@@ -1,5 +1,10 @@
 """Shared fixtures: state stores built by running the migrations (SQLite always, PostgreSQL
-when reachable), a loopback fake Gist, and a workspace that writes configs and sources."""
+when reachable), a loopback fake Gist, and a workspace that writes configs and sources.
+
+Every PostgreSQL test reaches the server through ``require_postgres`` (directly or through
+the ``state_url`` fixture): with ``AUDIENCE_SYNC_REQUIRE_POSTGRES`` set, as CI sets it, an
+unreachable server fails those tests instead of skipping them, and any test that skips
+for PostgreSQL some other way is turned into a failure (``pytest_runtest_makereport``)."""
 
 from __future__ import annotations
 
@@ -10,7 +15,7 @@ import socket
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable, Iterator
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -34,7 +39,11 @@ EXECUTABLE = str(Path(sys.executable).with_name("audience-sync"))
 settings.register_profile("ci", derandomize=True, print_blob=True)
 if os.environ.get("CI"):
     settings.load_profile("ci")
-PG_ADMIN_URL = "postgresql+psycopg://{user}@127.0.0.1:5432/test"
+REQUIRE_POSTGRES = "AUDIENCE_SYNC_REQUIRE_POSTGRES"
+# Where the test server listens (host:port); another value points the tests elsewhere, e.g.
+# at a dead port to check that none of them skips when PostgreSQL is required.
+PG_ADDRESS = os.environ.get("AUDIENCE_SYNC_TEST_POSTGRES", "127.0.0.1:5432")
+PG_ADMIN_URL = "postgresql+psycopg://{user}@" + PG_ADDRESS + "/test"
 
 
 @cache
@@ -55,13 +64,32 @@ def postgres_admin_url() -> str | None:
 
 
 def require_postgres() -> str:
-    """The local PostgreSQL server's admin URL; skips (fails in CI) when it is down."""
+    """The local PostgreSQL server's admin URL; skips (fails in CI) when it is down. The one
+    way a test asks for PostgreSQL."""
     admin = postgres_admin_url()
     if admin is None:
-        if os.environ.get("AUDIENCE_SYNC_REQUIRE_POSTGRES"):
-            pytest.fail("AUDIENCE_SYNC_REQUIRE_POSTGRES is set but PostgreSQL is not reachable")
-        pytest.skip("PostgreSQL is not reachable at 127.0.0.1:5432 (database test)")
+        if os.environ.get(REQUIRE_POSTGRES):
+            pytest.fail(
+                f"{REQUIRE_POSTGRES} is set but PostgreSQL is not reachable at {PG_ADDRESS}"
+            )
+        pytest.skip(f"PostgreSQL is not reachable at {PG_ADDRESS} (database test)")
     return admin
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """With ``AUDIENCE_SYNC_REQUIRE_POSTGRES`` set, a test skipped for PostgreSQL's sake fails,
+    whichever way it skipped (a ``pytest.skip`` of its own, a ``skipif``): CI can never pass
+    by skipping the PostgreSQL tests."""
+    report = yield
+    if report.skipped and os.environ.get(REQUIRE_POSTGRES) and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
+        if "postgres" in str(reason).lower():
+            report.outcome = "failed"
+            report.longrepr = f"{REQUIRE_POSTGRES} is set, but the test skipped: {reason}"
+    return report
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])

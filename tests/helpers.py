@@ -1,5 +1,7 @@
 """Helpers several test modules share (fixtures live in conftest.py): what Gist and the
-state database hold, a free loopback port, and a TCP proxy that partitions."""
+state database hold, a free loopback port, a TCP proxy that partitions, and the one place
+tests call the lease module (so a change of its signatures is repointed here, not in every
+test)."""
 
 from __future__ import annotations
 
@@ -7,12 +9,15 @@ import contextlib
 import selectors
 import socket
 import threading
+from collections.abc import Iterable
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Engine, select
+from sqlalchemy import DateTime, Engine, select, type_coerce
 
+from audience_sync import lease
 from audience_sync.fakegist import FakeGist
-from audience_sync.models import memberships
+from audience_sync.models import leases, memberships
 
 KEY = "order_completed_last_30days"  # the property of "Order Completed Last 30days"
 
@@ -148,3 +153,42 @@ class PausableProxy:
             for sock in (source, target):
                 with contextlib.suppress(OSError):
                     sock.shutdown(socket.SHUT_RDWR)
+
+
+# Leases ------------------------------------------------------------------------------------
+
+LEASE_SECONDS = lease.LEASE_SECONDS  # the length a lease is taken and renewed for
+
+
+def take_lease(engine: Engine, key: str, owner: str) -> str | None:
+    """``lease.acquire``: the previous owner when an expired or dead lease was taken over;
+    raises LockHeldError when another owner's lease is live."""
+    return lease.acquire(engine, key, owner)
+
+
+def renew_leases(engine: Engine, keys: Iterable[str], owner: str) -> set[str]:
+    """``lease.renew`` in a transaction of its own: the keys ``owner`` still holds."""
+    with engine.begin() as connection:
+        return lease.renew(connection, keys, owner)
+
+
+def lease_of(engine: Engine, key: str) -> tuple[str, datetime, datetime] | None:
+    """The lease held on ``key``: (owner, acquired_at, expires_at), naive UTC; None when
+    none is (a released lease keeps its row, naming its last holder)."""
+    with engine.connect() as connection:
+        row = connection.execute(
+            select(leases.c.owner, leases.c.acquired_at, leases.c.expires_at).where(
+                leases.c.audience_key == key, leases.c.released_at.is_(None)
+            )
+        ).first()
+    return None if row is None else (row.owner, row.acquired_at, row.expires_at)
+
+
+def database_time(engine: Engine) -> datetime:
+    """The state database's own clock, naive UTC, as leases are stamped with it."""
+    with engine.connect() as connection:
+        now = connection.scalar(
+            select(type_coerce(lease.database_now(engine.dialect.name), DateTime()))
+        )
+    assert isinstance(now, datetime)
+    return now

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import subprocess
 import sys
 import tomllib
@@ -78,3 +79,17 @@ def test_example_config_documents_the_state_keys() -> None:
     example = (ROOT / "config.example.toml").read_text()
     assert "pip install 'audience-sync[postgres]'" in example
     assert "schema = " in example
+
+
+def test_every_test_the_guarantees_name_exists() -> None:
+    # A renamed or removed test would leave a promise held by nothing.
+    section = README.split("\n## Guarantees\n", 1)[1].split("\n## ", 1)[0]
+    named = set(re.findall(r"`(test_\w+)(?:\.\.\.)?`", section))
+    defined = {
+        name
+        for path in (ROOT / "tests").glob("test_*.py")
+        for name in re.findall(r"^def (test_\w+)\(", path.read_text(), re.MULTILINE)
+    }
+    missing = {n for n in named if not any(d.startswith(n) for d in defined)}
+    assert named
+    assert missing == set()

@@ -6,14 +6,20 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, create_engine, inspect, select, text, update
+import time_machine
+from sqlalchemy import Engine, create_engine, func, inspect, select, text, update
+from sqlalchemy.engine import Connection
 
 from audience_sync import lease
 from audience_sync.cli import run_cli
+from audience_sync.errors import LockHeldError
 from audience_sync.fakegist import FakeGist
 from audience_sync.history import load_run, prune
 from audience_sync.models import (
@@ -29,7 +35,14 @@ from audience_sync.models import (
 from audience_sync.runs import utcnow
 from audience_sync.sync import RunResult, run_once
 from audience_sync.verify import save_repairs
-from tests.conftest import API_KEY, Workspace, plant_lease, postgres_admin_url, write_members
+from tests.conftest import API_KEY, Workspace, plant_lease, require_postgres, write_members
+from tests.helpers import (
+    LEASE_SECONDS,
+    database_time,
+    lease_of,
+    renew_leases,
+    take_lease,
+)
 
 VIP = "vip"
 TRAIT = "score"
@@ -122,6 +135,45 @@ def test_null_trait_value_then_lost_answer_then_leaving_sends_null(
     assert (sync(workspace, engine)[0].entered, gist.requests()) == (0, [])
 
 
+def test_a_trait_value_back_to_the_acknowledged_one_after_a_lost_answer_is_sent(
+    workspace: Workspace, engine: Engine, gist: FakeGist
+) -> None:
+    # The value is the acknowledged one again, so only u1 being uncertain (Gist may hold
+    # the 7 whose answer was lost) says to send it. Found by benchmarks/mutation.py.
+    source = add_trait(workspace)
+    values(source, {"u1": 1, "u2": 1})
+    sync(workspace, engine)
+    values(source, {"u1": 7, "u2": 1})
+    sync_losing_answers(workspace, engine, gist)
+    assert held(gist, TRAIT)["u1"] == 7  # applied, though never acknowledged
+
+    values(source, {"u1": 1, "u2": 1})
+    [run] = sync(workspace, engine)
+
+    assert run.status == "succeeded"
+    assert held(gist, TRAIT) == {"u1": 1, "u2": 1}
+    gist.clear_log()
+    assert (sync(workspace, engine)[0].entered, gist.requests()) == (0, [])
+
+
+def test_an_object_value_with_its_keys_in_another_order_is_the_same_value(
+    workspace: Workspace, engine: Engine, gist: FakeGist
+) -> None:
+    # Values are compared as canonical JSON: a source that writes the same object's keys
+    # in another order has changed nothing, so nothing is sent and no event is owed.
+    source = add_trait(workspace, send_track=True)
+    values(source, {"u1": {"tier": "gold", "points": 3}})
+    sync(workspace, engine)
+    values(source, {"u1": {"points": 3, "tier": "gold"}})
+    gist.clear_log()
+
+    [run] = sync(workspace, engine)
+
+    assert (run.status, run.entered, run.resent) == ("succeeded", 0, 0)
+    assert gist.requests() == []
+    assert held(gist, TRAIT) == {"u1": {"points": 3, "tier": "gold"}}
+
+
 # 2 ----------------------------------------------------------------------------------------
 
 
@@ -197,22 +249,33 @@ def test_every_request_carries_the_current_email(
     sync(workspace, engine)
     assert gist.contacts()["u1"]["email"] == "old@example.com"
 
-    write_members(vip, [("u1", "new@example.com"), 2, 3])
+    # u1 leaves VIP as another source brings it with a new email. The diff plans the exit
+    # from VIP's acknowledged row (old@); the one request for u1 must carry new@.
+    write_members(vip, [2, 3])
     write_members(other, [("u1", "new@example.com")])
-    sync(workspace, engine)
-    assert gist.contacts()["u1"]["email"] == "new@example.com"
-
-    write_members(vip, [2, 3])  # u1 leaves VIP; the exit must not carry old@
     gist.clear_log()
-    sync(workspace, engine)
+    vip_run, _ = sync(workspace, engine)
 
     [request] = gist.requests("/contacts")
     assert request.body == {
         "user_id": "u1",
         "email": "new@example.com",
-        "custom_properties": {VIP: False},
+        "custom_properties": {VIP: False, "other": True},
     }
     assert gist.contacts()["u1"]["email"] == "new@example.com"
+    [exit_email] = table(
+        engine,
+        select(member_changes.c.email).where(member_changes.c.run_id == vip_run.run_id),
+    )
+    assert tuple(exit_email) == ("new@example.com",)  # the ledger says what was sent
+
+    write_members(other, [("u1", "newer@example.com")])
+    write_members(vip, [("u1", "newer@example.com"), 2, 3])  # back in VIP, newer email
+    gist.clear_log()
+    sync(workspace, engine)
+
+    assert {r.body["email"] for r in gist.requests("/contacts")} == {"newer@example.com"}
+    assert gist.contacts()["u1"]["email"] == "newer@example.com"
 
 
 def test_exit_of_a_user_no_source_has_carries_the_last_acknowledged_email(
@@ -358,21 +421,73 @@ def test_guard_percentages_stay_true_after_a_refused_backfill(
 # 6 ----------------------------------------------------------------------------------------
 
 
+OTHER = "elsewhere/boot.1:1:live"  # another machine's owner: never taken for dead
+SKEWS = [pytest.param(120, id="client-2-min-fast"), pytest.param(-120, id="client-2-min-slow")]
+
+
+@contextmanager
+def client_clock_off_by(engine: Engine, seconds: int) -> Iterator[None]:
+    """Shift this process's clocks (``time.time``, ``datetime.now``, …) by ``seconds``; the
+    database's clock (SQLite's C library, PostgreSQL's server) stays where it is."""
+    with time_machine.travel(datetime.now(UTC) + timedelta(seconds=seconds), tick=True):
+        skew = (utcnow() - database_time(engine)).total_seconds()
+        assert abs(skew - seconds) < 5, "the client's clock did not move apart from the database's"
+        yield
+
+
+@pytest.mark.parametrize("skew", SKEWS)
 def test_lease_times_come_from_the_database_not_the_client(
-    workspace: Workspace, engine: Engine, gist: FakeGist
+    workspace: Workspace, engine: Engine, gist: FakeGist, skew: int
 ) -> None:
-    source = add_audience(workspace)
-    write_members(source, [1])
-    plant_lease(engine, VIP, "elsewhere/boot.1:1:live", 30)
-    from datetime import timedelta
+    live = add_audience(workspace, "live")
+    expired = add_audience(workspace, "expired")
+    write_members(live, [1])
+    write_members(expired, [2])
+    plant_lease(engine, "live", OTHER, 30)  # 30 s left, database time
+    plant_lease(engine, "expired", OTHER, -30)  # ended 30 s ago, database time
+    planted = lease_of(engine, "live")
 
-    # A client whose clock runs two minutes fast sees that lease as expired: it must not
-    # take it, since by the database's time it is live.
-    ahead = utcnow() + timedelta(seconds=120)
-    [run] = sync(workspace, engine, clock=lambda: ahead)
+    # A client two minutes fast sees the live lease as expired, one two minutes slow sees the
+    # expired one as live: neither may act on it.
+    with client_clock_off_by(engine, skew):
+        on_live, on_expired = sync(workspace, engine)
 
-    assert run.status == "skipped"
-    assert gist.requests() == []
+    assert (on_live.status, on_expired.status) == ("skipped", "succeeded")
+    assert [r.body["user_id"] for r in gist.requests("/contacts")] == ["u2"]
+    assert lease_of(engine, "live") == planted  # untouched
+    assert lease_of(engine, "expired") is None  # taken over, then released
+
+
+@pytest.mark.parametrize("skew", SKEWS)
+def test_a_lease_is_taken_and_renewed_until_the_database_now_plus_its_length(
+    engine: Engine, skew: int
+) -> None:
+    me = "here/boot.1:1:me"
+    plant_lease(engine, "live", OTHER, 30)
+    plant_lease(engine, "expired", OTHER, -30)
+    plant_lease(engine, "mine", me, 30)
+    plant_lease(engine, "mine-expired", me, -30)  # lapsed: renewing cannot bring it back
+    untouched = {key: lease_of(engine, key) for key in ("live", "mine-expired")}
+
+    with client_clock_off_by(engine, skew):
+        before = database_time(engine)
+        with pytest.raises(LockHeldError, match=f"'live' is being synced by {OTHER}"):
+            take_lease(engine, "live", me)
+        assert take_lease(engine, "expired", me) == OTHER
+        assert take_lease(engine, "new", me) is None
+        assert renew_leases(engine, ["mine", "mine-expired", "live"], me) == {"mine"}
+        after = database_time(engine)
+
+    length, slack = timedelta(seconds=LEASE_SECONDS), timedelta(seconds=1)
+    for key in ("expired", "new", "mine"):
+        row = lease_of(engine, key)
+        assert row is not None, key
+        owner, acquired, expires = row
+        assert owner == me, key
+        assert before - slack <= expires - length <= after + slack, key
+        if key != "mine":  # renewing moves the end only
+            assert before - slack <= acquired <= after + slack, key
+    assert {key: lease_of(engine, key) for key in untouched} == untouched
 
 
 def test_a_holder_that_loses_its_lease_stops_and_records_nothing_more(
@@ -385,11 +500,18 @@ def test_a_holder_that_loses_its_lease_stops_and_records_nothing_more(
     gist.latency = 0.05
     import threading
 
+    at_theft: dict[str, Any] = {}
+
     def steal() -> None:
         while len(gist.requests("/contacts")) < 10:
             time.sleep(0.005)
         with engine.begin() as connection:
             connection.execute(update(leases).values(owner="thief/boot.1:1:x"))
+            # What was recorded when the lease changed hands (in the same transaction: a
+            # save of the holder's either committed before it or is fenced out after it).
+            at_theft["members"] = set(connection.scalars(select(memberships.c.user_id)))
+            at_theft["delivered"] = delivered_changes(connection)
+            at_theft["answered"] = len(gist.requests("/contacts"))
 
     thief = threading.Thread(target=steal)
     thief.start()
@@ -404,11 +526,23 @@ def test_a_holder_that_loses_its_lease_stops_and_records_nothing_more(
     acked = {u for (u,) in table(engine, select(memberships.c.user_id))}
     in_gist = {u for u, v in held(gist, VIP).items() if v is True}
     assert acked <= in_gist  # only what Gist acknowledged before the theft was recorded
+    # Gist answered the holder after the theft (requests in flight, acknowledgements not yet
+    # saved), and none of those answers was recorded: not one membership, not one change.
+    assert stolen_at > at_theft["answered"]
+    assert acked == at_theft["members"]
+    with engine.connect() as connection:
+        assert delivered_changes(connection) == at_theft["delivered"]
     with engine.begin() as connection:
         connection.execute(leases.delete())
     gist.latency = 0
     assert sync(workspace, engine)[0].status == "succeeded"
     assert {u for u, v in held(gist, VIP).items() if v is True} == {f"u{n}" for n in range(60)}
+
+
+def delivered_changes(connection: Connection) -> int:
+    return int(
+        connection.scalar(select(func.count()).where(member_changes.c.status == "delivered")) or 0
+    )
 
 
 def test_owners_on_two_hosts_with_one_name_are_not_mistaken_for_dead() -> None:
@@ -429,9 +563,7 @@ def test_owners_on_two_hosts_with_one_name_are_not_mistaken_for_dead() -> None:
 def test_password_in_a_url_query_never_shows(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    admin = postgres_admin_url()
-    if admin is None:
-        pytest.skip("PostgreSQL is not reachable at 127.0.0.1:5432 (database test)")
+    admin = require_postgres()
     secret = f"pw-{uuid.uuid4().hex}"
     bad = admin.replace("/test", "/no_such_database") + f"?password={secret}"
     good = f"{admin}?password={secret}"
@@ -624,6 +756,31 @@ def test_integer_ids_in_any_type_are_one_user(
     assert held(gist, VIP) == {"42": True, "7": True}
 
 
+def test_a_member_whose_row_is_rejected_stays_whatever_the_type_of_its_id(
+    workspace: Workspace, engine: Engine, gist: FakeGist
+) -> None:
+    # A rejected row protects its user's membership (a broken email is no exit), which takes
+    # the rejected row's id in the canonical form the membership has: 42.0 is user 42.
+    source = add_audience(workspace)
+    write_rows(
+        source,
+        [{"user_id": 42, "email": "a@example.com"}, {"user_id": 7, "email": "b@example.com"}],
+    )
+    sync(workspace, engine)
+    write_rows(
+        source,
+        [{"user_id": 42.0, "email": "not an email"}, {"user_id": 7, "email": "b@example.com"}],
+    )
+    gist.clear_log()
+
+    [run] = sync(workspace, engine)
+
+    assert (run.status, run.rejected, run.exited) == ("succeeded", 1, 0)
+    assert gist.requests() == []
+    assert held(gist, VIP) == {"42": True, "7": True}
+    assert table(engine, select(rejected_rows.c.user_id)) == [("42",)]
+
+
 def test_fractional_ids_are_rejected_with_the_reason(
     workspace: Workspace, engine: Engine, gist: FakeGist
 ) -> None:
@@ -666,9 +823,7 @@ def test_a_run_whose_rows_are_all_rejected_fails(
 def test_uuid_user_ids_from_postgresql(
     workspace: Workspace, engine: Engine, gist: FakeGist
 ) -> None:
-    admin = postgres_admin_url()
-    if admin is None:
-        pytest.skip("PostgreSQL is not reachable at 127.0.0.1:5432 (database test)")
+    admin = require_postgres()
     ids = [uuid.uuid4() for _ in range(3)]
     rows = ", ".join(f"('{i}'::uuid, 'u{n}@example.com')" for n, i in enumerate(ids))
     workspace.add_sql_audience(
@@ -927,6 +1082,27 @@ def test_keep_resends_the_last_value_of_an_uncertain_user_who_left(
         "u1": "5",
         "u2": "2",
     }
+
+
+def test_keep_never_takes_a_dry_runs_value_for_one_attempted(
+    workspace: Workspace, engine: Engine, gist: FakeGist
+) -> None:
+    # A dry run plans without sending: its value was never attempted, so a user who then
+    # leaves keeps the last value really sent (5), not the dry run's (9). Found by
+    # benchmarks/mutation.py.
+    source = add_trait(workspace, on_missing="keep")
+    values(source, {"u1": 1, "u2": 2})
+    sync(workspace, engine)
+    values(source, {"u1": 5, "u2": 2})
+    sync_losing_answers(workspace, engine, gist)
+    values(source, {"u1": 9, "u2": 2})
+    assert sync(workspace, engine, dry_run=True)[0].kind == "dry-run"
+    values(source, {"u2": 2})
+
+    [run] = sync(workspace, engine)
+
+    assert run.status == "succeeded"
+    assert held(gist, TRAIT) == {"u1": 5, "u2": 2}
 
 
 def test_audiences_disagreeing_on_an_email_in_separate_runs_do_not_resend_forever(

@@ -19,7 +19,7 @@ from sqlalchemy import Engine, create_engine, func, select, text
 from audience_sync.fakegist import FakeGist
 from audience_sync.models import member_changes, sync_runs, uncertain_members
 from audience_sync.sync import RunResult, run_once
-from tests.conftest import Workspace, postgres_admin_url, write_members
+from tests.conftest import Workspace, require_postgres, write_members
 from tests.helpers import KEY, acknowledged, free_port, in_gist, users
 
 BEFORE = range(30)  # acknowledged before the fault
@@ -139,6 +139,39 @@ def test_a_trickling_answer_ends_at_the_deadline_and_is_retried(
     assert "timed out: no whole answer within 2 s" in str(error)
 
 
+REDIRECTS = [301, 302, 304, 307]
+
+
+@pytest.mark.parametrize("batch_size", [1, 10], ids=["single", "batch"])
+@pytest.mark.parametrize("status", REDIRECTS, ids=[str(s) for s in REDIRECTS])
+def test_a_3xx_answer_acknowledges_nothing(
+    workspace: Workspace, engine: Engine, gist: FakeGist, status: int, batch_size: int
+) -> None:
+    # Only a 2xx says Gist applied a request: a redirect (a proxy, a moved API) applied
+    # nothing, so nothing is recorded and the next run sends it all again.
+    workspace.gist_options.update(batch_size=batch_size, max_retries=1)
+    source = workspace.add_file_audience("Order Completed Last 30days")
+    write_members(source, range(5))
+    gist.redirect_next(1000, status)
+
+    [redirected] = run_once(workspace.settings(), engine)
+
+    path = "/contacts/batch" if batch_size > 1 else "/contacts"
+    assert gist.requests(path), "the case was not exercised"
+    assert {r.status for r in gist.requests()} == {status}
+    assert redirected.delivered == 0
+    assert acknowledged(engine) == set() == in_gist(gist)
+    with engine.connect() as connection:
+        outcomes = set(
+            connection.execute(select(member_changes.c.status, member_changes.c.http_status))
+        )
+    assert outcomes <= {("failed", status), ("pending", None)}
+    gist.reset_faults()
+    [after] = run_once(workspace.settings(), engine)
+    assert (after.status, after.delivered) == ("succeeded", 5)
+    assert in_gist(gist) == acknowledged(engine) == users(*range(5))
+
+
 def test_client_waits_as_told_and_never_exceeds_its_rate(
     workspace: Workspace, engine: Engine, gist: FakeGist
 ) -> None:
@@ -203,7 +236,7 @@ def test_state_db_unavailable_mid_run(
         blocker.close()
     else:
         # Every connection of this sync is killed, as in a PostgreSQL restart.
-        admin = create_engine(postgres_admin_url() or "")
+        admin = create_engine(require_postgres())
         name = state_url.rsplit("application_name=", 1)[1]
         killed = 0
         for _ in range(5):

@@ -25,7 +25,7 @@ from audience_sync.native import (
 from audience_sync.rows import NOT_WHOLE, check_row
 from audience_sync.sources import SqlSource
 from audience_sync.sync import RunResult, run_once
-from tests.conftest import Workspace, postgres_admin_url
+from tests.conftest import Workspace, require_postgres
 from tests.test_stage import USERS, duplicated_rows
 
 # Warehouse-native staging exists on a PostgreSQL state only.
@@ -48,8 +48,7 @@ ROWS: list[tuple[Any, Any]] = [
 @pytest.fixture
 def warehouse(workspace: Workspace) -> Iterator[str]:
     """A schema of the state's PostgreSQL database holding a `members` table."""
-    admin = postgres_admin_url()
-    assert admin is not None
+    admin = require_postgres()
     schema = f"wh_{uuid.uuid4().hex[:10]}"
     engine = create_engine(admin, poolclass=NullPool)
     with engine.begin() as connection:
@@ -66,8 +65,7 @@ def warehouse(workspace: Workspace) -> Iterator[str]:
 
 
 def fill(schema: str, rows: list[tuple[Any, Any]], table: str = "members") -> None:
-    admin = postgres_admin_url()
-    assert admin is not None
+    admin = require_postgres()
     engine = create_engine(admin, poolclass=NullPool)
     with engine.begin() as connection:
         connection.execute(text(f'TRUNCATE "{schema}".{table}'))
@@ -144,8 +142,7 @@ def test_native_and_python_paths_plan_the_same(
 ) -> None:
     fill(warehouse, ROWS)
     # The same database under another spelling of its URL: rows go through Python.
-    admin = postgres_admin_url()
-    assert admin is not None
+    admin = require_postgres()
     other = admin.replace("127.0.0.1", "localhost")
     workspace.audiences.append(
         {"name": "Native", "key": "native", "source": "state", "query": query(warehouse)}
@@ -202,8 +199,7 @@ DIFFERED = {
 def test_native_and_python_paths_check_white_space_controls_floats_and_jsonb_alike(
     workspace: Workspace, engine: Engine, gist: FakeGist
 ) -> None:
-    admin = postgres_admin_url()
-    assert admin is not None
+    admin = require_postgres()
     workspace.sources["warehouse"] = admin.replace("127.0.0.1", "localhost")  # through Python
     for kind, sql in DIFFERED.items():
         workspace.audiences.append(
@@ -289,8 +285,7 @@ def test_a_writing_query_is_refused_and_writes_nothing(
 
     assert run.status == "failed"
     assert "must be read-only" in (run.error or "")
-    admin = postgres_admin_url()
-    assert admin is not None
+    admin = require_postgres()
     check = create_engine(admin, poolclass=NullPool)
     with check.connect() as connection:
         left = connection.scalar(text(f'SELECT count(*) FROM "{warehouse}".members'))

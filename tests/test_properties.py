@@ -1,5 +1,6 @@
 """Property: whatever the sequence of snapshots and delivery failures, one failure-free run
-makes Gist equal to the last snapshot, and a further run sends nothing."""
+makes Gist equal to the last snapshot (its members and their emails), and a further run
+sends nothing."""
 
 from __future__ import annotations
 
@@ -8,9 +9,10 @@ from typing import Any
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sqlalchemy import Engine
+from sqlalchemy import Engine, select
 
 from audience_sync.fakegist import FakeGist
+from audience_sync.models import memberships
 from audience_sync.naming import property_key
 from audience_sync.sync import run_once
 from tests.conftest import Workspace, write_members
@@ -71,11 +73,24 @@ def test_gist_converges_to_the_last_snapshot(
 
     [final] = run_once(workspace.settings(), engine, allow_mass_exit=True)
 
-    last = {f"u{u}" for u, _ in steps[-1][0]}
+    last: dict[str, str] = {}  # member -> email: a user's first row wins
+    for u, v in steps[-1][0]:
+        last.setdefault(f"u{u}", f"u{u}.{v}@example.com")
     held = gist.properties(key)
     assert final.status == "succeeded"
-    assert {u for u, v in held.items() if v is True} == last
+    assert {u for u, v in held.items() if v is True} == set(last)
     assert all(v is False for u, v in held.items() if u not in last)
+    # Through changing emails too: Gist holds each member's email of the last snapshot, and
+    # so does the ledger.
+    contacts = gist.contacts()
+    assert {u: contacts[u]["email"] for u in last} == last
+    with engine.connect() as connection:
+        ledger = connection.execute(
+            select(memberships.c.user_id, memberships.c.email).where(
+                memberships.c.audience_key == key
+            )
+        ).all()
+    assert dict(ledger) == last, (steps, final)
     gist.clear_log()
     [idle] = run_once(workspace.settings(), engine, allow_mass_exit=True)
     assert (idle.entered, idle.exited) == (0, 0)

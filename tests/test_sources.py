@@ -16,7 +16,7 @@ from sqlalchemy import create_engine, text
 
 from audience_sync.errors import SourceError
 from audience_sync.sources import READ_BUFFER, FileSource, SourceRow, SqlSource, first_bad_line
-from tests.conftest import postgres_admin_url
+from tests.conftest import require_postgres
 
 USERS = [(1, "a@example.com"), (2, "b@example.com"), (3, "c@example.com")]
 
@@ -45,9 +45,7 @@ class PgWarehouse:
 @pytest.fixture
 def pg_warehouse() -> Iterator[PgWarehouse]:
     """A ``users`` table in a fresh schema of database ``test``, dropped afterwards."""
-    admin = postgres_admin_url()
-    if admin is None:
-        pytest.skip("PostgreSQL is not reachable at 127.0.0.1:5432 (database test)")
+    admin = require_postgres()
     schema = f"w_{uuid.uuid4().hex[:12]}"
     engine = create_engine(admin)
     try:

@@ -15,7 +15,7 @@ from audience_sync.engage import read_engage
 from audience_sync.fakegist import FakeGist
 from audience_sync.models import member_changes, rejected_rows
 from audience_sync.sync import run_once
-from tests.conftest import Workspace
+from tests.conftest import Workspace, require_postgres
 from tests.helpers import acknowledged, in_gist
 
 FIXTURES = Path(__file__).parent / "fixtures" / "engage"
@@ -159,6 +159,28 @@ def test_sql_traits_keep_the_database_types(
 
     assert gist.properties(REVENUE) == {"u1": 3, "u2": 2.5, "u3": "3", "u4": None}
     assert isinstance(gist.properties(REVENUE)["u1"], int)
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("state_url", ["sqlite"], indirect=True)  # rows through Python
+def test_exact_decimals_without_fraction_digits_are_sent_as_integers(
+    workspace: Workspace, engine: Engine, gist: FakeGist
+) -> None:
+    # PostgreSQL's numeric arrives as Decimal: 3 and 1E+2 are integers, 2.50 is a float.
+    workspace.sources["warehouse"] = require_postgres()
+    query = (
+        "SELECT * FROM (VALUES ('u1', 'u1@example.com', 3::numeric),"
+        " ('u2', 'u2@example.com', 2.50::numeric), ('u3', 'u3@example.com', 1e2::numeric))"
+        " AS t(user_id, email, value)"
+    )
+    workspace.traits.append({"name": "Total Revenue", "source": "warehouse", "query": query})
+    workspace.write_config()
+
+    run_once(workspace.settings(), engine)
+
+    held = gist.properties(REVENUE)
+    assert held == {"u1": 3, "u2": 2.5, "u3": 100}
+    assert [type(held[u]) for u in ("u1", "u2", "u3")] == [int, float, int]
 
 
 def test_audiences_and_traits_share_one_request_per_user(
