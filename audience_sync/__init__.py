@@ -5,6 +5,27 @@
 
 __version__ = "0.1.0"
 
-from audience_sync.api import RunResult, exit_code, run
+from audience_sync.api import audiences, exit_code, failure_kind, is_retriable, run
+from audience_sync.errors import (
+    RETRIABLE_FAILURES,
+    AudienceSyncError,
+    ConfigError,
+    FailureKind,
+    StateError,
+)
+from audience_sync.runs import RunResult
 
-__all__ = ["RunResult", "__version__", "exit_code", "run"]
+__all__ = [
+    "RETRIABLE_FAILURES",
+    "AudienceSyncError",
+    "ConfigError",
+    "FailureKind",
+    "RunResult",
+    "StateError",
+    "__version__",
+    "audiences",
+    "exit_code",
+    "failure_kind",
+    "is_retriable",
+    "run",
+]

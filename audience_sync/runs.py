@@ -9,7 +9,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import Engine, func, select, update
+from sqlalchemy.exc import SQLAlchemyError
 
+from audience_sync.errors import AudienceSyncError, FailureKind
 from audience_sync.models import audiences
 from audience_sync.models import member_changes as changes
 from audience_sync.models import sync_runs as runs
@@ -42,6 +44,7 @@ class RunResult:
     failed: int = 0
     rejected: int = 0
     error: str | None = None
+    failure: FailureKind | None = None  # why it failed, as a scheduler needs to know (errors.py)
     resent: int = 0  # members sent again unchanged, because their email changed
     email_conflicts: int = 0  # rows whose email lost to another audience's for the same user
     staged_in: str | None = None  # where the source rows were checked: "python" or "database"
@@ -56,6 +59,19 @@ def result_fields(result: RunResult) -> dict[str, Any]:
     fields = asdict(result)
     del fields["source_digest"], fields["config_fingerprint"]
     return fields
+
+
+def failure_kind(exc: BaseException) -> FailureKind:
+    """The failure kind of an exception a sync met or raised: each of the project's errors
+    names its own, a database error not yet translated is the state database's, Ctrl-C is an
+    interruption, anything else is ``internal``."""
+    if isinstance(exc, AudienceSyncError):
+        return exc.failure
+    if isinstance(exc, SQLAlchemyError):
+        return "state"
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted"
+    return "internal"
 
 
 def exit_code(results: Sequence[RunResult]) -> int:
@@ -163,10 +179,12 @@ def finish_run(
     clock: Clock,
     *,
     lost: str | None = None,
+    failure: FailureKind | None = None,
 ) -> RunResult:
     """Count what was delivered and failed, settle the run's status and save it. ``lost``:
     why the run's lease was lost; such a run ends ``interrupted`` whatever it delivered
-    (another process may have superseded what it planned)."""
+    (another process may have superseded what it planned). ``failure``: the kind of
+    ``error``, why delivery stopped."""
     counts = change_counts(engine, result.run_id)
     delivered, failed, pending = (counts.get(s, 0) for s in ("delivered", "failed", "pending"))
     status: RunStatus
@@ -182,6 +200,11 @@ def finish_run(
         status = "partial"
     else:
         status = "succeeded"
+    kinds: dict[RunStatus, FailureKind | None] = {
+        "interrupted": "interrupted",
+        "failed": failure or "internal",
+        "partial": "refused",
+    }
     finished = replace(
         result,
         status=status,
@@ -190,6 +213,7 @@ def finish_run(
         error=error
         if status in ("failed", "interrupted")
         else (f"{failed} changes failed" if failed else None),
+        failure=kinds.get(status),
     )
     save_run(engine, finished, clock())
     return finished

@@ -101,3 +101,31 @@ def test_orchestrator_examples_use_only_what_the_api_has(example: str) -> None:
     assert called == {"run", "exit_code"}
     assert read
     assert read <= {f.name for f in fields(audience_sync.RunResult)}
+
+
+def test_the_documented_errors_and_failure_kinds_are_importable_from_the_package() -> None:
+    from audience_sync.errors import AudienceSyncError, ConfigError, StateError
+
+    assert audience_sync.ConfigError is ConfigError
+    assert audience_sync.StateError is StateError
+    assert audience_sync.AudienceSyncError is AudienceSyncError
+    assert audience_sync.failure_kind(ConfigError("x")) == "config"
+    assert audience_sync.is_retriable(audience_sync.failure_kind(StateError("x")))
+
+
+def test_audiences_lists_the_configured_keys_without_gist_or_state(
+    workspace: Workspace, gist: FakeGist
+) -> None:
+    workspace.add_file_audience("Order Completed Last 30days")
+    workspace.add_file_audience("VIP", key="vip_customers")
+
+    # No GIST_API_KEY, and the state database was never created.
+    found = audience_sync.audiences(workspace.config_path, environ={})
+
+    assert found == {
+        "order_completed_last_30days": "Order Completed Last 30days",
+        "vip_customers": "VIP",
+    }
+    assert not Path(workspace.state_url.removeprefix("sqlite:///")).exists()
+    with pytest.raises(ConfigError, match="config file not found"):
+        audience_sync.audiences(workspace.root / "missing.toml", environ={})
