@@ -8,10 +8,11 @@ from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Engine, func, select, update
+from sqlalchemy import Engine, exists, func, select, update
 from sqlalchemy.exc import SQLAlchemyError
 
 from audience_sync.errors import AudienceSyncError, FailureKind
+from audience_sync.ledger import owed_event
 from audience_sync.models import audiences
 from audience_sync.models import member_changes as changes
 from audience_sync.models import sync_runs as runs
@@ -192,9 +193,15 @@ def finish_run(
         status, error, interrupted = "interrupted", lost, True
     elif interrupted and pending:
         status = "interrupted"
-    elif error is not None and not interrupted:
+    elif (
+        error is not None
+        and not interrupted
+        and (delivered or failed or pending or owes_events(engine, result.audience_key))
+    ):
         # Delivery stopped (key refused, Gist down, events owed): not a success, even if
-        # this audience's own changes all went through before it did.
+        # this audience's own changes all went through before it did. A run that planned
+        # nothing and owes no event never needed Gist: it succeeded whatever stopped the
+        # others, as it does when the fast path spares it.
         status = "failed"
     elif failed or pending:
         status = "partial"
@@ -217,6 +224,14 @@ def finish_run(
     )
     save_run(engine, finished, clock())
     return finished
+
+
+def owes_events(engine: Engine, key: str) -> bool:
+    """Whether ``key`` owes Gist a track event (of this run or an earlier one)."""
+    with engine.connect() as connection:
+        return bool(
+            connection.scalar(select(exists().where(changes.c.audience_key == key, owed_event())))
+        )
 
 
 def abandon_runs(

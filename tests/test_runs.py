@@ -7,16 +7,72 @@ import threading
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine
+from sqlalchemy import Engine, select
 from sqlalchemy.exc import OperationalError
 
 import audience_sync
 from audience_sync import errors
 from audience_sync.fakegist import FakeGist
+from audience_sync.models import sync_runs
 from audience_sync.runs import RunResult, failure_kind
+from audience_sync.sync import run_once
 from tests.conftest import Workspace, write_members
 
 WRONG = {"GIST_API_KEY": "wrong-key"}
+
+
+def stored_status(engine: Engine, run_id: int | None) -> str:
+    with engine.connect() as connection:
+        return str(connection.scalar(select(sync_runs.c.status).where(sync_runs.c.id == run_id)))
+
+
+@pytest.mark.parametrize("full_diff", [False, True], ids=["fast-path", "full-diff"])
+def test_a_run_that_owes_nothing_succeeds_while_gist_refuses_the_key(
+    workspace: Workspace, engine: Engine, gist: FakeGist, full_diff: bool
+) -> None:
+    """The rule: a run that planned nothing and owes no event never asked Gist anything,
+    so it succeeded whatever the key, on the fast path and after a full diff alike (it
+    was ``failed`` after a full diff when another audience met the refused key)."""
+    owes = workspace.add_file_audience("Owes")
+    write_members(owes, range(2))
+    write_members(workspace.add_file_audience("Settled"), range(3))
+    audience_sync.run(workspace.config_path, environ=workspace.env)
+    workspace.env = WRONG
+    audience_sync.run(workspace.config_path, environ=WRONG)  # the key's runs: nothing owed
+    write_members(owes, range(3))  # now "owes" has a change to send
+
+    results = run_once(workspace.settings(), engine, full_diff=full_diff)
+
+    by_key = {r.audience_key: r for r in results}
+    assert (by_key["owes"].status, by_key["owes"].failure) == ("failed", "auth")
+    settled = by_key["settled"]
+    assert (settled.status, settled.failure, settled.error) == ("succeeded", None, None)
+    assert settled.fast_path is not full_diff
+    assert stored_status(engine, settled.run_id) == "succeeded"
+    assert audience_sync.exit_code(results) == 1  # "owes" still fails the invocation
+
+
+def test_a_run_that_owes_events_fails_while_gist_refuses_the_key(
+    workspace: Workspace, engine: Engine, gist: FakeGist
+) -> None:
+    """Planning nothing is not owing nothing: events still owed from an earlier run are
+    owed to Gist, and the refused key keeps them from going out."""
+    owes = workspace.add_file_audience("Owes")
+    write_members(owes, range(2))
+    write_members(workspace.add_file_audience("Tracked", send_track=True), range(3))
+    gist.fail_after(5, 503)  # the five contacts go through; the events do not
+    first = audience_sync.run(workspace.config_path, environ=workspace.env)
+    # Delivery stopped for the invocation: "owes" had sent its changes, so it failed too.
+    assert [(r.status, r.failure) for r in first] == [("failed", "unavailable")] * 2
+    gist.reset_faults()
+    write_members(owes, range(3))
+
+    results = audience_sync.run(workspace.config_path, environ=WRONG)
+
+    tracked = results[1]
+    assert (tracked.entered, tracked.exited) == (0, 0)
+    assert (tracked.status, tracked.failure) == ("failed", "auth")
+    assert "Gist refused the API key" in (tracked.error or "")
 
 
 def scenario(name: str, workspace: Workspace, gist: FakeGist) -> dict[str, Any]:
