@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from datetime import timedelta
@@ -22,7 +23,7 @@ import pytest
 from sqlalchemy import Engine
 
 from audience_sync.fakegist import FakeGist
-from tests.conftest import API_KEY, Workspace
+from tests.conftest import API_KEY, Workspace, write_members
 from tests.helpers import acknowledged
 from tests.orchestrators.conftest import (
     CHURN,
@@ -214,3 +215,38 @@ def test_every_audience_held_skips_the_task(recipe: Any, gist: FakeGist, state: 
 
     assert ti.state == "skipped"
     assert gist.requests() == []
+
+
+def test_on_kill_stops_the_sync_gracefully_and_lets_airflow_retry(
+    recipe: Any, site: Workspace, gist: FakeGist, state: Engine
+) -> None:
+    """Airflow calls ``on_kill`` when the task is stopped (SIGTERM to the task): requests in
+    flight finish and are recorded, the rest is left for the retry."""
+    from airflow.sdk.exceptions import AirflowException, AirflowFailException
+
+    write_members(site.root / "0.jsonl", range(200))
+    gist.latency = 0.05
+    task = recipe.audience_sync_dag.get_task("sync")
+    pushed: dict[str, Any] = {}
+
+    class TaskInstance:
+        def xcom_push(self, key: str, value: Any) -> None:
+            pushed[key] = value
+
+    def kill_once_sending() -> None:
+        deadline = time.monotonic() + AT_ONCE
+        while len(gist.requests()) < 10 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        task.on_kill()
+
+    killer = threading.Thread(target=kill_once_sending)
+    killer.start()
+    with pytest.raises(AirflowException) as raised:
+        task.execute({"ti": TaskInstance()})
+    killer.join()
+
+    assert not isinstance(raised.value, AirflowFailException)
+    results = {r["audience"]: r for r in pushed["results"]}
+    assert (results[VIP]["status"], results[VIP]["failure"]) == ("interrupted", "interrupted")
+    assert 0 < results[VIP]["delivered"] < 200
+    assert len(acknowledged(state, VIP)) == results[VIP]["delivered"]
