@@ -3,7 +3,11 @@
 ``run`` is what ``audience-sync run`` does, without the CLI's output: the same engine,
 leases, state, alerts and guarantees, returning each audience's ``RunResult``. ``exit_code`` maps
 results to the CLI's exit codes (0 all succeeded, 1 any failed/partial/guarded, 3 skipped
-because another worker holds the audience).
+because another worker holds the audience). A failing result's ``failure`` (and
+``failure_kind(exc)`` of an exception ``run`` raised) says whether a retry can mend it
+(``is_retriable``): a scheduler retries ``unavailable``, ``state`` and ``interrupted`` and fails
+at once on the rest. ``audiences`` lists the configured keys, for a scheduler that gives each
+audience its own asset or task.
 """
 
 from __future__ import annotations
@@ -16,11 +20,12 @@ from pathlib import Path
 from audience_sync import db
 from audience_sync.alerts import post_alert, select_alerts
 from audience_sync.config import load_settings, resolve_config_path
-from audience_sync.runs import RunResult, exit_code
+from audience_sync.errors import is_retriable
+from audience_sync.runs import RunResult, exit_code, failure_kind
 from audience_sync.statuses import Mode
 from audience_sync.sync import run_once
 
-__all__ = ["RunResult", "exit_code", "run"]
+__all__ = ["RunResult", "audiences", "exit_code", "failure_kind", "is_retriable", "run"]
 
 
 def run(
@@ -45,7 +50,8 @@ def run(
     A bad config raises ``ConfigError``, an unreachable or outdated state database
     ``StateError``; ``mode="retire"`` without keys raises ``ValueError`` and keys that are
     not strings ``TypeError``. What happened to each audience is in its result's
-    ``status`` (never an exception: one audience failing does not stop the others).
+    ``status`` and, when it failed, ``failure`` (never an exception: one audience failing
+    does not stop the others).
     """
     env = os.environ if environ is None else environ
     path = resolve_config_path(str(config) if config is not None else None, env)
@@ -65,3 +71,18 @@ def run(
         alerts = [] if dry_run else select_alerts(settings.alerts, results, engine)
     post_alert(settings.alerts, alerts)
     return results
+
+
+def audiences(
+    config: str | Path | None = None, *, environ: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    """The configured audiences and computed traits, property key → name, in config order.
+
+    The config is found and read as ``run`` reads it, but neither the state database nor
+    Gist is touched, and the Gist API key is not needed (a scheduler loading its
+    definitions may not have it). A bad config raises ``ConfigError``.
+    """
+    env = os.environ if environ is None else environ
+    path = resolve_config_path(str(config) if config is not None else None, env)
+    settings = load_settings(path, env, gist=False)
+    return {a.property_key: a.name for a in settings.computations}

@@ -17,6 +17,7 @@ from audience_sync import lease
 from audience_sync.config import GistConfig
 from audience_sync.errors import (
     AuthError,
+    FailureKind,
     FatalApiError,
     FencedError,
     RetriableApiError,
@@ -46,6 +47,7 @@ class DeliveryReport:
 
     requests: int = 0
     error: str | None = None
+    failure: FailureKind | None = None  # the kind of ``error``
     interrupted: bool = False  # stopped on request (or a lost lease) rather than by a failure
     lost: dict[str, str] = field(default_factory=dict)  # keys whose lease was lost, and why
 
@@ -234,10 +236,10 @@ class Deliverer:
             self._fenced(exc, batch)
             return []
         except AuthError as exc:
-            self._stop(f"Gist refused the API key ({exc}); nothing more was sent")
+            self._stop(f"Gist refused the API key ({exc}); nothing more was sent", exc.failure)
             return []
         except UnreachableError as exc:
-            self._stop(f"{exc}; nothing more was sent")
+            self._stop(f"{exc}; nothing more was sent", exc.failure)
             return []
         except (FatalApiError, RetriableApiError) as exc:
             log.info("batch of %d refused (%s): sending one by one", len(batch), exc)
@@ -272,23 +274,23 @@ class Deliverer:
         except AuthError as exc:
             # The key is refused: every later request would be too; this one was not applied.
             self._acks.add(Result(update, False, True, attempt.count, exc.status, str(exc)))
-            self._stop(f"Gist refused the API key ({exc}); nothing more was sent")
+            self._stop(f"Gist refused the API key ({exc}); nothing more was sent", exc.failure)
         except UnreachableError as exc:
             # A wrong scheme or TLS set-up: no request gets through, so none is retried; this
             # one never reached Gist.
             self._acks.add(Result(update, False, True, attempt.count, None, str(exc)))
-            self._stop(f"{exc}; nothing more was sent")
+            self._stop(f"{exc}; nothing more was sent", exc.failure)
         except FatalApiError as exc:
             self._acks.add(Result(update, False, True, attempt.count, exc.status, str(exc)))
         except RetriableApiError as exc:
             # Still failing after every retry: Gist is down or overloaded. Stop; the next
             # run re-plans whatever was not acknowledged.
             self._acks.add(Result(update, False, False, attempt.count, exc.status, str(exc)))
-            self._stop(f"Gist unavailable after {attempt.count} attempts: {exc}")
+            self._stop(f"Gist unavailable after {attempt.count} attempts: {exc}", exc.failure)
         except Exception as exc:
             # A bug or a broken database, not Gist: stop and let run() re-raise it.
             self._crash = exc
-            self._stop(f"internal error: {type(exc).__name__}: {exc}")
+            self._stop(f"internal error: {type(exc).__name__}: {exc}", "internal")
         finally:
             self._report.requests += attempt.count
             self._on_result(len(update.changes))
@@ -305,12 +307,13 @@ class Deliverer:
     def _interrupt(self, reason: str) -> None:
         if self._report.error is None:
             self._report.error, self._report.interrupted = reason, True
+            self._report.failure = "interrupted"
 
-    def _stop(self, reason: str) -> None:
+    def _stop(self, reason: str, failure: FailureKind) -> None:
         if self._report.error is None:
             # INFO: the reason becomes each run's error, which the CLI and daemon report.
             log.info(reason)
-            self._report.error = reason
+            self._report.error, self._report.failure = reason, failure
 
     def _save(self, results: list[Result]) -> None:
         lost = save_results(self._engine, results, self._clock(), self._holder)

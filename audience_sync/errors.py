@@ -12,25 +12,69 @@ AudienceSyncError
     └── FatalApiError      other 4xx: this change cannot be delivered as it is
         ├── AuthError      401/403: the API key is wrong; stop the whole run
         └── UnreachableError  Gist cannot be reached as configured (TLS, protocol): stop
+
+Each class names its ``failure`` kind: what a scheduler should do about it. A retry mends
+``unavailable``, ``state`` and ``interrupted``; the other kinds need a person (a retry meets
+the same key, config, source or refusal again).
 """
 
 from __future__ import annotations
+
+from typing import ClassVar, Final, Literal, get_args
+
+FailureKind = Literal[
+    "auth", "config", "source", "refused", "guarded", "unavailable", "state", "interrupted",
+    "internal",
+]  # fmt: skip
+"""Why a run failed, as a scheduler needs to know it (``RunResult.failure``):
+
+- ``auth``: Gist refused the API key (401/403);
+- ``config``: the configuration cannot work (a bad or missing value, a ``${VAR}`` unset, a
+  Gist URL no retry reaches, a key that still holds another kind's values);
+- ``source``: an audience's source could not be read, or every row of it was rejected;
+- ``refused``: Gist refused some changes (a 4xx such as 422): the run is ``partial``;
+- ``guarded``: the mass-exit guard stopped the run before it sent anything;
+- ``unavailable``: Gist stayed unreachable, overloaded or failing (5xx, 429, timeouts)
+  through every retry;
+- ``state``: the state database failed or could not be reached;
+- ``interrupted``: the run was stopped (a signal, ``stop``) or lost its lease;
+- ``internal``: an error audience-sync did not foresee (a bug: report it).
+"""
+
+FAILURE_KINDS: Final[tuple[FailureKind, ...]] = get_args(FailureKind)
+RETRIABLE_FAILURES: Final[frozenset[FailureKind]] = frozenset(
+    {"unavailable", "state", "interrupted"}
+)
+"""The kinds a retry can mend; a retry is always safe (it sends exactly what is owed)."""
+
+
+def is_retriable(failure: FailureKind | None) -> bool:
+    """Whether a retry can mend a failure of this kind (False for None: nothing failed)."""
+    return failure in RETRIABLE_FAILURES
 
 
 class AudienceSyncError(Exception):
     """Base class of every error raised on purpose by audience-sync."""
 
+    failure: ClassVar[FailureKind] = "internal"
+
 
 class ConfigError(AudienceSyncError):
     """The configuration is missing, malformed or inconsistent."""
+
+    failure: ClassVar[FailureKind] = "config"
 
 
 class StateError(AudienceSyncError):
     """The state database cannot be used as it is (e.g. behind its migrations)."""
 
+    failure: ClassVar[FailureKind] = "state"
+
 
 class SourceError(AudienceSyncError):
     """An audience's source could not be read; the message names the file, row or query."""
+
+    failure: ClassVar[FailureKind] = "source"
 
 
 class LockHeldError(AudienceSyncError):
@@ -46,6 +90,8 @@ class FencedError(AudienceSyncError):
     """A request may not leave: its audience's lease was lost, or its last confirmed renewal
     is too old for the request to finish before the lease could expire."""
 
+    failure: ClassVar[FailureKind] = "interrupted"
+
     def __init__(self, audience_key: str, reason: str) -> None:
         super().__init__(reason)
         self.audience_key = audience_key
@@ -54,6 +100,8 @@ class FencedError(AudienceSyncError):
 
 class StopRequestedError(AudienceSyncError):
     """A stop was requested (SIGTERM, Ctrl-C) while the run was under way."""
+
+    failure: ClassVar[FailureKind] = "interrupted"
 
 
 class ApiError(AudienceSyncError):
@@ -67,6 +115,8 @@ class ApiError(AudienceSyncError):
 class RetriableApiError(ApiError):
     """A transient failure; ``retry_after`` is Gist's requested wait in seconds, if it gave one."""
 
+    failure: ClassVar[FailureKind] = "unavailable"
+
     def __init__(
         self, message: str, *, status: int | None = None, retry_after: float | None = None
     ) -> None:
@@ -77,11 +127,17 @@ class RetriableApiError(ApiError):
 class FatalApiError(ApiError):
     """Gist refused this request; sending it again unchanged will not help."""
 
+    failure: ClassVar[FailureKind] = "refused"
+
 
 class AuthError(FatalApiError):
     """Gist refused the API key; no further request can succeed."""
+
+    failure: ClassVar[FailureKind] = "auth"
 
 
 class UnreachableError(FatalApiError):
     """Gist cannot be reached at the configured URL in a way no retry can mend (an
     unsupported protocol, a TLS handshake that fails): no further request can succeed."""
+
+    failure: ClassVar[FailureKind] = "config"

@@ -16,7 +16,13 @@ from sqlalchemy import Engine, bindparam, select
 from sqlalchemy.engine import Connection
 
 from audience_sync import lease
-from audience_sync.errors import AuthError, FatalApiError, FencedError, RetriableApiError
+from audience_sync.errors import (
+    AuthError,
+    FailureKind,
+    FatalApiError,
+    FencedError,
+    RetriableApiError,
+)
 from audience_sync.gist import GistClient, guarded_by
 from audience_sync.ledger import AckBuffer, owed_event
 from audience_sync.models import member_changes as changes
@@ -64,8 +70,9 @@ async def send_events(
     max_concurrency: int,
     should_stop: Callable[[], str | None] = lambda: None,
     holder: lease.Holder | None = None,
-) -> str | None:
-    """Send every owed event of the audiences in ``names``; returns why it stopped, if it did.
+) -> tuple[str, FailureKind] | None:
+    """Send every owed event of the audiences in ``names``; returns why it stopped, if it
+    did, and the kind of that failure.
 
     Owed: the change was delivered and its event is ``pending`` or ``failed`` (from this run
     or an earlier one). An event is marked ``delivered`` only after Gist's 2xx, and outcomes
@@ -75,21 +82,26 @@ async def send_events(
     renews the leases; once one is lost no more events are sent.
     """
     stop: str | None = None
+    failure: FailureKind = "interrupted"  # the kind of ``stop``
+
+    def halt(reason: str | None, kind: FailureKind) -> None:
+        nonlocal stop, failure
+        if stop is None and reason is not None:
+            stop, failure = reason, kind
+
     slots = asyncio.Semaphore(max_concurrency)
     in_flight: set[asyncio.Task[None]] = set()
     latest: dict[tuple[str, str], asyncio.Task[None]] = {}  # each user's newest event task
 
     def save(outcomes: list[dict[str, Any]]) -> None:
-        nonlocal stop
         with lease.fenced(engine, holder, names) as (connection, held):
-            if held != set(names) and stop is None:
-                stop = "; ".join(holder.loss().values()) if holder else "lease lost"
+            if held != set(names):
+                halt("; ".join(holder.loss().values()) if holder else "lease lost", "interrupted")
             _save_outcomes(connection, [o for o in outcomes if o["key"] in held])
 
     acks: AckBuffer[dict[str, Any]] = AckBuffer(save)
 
     async def send(row: Any, after: asyncio.Task[None] | None) -> None:
-        nonlocal stop
         try:
             if after is not None:
                 # One user's events of a key go out one after another, in the order of
@@ -105,13 +117,13 @@ async def send_events(
                     await pacer.call(lambda: client.push_event(body), Attempt())
                 acks.add({"change_id": row.id, "key": key, "s": "delivered", "e": None})
             except FencedError as exc:
-                stop = stop or exc.reason
+                halt(exc.reason, exc.failure)
             except AuthError as exc:
-                stop = stop or f"Gist refused the API key ({exc}); no more events were sent"
+                halt(f"Gist refused the API key ({exc}); no more events were sent", exc.failure)
             except FatalApiError as exc:
                 acks.add({"change_id": row.id, "key": key, "s": "failed", "e": str(exc)})
             except RetriableApiError as exc:
-                stop = stop or f"Gist unavailable for events: {exc}"
+                halt(f"Gist unavailable for events: {exc}", exc.failure)
         finally:
             slots.release()
 
@@ -119,7 +131,7 @@ async def send_events(
         for row in _owed(engine, names):
             await slots.acquire()
             if stop is None:
-                stop = should_stop()
+                halt(should_stop(), "interrupted")
             if stop is not None:
                 slots.release()
                 break
@@ -138,9 +150,10 @@ async def send_events(
         await acks.abandon()
         raise
     await acks.flush()
-    if stop is not None:
-        log.error(stop)
-    return stop
+    if stop is None:
+        return None
+    log.error(stop)
+    return stop, failure
 
 
 def _forget(

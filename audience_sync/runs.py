@@ -8,8 +8,11 @@ from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Engine, func, select, update
+from sqlalchemy import Engine, exists, func, select, update
+from sqlalchemy.exc import SQLAlchemyError
 
+from audience_sync.errors import AudienceSyncError, FailureKind
+from audience_sync.ledger import owed_event
 from audience_sync.models import audiences
 from audience_sync.models import member_changes as changes
 from audience_sync.models import sync_runs as runs
@@ -42,6 +45,7 @@ class RunResult:
     failed: int = 0
     rejected: int = 0
     error: str | None = None
+    failure: FailureKind | None = None  # why it failed, as a scheduler needs to know (errors.py)
     resent: int = 0  # members sent again unchanged, because their email changed
     email_conflicts: int = 0  # rows whose email lost to another audience's for the same user
     staged_in: str | None = None  # where the source rows were checked: "python" or "database"
@@ -62,6 +66,19 @@ def result_fields(result: RunResult) -> dict[str, Any]:
     if result.contacts_read is None:
         del fields["contacts_read"], fields["pages_read"], fields["leads"]
     return fields
+
+
+def failure_kind(exc: BaseException) -> FailureKind:
+    """The failure kind of an exception a sync met or raised: each of the project's errors
+    names its own, a database error not yet translated is the state database's, Ctrl-C is an
+    interruption, anything else is ``internal``."""
+    if isinstance(exc, AudienceSyncError):
+        return exc.failure
+    if isinstance(exc, SQLAlchemyError):
+        return "state"
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted"
+    return "internal"
 
 
 def exit_code(results: Sequence[RunResult]) -> int:
@@ -172,10 +189,12 @@ def finish_run(
     clock: Clock,
     *,
     lost: str | None = None,
+    failure: FailureKind | None = None,
 ) -> RunResult:
     """Count what was delivered and failed, settle the run's status and save it. ``lost``:
     why the run's lease was lost; such a run ends ``interrupted`` whatever it delivered
-    (another process may have superseded what it planned)."""
+    (another process may have superseded what it planned). ``failure``: the kind of
+    ``error``, why delivery stopped."""
     counts = change_counts(engine, result.run_id)
     delivered, failed, pending = (counts.get(s, 0) for s in ("delivered", "failed", "pending"))
     status: RunStatus
@@ -183,14 +202,25 @@ def finish_run(
         status, error, interrupted = "interrupted", lost, True
     elif interrupted and pending:
         status = "interrupted"
-    elif error is not None and not interrupted:
+    elif (
+        error is not None
+        and not interrupted
+        and (delivered or failed or pending or owes_events(engine, result.audience_key))
+    ):
         # Delivery stopped (key refused, Gist down, events owed): not a success, even if
-        # this audience's own changes all went through before it did.
+        # this audience's own changes all went through before it did. A run that planned
+        # nothing and owes no event never needed Gist: it succeeded whatever stopped the
+        # others, as it does when the fast path spares it.
         status = "failed"
     elif failed or pending:
         status = "partial"
     else:
         status = "succeeded"
+    kinds: dict[RunStatus, FailureKind | None] = {
+        "interrupted": "interrupted",
+        "failed": failure or "internal",
+        "partial": "refused",
+    }
     finished = replace(
         result,
         status=status,
@@ -199,9 +229,18 @@ def finish_run(
         error=error
         if status in ("failed", "interrupted")
         else (f"{failed} changes failed" if failed else None),
+        failure=kinds.get(status),
     )
     save_run(engine, finished, clock())
     return finished
+
+
+def owes_events(engine: Engine, key: str) -> bool:
+    """Whether ``key`` owes Gist a track event (of this run or an earlier one)."""
+    with engine.connect() as connection:
+        return bool(
+            connection.scalar(select(exists().where(changes.c.audience_key == key, owed_event())))
+        )
 
 
 def abandon_runs(

@@ -50,6 +50,7 @@ from audience_sync.runs import (
     RunResult,
     abandon_runs,
     exit_code,
+    failure_kind,
     finish_run,
     load_key_kind,
     open_run,
@@ -214,12 +215,14 @@ def run_once(
             for result in planned:
                 results[result.audience_key] = finish_run(
                     engine, result, report.error, report.interrupted, clock,
-                    lost=lost.get(result.audience_key),
+                    lost=lost.get(result.audience_key), failure=report.failure,
                 )  # fmt: skip
             for key, reason in lost.items():
                 # A run that planned nothing still ran without its lease at the end.
                 if key in results and results[key].status == "succeeded":
-                    results[key] = replace(results[key], status="interrupted", error=reason)
+                    results[key] = replace(
+                        results[key], status="interrupted", error=reason, failure="interrupted"
+                    )
                     save_run(engine, results[key], clock())
             vacuum_uncertain(engine, sum(results[r.audience_key].delivered for r in planned))
         except BaseException as exc:
@@ -288,7 +291,7 @@ def _prepare(
                 if ctx.stop.is_set():
                     results[target.key] = RunResult(
                         target.key, target.name, ctx.kind, "interrupted",
-                        error="stopped before this audience started",
+                        error="stopped before this audience started", failure="interrupted",
                     )  # fmt: skip
                     continue
                 result = RunResult(target.key, target.name, ctx.kind, "running")
@@ -407,14 +410,14 @@ def _guarded(
     try:
         return step(ctx, target, result)
     except SourceError as exc:
-        return replace(result, status="failed", error=str(exc))
+        return replace(result, status="failed", error=str(exc), failure=exc.failure)
     except StopRequestedError as exc:
-        return replace(result, status="interrupted", error=str(exc))
+        return replace(result, status="interrupted", error=str(exc), failure=exc.failure)
     except Exception as exc:
         error = describe_error(exc, ctx.settings)
         log.error("%s: %s failed: %s", target.key, step.__name__.strip("_"), error)
         log.debug("the failure in detail", exc_info=True)
-        return replace(result, status="failed", error=error)
+        return replace(result, status="failed", error=error, failure=failure_kind(exc))
 
 
 def describe_error(exc: Exception, settings: Settings) -> str:
@@ -477,6 +480,7 @@ def _stage(
             status="failed",
             error=f"all {snapshot.rejected} rows were rejected ({snapshot.first_rejection}); "
             "nothing was planned",
+            failure="source",
         )
     return result
 
@@ -513,6 +517,7 @@ def _plan(
                 f"remove it from the config, run `audience-sync retire {key}`, then add it "
                 "back (or give it another key)"
             ),
+            failure="config",
         )
     if not ctx.dry_run:
         save_key_kind(engine, key, kind)
@@ -543,6 +548,7 @@ def _plan(
         return replace(
             result,
             status="guarded",
+            failure="guarded",
             resent=0,
             error=(
                 f"would remove {diff.exited} of {diff.held} {noun} "
@@ -601,11 +607,13 @@ async def _send(
     report = await deliverer.run(run_ids)
     if tracked and report.error is None:
         # Events describe acknowledged changes only: they go after the contacts.
-        report.error = await send_events(
+        stopped = await send_events(
             ctx.engine, client, pacer, tracked, gist.max_concurrency, should_stop, holder
         )
+        if stopped is not None:
+            report.error, report.failure = stopped
         if report.error is not None and holder.loss():
-            report.interrupted = True
+            report.interrupted, report.failure = True, "interrupted"
             report.lost.update(holder.loss())
     return report
 

@@ -171,7 +171,7 @@ def test_payload_shape(receiver: Receiver) -> None:
     ]
     assert set(body["runs"][0]) == {
         "audience_key", "name", "kind", "status", "run_id", "source_rows", "members",
-        "entered", "exited", "delivered", "failed", "rejected", "error", "resent",
+        "entered", "exited", "delivered", "failed", "rejected", "error", "failure", "resent",
         "email_conflicts", "staged_in", "fast_path", "alert",
     }  # fmt: skip
     assert body["worst_status"] == "guarded"

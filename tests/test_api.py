@@ -79,11 +79,14 @@ def test_run_finds_the_config_as_the_cli_does(
     assert [r.status for r in results] == ["succeeded"]
 
 
+RECIPES = Path(__file__).parent.parent / "examples" / "orchestrators"
+
+
 @pytest.mark.parametrize("example", ["airflow_dag.py", "dagster_asset.py"])
-def test_orchestrator_examples_use_only_what_the_api_has(example: str) -> None:
-    """The recipes cannot run here (no Airflow, no Dagster), but every ``audience_sync.X``
-    they call and every result field they read must exist."""
-    path = Path(__file__).parent.parent / "examples" / "orchestrators" / example
+def test_orchestrator_recipes_use_only_what_the_api_has(example: str) -> None:
+    """Every ``audience_sync.X`` a recipe calls and every result field it reads exist (the
+    recipes run in their orchestrators in tests/orchestrators/, in environments of their own)."""
+    path = RECIPES / example
     tree = ast.parse(path.read_text(), str(path))
     called = {
         node.attr
@@ -98,6 +101,53 @@ def test_orchestrator_examples_use_only_what_the_api_has(example: str) -> None:
         if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
         and node.value.id == "r"
     }  # fmt: skip
-    assert called == {"run", "exit_code"}
-    assert read
+    assert {"run", "failure_kind", "is_retriable"} <= called <= set(audience_sync.__all__)
+    assert {"audience_key", "status", "failure", "error"} <= read
     assert read <= {f.name for f in fields(audience_sync.RunResult)}
+
+
+def test_the_separate_environment_recipe_reads_what_run_json_prints() -> None:
+    """That recipe cannot import audience_sync: its copy of the retriable kinds and the
+    ``run --json`` fields it reads must match the package's."""
+    path = RECIPES / "airflow_separate_env.py"
+    tree = ast.parse(path.read_text(), str(path))
+    constants = {
+        target.id: node.value
+        for node in tree.body
+        if isinstance(node, ast.Assign)
+        for target in node.targets
+        if isinstance(target, ast.Name)
+    }
+    retriable = ast.literal_eval(constants["RETRIABLE"].args[0])  # type: ignore[attr-defined]
+    assert retriable == set(audience_sync.RETRIABLE_FAILURES)
+    summary = set(ast.literal_eval(constants["SUMMARY"]))
+    printed = {"audience"} | {f.name for f in fields(audience_sync.RunResult)}
+    assert summary <= printed
+
+
+def test_the_documented_errors_and_failure_kinds_are_importable_from_the_package() -> None:
+    from audience_sync.errors import AudienceSyncError, ConfigError, StateError
+
+    assert audience_sync.ConfigError is ConfigError
+    assert audience_sync.StateError is StateError
+    assert audience_sync.AudienceSyncError is AudienceSyncError
+    assert audience_sync.failure_kind(ConfigError("x")) == "config"
+    assert audience_sync.is_retriable(audience_sync.failure_kind(StateError("x")))
+
+
+def test_audiences_lists_the_configured_keys_without_gist_or_state(
+    workspace: Workspace, gist: FakeGist
+) -> None:
+    workspace.add_file_audience("Order Completed Last 30days")
+    workspace.add_file_audience("VIP", key="vip_customers")
+
+    # No GIST_API_KEY, and the state database was never created.
+    found = audience_sync.audiences(workspace.config_path, environ={})
+
+    assert found == {
+        "order_completed_last_30days": "Order Completed Last 30days",
+        "vip_customers": "VIP",
+    }
+    assert not Path(workspace.state_url.removeprefix("sqlite:///")).exists()
+    with pytest.raises(ConfigError, match="config file not found"):
+        audience_sync.audiences(workspace.root / "missing.toml", environ={})

@@ -1,0 +1,1 @@
+"""Tests that run the orchestrator recipes in the orchestrators themselves (own environments)."""
