@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import Engine
 
@@ -74,3 +76,19 @@ def test_a_config_that_cannot_load_is_the_only_check(workspace: Workspace) -> No
 
     assert (config.name, config.ok) == ("config", False)
     assert "invalid TOML" in config.detail
+
+
+def test_the_check_command_prints_a_checklist_and_says_what_failed(
+    workspace: Workspace, engine: Engine, gist: FakeGist, cli: Any
+) -> None:
+    write_members(workspace.add_file_audience("VIP"), range(3))
+
+    code, out, _ = cli("check")
+
+    assert code == 0
+    assert out.splitlines()[-1] == "all 4 checks passed"
+    assert "ok   gist: " in out
+    gist.fail_after(0, 401)
+    code, out, _ = cli("check", "--json")
+    assert code == 1
+    assert [c["name"] for c in json.loads(out) if not c["ok"]] == ["gist"]

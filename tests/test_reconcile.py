@@ -3,6 +3,7 @@ destination re-sends nobody and re-fires no ``Audience Entered``."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -10,6 +11,7 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import Engine, func, select
@@ -179,17 +181,13 @@ def test_a_reconcile_killed_half_way_continues_where_it_stopped(
     for n in range(400):
         gist.add_contact(f"u{n}", f"u{n}@example.com", {VIP: n % 2 == 0})
     gist.latency = 0.01
-    script = (
-        "import sys; from pathlib import Path; from audience_sync.config import load_settings; "
-        "from audience_sync.db import make_engine; from audience_sync.reconcile import reconcile; "
-        "s = load_settings(Path(sys.argv[1])); reconcile(s, make_engine(s.state.url), per_page=5)"
-    )
     process = subprocess.Popen(
-        [sys.executable, "-c", script, str(workspace.config_path)],
+        [sys.executable, "-m", "audience_sync", "reconcile", "--per-page", "5",
+         "--config", str(workspace.config_path)],
         env={**os.environ, "GIST_API_KEY": API_KEY},
         stderr=subprocess.PIPE,
         text=True,
-    )
+    )  # fmt: skip
     deadline = time.monotonic() + 60
     while len(paging(gist)) < 20:
         assert time.monotonic() < deadline
@@ -211,3 +209,21 @@ def test_a_reconcile_killed_half_way_continues_where_it_stopped(
     assert sum(1 for n in counts.values() if n > 1) <= 1
     assert min(paging(gist)[len(read_before) :]) >= len(set(read_before))
     assert acknowledged(engine, VIP) == {f"u{n}" for n in range(0, 400, 2)}
+
+
+def test_the_reconcile_command_prints_what_gist_holds_and_what_differs(
+    workspace: Workspace, engine: Engine, gist: FakeGist, source: Path, cli: Any
+) -> None:
+    segment_left(gist)
+
+    code, out, _ = cli("reconcile", "--dry-run")
+
+    assert code == 0
+    assert "11 contacts read in 1 page, 2 leads skipped" in out
+    assert "dry run: nothing recorded" in out
+    code, out, _ = cli("reconcile", VIP, "--json")
+    [result] = json.loads(out)
+    assert (code, result["kind"], result["members"], result["contacts_read"]) == (
+        0, "reconcile", 7, 11,
+    )  # fmt: skip
+    assert acknowledged(engine, VIP) == users(*range(7))

@@ -6,6 +6,7 @@ A thin layer, one module per command group, as dbt's ``cli/`` is laid out:
 - ``syncing``: ``run``, ``backfill``, ``retire``, ``daemon``;
 - ``history``: ``history``, ``show``, ``prune``;
 - ``audiences``: ``audiences``, ``workers``, ``verify``;
+- ``checking``: ``check``, ``reconcile``;
 - ``admin``: ``demo``, ``init``, ``completion``, ``db upgrade``;
 - shared by them: ``options`` (flags, argument types, settings), ``output`` (exit codes,
   errors, log lines) and ``signals``.
