@@ -234,8 +234,9 @@ def _load_last_successes(engine: Engine, settings: Settings) -> dict[str, dateti
         with db.state_errors(settings.state.url):
             return load_last_successes(engine, [a.property_key for a in settings.computations])
     except StateError as exc:
-        # INFO (-v): the failure that matters is said already, once per daemon tick.
-        log.info("cannot read the last successes for metrics: %s", exc)
+        # DEBUG: the failure that matters is said already, once per daemon tick (the daemon
+        # shows INFO lines).
+        log.debug("cannot read the last successes for metrics: %s", exc)
         return {}
 
 
