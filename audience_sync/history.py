@@ -6,9 +6,20 @@ import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, Final, Literal, get_args
 
-from sqlalchemy import ColumnElement, Engine, and_, case, delete, exists, func, select, union_all
+from sqlalchemy import (
+    ColumnElement,
+    Engine,
+    and_,
+    case,
+    delete,
+    exists,
+    func,
+    or_,
+    select,
+    union_all,
+)
 
 from audience_sync.ledger import owed_event
 from audience_sync.models import (
@@ -22,7 +33,11 @@ from audience_sync.models import (
     uncertain_members,
 )
 from audience_sync.plan import NULL_JSON
-from audience_sync.statuses import DRY_RUN_KINDS, RunStatus
+from audience_sync.statuses import DRY_RUN_KINDS, RunKind, RunStatus
+
+ChangeFilter = Literal["all", "entered", "exited", "failed"]
+"""Which of a run's changes ``load_run`` lists."""
+CHANGE_FILTERS: Final[tuple[ChangeFilter, ...]] = get_args(ChangeFilter)
 
 RUN_FIELDS = (
     "run_id",
@@ -52,26 +67,37 @@ def load_runs(
     *,
     status: RunStatus | None = None,
     since: datetime | None = None,
+    kind: RunKind | None = None,
+    offset: int = 0,
 ) -> list[dict[str, Any]]:
-    """The newest ``limit`` runs, newest first, filtered by audience, status and start time."""
+    """The newest ``limit`` runs after skipping ``offset``, newest first, filtered by
+    audience, status, kind and start time (``history`` and the web page's run list)."""
     query = select(*_run_columns()).order_by(sync_runs.c.id.desc())
     if audience is not None:
         query = query.where(sync_runs.c.audience_key == audience)
     if status is not None:
         query = query.where(sync_runs.c.status == status)
+    if kind is not None:
+        query = query.where(sync_runs.c.kind == kind)
     if since is not None:
         query = query.where(sync_runs.c.started_at >= since)
     with engine.connect() as connection:
-        rows = connection.execute(query.limit(limit)).mappings().all()
+        rows = connection.execute(query.limit(limit).offset(offset)).mappings().all()
     return [_run_dict(row) for row in rows]
 
 
 def load_run(
-    engine: Engine, run_id: int, limit: int = 100, offset: int = 0
+    engine: Engine,
+    run_id: int,
+    limit: int = 100,
+    offset: int = 0,
+    *,
+    changes: ChangeFilter = "all",
 ) -> dict[str, Any] | None:
     """One run with a page of its changes (failed first, then by user) and rejected rows:
-    ``limit`` of each, after skipping ``offset``. ``pruned`` counts what ``prune`` deleted of
-    the run's changes and rejected rows (the run's own counts say what there was)."""
+    ``limit`` of each, after skipping ``offset``; ``changes`` keeps only the entered, exited
+    or failed ones. ``pruned`` counts what ``prune`` deleted of the run's changes and
+    rejected rows (the run's own counts say what there was)."""
     with engine.connect() as connection:
         row = (
             connection.execute(select(*_run_columns()).where(sync_runs.c.id == run_id))
@@ -87,7 +113,7 @@ def load_run(
             .group_by(member_changes.c.status)
         ).all()
         failed_first = case((member_changes.c.status == "failed", 0), else_=1)
-        changes = connection.execute(
+        page = connection.execute(
             select(
                 member_changes.c.user_id,
                 member_changes.c.email,
@@ -100,7 +126,7 @@ def load_run(
                 member_changes.c.delivered_at,
                 member_changes.c.event_status.label("event"),
             )
-            .where(member_changes.c.run_id == run_id)
+            .where(member_changes.c.run_id == run_id, *_change_filter(changes))
             .order_by(failed_first, *_by_user(member_changes.c.user_id), member_changes.c.id)
             .limit(limit)
             .offset(offset)
@@ -118,7 +144,7 @@ def load_run(
             .offset(offset)
         ).mappings()
         run["changes_by_status"] = {status: count for status, count in by_status}
-        run["changes"] = [_change_dict(change) for change in changes]
+        run["changes"] = [_change_dict(change) for change in page]
         run["rejected_rows"] = [dict(r) for r in rejected]
         rejected_left = connection.scalar(
             select(func.count()).where(rejected_rows.c.run_id == run_id)
@@ -133,6 +159,19 @@ def load_run(
         ).mappings()
         run["email_conflict_rows"] = [dict(r) for r in conflicts]
     return run
+
+
+def _change_filter(which: ChangeFilter) -> list[ColumnElement[bool]]:
+    """``member_changes`` conditions keeping a run's entered changes (an audience's ``true``,
+    a trait's value other than ``null``), exited ones (``false``, ``null``) or failed ones."""
+    c = member_changes.c
+    if which == "entered":
+        return [or_(c.value.is_(True), and_(c.value_json.is_not(None), c.value_json != NULL_JSON))]
+    if which == "exited":
+        return [or_(c.value.is_(False), c.value_json == NULL_JSON)]
+    if which == "failed":
+        return [c.status == "failed"]
+    return []
 
 
 def _by_user(user_id: ColumnElement[str]) -> list[ColumnElement[Any]]:
