@@ -18,6 +18,7 @@ from sqlalchemy import (
     func,
     or_,
     select,
+    tuple_,
     union_all,
 )
 
@@ -35,8 +36,9 @@ from audience_sync.models import (
 from audience_sync.plan import NULL_JSON
 from audience_sync.statuses import DRY_RUN_KINDS, RunKind, RunStatus
 
+SCAN_ROWS = 20_000  # changes one page of entered or exited ones looks through, at most
 ChangeFilter = Literal["all", "entered", "exited", "failed"]
-"""Which of a run's changes ``load_run`` lists."""
+"""Which of a run's changes ``load_changes`` lists."""
 CHANGE_FILTERS: Final[tuple[ChangeFilter, ...]] = get_args(ChangeFilter)
 
 RUN_FIELDS = (
@@ -92,12 +94,14 @@ def load_run(
     limit: int = 100,
     offset: int = 0,
     *,
-    changes: ChangeFilter = "all",
+    changes: bool = True,
 ) -> dict[str, Any] | None:
     """One run with a page of its changes (failed first, then by user) and rejected rows:
-    ``limit`` of each, after skipping ``offset``; ``changes`` keeps only the entered, exited
-    or failed ones. ``pruned`` counts what ``prune`` deleted of the run's changes and
-    rejected rows (the run's own counts say what there was)."""
+    ``limit`` of each, after skipping ``offset``. ``pruned`` counts what ``prune`` deleted of
+    the run's changes and rejected rows (the run's own counts say what there was).
+
+    The changes' natural order sorts all of the run's changes for each page: ``changes=False``
+    leaves them out for a caller that pages them by index (``load_changes``)."""
     with engine.connect() as connection:
         row = (
             connection.execute(select(*_run_columns()).where(sync_runs.c.id == run_id))
@@ -113,24 +117,26 @@ def load_run(
             .group_by(member_changes.c.status)
         ).all()
         failed_first = case((member_changes.c.status == "failed", 0), else_=1)
-        page = connection.execute(
-            select(
-                member_changes.c.user_id,
-                member_changes.c.email,
-                member_changes.c.value,
-                member_changes.c.value_json,
-                member_changes.c.status,
-                member_changes.c.attempts,
-                member_changes.c.http_status,
-                member_changes.c.last_error,
-                member_changes.c.delivered_at,
-                member_changes.c.event_status.label("event"),
-            )
-            .where(member_changes.c.run_id == run_id, *_change_filter(changes))
-            .order_by(failed_first, *_by_user(member_changes.c.user_id), member_changes.c.id)
-            .limit(limit)
-            .offset(offset)
-        ).mappings()
+        page: Iterable[Any] = []
+        if changes:
+            page = connection.execute(
+                select(
+                    member_changes.c.user_id,
+                    member_changes.c.email,
+                    member_changes.c.value,
+                    member_changes.c.value_json,
+                    member_changes.c.status,
+                    member_changes.c.attempts,
+                    member_changes.c.http_status,
+                    member_changes.c.last_error,
+                    member_changes.c.delivered_at,
+                    member_changes.c.event_status.label("event"),
+                )
+                .where(member_changes.c.run_id == run_id)
+                .order_by(failed_first, *_by_user(member_changes.c.user_id), member_changes.c.id)
+                .limit(limit)
+                .offset(offset)
+            ).mappings()
         rejected = connection.execute(
             select(
                 rejected_rows.c.row_number,
@@ -161,10 +167,91 @@ def load_run(
     return run
 
 
-def _change_filter(which: ChangeFilter) -> list[ColumnElement[bool]]:
-    """``member_changes`` conditions keeping a run's entered changes (an audience's ``true``,
-    a trait's value other than ``null``), exited ones (``false``, ``null``) or failed ones."""
+@dataclass(frozen=True)
+class ChangesPage:
+    """A page of one run's changes (``load_changes``)."""
+
+    changes: list[dict[str, Any]]
+    # Where the next page starts (its ``after``) when more may follow: the last change shown,
+    # or the last one looked at when a filter's window ended first.
+    next_after: int | None
+
+
+def load_changes(
+    engine: Engine,
+    run_id: int,
+    which: ChangeFilter = "all",
+    after: int | None = None,
+    limit: int = 100,
+) -> ChangesPage:
+    """A page of a run's changes, failed first, then by status and user id: the order of the
+    ``(run_id, status, user_id)`` index, so each page is a seek however many changes the run
+    has (a first sync's million). ``after`` is the id of the previous page's last change;
+    ``which`` keeps only the entered, exited or failed ones."""
     c = member_changes.c
+    columns = (
+        c.id, c.user_id, c.email, c.value, c.value_json, c.status, c.attempts, c.http_status,
+        c.last_error, c.delivered_at, c.event_status.label("event"),
+    )  # fmt: skip
+    kept = (c.run_id == run_id, *_change_filter(which, c))
+    found: list[Any] = []
+    with engine.connect() as connection:
+        mark = None
+        if after is not None:
+            mark = connection.execute(
+                select(c.status, c.user_id, c.id).where(c.id == after, c.run_id == run_id)
+            ).first()
+        if mark is None or mark.status == "failed":
+            failed = select(*columns).where(*kept, c.status == "failed")
+            if mark is not None:
+                failed = failed.where(tuple_(c.user_id, c.id) > tuple_(mark.user_id, mark.id))
+            found += connection.execute(
+                failed.order_by(c.user_id, c.id).limit(limit + 1)
+            ).mappings()
+        resume = None
+        if len(found) <= limit and which != "failed":
+            rest = select(*columns).where(c.run_id == run_id, c.status != "failed")
+            if mark is not None and mark.status != "failed":
+                rest = rest.where(
+                    tuple_(c.status, c.user_id, c.id) > tuple_(mark.status, mark.user_id, mark.id)
+                )
+            rest = rest.order_by(c.status, c.user_id, c.id)
+            wanted = limit + 1 - len(found)
+            if which == "all":
+                found += connection.execute(rest.limit(wanted)).mappings()
+            else:
+                # Entered or exited is no index's column: look through a bounded window of
+                # the index's order, so a run of a million changes with few exits still
+                # answers at once; the next page goes on after the window.
+                window = rest.limit(SCAN_ROWS).subquery()
+                order = (window.c.status, window.c.user_id, window.c.id)
+                matched = (
+                    connection.execute(
+                        select(window)
+                        .where(*_change_filter(which, window.c))
+                        .order_by(*order)
+                        .limit(wanted)
+                    )
+                    .mappings()
+                    .all()
+                )
+                found += matched
+                if len(matched) < wanted and (
+                    connection.scalar(select(func.count()).select_from(window)) == SCAN_ROWS
+                ):
+                    resume = connection.scalar(
+                        select(window.c.id).order_by(*(o.desc() for o in order)).limit(1)
+                    )
+    shown = [_change_dict(row) for row in found[:limit]]
+    if len(found) > limit:
+        resume = shown[-1]["id"]
+    return ChangesPage(shown, resume)
+
+
+def _change_filter(which: ChangeFilter, c: Any) -> list[ColumnElement[bool]]:
+    """Conditions on ``member_changes`` columns ``c`` keeping a run's entered changes (an
+    audience's ``true``, a trait's value other than ``null``), exited ones (``false``,
+    ``null``) or failed ones."""
     if which == "entered":
         return [or_(c.value.is_(True), and_(c.value_json.is_not(None), c.value_json != NULL_JSON))]
     if which == "exited":

@@ -486,3 +486,36 @@ def test_ui_command_serves_and_stops_on_sigterm(served: Served) -> None:
     assert process.returncode == 0, err
     assert f"serving the history at http://0.0.0.0:{port} (read-only, basic auth)" in out
     assert_no_traceback(err)
+
+
+@pytest.mark.parametrize("scan", [None, 3], ids=["whole-run", "window-of-3"])
+@pytest.mark.parametrize("which", ["all", "entered", "failed"])
+def test_changes_page_by_index_through_every_change(
+    served: Served, which: str, scan: int | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Two at a time, each page a seek after the last one's id: every change once, failed
+    # first, then by status and user id; a filter's window that ends early is continued.
+    from audience_sync import history
+    from audience_sync.history import load_changes
+
+    if scan is not None:
+        monkeypatch.setattr(history, "SCAN_ROWS", scan)
+
+    run_id = served.history.first["vip_customers"]
+    seen: list[tuple[str, str]] = []
+    after = None
+    while True:
+        page = load_changes(served.engine, run_id, which, after, limit=2)  # type: ignore[arg-type]
+        seen += [(c["status"], c["user_id"]) for c in page.changes]
+        if page.next_after is None:
+            break
+        after = page.next_after
+    failed = [("failed", "u5")]
+    delivered = sorted(("delivered", u) for u in [SCRIPT_USER, "u1", "u2", "u3", "u4"])
+    assert seen == (failed if which == "failed" else failed + delivered)
+    # The web's next link carries the cursor.
+    first = get(
+        served, f"/runs/{run_id}?after={load_changes(served.engine, run_id, limit=1).next_after}"
+    )
+    assert len(rows(first, "change-rows")) == 5
+    assert "← first changes" in first

@@ -12,7 +12,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from urllib.parse import quote, urlencode
 
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
@@ -30,7 +30,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from audience_sync import __version__
 from audience_sync.db import describe_error
 from audience_sync.errors import StateError
-from audience_sync.history import CHANGE_FILTERS, load_run, load_runs
+from audience_sync.history import CHANGE_FILTERS, ChangeFilter, load_changes, load_run, load_runs
 from audience_sync.pages import (
     load_audience,
     load_audience_keys,
@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 HERE = Path(__file__).parent
 RUNS_PER_PAGE = 50
 CHANGES_PER_PAGE = 100
+ROWS_PER_RUN = 100  # rejected rows and email conflicts shown on a run's page (the first)
 AUDIENCE_RECENT_RUNS = 20
 MAX_ID = 2**63 - 1  # the largest id a database column holds; past it, no such run
 MAX_PAGE = 1_000_000
@@ -167,38 +168,24 @@ class Pages:
 
     def run(self, request: Request) -> Response:
         run_id: int = request.path_params["run_id"]
-        which = _choice(request, "changes", CHANGE_FILTERS) or "all"
-        page = _page(request)
+        which = cast(ChangeFilter, _choice(request, "changes", CHANGE_FILTERS) or "all")
+        after = _after(request)
         found = (
-            load_run(
-                self.engine,
-                run_id,
-                CHANGES_PER_PAGE,
-                (page - 1) * CHANGES_PER_PAGE,
-                changes=which,  # type: ignore[arg-type]  # checked against CHANGE_FILTERS
-            )
-            if run_id <= MAX_ID
-            else None
+            load_run(self.engine, run_id, ROWS_PER_RUN, changes=False) if run_id <= MAX_ID else None
         )
         if found is None:
             raise HTTPException(404, f"There is no run {run_id} in the history.")
-        by_status = found["changes_by_status"]
-        shown = {
-            "all": sum(by_status.values()),
-            "entered": found["entered"],
-            "exited": found["exited"],
-            "failed": by_status.get("failed", 0),
-        }[which]
+        page = load_changes(self.engine, run_id, which, after, CHANGES_PER_PAGE)
         return self.render(
             request,
             "run.html",
             run=found,
+            changes=page,
             fields=RUN_FIELDS,
             which=which,
             filters=CHANGE_FILTERS,
-            page=page,
-            more=page * CHANGES_PER_PAGE < shown
-            or page * CHANGES_PER_PAGE < max(found["rejected"], found["email_conflicts"] or 0),
+            after=after,
+            rows_shown=ROWS_PER_RUN,
         )
 
     def audience(self, request: Request) -> Response:
@@ -281,6 +268,14 @@ def _page(request: Request) -> int:
     if not text.isdigit() or not 1 <= int(text) <= MAX_PAGE:
         raise HTTPException(400, f"page must be a whole number from 1 to {MAX_PAGE:,}.")
     return int(text)
+
+
+def _after(request: Request) -> int | None:
+    """Where a page of changes starts: after the change with this id."""
+    text = request.query_params.get("after") or None
+    if text is not None and (not text.isdigit() or int(text) > MAX_ID):
+        raise HTTPException(400, "after must be a change id.")
+    return None if text is None else int(text)
 
 
 def _query_builder(request: Request) -> Callable[..., str]:
