@@ -13,6 +13,7 @@ import re
 import signal
 import subprocess
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,8 +21,9 @@ from urllib.parse import quote, urljoin, urlsplit
 
 import httpx
 import pytest
-from sqlalchemy import Engine, func, select, text
+from sqlalchemy import Engine, create_engine, func, select, text
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.pool import NullPool
 
 from audience_sync.cli import run_cli
 from audience_sync.models import audiences, memberships, sync_runs
@@ -519,3 +521,32 @@ def test_changes_page_by_index_through_every_change(
     )
     assert len(rows(first, "change-rows")) == 5
     assert "← first changes" in first
+
+
+def test_pages_run_as_a_select_only_role(served: Served) -> None:
+    # The README's GRANTs are enough: every page answers as a role that may only SELECT.
+    url = served.history.state_url
+    if not url.startswith("postgresql"):
+        return  # roles and GRANTs are PostgreSQL's; SQLite is read-only by query_only
+    schema = re.search(r"search_path%3D(\w+)", url).group(1)  # type: ignore[union-attr]
+    role = f"pages_{uuid.uuid4().hex[:8]}"
+    admin = create_engine(url.split("?")[0], poolclass=NullPool)
+    with admin.begin() as connection:
+        for statement in (
+            f"CREATE ROLE {role} LOGIN",
+            f"GRANT USAGE ON SCHEMA {schema} TO {role}",
+            f"GRANT SELECT ON ALL TABLES IN SCHEMA {schema} TO {role}",
+        ):
+            connection.execute(text(statement))
+    as_role = url.replace("://postgres@", f"://{role}@").replace("://root@", f"://{role}@")
+    engine = read_only_engine(as_role)
+    try:
+        with guarded(engine) as client:
+            for path in ("/", "/runs/1", "/audiences/vip_customers", "/users/u5", "/workers"):
+                assert client.get(path).status_code == 200, path
+    finally:
+        engine.dispose()
+        with admin.begin() as connection:
+            connection.execute(text(f"DROP OWNED BY {role}"))
+            connection.execute(text(f"DROP ROLE {role}"))
+        admin.dispose()

@@ -5,7 +5,8 @@ screenshot (``build/screenshots/``, or ``$AUDIENCE_SYNC_SCREENSHOTS``; the READM
 from here).
 
 One browser and one served history for the whole module; each test opens its own page.
-Skips, saying why, where Chromium or its driver is not installed (``.ci/run`` installs both).
+Skips, saying why, where Chromium or its driver is not installed (``.ci/run`` installs both
+and sets ``AUDIENCE_SYNC_REQUIRE_BROWSER``, which turns that skip into a failure).
 """
 
 from __future__ import annotations
@@ -27,12 +28,15 @@ from selenium.webdriver.support.expected_conditions import staleness_of
 from selenium.webdriver.support.ui import Select, WebDriverWait
 from sqlalchemy import Engine
 
+from audience_sync import db
 from audience_sync.web.app import create_app
 from audience_sync.web.serve import allowed_hosts, background
 from audience_sync.web.state import read_only_engine
+from audience_sync.workers import Presence
 from tests.helpers import SCRIPT_USER, History, build_history
 
 CHROMIUM = ("chromium", "chromium-browser", "google-chrome")
+REQUIRE_BROWSER = "AUDIENCE_SYNC_REQUIRE_BROWSER"  # .ci/run sets it: no browser is a failure
 ROOT = Path(__file__).resolve().parent.parent
 SCREENSHOTS = Path(os.environ.get("AUDIENCE_SYNC_SCREENSHOTS", ROOT / "build" / "screenshots"))
 
@@ -44,6 +48,8 @@ def _browser_paths() -> tuple[str, str]:
         missing = " and ".join(
             what for what, path in (("chromium", binary), ("chromedriver", driver)) if not path
         )
+        if os.environ.get(REQUIRE_BROWSER):
+            pytest.fail(f"{REQUIRE_BROWSER} is set but {missing} is not on PATH")
         pytest.skip(
             f"no browser: {missing} not found on PATH "
             "(apt-get install chromium chromium-driver; .ci/run installs them)"
@@ -256,12 +262,24 @@ def test_markup_in_ids_and_names_stays_text(browser: WebDriver, site: str) -> No
     assert browser.find_elements(By.CSS_SELECTOR, "h1 b") == []
 
 
-def test_workers_page(browser: WebDriver, site: str) -> None:
+def test_workers_page(browser: WebDriver, site: str, history: History) -> None:
+    # A daemon syncing now beside the three finished runs.
+    writer = db.make_engine(history.state_url)
+    try:
+        with Presence(writer, "daemon") as daemon:
+            daemon.running(["vip_customers"])
+            WebDriverWait(browser, 10).until(lambda b: _running(b, site) == ["vip_customers"])
+            assert texts(browser, "#workers .status") == ["alive", *["stopped"] * 3]
+            assert texts(browser, "#workers td:nth-child(3)") == ["daemon", *["run"] * 3]
+            assert len(texts(browser, "#rate-limits tbody tr")) == 1
+            shoot(browser, "workers")
+    finally:
+        writer.dispose()
+
+
+def _running(browser: WebDriver, site: str) -> list[str]:
     browser.get(site + "/workers")
-    assert texts(browser, "#workers .status") == ["stopped"] * 3
-    assert texts(browser, "#workers td:nth-child(3)") == ["run"] * 3
-    assert len(texts(browser, "#rate-limits tbody tr")) == 1
-    shoot(browser, "workers")
+    return texts(browser, "#workers tr.worker-alive td:nth-child(4) a")
 
 
 def test_unknown_page_is_a_404_page(browser: WebDriver, site: str) -> None:
