@@ -6,9 +6,21 @@ import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, Final, Literal, get_args
 
-from sqlalchemy import ColumnElement, Engine, and_, case, delete, exists, func, select, union_all
+from sqlalchemy import (
+    ColumnElement,
+    Engine,
+    and_,
+    case,
+    delete,
+    exists,
+    func,
+    or_,
+    select,
+    tuple_,
+    union_all,
+)
 
 from audience_sync.ledger import owed_event
 from audience_sync.models import (
@@ -22,7 +34,12 @@ from audience_sync.models import (
     uncertain_members,
 )
 from audience_sync.plan import NULL_JSON
-from audience_sync.statuses import DRY_RUN_KINDS, RunStatus
+from audience_sync.statuses import DRY_RUN_KINDS, RunKind, RunStatus
+
+SCAN_ROWS = 20_000  # changes one page of entered or exited ones looks through, at most
+ChangeFilter = Literal["all", "entered", "exited", "failed"]
+"""Which of a run's changes ``load_changes`` lists."""
+CHANGE_FILTERS: Final[tuple[ChangeFilter, ...]] = get_args(ChangeFilter)
 
 RUN_FIELDS = (
     "run_id",
@@ -52,26 +69,39 @@ def load_runs(
     *,
     status: RunStatus | None = None,
     since: datetime | None = None,
+    kind: RunKind | None = None,
+    offset: int = 0,
 ) -> list[dict[str, Any]]:
-    """The newest ``limit`` runs, newest first, filtered by audience, status and start time."""
+    """The newest ``limit`` runs after skipping ``offset``, newest first, filtered by
+    audience, status, kind and start time (``history`` and the web page's run list)."""
     query = select(*_run_columns()).order_by(sync_runs.c.id.desc())
     if audience is not None:
         query = query.where(sync_runs.c.audience_key == audience)
     if status is not None:
         query = query.where(sync_runs.c.status == status)
+    if kind is not None:
+        query = query.where(sync_runs.c.kind == kind)
     if since is not None:
         query = query.where(sync_runs.c.started_at >= since)
     with engine.connect() as connection:
-        rows = connection.execute(query.limit(limit)).mappings().all()
+        rows = connection.execute(query.limit(limit).offset(offset)).mappings().all()
     return [_run_dict(row) for row in rows]
 
 
 def load_run(
-    engine: Engine, run_id: int, limit: int = 100, offset: int = 0
+    engine: Engine,
+    run_id: int,
+    limit: int = 100,
+    offset: int = 0,
+    *,
+    changes: bool = True,
 ) -> dict[str, Any] | None:
     """One run with a page of its changes (failed first, then by user) and rejected rows:
     ``limit`` of each, after skipping ``offset``. ``pruned`` counts what ``prune`` deleted of
-    the run's changes and rejected rows (the run's own counts say what there was)."""
+    the run's changes and rejected rows (the run's own counts say what there was).
+
+    The changes' natural order sorts all of the run's changes for each page: ``changes=False``
+    leaves them out for a caller that pages them by index (``load_changes``)."""
     with engine.connect() as connection:
         row = (
             connection.execute(select(*_run_columns()).where(sync_runs.c.id == run_id))
@@ -87,24 +117,26 @@ def load_run(
             .group_by(member_changes.c.status)
         ).all()
         failed_first = case((member_changes.c.status == "failed", 0), else_=1)
-        changes = connection.execute(
-            select(
-                member_changes.c.user_id,
-                member_changes.c.email,
-                member_changes.c.value,
-                member_changes.c.value_json,
-                member_changes.c.status,
-                member_changes.c.attempts,
-                member_changes.c.http_status,
-                member_changes.c.last_error,
-                member_changes.c.delivered_at,
-                member_changes.c.event_status.label("event"),
-            )
-            .where(member_changes.c.run_id == run_id)
-            .order_by(failed_first, *_by_user(member_changes.c.user_id), member_changes.c.id)
-            .limit(limit)
-            .offset(offset)
-        ).mappings()
+        page: Iterable[Any] = []
+        if changes:
+            page = connection.execute(
+                select(
+                    member_changes.c.user_id,
+                    member_changes.c.email,
+                    member_changes.c.value,
+                    member_changes.c.value_json,
+                    member_changes.c.status,
+                    member_changes.c.attempts,
+                    member_changes.c.http_status,
+                    member_changes.c.last_error,
+                    member_changes.c.delivered_at,
+                    member_changes.c.event_status.label("event"),
+                )
+                .where(member_changes.c.run_id == run_id)
+                .order_by(failed_first, *_by_user(member_changes.c.user_id), member_changes.c.id)
+                .limit(limit)
+                .offset(offset)
+            ).mappings()
         rejected = connection.execute(
             select(
                 rejected_rows.c.row_number,
@@ -118,7 +150,7 @@ def load_run(
             .offset(offset)
         ).mappings()
         run["changes_by_status"] = {status: count for status, count in by_status}
-        run["changes"] = [_change_dict(change) for change in changes]
+        run["changes"] = [_change_dict(change) for change in page]
         run["rejected_rows"] = [dict(r) for r in rejected]
         rejected_left = connection.scalar(
             select(func.count()).where(rejected_rows.c.run_id == run_id)
@@ -133,6 +165,100 @@ def load_run(
         ).mappings()
         run["email_conflict_rows"] = [dict(r) for r in conflicts]
     return run
+
+
+@dataclass(frozen=True)
+class ChangesPage:
+    """A page of one run's changes (``load_changes``)."""
+
+    changes: list[dict[str, Any]]
+    # Where the next page starts (its ``after``) when more may follow: the last change shown,
+    # or the last one looked at when a filter's window ended first.
+    next_after: int | None
+
+
+def load_changes(
+    engine: Engine,
+    run_id: int,
+    which: ChangeFilter = "all",
+    after: int | None = None,
+    limit: int = 100,
+) -> ChangesPage:
+    """A page of a run's changes, failed first, then by status and user id: the order of the
+    ``(run_id, status, user_id)`` index, so each page is a seek however many changes the run
+    has (a first sync's million). ``after`` is the id of the previous page's last change;
+    ``which`` keeps only the entered, exited or failed ones."""
+    c = member_changes.c
+    columns = (
+        c.id, c.user_id, c.email, c.value, c.value_json, c.status, c.attempts, c.http_status,
+        c.last_error, c.delivered_at, c.event_status.label("event"),
+    )  # fmt: skip
+    kept = (c.run_id == run_id, *_change_filter(which, c))
+    found: list[Any] = []
+    with engine.connect() as connection:
+        mark = None
+        if after is not None:
+            mark = connection.execute(
+                select(c.status, c.user_id, c.id).where(c.id == after, c.run_id == run_id)
+            ).first()
+        if mark is None or mark.status == "failed":
+            failed = select(*columns).where(*kept, c.status == "failed")
+            if mark is not None:
+                failed = failed.where(tuple_(c.user_id, c.id) > tuple_(mark.user_id, mark.id))
+            found += connection.execute(
+                failed.order_by(c.user_id, c.id).limit(limit + 1)
+            ).mappings()
+        resume = None
+        if len(found) <= limit and which != "failed":
+            rest = select(*columns).where(c.run_id == run_id, c.status != "failed")
+            if mark is not None and mark.status != "failed":
+                rest = rest.where(
+                    tuple_(c.status, c.user_id, c.id) > tuple_(mark.status, mark.user_id, mark.id)
+                )
+            rest = rest.order_by(c.status, c.user_id, c.id)
+            wanted = limit + 1 - len(found)
+            if which == "all":
+                found += connection.execute(rest.limit(wanted)).mappings()
+            else:
+                # Entered or exited is no index's column: look through a bounded window of
+                # the index's order, so a run of a million changes with few exits still
+                # answers at once; the next page goes on after the window.
+                window = rest.limit(SCAN_ROWS).subquery()
+                order = (window.c.status, window.c.user_id, window.c.id)
+                matched = (
+                    connection.execute(
+                        select(window)
+                        .where(*_change_filter(which, window.c))
+                        .order_by(*order)
+                        .limit(wanted)
+                    )
+                    .mappings()
+                    .all()
+                )
+                found += matched
+                if len(matched) < wanted and (
+                    connection.scalar(select(func.count()).select_from(window)) == SCAN_ROWS
+                ):
+                    resume = connection.scalar(
+                        select(window.c.id).order_by(*(o.desc() for o in order)).limit(1)
+                    )
+    shown = [_change_dict(row) for row in found[:limit]]
+    if len(found) > limit:
+        resume = shown[-1]["id"]
+    return ChangesPage(shown, resume)
+
+
+def _change_filter(which: ChangeFilter, c: Any) -> list[ColumnElement[bool]]:
+    """Conditions on ``member_changes`` columns ``c`` keeping a run's entered changes (an
+    audience's ``true``, a trait's value other than ``null``), exited ones (``false``,
+    ``null``) or failed ones."""
+    if which == "entered":
+        return [or_(c.value.is_(True), and_(c.value_json.is_not(None), c.value_json != NULL_JSON))]
+    if which == "exited":
+        return [or_(c.value.is_(False), c.value_json == NULL_JSON)]
+    if which == "failed":
+        return [c.status == "failed"]
+    return []
 
 
 def _by_user(user_id: ColumnElement[str]) -> list[ColumnElement[Any]]:

@@ -1,19 +1,24 @@
 """Helpers several test modules share (fixtures live in conftest.py): what Gist and the
-state database hold, a free loopback port, a TCP proxy that partitions, and the one place
+state database hold, a free loopback port, a TCP proxy that partitions, the one place
 tests call the lease module (so a change of its signatures is repointed here, not in every
-test)."""
+test), and a history made by real runs for the pages to show (one per test module)."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import selectors
 import socket
 import threading
-from collections.abc import Iterable
+import uuid
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
-from sqlalchemy import DateTime, Engine, select, type_coerce
+from sqlalchemy import DateTime, Engine, create_engine, select, text, type_coerce
+from sqlalchemy.pool import NullPool
 
 from audience_sync import lease
 from audience_sync.fakegist import FakeGist
@@ -192,3 +197,98 @@ def database_time(engine: Engine) -> datetime:
         )
     assert isinstance(now, datetime)
     return now
+
+
+SCRIPT_USER = '<script>alert("owned")</script>'  # a user id that must reach pages escaped
+
+
+@dataclass(frozen=True)
+class History:
+    """A state database with a history made by real runs against the fake Gist (see
+    ``build_history``): the runs' ids and what the pages should show of them."""
+
+    state_url: str
+    config_path: Path
+    first: dict[str, int]  # run id of each key's first run
+    second: dict[str, int]
+    dry: int  # the dry run of vip_customers
+    api_key: str
+
+
+def build_history(root: Path, state_url: str, api_key: str) -> History:
+    """Three invocations of ``run_once`` over two audiences and a computed trait:
+
+    1. vip_customers = u1..u5 and ``SCRIPT_USER`` (Gist refuses u5: the run is partial),
+       one row rejected (an invalid email); newsletter_b_fans_b (named with markup) =
+       u3..u6; plan: u1 gold, u2 silver.
+    2. vip_customers = u1..u3, u5, u7 and ``SCRIPT_USER`` (u4 exits, u7 enters, u5 goes
+       through); newsletter unchanged; plan: u1 platinum, u2 gone (null).
+    3. a dry run of vip_customers that would add u8.
+    """
+    from audience_sync import db
+    from audience_sync.sync import run_once
+    from tests.conftest import Workspace
+
+    root.mkdir(parents=True, exist_ok=True)
+    with FakeGist(api_key=api_key) as gist:
+        workspace = Workspace(root, state_url, gist.url)
+        workspace.env = {"GIST_API_KEY": api_key}
+        vip = workspace.add_file_audience("VIP Customers")
+        news = workspace.add_file_audience("Newsletter <b>Fans</b>")
+        plan = root / "plan.jsonl"
+        workspace.traits.append({"name": "Plan", "file": plan.name})
+        workspace.write_config()
+        engine = db.make_engine(state_url)
+        try:
+            db.upgrade(engine)
+
+            def write(path: Path, rows: Sequence[tuple[str, ...]]) -> None:
+                keys = ("user_id", "email", "value")
+                path.write_text(
+                    "".join(json.dumps(dict(zip(keys, r, strict=False))) + "\n" for r in rows)
+                )
+
+            def member(n: int) -> tuple[str, str]:
+                return (f"u{n}", f"u{n}@example.com")
+
+            script = (SCRIPT_USER, "script@example.com")
+            write(vip, [*map(member, range(1, 6)), script, ("u9", "not-an-email")])
+            write(news, [member(n) for n in range(3, 7)])
+            write(plan, [("u1", "u1@example.com", "gold"), ("u2", "u2@example.com", "silver")])
+            gist.fail_user("u5", 422, "Email is invalid")
+            first = {r.audience_key: r.run_id or 0 for r in run_once(workspace.settings(), engine)}
+            gist.reset_faults()
+            write(vip, [*map(member, (1, 2, 3, 5, 7)), script])
+            write(plan, [("u1", "u1@example.com", "platinum")])
+            second = {r.audience_key: r.run_id or 0 for r in run_once(workspace.settings(), engine)}
+            write(vip, [*map(member, (1, 2, 3, 5, 7, 8)), script])
+            (dry,) = run_once(workspace.settings(), engine, "vip_customers", dry_run=True)
+        finally:
+            engine.dispose()
+    assert all(first.values())
+    assert all(second.values())
+    assert dry.run_id
+    return History(state_url, workspace.config_path, first, second, dry.run_id or 0, api_key)
+
+
+@contextlib.contextmanager
+def fresh_state_url(store: str, folder: Path) -> Iterator[str]:
+    """An empty state database URL for tests that share one state across a module (the
+    ``state_url`` fixture is per test): a SQLite file in ``folder``, or a fresh schema on
+    PostgreSQL (through ``require_postgres``), dropped afterwards."""
+    if store == "sqlite":
+        yield f"sqlite:///{folder / 'state.db'}"
+        return
+    from tests.conftest import require_postgres
+
+    admin = require_postgres()
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    engine = create_engine(admin, poolclass=NullPool)
+    with engine.begin() as connection:
+        connection.execute(text(f'CREATE SCHEMA "{schema}"'))
+    try:
+        yield f"{admin}?options=-csearch_path%3D{schema}&application_name={schema}"
+    finally:
+        with engine.begin() as connection:
+            connection.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+        engine.dispose()

@@ -1,4 +1,5 @@
-"""The wheel: a non-editable install carries its migrations and migrates from anywhere."""
+"""The wheel: a non-editable install carries its migrations and migrates from anywhere, and
+its pages' templates and style sheet, which it serves."""
 
 from __future__ import annotations
 
@@ -8,10 +9,14 @@ import sqlite3
 import subprocess
 import sys
 import sysconfig
+import time
 import venv
 from pathlib import Path
 
+import httpx
 import pytest
+
+from tests.helpers import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -76,3 +81,38 @@ def test_installed_wheel_migrates_a_new_state_file(tmp_path: Path) -> None:
         (version,) = connection.execute("SELECT version_num FROM alembic_version").fetchone()
     assert {"memberships", "member_changes", "sync_runs"} <= tables
     assert version == max(p.name[:4] for p in (ROOT / "migrations" / "versions").glob("0*.py"))
+
+    # The pages from the wheel's own templates and style sheet, not the checkout's.
+    port = free_port()
+    ui = subprocess.Popen(
+        [str(target / "bin" / "audience-sync"), "ui", "--port", str(port)],
+        cwd=elsewhere, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        page = _get_when_up(f"http://127.0.0.1:{port}/", ui)
+        style = httpx.get(f"http://127.0.0.1:{port}/static/style.css", timeout=5)
+    finally:
+        ui.terminate()
+        _, err = ui.communicate(timeout=20)
+    assert ui.returncode == 0, err
+    assert page.status_code == 200
+    assert "No runs yet" in page.text
+    assert style.status_code == 200
+    assert style.headers["content-type"].startswith("text/css")
+    assert style.text == (ROOT / "audience_sync" / "web" / "static" / "style.css").read_text()
+    served_from = subprocess.run(
+        [str(python), "-c", "import audience_sync.web.app as a; print(a.HERE)"],
+        cwd=elsewhere, env=env, capture_output=True, text=True, check=True,
+    ).stdout.strip()  # fmt: skip
+    assert Path(served_from).is_relative_to(Path(site)), served_from
+
+
+def _get_when_up(url: str, process: subprocess.Popen[str]) -> httpx.Response:
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            return httpx.get(url, timeout=5)
+        except httpx.TransportError:
+            assert process.poll() is None, process.communicate()
+            assert time.monotonic() < deadline, f"{url} never answered"
+            time.sleep(0.1)

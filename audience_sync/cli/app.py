@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import argcomplete
 
 from audience_sync import __version__
-from audience_sync.cli import admin, audiences, checking, history, syncing
+from audience_sync.cli import admin, audiences, checking, history, syncing, ui
 from audience_sync.cli.options import Commands, add_global_options, command_name
 from audience_sync.cli.output import (
     EXIT_FAILED,
@@ -118,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     # In the order `--help` lists them.
     syncing.register(commands)
     history.register(commands)
+    ui.register(commands)
     audiences.register(commands)
     checking.register(commands)
     syncing.register_daemon(commands)
