@@ -52,7 +52,7 @@ def measure(size: int, args: argparse.Namespace) -> dict[str, Any]:
                     "[state]",
                     f'url = "sqlite:///{root / "state.db"}"',
                     "[gist]",
-                    f'api_key = "{API_KEY}"',
+                    'api_key = "${GIST_API_KEY}"',
                     f'base_url = "{gist.url}"',
                     f"requests_per_second = {args.rate}",
                     "[[audiences]]",
@@ -63,7 +63,7 @@ def measure(size: int, args: argparse.Namespace) -> dict[str, Any]:
             )
             + "\n"
         )
-        settings = load_settings(config, {})
+        settings = load_settings(config, {"GIST_API_KEY": API_KEY})
         engine = make_engine(settings.state.url)
         upgrade(engine)
         gist.clear_log()
