@@ -34,7 +34,7 @@ from functools import partial
 from typing import Any
 
 import httpx
-from sqlalchemy import Engine, and_, delete, exists, func, insert, literal, select, update
+from sqlalchemy import Engine, and_, delete, exists, func, insert, literal, or_, select, update
 from sqlalchemy.engine import Connection
 
 from audience_sync import lease
@@ -49,6 +49,7 @@ from audience_sync.errors import (
     StopRequestedError,
 )
 from audience_sync.gist import GistClient, make_http_client
+from audience_sync.ledger import owed_event
 from audience_sync.models import (
     contacts,
     email_drift,
@@ -513,6 +514,7 @@ def _record(
         .where(changes.c.audience_key == key, changes.c.status == "pending")
         .values(status="superseded", event_status=None)
     )
+    _drop_stale_events(connection, key, trait)
     # The email Gist holds for each user it knows.
     statement = upsert(engine, contacts)
     connection.execute(
@@ -524,6 +526,46 @@ def _record(
         ).on_conflict_do_update(
             index_elements=[contacts.c.user_id],
             set_={c: statement.excluded[c] for c in ("email", "updated_at", "last_run_id")},
+        )
+    )
+
+
+def _drop_stale_events(connection: Connection, key: str, trait: bool) -> None:
+    """Owed track events of users whose value Gist no longer holds are not sent.
+
+    An event still owed describes a change Gist acknowledged; if Gist now holds another
+    value for that user (changed behind the tool's back), the event would announce a state
+    Gist left, and arrive after it: an ``Audience Entered`` for a contact Gist holds out of
+    the audience. When the user's latest acknowledged change disagrees with the ledger just
+    read, every owed event of that user and key is dropped (``event_status`` NULL, the reason
+    in ``event_error``); where Gist still holds that change's value, its events stay owed and
+    go out in order. A later real entry or exit fires its own event as usual."""
+    latest = (
+        select(changes.c.user_id, func.max(changes.c.id).label("id"))
+        .where(changes.c.audience_key == key, changes.c.status == "delivered")
+        .group_by(changes.c.user_id)
+        .subquery()
+    )
+    last = changes.alias("last")
+    if trait:
+        held = (
+            select(trait_values.c.value)
+            .where(trait_values.c.trait_key == key, trait_values.c.user_id == last.c.user_id)
+            .scalar_subquery()
+        )
+        differs = func.coalesce(held, NULL_JSON) != func.coalesce(last.c.value_json, NULL_JSON)
+    else:
+        member = exists().where(
+            memberships.c.audience_key == key, memberships.c.user_id == last.c.user_id
+        )
+        differs = or_(and_(last.c.value.is_(True), ~member), and_(last.c.value.is_(False), member))
+    stale = select(last.c.user_id).join(latest, latest.c.id == last.c.id).where(differs)
+    connection.execute(
+        update(changes)
+        .where(changes.c.audience_key == key, owed_event(), changes.c.user_id.in_(stale))
+        .values(
+            event_status=None,
+            event_error="not sent: reconcile found Gist holding another value since",
         )
     )
 

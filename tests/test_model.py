@@ -160,6 +160,11 @@ class Key:
     # Users holding the `false` that retiring the key's old audience kind left in Gist,
     # which the trait's state never tracked.
     leftover: set[str] = field(default_factory=set)
+    # The last reconcile of the key: how many events Gist had then, and what it held. Gist's
+    # values read back stand for the events before them (they may have been changed behind
+    # the tool's back): a user with no event since holds the value read then.
+    reconciled_at: int = -1
+    reconciled: dict[str, Any] = field(default_factory=dict)
 
 
 def wait_until_stopped(pid: int) -> None:
@@ -666,6 +671,15 @@ def machine_for(store: str) -> type[RuleBasedStateMachine]:
             report = reconcile(load_settings(config, {}), self.engine, keys, per_page=per_page)
             assert report.error is None, report
             assert all(r.status == "succeeded" for r in report.results), report
+            held = self.users_in_gist()
+            for key in keys:
+                model = self.keys[key]
+                model.reconciled_at = len(self.gist.events())
+                model.reconciled = {
+                    u: c["custom_properties"][key]
+                    for u, c in held.items()
+                    if key in c["custom_properties"]
+                }
 
         @rule()
         def prune_history(self) -> None:
@@ -880,17 +894,25 @@ def machine_for(store: str) -> type[RuleBasedStateMachine]:
                 )
             assert owed == 0
             assert len(events) <= (evented or 0) + self.evented_pruned + self.may_duplicate
-            last: dict[tuple[str, str], dict[str, Any]] = {}
+            last: dict[tuple[str, str], tuple[int, dict[str, Any]]] = {}
             for index, event in enumerate(events):
                 props = event["properties"]
                 key = props.get("audience_key", props.get("trait_key"))
                 if key in self.keys and index >= self.keys[key].epoch:
-                    last[(key, event["user_id"])] = event
+                    last[(key, event["user_id"])] = (index, event)
             for key in tracked:
                 model = self.keys[key]
                 for user in USERS:
-                    latest = last.get((key, user))
-                    if model.kind == "audience":
+                    index, latest = last.get((key, user), (-1, None))
+                    if index < model.reconciled_at:
+                        # No event since the reconcile: Gist's value then is the last word.
+                        value = model.reconciled.get(user, ABSENT)
+                        where = (key, user, value, latest)
+                        if model.kind == "audience":
+                            assert (value is True) == (user in model.members), where
+                        elif user in model.values and model.values[user] is not None:
+                            assert same_json(value, model.values[user]), where
+                    elif model.kind == "audience":
                         entered = latest is not None and latest["event_name"] == "Audience Entered"
                         assert entered == (user in model.members), (key, user, latest)
                     elif user in model.values and latest is not None:

@@ -227,3 +227,45 @@ def test_the_reconcile_command_prints_what_gist_holds_and_what_differs(
         0, "reconcile", 7, 11,
     )  # fmt: skip
     assert acknowledged(engine, VIP) == users(*range(7))
+
+
+def test_owed_events_of_a_value_gist_no_longer_holds_are_dropped_the_rest_are_sent(
+    workspace: Workspace, engine: Engine, gist: FakeGist, source: Path
+) -> None:
+    """An event still owed (Gist refused events for a while) announces the change it
+    describes; once Gist holds another value for that user (changed behind the tool's back
+    and read back by reconcile), it would announce a state Gist left: dropped. Events of
+    changes Gist still holds go out."""
+    scores = workspace.root / "score.jsonl"
+    scores.write_text(
+        '{"user_id": "u3", "email": "u3@example.com", "value": 3}\n'
+        '{"user_id": "u4", "email": "u4@example.com", "value": 5}\n'
+    )
+    workspace.traits.append(
+        {"name": "Score", "key": SCORE, "file": scores.name, "send_track": True}
+    )
+    workspace.gist_options["batch_size"] = 100
+    workspace.write_config()
+    write_members(source, [0, 1, 2])
+    gist.fail_after(1, 503)  # the contacts go through (one batch), the events not
+    run_once(workspace.settings(), engine)
+    gist.reset_faults()
+    assert gist.events() == []
+    gist.edit_contact("u0", {VIP: False})  # left the audience in Gist
+    gist.remove_contact("u1")  # deleted from Gist
+    gist.edit_contact("u3", {SCORE: 4})  # another value; u2 and u4 untouched
+    write_members(source, [2])  # the source agrees with Gist now
+    scores.write_text(
+        '{"user_id": "u3", "email": "u3@example.com", "value": 4}\n'
+        '{"user_id": "u4", "email": "u4@example.com", "value": 5}\n'
+    )
+
+    reconcile(workspace.settings(), engine)
+    gist.clear_log()
+    run_once(workspace.settings(), engine)
+
+    assert gist.requests("/contacts") == []  # Gist already equals the sources
+    sent = Counter((e["user_id"], e["event_name"]) for e in gist.events())
+    assert sent == {("u2", "Audience Entered"): 1, ("u4", "Trait Computed"): 1}
+    again = run_once(workspace.settings(), engine)
+    assert len(gist.events()) == 2, again
