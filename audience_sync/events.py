@@ -124,6 +124,9 @@ async def send_events(
                 acks.add({"change_id": row.id, "key": key, "s": "failed", "e": str(exc)})
             except RetriableApiError as exc:
                 halt(f"Gist unavailable for events: {exc}", exc.failure)
+        except Exception as exc:  # a bug of ours: the run fails saying so, never in silence
+            log.exception("could not send the event of change %s", row.id)
+            halt(f"could not send the event of change {row.id}: {exc!r}", "internal")
         finally:
             slots.release()
 

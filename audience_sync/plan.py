@@ -43,6 +43,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Connection
 
+from audience_sync.ledger import owed_event
 from audience_sync.models import (
     contacts,
     email_conflicts,
@@ -109,21 +110,39 @@ class Diff:
         return self.held >= min_members and self.exited / self.held > threshold
 
 
-def start_plan(connection: Connection, target: PlanTarget) -> None:
+def start_plan(connection: Connection, target: PlanTarget, kind: str | None) -> None:
     """Before a real run plans a key: older pending rows of it are superseded, since every
-    plan re-plans everything still owed."""
+    plan re-plans everything still owed; and events still owed by changes of another kind
+    than the key's ``kind`` now (None: retiring it) are dropped.
+
+    Those events announce values of what the key was: a retire clears them from Gist (an
+    ``Audience Entered`` sent after it would start a workflow for an audience gone), and a
+    key configured as the other kind cannot describe them (an audience's change is no trait
+    value). ``event_error`` keeps the reason."""
     if target.dry_run:
         return
+    key = changes.c.audience_key == target.key
     with connection.begin():
         connection.execute(
             changes.update()
-            .where(
-                changes.c.audience_key == target.key,
-                changes.c.status == "pending",
-                changes.c.run_id != target.run_id,
-            )
+            .where(key, changes.c.status == "pending", changes.c.run_id != target.run_id)
             .values(status="superseded", event_status=None)
         )
+        other_kind = {
+            None: true(),
+            "audience": changes.c.value.is_(None),
+            "trait": changes.c.value_json.is_(None),
+        }[kind]
+        reason = "the key was retired" if kind is None else f"the key is {_a(kind)} now"
+        connection.execute(
+            changes.update()
+            .where(key, owed_event(), other_kind)
+            .values(event_status=None, event_error=f"not sent: {reason}")
+        )
+
+
+def _a(kind: str) -> str:
+    return "an audience" if kind == "audience" else "a trait"
 
 
 def save_plan(connection: Connection, target: PlanTarget) -> Diff:

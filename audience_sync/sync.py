@@ -501,7 +501,7 @@ def _plan(
     done: RunStatus = "succeeded" if ctx.dry_run else "running"
     if audience is None:  # retire: clear what the key's recorded kind means
         kind = load_key_kind(engine, key) or held_kind(connection, key)
-        start_plan(connection, plan)
+        start_plan(connection, plan, None)
         exits = save_retire_plan(connection, plan, trait=kind == "trait")
         return replace(result, exited=exits, status=done)
     assert snapshot is not None
@@ -521,7 +521,7 @@ def _plan(
         )
     if not ctx.dry_run:
         save_key_kind(engine, key, kind)
-    start_plan(connection, plan)
+    start_plan(connection, plan, kind)
     if ctx.mode == "backfill":
         resumed = unfinished_backfills(engine, key, plan.run_id)
         if resumed:

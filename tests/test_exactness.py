@@ -668,6 +668,30 @@ def test_an_unexpected_error_fails_only_its_audience(
     assert statuses == {"broken": "failed", "fine": "succeeded"}
 
 
+def test_a_bug_while_sending_an_event_fails_the_run_and_keeps_the_event_owed(
+    workspace: Workspace, engine: Engine, gist: FakeGist, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An exception of our own in an event's task is no silent success: the run fails
+    saying so (``internal``), and the event stays owed for a run without the bug."""
+    from audience_sync import events
+
+    write_members(add_audience(workspace, "k", send_track=True), [1])
+
+    def broken(names: Any, row: Any) -> Any:
+        raise KeyError("a bug in an event")
+
+    monkeypatch.setattr(events, "build_event", broken)
+    [run] = sync(workspace, engine)
+    assert (run.status, run.failure) == ("failed", "internal"), run
+    assert "KeyError" in (run.error or "")
+    monkeypatch.undo()
+
+    [again] = sync(workspace, engine)
+
+    assert again.status == "succeeded"
+    assert [e["event_name"] for e in gist.events()] == ["Audience Entered"]
+
+
 # 9 ----------------------------------------------------------------------------------------
 
 
@@ -710,6 +734,78 @@ def test_a_key_reused_from_trait_to_audience_is_retired_as_an_audience(
     assert (run.status, run.exited) == ("succeeded", 2)
     assert held(gist, "k") == {"u1": False, "u2": False}
     assert table(engine, select(memberships)) == []
+
+
+def test_a_retired_key_owes_no_events_and_its_new_kind_sends_only_its_own(
+    workspace: Workspace, engine: Engine, gist: FakeGist
+) -> None:
+    """The long model profile's counterexample: an audience owed entry events (Gist refused
+    events) when it was retired and added back as a tracked trait; the trait's runs met the
+    audience's owed changes, could not build a trait event of them, and left them owed for
+    ever while recording success. Retiring clears the key in Gist: the events its old values
+    owed announce states Gist no longer holds, and are dropped with the reason."""
+    workspace.gist_options["batch_size"] = 100
+    members = add_audience(workspace, "k", send_track=True)
+    write_members(members, [1, 2])
+    gist.fail_after(1, 503)  # the contacts go through (one batch), the events do not
+    sync(workspace, engine)
+    gist.reset_faults()
+    assert gist.events() == []
+    workspace.audiences.clear()
+    add_audience(workspace, "other")
+    [retired] = sync(workspace, engine, keys=["k"], mode="retire")
+    assert retired.status == "succeeded"
+    source = add_trait(workspace, "k", send_track=True)
+    values(source, {"u2": 7})
+    gist.clear_log()
+
+    results = sync(workspace, engine)
+
+    assert [r.status for r in results] == ["succeeded", "succeeded"], results
+    sent = [(e["user_id"], e["event_name"], e["properties"]) for e in gist.events()]
+    assert sent == [("u2", "Trait Computed", {"trait_key": "k", "k": 7})]
+    owed = select(func.count()).where(
+        member_changes.c.event_status.in_(["pending", "failed"]),
+        member_changes.c.status == "delivered",
+    )
+    with engine.connect() as connection:
+        assert connection.scalar(owed) == 0
+        reasons = connection.scalars(
+            select(member_changes.c.event_error).where(member_changes.c.value.is_(True))
+        ).all()
+    assert reasons == ["not sent: the key was retired"] * 2
+
+
+def test_exit_events_owed_by_an_emptied_audience_are_not_sent_as_its_trait(
+    workspace: Workspace, engine: Engine, gist: FakeGist
+) -> None:
+    """An audience whose members all left holds nothing, so its key may come back as a trait
+    without a retire; the exits' events it still owed are no trait value: dropped, saying
+    why, and the trait's own events go out."""
+    workspace.gist_options["batch_size"] = 100
+    members = add_audience(workspace, "k", send_track=True)
+    write_members(members, [1])
+    sync(workspace, engine)
+    write_members(members, [])
+    gist.fail_after(1, 503)  # the exit goes through, its event does not
+    sync(workspace, engine, allow_mass_exit=True)
+    gist.reset_faults()
+    workspace.audiences.clear()
+    values(add_trait(workspace, "k", send_track=True), {"u1": 3})
+    before = len(gist.events())  # the entry's
+
+    [run] = sync(workspace, engine)
+
+    assert run.status == "succeeded", run
+    sent = [(e["user_id"], e["event_name"], e["properties"]) for e in gist.events()[before:]]
+    assert sent == [("u1", "Trait Computed", {"trait_key": "k", "k": 3})]
+    with engine.connect() as connection:
+        exits = connection.execute(
+            select(member_changes.c.event_status, member_changes.c.event_error).where(
+                member_changes.c.value.is_(False)
+            )
+        ).all()
+    assert exits == [(None, "not sent: the key is a trait now")]
 
 
 def test_switching_a_key_between_kinds_without_retiring_is_refused(
