@@ -391,7 +391,7 @@ _warned_written_key: set[Path] = set()
 
 def _warn_of_a_written_key(raw: dict[str, Any], path: Path) -> None:
     """A key written into the file travels with it (backups, version control): said once
-    per file, as the README asks for ``${GIST_API_KEY}``."""
+    per file, as docs/configuration.md asks for ``${GIST_API_KEY}``."""
     section = raw.get("gist")
     key = section.get("api_key") if isinstance(section, dict) else None
     if not isinstance(key, str) or not key or path in _warned_written_key:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shlex
 import shutil
 import tempfile
 from pathlib import Path
@@ -12,14 +13,17 @@ from typing import IO
 from audience_sync import db
 from audience_sync.config import load_settings
 from audience_sync.errors import ConfigError
-from audience_sync.fakegist import FakeGist
+from audience_sync.fakegist import DEFAULT_KEY, DEFAULT_PORT, FakeGist
 from audience_sync.history import load_runs
 from audience_sync.render import render_table
 from audience_sync.sync import RunResult, run_once
 
-DEMO_KEY = "demo-key-not-secret"  # the fake Gist's key; never a real one
-# The demo's config reads its key from the environment, as every config should.
-DEMO_KEY_ENV = "AUDIENCE_SYNC_DEMO_KEY"
+DEMO_KEY = DEFAULT_KEY  # the fake Gist's key; never a real one
+# The demo's config reads its key from the environment, as every config should: the variable
+# `audience-sync fake-gist` says to export, so a kept demo works with it afterwards.
+KEY_ENV = "GIST_API_KEY"
+DEMO_KEY_ENV = "AUDIENCE_SYNC_DEMO_KEY"  # what demos before 0.2 read; still marks their folders
+FAKE_GIST_URL = f"http://127.0.0.1:{DEFAULT_PORT}"  # where `audience-sync fake-gist` serves
 RUN_COLUMNS = ("audience_key", "status", "members", "entered", "exited", "delivered", "failed")
 # Everything a demo writes into its folder (SQLite adds -wal/-shm beside its file).
 DEMO_FILES = (
@@ -37,7 +41,7 @@ def run_demo(out: IO[str], keep: Path | None = None) -> int:
     try:
         with FakeGist(api_key=DEMO_KEY) as gist:
             config = _seed(folder, gist.url)
-            settings = load_settings(config, {DEMO_KEY_ENV: DEMO_KEY})
+            settings = load_settings(config, {KEY_ENV: DEMO_KEY})
             engine = db.make_engine(settings.state.url)
             try:
                 db.ensure_schema(engine, migrate=True)
@@ -67,11 +71,12 @@ def run_demo(out: IO[str], keep: Path | None = None) -> int:
                 render_table(load_runs(engine), columns, out, tty=tty)
             finally:
                 engine.dispose()
-        out.write(
-            f"\nTry it on these files: audience-sync history --config {config}\n"
-            if keep is not None
-            else "\nRun `audience-sync demo --keep DIR` to keep the files and explore them.\n"
-        )
+        if keep is not None:
+            # The demo's fake Gist is gone: point the kept config at the one a user can start.
+            _write_config(config, FAKE_GIST_URL)
+            out.write(_kept_note(config))
+        else:
+            out.write("\nRun `audience-sync demo --keep DIR` to keep the files and explore them.\n")
     finally:
         if keep is None:
             shutil.rmtree(folder, ignore_errors=True)
@@ -102,18 +107,39 @@ def _clear_earlier_demo(folder: Path) -> bool:
     return True
 
 
+def _kept_note(config: Path) -> str:
+    flag = f"--config {shlex.quote(str(config))}"
+    return (
+        f"\nThe files are kept: audience-sync history {flag}\n"
+        f"Its config now points at `audience-sync fake-gist` ({FAKE_GIST_URL}). Start that in "
+        "another terminal, then:\n"
+        f"  export {KEY_ENV}={DEMO_KEY}\n"
+        # A new fake Gist starts empty, while the state remembers what the demo's held.
+        + "".join(
+            f"  audience-sync backfill {key} {flag}   # send every member again\n"
+            for key in ("vip_customers", "newsletter_signups")
+        )
+        + f"  audience-sync run {flag}   # after editing vip.csv or newsletter.jsonl\n"
+    )
+
+
 def _seed(folder: Path, gist_url: str) -> Path:
     _write_members(folder / "vip.csv", range(12))
     with (folder / "newsletter.jsonl").open("w") as handle:
         for n in range(8, 20):
             handle.write(json.dumps({"user_id": f"u{n}", "email": f"user{n}@example.com"}) + "\n")
     config = folder / "audience_sync.toml"
+    _write_config(config, gist_url)
+    return config
+
+
+def _write_config(config: Path, gist_url: str) -> None:
     config.write_text(
         f"""[state]
 url = "sqlite:///state.db"
 
 [gist]
-api_key = "${{{DEMO_KEY_ENV}}}"  # the fake Gist's key: {DEMO_KEY}
+api_key = "${{{KEY_ENV}}}"  # the fake Gist's key: {DEMO_KEY}
 base_url = "{gist_url}"
 requests_per_second = 50
 
@@ -126,7 +152,6 @@ name = "Newsletter Signups"
 file = "newsletter.jsonl"
 """
     )
-    return config
 
 
 def _write_members(path: Path, numbers: range | list[int]) -> None:

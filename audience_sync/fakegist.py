@@ -12,6 +12,7 @@ import socket
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler
 from types import FrameType
@@ -20,7 +21,11 @@ from urllib.parse import parse_qs, urlsplit
 
 from audience_sync.httpserver import BackgroundServer, JoiningHTTPServer
 
-__all__ = ["FakeGist", "RecordedRequest", "main"]
+__all__ = ["DEFAULT_KEY", "DEFAULT_PORT", "FakeGist", "RecordedRequest", "main", "serve"]
+
+# `audience-sync fake-gist` serves here by default, and a kept demo's config points here.
+DEFAULT_PORT = 8099
+DEFAULT_KEY = "demo-key-not-secret"  # a fake's key, printed for pasting; never a real one
 
 _Headers = dict[str, str]
 _Answer = tuple[int, Any, _Headers]
@@ -689,21 +694,30 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
 
+def serve(gist: FakeGist, ready: Callable[[FakeGist], None]) -> None:
+    """Serve ``gist`` in the foreground until Ctrl-C or SIGTERM; ``ready`` is called once it
+    listens. ``OSError`` when it cannot bind (a port in use)."""
+    previous = signal.signal(signal.SIGTERM, _interrupt)  # as cleanly on SIGTERM as on Ctrl-C
+    try:
+        with contextlib.suppress(KeyboardInterrupt), gist:
+            ready(gist)
+            threading.Event().wait()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str] | None = None) -> None:
+    """``python -m audience_sync.fakegist``: the fake with its fault knobs, for benchmarks."""
     parser = argparse.ArgumentParser(description="Serve a fake Gist API on 127.0.0.1.")
-    parser.add_argument("--port", type=int, default=8099)
-    parser.add_argument("--api-key", default="test-key")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT)
+    parser.add_argument("--api-key", default=DEFAULT_KEY)
     parser.add_argument("--latency", type=float, default=0.0, help="seconds per request")
     parser.add_argument("--rate-limit", type=float, default=None, help="requests per second")
     args = parser.parse_args(argv)
     gist = FakeGist(args.api_key, port=args.port)
     gist.latency = args.latency
     gist.rate_limit = args.rate_limit
-    signal.signal(signal.SIGTERM, _interrupt)  # stop as cleanly on SIGTERM as on Ctrl-C
-    with gist:
-        print(gist.url, flush=True)
-        with contextlib.suppress(KeyboardInterrupt):
-            threading.Event().wait()
+    serve(gist, lambda served: print(served.url, flush=True))
     print("stopped", flush=True)
 
 

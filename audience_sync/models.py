@@ -1,4 +1,4 @@
-"""SQLAlchemy models of the state database (the README's "State tables" documents them)."""
+"""SQLAlchemy models of the state database (docs/state-tables.md documents them)."""
 
 from __future__ import annotations
 

@@ -40,7 +40,7 @@ class Batch(NamedTuple):
     bad: list[Rejected]
 
 
-# The row contract (README "Source rows"): every source path trims, canonicalises and rejects
+# The row contract (docs/sources.md): every source path trims, canonicalises and rejects
 # as this module does. Warehouse-native staging writes the same checks as SQL (``native``),
 # its character classes generated from these constants.
 

@@ -13,7 +13,7 @@ STARTER_CONFIG = f"""\
 # audience-sync configuration, written by `audience-sync init`.
 # `${{VAR}}` anywhere in a string is replaced from the environment; a missing variable is
 # an error that names it. Relative paths are relative to this file.
-# Every key is described in the README of audience-sync, section "Configuration".
+# Every key is described in docs/configuration.md of audience-sync.
 
 [state]
 # What Gist acknowledged, per audience and member. SQLite (this file) needs nothing else.

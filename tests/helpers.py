@@ -1,14 +1,19 @@
 """Helpers several test modules share (fixtures live in conftest.py): what Gist and the
-state database hold, a free loopback port, a TCP proxy that partitions, the one place
-tests call the lease module (so a change of its signatures is repointed here, not in every
-test), and a history made by real runs for the pages to show (one per test module)."""
+state database hold, a free loopback port, `audience-sync fake-gist` as a process, a TCP
+proxy that partitions, the one place tests call the lease module (so a change of its
+signatures is repointed here, not in every test), and a history made by real runs for the
+pages to show (one per test module)."""
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
+import re
 import selectors
+import signal
 import socket
+import subprocess
 import threading
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
@@ -17,12 +22,14 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import httpx
 from sqlalchemy import DateTime, Engine, create_engine, select, text, type_coerce
 from sqlalchemy.pool import NullPool
 
 from audience_sync import lease
 from audience_sync.fakegist import FakeGist
 from audience_sync.models import leases, memberships
+from tests.conftest import EXECUTABLE
 
 KEY = "order_completed_last_30days"  # the property of "Order Completed Last 30days"
 
@@ -52,6 +59,69 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
+
+
+@dataclass
+class FakeGistProcess:
+    """A running `audience-sync fake-gist`: the two lines it said to paste, and its process."""
+
+    base_url: str
+    api_key: str
+    printed: str
+    process: subprocess.Popen[str]
+
+    def contacts(self) -> dict[str, dict[str, Any]]:
+        """Every contact it holds by user id, read over its own API."""
+        found: dict[str, dict[str, Any]] = {}
+        headers = {"Authorization": f"Bearer {self.api_key}"}
+        with httpx.Client(base_url=self.base_url, headers=headers, timeout=10) as client:
+            for page in range(1, 1000):
+                body = client.get("/contacts", params={"page": page, "per_page": 100}).json()
+                found.update({c["user_id"]: c for c in body["contacts"]})
+                if not body["pages"]["next"]:
+                    return found
+        raise AssertionError("the fake Gist pages without end")
+
+
+@contextlib.contextmanager
+def fake_gist_process(*args: str, env: dict[str, str] | None = None) -> Iterator[FakeGistProcess]:
+    """Start `audience-sync fake-gist ARGS` as a user would, wait for the lines it prints to
+    paste, and stop it with SIGTERM afterwards, which must end it with exit 0."""
+    process = subprocess.Popen(
+        [EXECUTABLE, "fake-gist", *args],
+        env={**os.environ, **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stdout is not None
+    printed: list[str] = []
+    for line in process.stdout:  # ends at EOF should it exit instead
+        printed.append(line)
+        if line.strip().startswith("export GIST_API_KEY="):
+            break
+    text_ = "".join(printed)
+    try:
+        url = re.search(r'^\s*base_url = "(.+)"$', text_, re.MULTILINE)
+        key = re.search(r"^\s*export GIST_API_KEY=(\S+)$", text_, re.MULTILINE)
+        if url is None or key is None:
+            process.kill()
+            out, err = process.communicate(timeout=10)
+            raise FakeGistExitedError(process.returncode, text_ + out, err)
+        yield FakeGistProcess(url[1], key[1], text_, process)
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            process.communicate(timeout=30)
+            assert process.returncode == 0, f"fake-gist exited {process.returncode} on SIGTERM"
+
+
+class FakeGistExitedError(Exception):
+    """`audience-sync fake-gist` ended before printing what to paste."""
+
+    def __init__(self, code: int, stdout: str, stderr: str) -> None:
+        super().__init__(f"fake-gist exited {code}: {stdout}{stderr}")
+        self.code, self.stdout, self.stderr = code, stdout, stderr
 
 
 class PausableProxy:

@@ -1,4 +1,4 @@
-"""The row contract (README "Source rows"), held by a differential test: the same rows staged
+"""The row contract (docs/sources.md), held by a differential test: the same rows staged
 through every source path give the identical snapshot (user_id → email, the first row of a
 user winning) and the identical rejections (row number, reason), on either state store.
 

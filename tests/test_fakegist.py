@@ -7,12 +7,15 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from audience_sync.fakegist import FakeGist
+from audience_sync.fakegist import DEFAULT_KEY, FakeGist
+from tests.conftest import run_process
+from tests.helpers import FakeGistExitedError, fake_gist_process
 
 API_KEY = "secret-key"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
@@ -293,3 +296,53 @@ def test_clear_log_keeps_contacts(gist: FakeGist, client: httpx.Client) -> None:
     gist.clear_log()
     assert gist.requests() == []
     assert set(gist.contacts()) == {"1"}
+
+
+# ------------------------------------------------------- `audience-sync fake-gist`, the command
+
+
+@pytest.mark.slow
+def test_fake_gist_command_prints_what_to_paste_and_a_run_pasting_it_syncs(
+    tmp_path: Path,
+) -> None:
+    with fake_gist_process("--port", "0") as fake:
+        assert fake.base_url.startswith("http://127.0.0.1:")
+        assert fake.api_key == DEFAULT_KEY
+        (tmp_path / "members.csv").write_text("user_id,email\n1,a@example.com\n")
+        # What the printout says: its base_url in [gist], its key in the shell.
+        (tmp_path / "audience_sync.toml").write_text(
+            '[state]\nurl = "sqlite:///state.db"\n\n[gist]\napi_key = "${GIST_API_KEY}"\n'
+            f'base_url = "{fake.base_url}"\n\n[[audiences]]\nname = "Members"\n'
+            'file = "members.csv"\n'
+        )
+        done = run_process(
+            "run", "--config", str(tmp_path / "audience_sync.toml"),
+            env={"GIST_API_KEY": fake.api_key},
+        )  # fmt: skip
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert fake.contacts()["1"]["custom_properties"] == {"members": True}
+    # fake_gist_process checked that SIGTERM ended it with exit 0.
+
+
+@pytest.mark.slow
+def test_fake_gist_command_takes_its_key_and_refuses_others() -> None:
+    with fake_gist_process("--port", "0", "--api-key", "mine") as fake:
+        assert fake.api_key == "mine"
+        assert "export GIST_API_KEY=mine" in fake.printed
+        wrong = httpx.get(f"{fake.base_url}/contacts", headers={"Authorization": "Bearer x"})
+        assert wrong.status_code == 401
+        assert fake.contacts() == {}
+
+
+@pytest.mark.slow
+def test_fake_gist_command_on_a_port_in_use_says_so(gist: FakeGist) -> None:
+    port = gist.url.rsplit(":", 1)[1]
+
+    with pytest.raises(FakeGistExitedError) as failed, fake_gist_process("--port", port):
+        pass
+
+    assert failed.value.code == 2
+    assert failed.value.stderr == (
+        f"error: cannot serve the fake Gist on 127.0.0.1:{port}: Address already in use; "
+        "give another --port (0 picks a free one)\n"
+    )

@@ -767,7 +767,7 @@ def machine_for(store: str) -> type[RuleBasedStateMachine]:
             blocks every other writer (SQLite's write lock, PostgreSQL's row locks) until it
             wakes: availability, not what this rule is about. And one stopped in the instant
             between the fence's last check and the write of a request's bytes sends that
-            request when it wakes: the one request no client-side fence can stop (README
+            request when it wakes: the one request no client-side fence can stop (docs:
             "Guarantees"), which this rule leaves to that statement."""
             for _ in range(500):
                 if process.poll() is not None:

@@ -524,7 +524,7 @@ def test_changes_page_by_index_through_every_change(
 
 
 def test_pages_run_as_a_select_only_role(served: Served) -> None:
-    # The README's GRANTs are enough: every page answers as a role that may only SELECT.
+    # The GRANTs of docs/ui.md are enough: every page answers as a role that may only SELECT.
     url = served.history.state_url
     if not url.startswith("postgresql"):
         return  # roles and GRANTs are PostgreSQL's; SQLite is read-only by query_only

@@ -1,7 +1,7 @@
 """The pages in a real browser: Debian's headless Chromium driven by Selenium over a history
 made by real runs against the fake Gist. Each page renders its facts, links and filters
 navigate, the chart is drawn, nothing comes from elsewhere, and each page is saved as a
-screenshot (``build/screenshots/``, or ``$AUDIENCE_SYNC_SCREENSHOTS``; the README's come
+screenshot (``build/screenshots/``, or ``$AUDIENCE_SYNC_SCREENSHOTS``; docs/ui.md's come
 from here).
 
 One browser and one served history for the whole module; each test opens its own page.

@@ -1,5 +1,5 @@
-"""Getting started and keeping the tool in shape: ``demo``, ``init``, ``completion`` and
-``db upgrade``."""
+"""Getting started and keeping the tool in shape: ``demo``, ``init``, ``fake-gist``,
+``completion`` and ``db upgrade``."""
 
 from __future__ import annotations
 
@@ -12,10 +12,11 @@ from pathlib import Path
 from argcomplete.shell_integration import shellcode
 
 from audience_sync import db
-from audience_sync.cli.options import Commands, naming_config, settings_for
+from audience_sync.cli.options import Commands, int_arg, naming_config, settings_for
 from audience_sync.cli.output import EXIT_INTERRUPTED, EXIT_OK
 from audience_sync.config import redact_url
-from audience_sync.errors import StateError
+from audience_sync.errors import ConfigError, StateError
+from audience_sync.fakegist import DEFAULT_KEY, DEFAULT_PORT
 from audience_sync.starter import write_starter
 
 SHELLS = ("bash", "zsh", "fish")
@@ -23,7 +24,7 @@ log = logging.getLogger(__package__)
 
 
 def register(commands: Commands) -> None:
-    """``demo``, ``init``, ``completion`` and ``db upgrade``."""
+    """``demo``, ``init``, ``fake-gist``, ``completion`` and ``db upgrade``."""
     demo = commands.add(
         "demo", "see a whole sync cycle against a local fake Gist",
         "Start the bundled fake Gist on 127.0.0.1, seed example audiences, run two syncs with "
@@ -41,6 +42,22 @@ def register(commands: Commands) -> None:
     init.add_argument(
         "dir", metavar="DIR", nargs="?", type=Path, default=Path("."),
         help="where to write them (default: the current folder)",
+    )  # fmt: skip
+
+    fake = commands.add(
+        "fake-gist", "serve a local fake Gist to try a config against",
+        "Serve the fake Gist the demo and the tests use, on 127.0.0.1, in the foreground until "
+        "Ctrl-C or SIGTERM, and print the base_url and API key to paste. Its contacts live in "
+        "memory: each start is an empty Gist. Needs no Gist account.",
+        handler=cmd_fake_gist, needs_gist=False,
+    )  # fmt: skip
+    fake.add_argument(
+        "--port", type=int_arg(0, 65535), default=DEFAULT_PORT,
+        help=f"port on 127.0.0.1 (default {DEFAULT_PORT}; 0 picks a free one)",
+    )  # fmt: skip
+    fake.add_argument(
+        "--api-key", metavar="KEY", default=DEFAULT_KEY,
+        help=f"the key it accepts (default {DEFAULT_KEY})",
     )  # fmt: skip
 
     completion = commands.add(
@@ -82,6 +99,30 @@ def cmd_init(args: argparse.Namespace) -> int:
     print(f"Wrote {', '.join(str(p) for p in written)}. Next:")
     print(f"  GIST_API_KEY=placeholder audience-sync run{flag} --dry-run   # plan, send nothing")
     print(f"  export GIST_API_KEY=...; audience-sync run{flag}   # edit the config first")
+    return EXIT_OK
+
+
+def cmd_fake_gist(args: argparse.Namespace) -> int:
+    from audience_sync.fakegist import FakeGist, serve
+
+    def ready(gist: FakeGist) -> None:
+        # Flushed at once: a script (or a test) waits for these lines to know it is up.
+        print(
+            f"Fake Gist at {gist.url}: an empty Gist in memory, until Ctrl-C.\n"
+            "Paste into your config's [gist] section and into the shell that runs "
+            f"audience-sync:\n\n"
+            f'    base_url = "{gist.url}"\n'
+            f"    export GIST_API_KEY={shlex.quote(args.api_key)}\n",
+            flush=True,
+        )
+
+    try:
+        serve(FakeGist(args.api_key, port=args.port), ready)
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot serve the fake Gist on 127.0.0.1:{args.port}: {exc.strerror or exc}; "
+            "give another --port (0 picks a free one)"
+        ) from None
     return EXIT_OK
 
 

@@ -34,7 +34,7 @@ from audience_sync.cli.output import (
 from audience_sync.cli.signals import StopNow
 from audience_sync.errors import AudienceSyncError, ConfigError, StateError
 
-HELP_WIDTH = 96  # the README's CLI reference is generated at this width, whatever the terminal
+HELP_WIDTH = 96  # docs/cli.md's CLI reference is generated at this width, whatever the terminal
 log = logging.getLogger(__package__)
 
 
@@ -145,7 +145,7 @@ def command_parsers(
 
 def help_pages() -> list[tuple[str, str]]:
     """``--help`` of the program and of each command that runs (``db`` is only a group), as
-    the README's CLI reference shows them."""
+    docs/cli.md's CLI reference shows them."""
     previous = os.environ.get("COLUMNS")
     os.environ["COLUMNS"] = str(HELP_WIDTH)  # argparse wraps help to the terminal's width
     try:

@@ -3,7 +3,7 @@
 Read-only by construction rather than by care: every PostgreSQL transaction of this engine
 starts with ``SET TRANSACTION READ ONLY``, and every SQLite connection has ``PRAGMA
 query_only`` on, so a write (a bug, an injected statement) fails in the database itself.
-On PostgreSQL the pages may also run as a role that holds only ``SELECT`` (README: History
+On PostgreSQL the pages may also run as a role that holds only ``SELECT`` (docs/ui.md: History
 in a browser).
 """
 
