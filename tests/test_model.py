@@ -769,7 +769,8 @@ def machine_for(store: str) -> type[RuleBasedStateMachine]:
             between the fence's last check and the write of a request's bytes sends that
             request when it wakes: the one request no client-side fence can stop (docs:
             "Guarantees"), which this rule leaves to that statement."""
-            for _ in range(500):
+            deadline = time.monotonic() + 60  # a loaded machine needs more tries than an idle one
+            while time.monotonic() < deadline:
                 if process.poll() is not None:
                     return
                 if not self.gist.in_flight:
