@@ -696,8 +696,18 @@ def machine_for(store: str) -> type[RuleBasedStateMachine]:
         @rule()
         def clean_run(self) -> None:
             results = self.sync()
+            for _ in range(3):
+                # A loaded machine may stall a request past its deadline (2 s): a run that
+                # failed only for that is retried, as the scheduler would; any other
+                # failure is one.
+                assert results is not None
+                if not any(r.failure == "unavailable" for r in results):
+                    break
+                note(f"clean run retried: {[(r.audience_key, r.error) for r in results]}")
+                results = self.sync()
             assert results is not None
-            assert [r.status for r in results] == ["succeeded"] * len(results), results
+            outcomes = [(r.audience_key, r.status, r.failure, r.error) for r in results]
+            assert all(r.status == "succeeded" for r in results), outcomes
             self.check_gist()
             self.check_state()
             self.check_events()
