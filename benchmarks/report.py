@@ -96,6 +96,18 @@ THRESHOLDS: tuple[Threshold, ...] = (
               "SQL source on another PostgreSQL database, first-sync dry run: whole process / "
               "bare COPY TO STDOUT -> COPY FROM STDIN floor", stores=("postgresql",),
               min_n=TARGET_N),
+    Threshold("sql-sqlite", "churn_ratio", "<=", 1.5,
+              "SQL source on another SQLite database, 1% churn dry run: whole process / the "
+              "same floor", stores=("sqlite",), min_n=TARGET_N),
+    Threshold("sql-postgresql", "churn_ratio", "<=", 1.5,
+              "SQL source on another PostgreSQL database, 1% churn dry run: whole process / "
+              "the same floor", stores=("postgresql",), min_n=TARGET_N),
+    Threshold("sql-sqlite", "churn_match", "==", 1,
+              "SQL source, 1% churn: the dry run plans exactly the changed members",
+              stores=("sqlite",)),
+    Threshold("sql-postgresql", "churn_match", "==", 1,
+              "SQL source, 1% churn: the dry run plans exactly the changed members",
+              stores=("postgresql",)),
     Threshold("startup", "ratio", "<=", 2.0,
               "history, audiences, run --dry-run (10 members, unchanged): whole process / "
               "python -c 'import sqlalchemy, httpx'", stores=("sqlite",)),
@@ -430,10 +442,12 @@ def rate_table(records: Sequence[Record]) -> str:
 
 def floor_table(records: Sequence[Record]) -> str:
     """Issue 27's figures: the whole process, its floor of the same run, their ratio."""
-    headers = ["case", "N", "audience-sync s", "floor s", "ratio", "load"]
+    headers = ["case", "N", "audience-sync s", "floor s", "ratio", "1% churn s", "churn ratio",
+               "load"]  # fmt: skip
     rows = [
         [r["case"], fmt(r.get("n"), ","), fmt(r.get("cli_s"), ".2f"), fmt(r.get("floor_s"), ".2f"),
-         _x(r.get("ratio")), fmt(r.get("load_avg"), ".1f")]
+         _x(r.get("ratio")), fmt(r.get("churn_cli_s"), ".2f"), _x(r.get("churn_ratio")),
+         fmt(r.get("load_avg"), ".1f")]
         for r in records
     ]  # fmt: skip
     return table(headers, rows)

@@ -17,6 +17,7 @@ measured in the same run, back to back, medians of ``repeat``.
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 import statistics
@@ -29,7 +30,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from harness import API_KEY, NO_MASS_EXIT_GUARD, fake_gist, paused_gc, say
+from harness import API_KEY, NO_MASS_EXIT_GUARD, fake_gist, say
 
 Record = dict[str, Any]
 PG_SERVER = "postgres@127.0.0.1:5432"
@@ -114,7 +115,16 @@ def measure_sql_sqlite(n: int, folder: Path, repeat: int) -> Record:
             leftover.unlink()
         _cli("db", "upgrade", "--config", str(config))
         figure.append(_cli("run", "--dry-run", "--quiet", "--config", str(config)))
-    return _record("sql-sqlite", f"sql-sqlite.n{n}", "sqlite", n, figure, floor)
+    record = _record("sql-sqlite", f"sql-sqlite.n{n}", "sqlite", n, figure, floor)
+
+    def churn() -> None:
+        with sqlite3.connect(warehouse) as db:
+            db.executescript(_CHURN.format(n=n, step=CHURN_STEP, concat="||"))
+        db.close()
+
+    churned = _churn_runs(config, churn, lambda: _sqlite_floor(warehouse, folder / "floor.db"),
+                          repeat, f"sql-sqlite N={n:,}")  # fmt: skip
+    return {**record, **churned}
 
 
 def _sqlite_floor(warehouse: Path, target: Path) -> float:
@@ -176,7 +186,25 @@ def measure_sql_postgresql(n: int, repeat: int, folder: Path) -> Record:
                 )  # fmt: skip
                 _cli("db", "upgrade", "--config", str(config))
                 figure.append(_cli("run", "--dry-run", "--quiet", "--config", str(config)))
-    return _record("sql-postgresql", f"sql-postgresql.n{n}", "postgresql", n, figure, floor)
+        record = _record("sql-postgresql", f"sql-postgresql.n{n}", "postgresql", n, figure, floor)
+
+        def churn() -> None:
+            with psycopg.connect(f"postgresql://{PG_SERVER}/{source_db}") as source:
+                source.execute(_CHURN.format(n=n, step=CHURN_STEP, concat="||"))
+                source.execute("ANALYZE members")
+
+        def pg_floor() -> float:
+            with _pg_database("bench_state") as state_db:
+                return _pg_floor(source_db, state_db)
+
+        with _pg_database("bench_state") as state_db:
+            config = _config(
+                folder / "pg.toml", f"postgresql://{PG_SERVER}/{state_db}",
+                f"postgresql://{PG_SERVER}/{source_db}", "http://127.0.0.1:9",
+            )  # fmt: skip
+            _cli("db", "upgrade", "--config", str(config))
+            churned = _churn_runs(config, churn, pg_floor, repeat, f"sql-postgresql N={n:,}")
+    return {**record, **churned}
 
 
 def _pg_floor(source_db: str, state_db: str) -> float:
@@ -197,6 +225,56 @@ def _pg_floor(source_db: str, state_db: str) -> float:
     return time.perf_counter() - started
 
 
+# 1% churn: every 200th member leaves and as many new ones (u{n}...) join.
+CHURN_STEP = 200
+_CHURN = """
+DELETE FROM members WHERE CAST(substr(user_id, 2) AS INTEGER) % {step} = 7;
+INSERT INTO members SELECT 'u' {concat} CAST(i AS TEXT), 'u' {concat} CAST(i AS TEXT)
+    {concat} '@example.com'
+FROM (SELECT {n} + (CAST(substr(user_id, 2) AS INTEGER) / {step}) AS i FROM members
+      WHERE CAST(substr(user_id, 2) AS INTEGER) % {step} = 8) AS fresh;
+"""
+
+
+def _churn_runs(
+    config: Path, churn: Callable[[], None], floor: Callable[[], float], repeat: int, what: str
+) -> Record:
+    """A real first sync against the fake (its URL into ``config``), then ``churn`` of the
+    warehouse and ``repeat`` rounds of the floor and a dry run of the churn, whose plan must
+    hold exactly the changed members."""
+    with fake_gist() as gist:
+        text = config.read_text().replace('base_url = "http://127.0.0.1:9"',
+                                          f'base_url = "{gist.url}"')  # fmt: skip
+        config.write_text(text)
+        say(f"{what}: first sync against the fake")
+        _cli("run", "--quiet", "--config", str(config))
+        gist.clear_log()
+    churn()
+    figure, floors = [], []
+    for attempt in range(1, repeat + 1):
+        say(f"{what}: 1% churn, round {attempt}/{repeat}")
+        floors.append(floor())
+        figure.append(_cli("run", "--dry-run", "--quiet", "--config", str(config)))
+    planned = _planned(config)
+    n = int(what.split("N=")[1].replace(",", ""))
+    expected = sum(1 for i in range(n) if i % CHURN_STEP in (7, 8))
+    return {
+        "churn_cli_s": statistics.median(figure), "churn_floor_s": statistics.median(floors),
+        "churn_ratio": statistics.median(figure) / statistics.median(floors),
+        "churn_planned": planned, "churn_match": int(planned == expected),
+    }  # fmt: skip
+
+
+def _planned(config: Path) -> int:
+    """Changes the last dry run planned (entered + exited), from ``history --json``."""
+    done = subprocess.run(  # noqa: S603  # our own CLI
+        [sys.executable, "-m", "audience_sync", "history", "--json", "--limit", "1",
+         "--config", str(config)], capture_output=True, text=True, env=_env(), check=True,
+    )  # fmt: skip
+    (last,) = json.loads(done.stdout)
+    return int(last["entered"]) + int(last["exited"])
+
+
 # ------------------------------------------------------------------------------ start-up
 
 
@@ -205,7 +283,7 @@ def measure_startup(folder: Path, repeat: int) -> list[Record]:
     ``python -c "import sqlalchemy, httpx"``, interleaved round by round."""
     members = folder / "members.csv"
     members.write_text("user_id,email\n" + "".join(f"u{i},u{i}@example.com\n" for i in range(10)))
-    with paused_gc(), fake_gist() as gist:
+    with fake_gist() as gist:
         config = folder / "tiny.toml"
         config.write_text(
             f'[state]\nurl = "sqlite:///{folder / "state.db"}"\n'

@@ -46,8 +46,16 @@ def _records(bench: dict[str, ModuleType]) -> list[dict[str, Any]]:
         r.warehouse_record(warehouse),
         r.delivery_record(delivery),
         r.rate_record(rate),
-        record("sql-sqlite", "sql-sqlite.n1000000", "sqlite", 1_000_000, [2.0], [1.0]),
-        record("sql-postgresql", "sql-postgresql.n1", "postgresql", 1_000_000, [3.0], [1.0]),
+        {
+            **record("sql-sqlite", "sql-sqlite.n1000000", "sqlite", 1_000_000, [2.0], [1.0]),
+            "churn_ratio": 1.2,
+            "churn_match": 1,
+        },
+        {
+            **record("sql-postgresql", "sql-postgresql.n1", "postgresql", 1_000_000, [3.0], [1.0]),
+            "churn_ratio": 1.7,
+            "churn_match": 1,
+        },
         record("startup", "startup.history", "sqlite", None, [0.4, 0.5], [0.3, 0.3]),
     ]
 
@@ -70,6 +78,8 @@ def test_checks_pass_and_fail_by_the_table(bench: dict[str, ModuleType]) -> None
     assert checks["rate.sqlite.run=1.share_of_limit"]
     assert checks["sql-sqlite.n1000000.ratio"]  # 2 s / 1 s <= 2
     assert not checks["sql-postgresql.n1.ratio"]  # 3 s / 1 s > 2
+    assert checks["sql-sqlite.n1000000.churn_ratio"]
+    assert not checks["sql-postgresql.n1.churn_ratio"]
     assert checks["startup.history.ratio"]  # 0.45 s / 0.3 s <= 2
 
 
