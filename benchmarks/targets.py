@@ -62,6 +62,9 @@ def _config(path: Path, state_url: str, source_url: str, gist_url: str) -> Path:
     path.write_text(
         "[state]\n"
         f'url = "{state_url}"\n'
+        # The first sync that makes the churn's ledger sends 1M contacts on a shared machine:
+        # a lease renewal late by the default's 30 s would (rightly) fence the sender.
+        "lease_seconds = 600\n"
         "[gist]\n"
         'api_key = "${GIST_API_KEY}"\n'
         f'base_url = "{gist_url}"\n'
