@@ -25,7 +25,7 @@ from pydantic import (
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
-from audience_sync.cron import parse_crontab
+from audience_sync.crontab import parse_crontab
 from audience_sync.errors import ConfigError
 from audience_sync.naming import check_unique_keys, is_valid_key, property_key
 

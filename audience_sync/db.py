@@ -9,23 +9,24 @@ import stat
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from alembic import command
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
-from sqlalchemy import Connection, Engine, Table, create_engine, event, text
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy import Connection, Engine, Table, create_engine, event, inspect, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
 from audience_sync.config import Settings, redact_url
 from audience_sync.errors import StateError
 
+if TYPE_CHECKING:
+    from alembic.config import Config
+
 log = logging.getLogger(__name__)
 
+# The newest migration in migrations/versions: a constant, so that checking a state database
+# is at head needs no Alembic (a test holds it equal to the script directory's head).
+HEAD_REVISION = "0008"
+VERSION_TABLE = "alembic_version"
 UPGRADE_WAIT_SECONDS = 120  # how long a second upgrader waits for the first (PostgreSQL)
 
 
@@ -283,8 +284,14 @@ def _prepare_sqlite_file(url: str, path: Path, create: bool) -> None:
 
 def upsert(engine: Engine, table: Table) -> Any:
     """``INSERT ... ON CONFLICT`` for the state database's dialect (SQLite or PostgreSQL)."""
-    dialect_insert = pg_insert if engine.dialect.name == "postgresql" else sqlite_insert
-    return dialect_insert(table)
+    if engine.dialect.name == "postgresql":
+        # The postgresql package imports every driver's dialect: only when it is the store.
+        from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+        return pg_insert(table)
+    from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+    return sqlite_insert(table)
 
 
 def is_sqlite(engine: Engine) -> bool:
@@ -294,6 +301,8 @@ def is_sqlite(engine: Engine) -> bool:
 
 def alembic_config(engine: Engine | None = None) -> Config:
     """An Alembic config for our migrations, run on ``engine`` when given."""
+    from alembic.config import Config
+
     config = Config()
     config.set_main_option("script_location", str(migrations_dir()))
     if engine is not None:
@@ -309,15 +318,21 @@ def upgrade(engine: Engine, revision: str = "head") -> tuple[str | None, str | N
     on SQLite by ``BEGIN IMMEDIATE``, on PostgreSQL by an advisory lock per schema; the
     second upgrader waits, then finds the work done.
     """
+    from alembic import command
+
     return _migrate(engine, lambda config: command.upgrade(config, revision))
 
 
 def downgrade(engine: Engine, revision: str) -> tuple[str | None, str | None]:
     """Migrate the state database down to ``revision``, in one transaction like upgrade."""
+    from alembic import command
+
     return _migrate(engine, lambda config: command.downgrade(config, revision))
 
 
 def _migrate(engine: Engine, run: Callable[[Config], None]) -> tuple[str | None, str | None]:
+    from alembic.runtime.migration import MigrationContext
+
     shown = redact_url(str(engine.url))
     migrating = _migration_engine(engine)
     try:
@@ -369,15 +384,29 @@ def _lock_schema(connection: Connection, shown: str) -> None:
     connection.execute(text("SET LOCAL lock_timeout = 0"))
 
 
-def head_revision() -> str | None:
-    """The newest migration shipped with this version."""
-    return ScriptDirectory.from_config(alembic_config()).get_current_head()
+def head_revision() -> str:
+    """The newest migration shipped with this version (``tests/test_migrations.py`` checks it
+    against Alembic's script directory)."""
+    return HEAD_REVISION
 
 
 def current_revision(engine: Engine) -> str | None:
-    """The revision the state database is at, or None when it was never migrated."""
+    """The revision the state database is at, or None when it was never migrated.
+
+    Read as Alembic's ``MigrationContext.get_current_revision`` reads it (the version table
+    in the connection's default schema), without importing Alembic: every command checks
+    it, and Alembic's import alone costs more than most commands' work.
+    """
     with engine.connect() as connection:
-        return MigrationContext.configure(connection).get_current_revision()
+        if not inspect(connection).has_table(VERSION_TABLE):
+            return None
+        found = connection.execute(text(f"SELECT version_num FROM {VERSION_TABLE}")).all()
+    if len(found) > 1:
+        raise StateError(
+            f"state database {redact_url(str(engine.url))} records {len(found)} migration "
+            "heads; this version has one: run `audience-sync db upgrade`"
+        )
+    return str(found[0][0]) if found else None
 
 
 def ensure_schema(engine: Engine, *, migrate: bool = False) -> None:

@@ -42,6 +42,7 @@ from audience_sync.models import member_changes as changes
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
+IN_LIST = 10_000  # values in one IN list of the saves' lookups (see _parts)
 ACK_BATCH = 200  # results saved per transaction, at most...
 ACK_SECONDS = 1.0  # ...and at least this often
 VACUUM_AFTER = 10_000  # settled changes after which uncertain_members is vacuumed
@@ -265,12 +266,21 @@ def owed_event() -> ColumnElement[bool]:
 
 def _contact_emails(connection: Connection, user_ids: Sequence[str]) -> dict[str, str]:
     """The emails Gist acknowledged last for these users, as ``contacts`` has them now."""
-    if not user_ids:
-        return {}
-    rows = connection.execute(
-        select(contacts.c.user_id, contacts.c.email).where(contacts.c.user_id.in_(user_ids))
-    )
-    return {user_id: email for user_id, email in rows}
+    found: dict[str, str] = {}
+    for part in _parts(user_ids):
+        rows = connection.execute(
+            select(contacts.c.user_id, contacts.c.email).where(contacts.c.user_id.in_(part))
+        )
+        found.update((user_id, email) for user_id, email in rows)
+    return found
+
+
+def _parts(values: Sequence[str]) -> list[Sequence[str]]:
+    """``values`` in slices of at most ``IN_LIST`` for an ``IN`` list: a save that waited on
+    a slow state database holds every outcome that arrived meanwhile, and PostgreSQL takes
+    at most 65,535 parameters in a statement (a 1M first sync in batches of 500 on a loaded
+    machine passed it, and the run stopped)."""
+    return [values[start : start + IN_LIST] for start in range(0, len(values), IN_LIST)]
 
 
 def _save_drift(
@@ -293,11 +303,15 @@ def _save_drift(
     if not changed:
         return
     keys = list(connection.scalars(select(audiences.c.key)))
-    held = connection.execute(
-        select(memberships.c.audience_key, memberships.c.user_id, memberships.c.email).where(
-            memberships.c.audience_key.in_(keys), memberships.c.user_id.in_(list(changed))
+    held = [
+        row
+        for part in _parts(list(changed))
+        for row in connection.execute(
+            select(memberships.c.audience_key, memberships.c.user_id, memberships.c.email).where(
+                memberships.c.audience_key.in_(keys), memberships.c.user_id.in_(part)
+            )
         )
-    ).all()
+    ]
     drifted = [{"audience_key": k, "user_id": u} for k, u, e in held if e != changed[u]]
     agreed = [{"k": k, "u": u} for k, u, e in held if e == changed[u]]
     if drifted:

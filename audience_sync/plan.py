@@ -167,7 +167,14 @@ def save_plan(connection: Connection, target: PlanTarget) -> Diff:
     with connection.begin():
         _joins_in_memory(connection)
         postgres = connection.dialect.name == "postgresql"
-        diff = _full_diff(target) if postgres else _merged_diff(connection, target)
+        # Nothing acknowledged for the key (a first sync): nobody can be resent.
+        acked = (
+            connection.execute(
+                select(literal(1)).where(memberships.c.audience_key == key).limit(1)
+            ).first()
+            is not None
+        )
+        diff = _full_diff(target) if postgres else _merged_diff(connection, target, acked)
         for query in [*diff, _unsure_members(target), unsure_exits]:
             _insert(connection, query)
         if not postgres:
@@ -180,14 +187,16 @@ def save_plan(connection: Connection, target: PlanTarget) -> Diff:
                 .group_by(changes.c.value)
             ).all()
         )
-        resent = _count(
-            connection,
-            select(func.count()).where(
-                *_planned(target, changes.c.value == true()),
-                _member(key, changes.c.user_id),
-                ~_uncertain(key, changes.c.user_id),
-            ),
-        )
+        resent = 0
+        if acked:
+            resent = _count(
+                connection,
+                select(func.count()).where(
+                    *_planned(target, changes.c.value == true()),
+                    _member(key, changes.c.user_id),
+                    ~_uncertain(key, changes.c.user_id),
+                ),
+            )
         members = _count(connection, select(func.count()).select_from(s))
         held = _count(
             connection, select(func.count()).where(memberships.c.audience_key == key)
@@ -226,21 +235,30 @@ def _full_diff(target: PlanTarget) -> list[Any]:
     return [select(*row).select_from(joined).where(owed).order_by(user)]
 
 
-def _merged_diff(connection: Connection, target: PlanTarget) -> list[Any]:
+def _merged_diff(connection: Connection, target: PlanTarget, acked: bool) -> list[Any]:
     """Entries and new emails, then exits, each found by one merge of two sorted inputs:
     SQLite walks the snapshot's primary key and the acknowledged members' index side by side
     for an ordered EXCEPT at the top of a statement (nested in a query it would build a
     temporary B-tree of the whole snapshot instead). The few rows found go to temporary
     tables the plan rows are then made from."""
     key, s = target.key, target.snapshot
-    acked = memberships.c.audience_key == key
+    if not acked:
+        # A first sync (nothing acknowledged for the key): the merge would find every staged
+        # member moved and nobody gone. Each enters, owing its event, in the snapshot's key
+        # order (its primary key), without the copy of the whole snapshot the merge writes.
+        return [
+            select(*_row(target, s.c.user_id, s.c.email, true(), event=true()))
+            .select_from(s)
+            .order_by(s.c.user_id)
+        ]
+    acked_rows = memberships.c.audience_key == key
     moved, gone = _diff_table(DIFF_TABLES[0], "email"), _diff_table(DIFF_TABLES[1])
     for table in (moved, gone):
         table.create(connection, checkfirst=True)
         connection.execute(delete(table))
-    theirs = select(memberships.c.user_id, memberships.c.email).where(acked)
+    theirs = select(memberships.c.user_id, memberships.c.email).where(acked_rows)
     moved_rows = except_(select(s.c.user_id, s.c.email), theirs)
-    gone_rows = except_(select(memberships.c.user_id).where(acked), select(s.c.user_id))
+    gone_rows = except_(select(memberships.c.user_id).where(acked_rows), select(s.c.user_id))
     for table, rows in ((moved, moved_rows), (gone, gone_rows)):
         connection.execute(
             table.insert().from_select(

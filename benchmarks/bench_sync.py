@@ -56,8 +56,9 @@ from scenarios import (
     measure_size,
     measure_warehouse,
 )
+from targets import measure_sql_postgresql, measure_sql_sqlite, measure_startup
 
-SCENARIOS = ("size", "warehouse", "delivery", "rate")
+SCENARIOS = ("size", "warehouse", "delivery", "rate", "sql-sqlite", "sql-postgresql", "startup")
 BASELINE_REV = "e3b5e42"  # main before issue 10's load path and warehouse-native mode
 
 
@@ -241,6 +242,33 @@ def main(argv: Sequence[str] | None = None) -> int:
                     emit(warehouse_record(wh))
                     notes += [m for m in missing_features(wh) if m not in notes]
                 shutil.rmtree(folder, ignore_errors=True)
+            for n in args.sizes:
+                for scenario in ("sql-sqlite", "sql-postgresql"):
+                    store = scenario.removeprefix("sql-")
+                    if scenario not in scenarios or store not in stores:
+                        continue
+                    folder = root / f"{scenario}-n{n}"
+                    folder.mkdir()
+                    try:
+                        if store == "sqlite":
+                            emit(measure_sql_sqlite(n, folder, args.repeat))
+                        else:
+                            emit(measure_sql_postgresql(n, args.repeat, folder))
+                    except Exception as exc:
+                        say(f"{scenario} N={n:,}: FAILED: {exc}")
+                        emit({"scenario": scenario, "case": f"{scenario}.n{n}", "store": store,
+                              "n": n, "error": str(exc) or type(exc).__name__})  # fmt: skip
+                    shutil.rmtree(folder, ignore_errors=True)
+            if "startup" in scenarios:
+                folder = root / "startup"
+                folder.mkdir()
+                try:
+                    for record in measure_startup(folder, args.repeat):
+                        emit(record)
+                except Exception as exc:
+                    say(f"startup: FAILED: {exc}")
+                    emit({"scenario": "startup", "case": "startup", "store": "sqlite",
+                          "error": str(exc) or type(exc).__name__})  # fmt: skip
             for store in stores:
                 for latency_ms in (0, 50) if "delivery" in scenarios else ():
                     delivery = DeliveryResult(store, latency_ms, args.delivery_changes)

@@ -88,6 +88,29 @@ THRESHOLDS: tuple[Threshold, ...] = (
     Threshold("rate", "share_of_limit", ">=", 0.97,
               "rate-limit hold at 50/s against a fake limiting at 50/s (every run)"),
     Threshold("rate", "answers_429", "==", 0, "429 answers in the rate-limit hold (every run)"),
+    # Issue 27 (benchmarks/targets.py): whole processes against floors of the same run.
+    Threshold("sql-sqlite", "ratio", "<=", 2.0,
+              "SQL source on another SQLite database, first-sync dry run: whole process / "
+              "bare read + executemany floor", stores=("sqlite",), min_n=TARGET_N),
+    Threshold("sql-postgresql", "ratio", "<=", 2.0,
+              "SQL source on another PostgreSQL database, first-sync dry run: whole process / "
+              "bare COPY TO STDOUT -> COPY FROM STDIN floor", stores=("postgresql",),
+              min_n=TARGET_N),
+    Threshold("sql-sqlite", "churn_ratio", "<=", 1.5,
+              "SQL source on another SQLite database, 1% churn dry run: whole process / the "
+              "same floor", stores=("sqlite",), min_n=TARGET_N),
+    Threshold("sql-postgresql", "churn_ratio", "<=", 1.5,
+              "SQL source on another PostgreSQL database, 1% churn dry run: whole process / "
+              "the same floor", stores=("postgresql",), min_n=TARGET_N),
+    Threshold("sql-sqlite", "churn_match", "==", 1,
+              "SQL source, 1% churn: the dry run plans exactly the changed members",
+              stores=("sqlite",)),
+    Threshold("sql-postgresql", "churn_match", "==", 1,
+              "SQL source, 1% churn: the dry run plans exactly the changed members",
+              stores=("postgresql",)),
+    Threshold("startup", "ratio", "<=", 2.0,
+              "history, audiences, run --dry-run (10 members, unchanged): whole process / "
+              "python -c 'import sqlalchemy, httpx'", stores=("sqlite",)),
 )  # fmt: skip
 
 
@@ -417,6 +440,19 @@ def rate_table(records: Sequence[Record]) -> str:
     return "\n".join([table(headers, rows), *(f"  {n}" for n in notes)])
 
 
+def floor_table(records: Sequence[Record]) -> str:
+    """Issue 27's figures: the whole process, its floor of the same run, their ratio."""
+    headers = ["case", "N", "audience-sync s", "floor s", "ratio", "1% churn s", "churn ratio",
+               "load"]  # fmt: skip
+    rows = [
+        [r["case"], fmt(r.get("n"), ","), fmt(r.get("cli_s"), ".2f"), fmt(r.get("floor_s"), ".2f"),
+         _x(r.get("ratio")), fmt(r.get("churn_cli_s"), ".2f"), _x(r.get("churn_ratio")),
+         fmt(r.get("load_avg"), ".1f")]
+        for r in records
+    ]  # fmt: skip
+    return table(headers, rows)
+
+
 def print_report(
     machine: Record,
     notes: Sequence[str],
@@ -456,6 +492,14 @@ def print_report(
         "- dry s):", "delivery", delivery_table,
     )  # fmt: skip
     section("Rate-limit hold (50/s against a fake limiting at 50/s):", "rate", rate_table)
+    for scenario, title in (
+        ("sql-sqlite", "SQL source, SQLite warehouse -> SQLite state (first-sync dry run):"),
+        ("sql-postgresql", "SQL source, PostgreSQL warehouse -> PostgreSQL state (another "
+         "database; first-sync dry run):"),
+        ("startup", "Start-up (10 members, unchanged) against python -c 'import sqlalchemy, "
+         "httpx':"),
+    ):  # fmt: skip
+        section(title, scenario, floor_table)
     print("\nChecks:\n", file=out)
     for check in checks:
         print(f"  {'PASS' if check.passed else 'FAIL'}  {check.name}: {check.detail}", file=out)

@@ -17,7 +17,7 @@ BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 @pytest.fixture
 def bench(monkeypatch: pytest.MonkeyPatch) -> dict[str, ModuleType]:
     monkeypatch.syspath_prepend(str(BENCHMARKS))
-    names = ("harness", "scenarios", "report", "compare")
+    names = ("harness", "scenarios", "report", "compare", "targets")
     return {name: importlib.import_module(name) for name in names}
 
 
@@ -39,12 +39,24 @@ def _records(bench: dict[str, ModuleType]) -> list[dict[str, Any]]:
     delivery.floor_per_s = samples([160.0])
     rate = s.RateResult("sqlite", 1, 50.0, 1500, ok_answers=1500, answers_429=0,
                         achieved_per_s=49.5)  # fmt: skip
+    record = bench["targets"]._record
     return [
         *sizes,
         *r.store_records(sizes),
         r.warehouse_record(warehouse),
         r.delivery_record(delivery),
         r.rate_record(rate),
+        {
+            **record("sql-sqlite", "sql-sqlite.n1000000", "sqlite", 1_000_000, [2.0], [1.0]),
+            "churn_ratio": 1.2,
+            "churn_match": 1,
+        },
+        {
+            **record("sql-postgresql", "sql-postgresql.n1", "postgresql", 1_000_000, [3.0], [1.0]),
+            "churn_ratio": 1.7,
+            "churn_match": 1,
+        },
+        record("startup", "startup.history", "sqlite", None, [0.4, 0.5], [0.3, 0.3]),
     ]
 
 
@@ -64,6 +76,11 @@ def test_checks_pass_and_fail_by_the_table(bench: dict[str, ModuleType]) -> None
     assert checks["delivery.sqlite.latency=50ms.share_of_target"]  # 2000 / 13 s of 160/s
     assert checks["store.sqlite.churn_scaling_5m_1m"]
     assert checks["rate.sqlite.run=1.share_of_limit"]
+    assert checks["sql-sqlite.n1000000.ratio"]  # 2 s / 1 s <= 2
+    assert not checks["sql-postgresql.n1.ratio"]  # 3 s / 1 s > 2
+    assert checks["sql-sqlite.n1000000.churn_ratio"]
+    assert not checks["sql-postgresql.n1.churn_ratio"]
+    assert checks["startup.history.ratio"]  # 0.45 s / 0.3 s <= 2
 
 
 def test_the_delivery_record_reads_the_rate_against_the_floor(

@@ -23,19 +23,27 @@ from audience_sync import db
 from audience_sync.cli import run_cli
 from audience_sync.errors import StateError
 from audience_sync.fakegist import FakeGist
-from audience_sync.models import Base
+from audience_sync.models import metadata
 from tests.conftest import API_KEY
 
 
 def test_single_head() -> None:
     script = ScriptDirectory.from_config(db.alembic_config())
     assert len(script.get_heads()) == 1
+    # The at-head check reads the constant, not Alembic: a new migration must move it.
+    assert script.get_current_head() == db.HEAD_REVISION
+
+
+def test_current_revision_reads_what_alembic_reads(engine: Engine) -> None:
+    with engine.connect() as connection:
+        expected = MigrationContext.configure(connection).get_current_revision()
+    assert db.current_revision(engine) == expected == db.HEAD_REVISION
 
 
 def test_models_match_migrations(engine: Engine) -> None:
     with engine.connect() as connection:
         context = MigrationContext.configure(connection, opts={"compare_type": True})
-        assert compare_metadata(context, Base.metadata) == []
+        assert compare_metadata(context, metadata) == []
 
 
 def test_upgrade_downgrade_upgrade(state_url: str) -> None:
@@ -48,7 +56,7 @@ def test_upgrade_downgrade_upgrade(state_url: str) -> None:
         assert set(inspect(engine).get_table_names()) <= {"alembic_version"}
         db.upgrade(engine)
         tables = set(inspect(engine).get_table_names())
-        assert set(Base.metadata.tables) <= tables
+        assert set(metadata.tables) <= tables
     finally:
         engine.dispose()
 

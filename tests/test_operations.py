@@ -24,12 +24,13 @@ import pytest
 from sqlalchemy import Engine, func, select, update
 from sqlalchemy.exc import OperationalError
 
+from audience_sync.bars import ProgressBars
 from audience_sync.cli import run_cli
 from audience_sync.db import make_engine
 from audience_sync.errors import StateError
 from audience_sync.fakegist import FakeGist
 from audience_sync.models import member_changes, sync_runs
-from audience_sync.render import ProgressBars, render_table
+from audience_sync.render import render_table
 from audience_sync.sync import utcnow
 from tests.conftest import API_KEY, Workspace, assert_no_traceback, run_process, write_members
 from tests.helpers import KEY, acknowledged, free_port, in_gist, users

@@ -10,11 +10,21 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from sqlalchemy import create_engine, text
 
 from audience_sync.errors import SourceError
+from audience_sync.rows import (
+    _PLAIN_USER_ID,
+    EMAIL_PATTERN,
+    MAX_EMAIL,
+    split_chunk,
+    split_plain,
+)
 from audience_sync.sources import READ_BUFFER, FileSource, SourceRow, SqlSource, first_bad_line
 from tests.conftest import require_postgres
 
@@ -329,3 +339,56 @@ def test_missing_driver_is_a_source_error() -> None:
 
     assert "hunter2" not in str(info.value)
     assert "***" in str(info.value)
+
+
+# ---------------------------------------------------------------- a SQL chunk checked whole
+
+# Values a plain pair has, and values that take split_chunk's slow path for each reason it
+# has: white space to trim, tabs and line breaks (the separators of split_plain's text),
+# control characters, lengths at and past the bounds, invalid emails, and other types.
+PAIR_USERS = st.one_of(
+    st.sampled_from(["u1", "u2", "007", "x" * 255, "x" * 256, " u1", "u1 ", "a\tb", "a\nb",
+                     "a\x00", "\u2028u", "", "u\r", "ü"]),
+    st.text(max_size=6), st.integers(-5, 5), st.floats(allow_nan=True), st.none(),
+)  # fmt: skip
+PAIR_EMAILS = st.one_of(
+    st.sampled_from(["a@b.co", "u1@example.com", "x@y.z" + "z" * 315, "x@y.z" + "z" * 316,
+                     " a@b.co", "a@b.co\n", "a@b.co\tu2\tc@d.ef", "a@b", "a@@b.co", "a b@c.de",
+                     "a@b.co\nu2\tc@d.ef"]),
+    st.text(max_size=8), st.none(), st.integers(0, 3),
+)  # fmt: skip
+
+
+@given(st.lists(st.tuples(PAIR_USERS, PAIR_EMAILS), max_size=12))
+@settings(max_examples=400)
+def test_a_chunk_checked_whole_stages_what_row_by_row_does(pairs: list[tuple[Any, Any]]) -> None:
+    whole = split_plain(pairs)
+    good, bad = split_chunk([(n, u, e, None) for n, (u, e) in enumerate(pairs, 1)])
+    if whole is not None:
+        assert (whole, []) == (good, bad)
+    # Checked whole exactly when every pair takes split_chunk's fast path as it stands.
+    fast = all(
+        type(u) is str
+        and type(e) is str
+        and _PLAIN_USER_ID.fullmatch(u)
+        and len(e) <= MAX_EMAIL
+        and EMAIL_PATTERN.fullmatch(e)
+        for u, e in pairs
+    )
+    assert (whole is not None) == fast
+
+
+def test_plain_sql_rows_are_checked_a_chunk_at_a_time(tmp_path: Path) -> None:
+    rows = [(f"u{i}", f"u{i}@example.com") for i in range(12_000)]
+    source = SqlSource(sqlite_warehouse(tmp_path / "wh.db", rows), "SELECT * FROM users", "wh")
+    batches = list(source.batches())
+    assert [b.rows for b in batches] == [5000, 5000, 2000]
+    assert [row for b in batches for row in b.good] == rows
+    assert split_plain(rows[:3]) == rows[:3]
+    # One row to trim or to refuse sends its chunk row by row: the same rows, numbered.
+    rows[7000] = (" u7000 ", "u7000@example.com")
+    rows[9000] = ("u9000", "not an email")
+    source = SqlSource(sqlite_warehouse(tmp_path / "wh2.db", rows), "SELECT * FROM users", "wh")
+    batches = list(source.batches())
+    assert [b.bad for b in batches] == [[], [(9001, "u9000", "not an email", "invalid email")], []]
+    assert batches[1].good[2000] == ("u7000", "u7000@example.com")  # trimmed

@@ -20,9 +20,6 @@ from audience_sync.cli.output import (
 )
 from audience_sync.errors import ApiError, AuthError
 from audience_sync.render import output_json, output_rows, short_time
-from audience_sync.sources import source_for
-from audience_sync.verify import verify_audience
-from audience_sync.workers import list_workers
 
 WORKER_COLUMNS = (
     "worker_id", "state", "command", "running", "started_at", "heartbeat_at",
@@ -67,6 +64,8 @@ def register(commands: Commands) -> None:
 
 
 def cmd_audiences(args: argparse.Namespace) -> int:
+    from audience_sync.sources import source_for
+
     settings = settings_for(args)
     rows = [
         {
@@ -87,6 +86,8 @@ def cmd_audiences(args: argparse.Namespace) -> int:
 
 
 def cmd_workers(args: argparse.Namespace) -> int:
+    from audience_sync.workers import list_workers
+
     with open_state(settings_for(args), writes=False) as engine:
         listed = list_workers(engine)
     found = listed if args.all else [w for w in listed if w.state == "alive"]
@@ -126,6 +127,8 @@ def cmd_workers(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    from audience_sync.verify import verify_audience
+
     settings = settings_for(args)
     settings.audience(args.key)  # a clear error for a key that is not configured
     with open_state(settings, writes=False) as engine:

@@ -8,16 +8,15 @@ import os
 import sys
 from dataclasses import asdict
 
-from audience_sync.check import run_checks
 from audience_sync.cli.options import Commands, int_arg, open_state, settings_for
 from audience_sync.cli.output import EXIT_FAILED, EXIT_OK, count, report_error
 from audience_sync.cli.signals import stop_on_signals
 from audience_sync.config import resolve_config_path
-from audience_sync.reconcile import DEFAULT_PER_PAGE, reconcile
 from audience_sync.render import output_json, output_rows
-from audience_sync.runs import result_fields
-from audience_sync.sync import exit_code
 
+# reconcile.DEFAULT_PER_PAGE, written here so that parsing flags imports no reconcile (and
+# through it httpx and the sync): tests/test_startup.py holds the two equal.
+PER_PAGE = 100
 RECONCILE_COLUMNS = (
     "audience_key", "kind", "status", "members", "entered", "exited", "resent", "run_id",
 )  # fmt: skip
@@ -52,12 +51,14 @@ def register(commands: Commands) -> None:
         help="count how the sources differ from what Gist holds; record nothing",
     )  # fmt: skip
     command.add_argument(
-        "--per-page", type=int_arg(1, 1000), default=DEFAULT_PER_PAGE,
-        help=f"contacts asked for per page (default {DEFAULT_PER_PAGE}; Gist may give fewer)",
+        "--per-page", type=int_arg(1, 1000), default=PER_PAGE,
+        help=f"contacts asked for per page (default {PER_PAGE}; Gist may give fewer)",
     )  # fmt: skip
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    from audience_sync.check import run_checks
+
     checks = run_checks(resolve_config_path(args.config, os.environ), os.environ)
     if args.json:
         output_json([asdict(c) for c in checks], sys.stdout)
@@ -74,6 +75,10 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_reconcile(args: argparse.Namespace) -> int:
+    from audience_sync.reconcile import reconcile
+    from audience_sync.runs import result_fields
+    from audience_sync.sync import exit_code
+
     settings = settings_for(args)
     for key in args.keys:
         settings.audience(key)  # a clear error for a key that is not configured

@@ -24,8 +24,8 @@ from audience_sync.config import Settings
 from audience_sync.errors import ConfigError
 from audience_sync.history import load_keys, load_run, load_runs, prune
 from audience_sync.render import as_text, output_json, output_rows, short_time
+from audience_sync.runs import utcnow
 from audience_sync.statuses import RUN_STATUSES
-from audience_sync.sync import utcnow
 from audience_sync.workers import prune_workers
 
 HISTORY_COLUMNS = (

@@ -16,7 +16,7 @@ from sqlalchemy import Engine
 from audience_sync import db
 from audience_sync.config import Settings, load_settings, parse_duration, resolve_config_path
 from audience_sync.errors import StateError
-from audience_sync.sync import utcnow
+from audience_sync.runs import utcnow
 
 # Bounds of numeric flags: large enough for any real use, small enough for every database.
 MAX_ROWS, MAX_PAGE, MAX_SAMPLE, MAX_ID = 100_000, 1_000_000_000, 100_000, 2**63 - 1

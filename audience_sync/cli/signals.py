@@ -10,8 +10,10 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from types import FrameType
+from typing import TYPE_CHECKING
 
-from audience_sync.scheduler import Daemon
+if TYPE_CHECKING:
+    from audience_sync.scheduler import Daemon
 
 SignalHandler = Callable[[int, FrameType | None], None]
 log = logging.getLogger(__package__)

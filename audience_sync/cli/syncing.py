@@ -11,12 +11,9 @@ from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
 from datetime import datetime
 from pathlib import Path
-from typing import Any
-
-from sqlalchemy import Engine
+from typing import TYPE_CHECKING, Any
 
 from audience_sync import db
-from audience_sync.alerts import Alert, AlertMemory, AlertSender, post_alert, select_alerts
 from audience_sync.cli.options import Commands, again, open_state, settings_for
 from audience_sync.cli.output import (
     count,
@@ -26,22 +23,18 @@ from audience_sync.cli.output import (
     with_old_names,
 )
 from audience_sync.cli.signals import daemon_signals, stop_on_signals
-from audience_sync.config import Settings
 from audience_sync.errors import ConfigError, StateError
-from audience_sync.history import (
-    load_last_starts,
-    load_last_successes,
-    load_orphans,
-    load_recent_statuses,
-    load_run,
-)
-from audience_sync.metrics import Metrics, MetricsServer
-from audience_sync.render import ProgressBars, ProgressLog, output_json, output_rows
-from audience_sync.runs import result_fields
-from audience_sync.scheduler import Daemon
-from audience_sync.statuses import Mode
-from audience_sync.sync import Progress, RunResult, exit_code, run_once
-from audience_sync.workers import Presence
+
+if TYPE_CHECKING:
+    from sqlalchemy import Engine
+
+    from audience_sync.alerts import Alert, AlertMemory, AlertSender
+    from audience_sync.config import Settings
+    from audience_sync.metrics import Metrics
+    from audience_sync.scheduler import Daemon
+    from audience_sync.statuses import Mode
+    from audience_sync.sync import Progress, RunResult
+    from audience_sync.workers import Presence
 
 ALERT_STOP_GRACE = 5.0  # seconds a stopping daemon gives alerts still being posted
 # `resent`: members sent again with their membership unchanged (their email changed in the
@@ -145,18 +138,30 @@ def _sync_command(
     allow_mass_exit: bool = False,
     full_diff: bool = False,
 ) -> int:
+    # Imported here, not above: the command line loads every command's module to parse its
+    # flags, and a command pays only for the modules it runs (tests/test_startup.py).
+    from audience_sync.alerts import post_alert, select_alerts
+    from audience_sync.history import load_orphans
+    from audience_sync.render import ProgressLog
+    from audience_sync.sync import exit_code, run_once
+
     settings = settings_for(args)
+    metrics: Metrics | None = None
     if args.metrics_file:
+        from audience_sync.metrics import Metrics
+
         _check_metrics_file(args.metrics_file)  # fail now, not after a sync that went well
-    metrics = Metrics()
+        metrics = Metrics()
     show_progress = sys.stderr.isatty() and not (args.quiet or args.json)
     show_progress = show_progress and args.log_format == "text"  # JSON lines only, then
     # Not on a terminal (cron, a log file), progress is log lines instead (with -v).
-    bars: AbstractContextManager[Progress | None] = (
-        ProgressBars(sys.stderr)
-        if show_progress
-        else nullcontext(None if args.quiet else ProgressLog())
-    )
+    bars: AbstractContextManager[Progress | None]
+    if show_progress:
+        from audience_sync.bars import ProgressBars
+
+        bars = ProgressBars(sys.stderr)
+    else:
+        bars = nullcontext(None if args.quiet else ProgressLog())
     alerts: list[Alert] = []
     with open_state(settings) as engine, stop_on_signals() as stop, bars as progress:
         results = run_once(
@@ -168,7 +173,7 @@ def _sync_command(
             allow_mass_exit=allow_mass_exit,
             full_diff=full_diff,
             stop=stop,
-            observer=metrics.observe_request,
+            observer=None if metrics is None else metrics.observe_request,
             progress=progress,
         )
         # Decided at once from sync_runs: nothing that follows may cost the alert it owes.
@@ -176,11 +181,11 @@ def _sync_command(
             alerts = select_alerts(settings.alerts, results, engine)
         orphans = load_orphans(engine, [a.property_key for a in settings.computations])
         notes = _result_notes(engine, results, args)
-        last_successes = _load_last_successes(engine, settings)
+        last_successes = _load_last_successes(engine, settings) if metrics is not None else {}
     post_alert(settings.alerts, alerts)
-    metrics.record_results(results)
-    metrics.set_last_successes(last_successes)
-    if args.metrics_file:
+    if metrics is not None:
+        metrics.record_results(results)
+        metrics.set_last_successes(last_successes)
         _write_metrics_file(metrics, args.metrics_file, args)
     if mode == "run":
         for key, orphan in orphans.items():
@@ -230,6 +235,8 @@ def _write_metrics_file(metrics: Metrics, path: Path, args: argparse.Namespace) 
 
 def _load_last_successes(engine: Engine, settings: Settings) -> dict[str, datetime]:
     """The last-success times for the metrics; an unreadable state only leaves them out."""
+    from audience_sync.history import load_last_successes
+
     try:
         with db.state_errors(settings.state.url):
             return load_last_successes(engine, [a.property_key for a in settings.computations])
@@ -244,6 +251,8 @@ def _result_notes(
     engine: Engine, results: Sequence[RunResult], args: argparse.Namespace
 ) -> list[tuple[str, str, bool]]:
     """What to say under the table: (audience, message, is_error), errors first-hand."""
+    from audience_sync.history import load_run
+
     notes: list[tuple[str, str, bool]] = []
     for r in results:
         if r.fast_path:
@@ -301,6 +310,8 @@ def _result_notes(
 def _print_results(
     results: Sequence[RunResult], notes: Sequence[tuple[str, str, bool]], args: argparse.Namespace
 ) -> None:
+    from audience_sync.render import output_json, output_rows
+
     if args.json:
         output_json([_result_dict(r) for r in results], sys.stdout)
         return
@@ -322,6 +333,8 @@ def _print_results(
 
 
 def _result_dict(result: RunResult) -> dict[str, Any]:
+    from audience_sync.runs import result_fields
+
     fields = result_fields(result)
     first = {"run_id": fields.pop("run_id"), "audience_key": fields.pop("audience_key")}
     return with_old_names({**first, **fields}, {"audience_key": "audience"})
@@ -329,6 +342,11 @@ def _result_dict(result: RunResult) -> dict[str, Any]:
 
 def cmd_daemon(args: argparse.Namespace) -> int:
     # One line per run is the daemon's own log, shown without -v.
+    from audience_sync.alerts import AlertMemory, AlertSender
+    from audience_sync.metrics import Metrics, MetricsServer
+    from audience_sync.sync import exit_code
+    from audience_sync.workers import Presence
+
     logging.getLogger("audience_sync.scheduler").setLevel(logging.INFO)
     settings = settings_for(args)
     metrics = Metrics()
@@ -380,6 +398,10 @@ def _make_daemon(
 ) -> Daemon:
     """The daemon over ``engine``, syncing as ``worker``; alerts go to ``sender`` (or are
     posted at once)."""
+    from audience_sync.alerts import post_alert, select_alerts
+    from audience_sync.history import load_last_starts, load_recent_statuses
+    from audience_sync.scheduler import Daemon
+    from audience_sync.sync import run_once
 
     def sync(current: Settings, keys: list[str], stop: threading.Event) -> list[RunResult]:
         return run_once(
