@@ -755,7 +755,11 @@ def machine_for(store: str) -> type[RuleBasedStateMachine]:
             between the fence's last check and the write of a request's bytes sends that
             request when it wakes: the one request no client-side fence can stop (README
             "Guarantees"), which this rule leaves to that statement."""
-            for _ in range(500):
+            # A deadline, not a count of tries: on a busy machine (the suite runs on every
+            # CPU) the run sends its next request later, and 500 tries of a millisecond or
+            # two could all fall between requests.
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
                 if process.poll() is not None:
                     return
                 if not self.gist.in_flight:
