@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -92,6 +93,24 @@ def pytest_runtest_makereport(
     return report
 
 
+# The longest tests, started first when the suite runs on several workers (pytest-xdist), so
+# that none of them is the one left running at the end: the model test (minutes), then the
+# tests marked slow and the groups (modules whose fixtures are built once for them).
+FIRST = ("tests/test_model.py::",)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """On pytest-xdist workers, the longest tests first (a stable sort: the rest keep their
+    order, a group's tests theirs). A run on one process keeps pytest's order."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        items.sort(
+            key=lambda item: (
+                not item.nodeid.startswith(FIRST),
+                not (item.get_closest_marker("slow") or item.get_closest_marker("xdist_group")),
+            )
+        )
+
+
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
 def state_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """An empty state database URL: a SQLite file, or a fresh schema on PostgreSQL."""
@@ -112,9 +131,25 @@ def state_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
         engine.dispose()
 
 
+@pytest.fixture(scope="session")
+def migrated_sqlite(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A SQLite state file the Alembic migrations built, once per test process: copying it
+    costs a fifth of migrating afresh, and a few hundred tests start from it."""
+    path = tmp_path_factory.mktemp("migrated") / "state.db"
+    engine = db.make_engine(f"sqlite:///{path}")
+    db.upgrade(engine)
+    engine.dispose()  # the last connection checkpoints the WAL: the file is whole
+    return path
+
+
 @pytest.fixture
-def engine(state_url: str) -> Iterator[Engine]:
-    """A state database migrated to head by running the Alembic migrations."""
+def engine(state_url: str, request: pytest.FixtureRequest) -> Iterator[Engine]:
+    """A state database migrated to head by running the Alembic migrations (on SQLite, a
+    copy of a file they built; ``upgrade`` then finds it at head)."""
+    if state_url.startswith("sqlite:///"):
+        path = Path(state_url.removeprefix("sqlite:///"))
+        if not path.exists():  # shutil.copy keeps the owner-only mode the tool gave it
+            shutil.copy(request.getfixturevalue("migrated_sqlite"), path)
     engine = db.make_engine(state_url)
     db.upgrade(engine)
     yield engine

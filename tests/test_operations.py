@@ -698,7 +698,9 @@ def test_a_second_sigterm_stops_a_daemon_whose_sync_is_stuck(
     process = start_daemon(workspace)
     try:
         wait_for(lambda: run_statuses(engine) == ["running"], "the run to start")
-        time.sleep(0.5)  # its requests are in flight
+        # Its requests in flight, known rather than guessed: on a busy machine, half a
+        # second after its start a run may not have sent one, and the first SIGTERM stops it.
+        wait_for(lambda: gist.in_flight, "its requests in flight")
         process.send_signal(signal.SIGTERM)
         time.sleep(0.5)
         assert process.poll() is None  # the first one waits for the requests in flight

@@ -37,6 +37,8 @@ from tests.helpers import SCRIPT_USER, History, build_history, free_port, fresh_
 API_KEY = "web-key-SECRET-5678"
 PAGE_PASSWORD = "pages-SECRET-pw"
 ANYWHERE = "0.0.0.0"  # noqa: S104 - the address the bind rule guards
+# On one pytest-xdist worker: one served history per store for the module, built once.
+pytestmark = pytest.mark.xdist_group("web")
 
 
 @dataclass(frozen=True)

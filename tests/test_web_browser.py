@@ -39,6 +39,8 @@ CHROMIUM = ("chromium", "chromium-browser", "google-chrome")
 REQUIRE_BROWSER = "AUDIENCE_SYNC_REQUIRE_BROWSER"  # .ci/run sets it: no browser is a failure
 ROOT = Path(__file__).resolve().parent.parent
 SCREENSHOTS = Path(os.environ.get("AUDIENCE_SYNC_SCREENSHOTS", ROOT / "build" / "screenshots"))
+# On one pytest-xdist worker: one browser and one history for the module, built once.
+pytestmark = pytest.mark.xdist_group("web_browser")
 
 
 def _browser_paths() -> tuple[str, str]:

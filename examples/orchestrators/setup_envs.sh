@@ -21,7 +21,7 @@ declare -A PINS=(
   [airflow]="apache-airflow==3.3.2"
 )
 # What tests/conftest.py and the pytest settings in pyproject.toml need.
-TEST_TOOLS=(pytest pytest-timeout hypothesis)
+TEST_TOOLS=(pytest pytest-timeout pytest-xdist hypothesis)
 
 make_env() {
   local name=$1 venv=".venv-$1" constraints="$here/constraints-$1.txt"
