@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import cache
 from typing import Any
 
 import httpx
@@ -43,7 +44,15 @@ def make_http_client(
             max_keepalive_connections=config.max_concurrency,
         ),
         transport=transport,
+        verify=_tls(),
     )
+
+
+@cache
+def _tls() -> ssl.SSLContext:
+    """The TLS context every client of this process shares: httpx builds one per client
+    otherwise, loading the CA bundle each time (about 28 ms, for every run)."""
+    return httpx.create_ssl_context()
 
 
 def build_contact(user_id: str, email: str, properties: dict[str, Any]) -> dict[str, Any]:

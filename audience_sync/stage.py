@@ -249,9 +249,14 @@ class Staging:
             if getattr(getattr(exc, "orig", exc), "sqlstate", None) != "23505":
                 raise
             savepoint.rollback()
+            # Each duplicated user's first seq, by one hash aggregate, then its later rows:
+            # linear in the rows (pairing every copy of a user with every other, as a
+            # self-join does, took 16 s for 10,000 copies of one user).
             connection.exec_driver_sql(
-                f'DELETE FROM "{name}" later USING "{name}" earlier '
-                "WHERE later.user_id = earlier.user_id AND later.seq > earlier.seq"
+                f'DELETE FROM "{name}" later USING ('
+                f'SELECT user_id, min(seq) AS seq FROM "{name}" '
+                "GROUP BY user_id HAVING count(*) > 1) first "
+                "WHERE later.user_id = first.user_id AND later.seq > first.seq"
             )
             connection.exec_driver_sql(index)
         else:
