@@ -226,7 +226,7 @@ def test_each_retry_is_logged_with_its_attempt_wait_and_cause(
     assert len(lines) == 2, lines
     assert re.fullmatch(
         r"Gist request failed on attempt 1/4 \(cannot reach Gist at http://gist\.test: "
-        r"connection refused\); retrying in 0\.\ds",
+        r"connection refused\); retrying in (0\.[5-9]|1\.0)s",  # 0.5 s + up to 0.5 s of jitter
         lines[0],
     ), lines[0]
     assert lines[1] == (

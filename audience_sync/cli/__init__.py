@@ -56,6 +56,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     except KeyboardInterrupt:
         code = EXIT_INTERRUPTED
     signal.signal(signal.SIGINT, _exit_interrupted)
+    if code == EXIT_INTERRUPTED:
+        # Interrupted, and the command has cleaned up after itself: exit at once, as a
+        # Ctrl-C before the command does. The interpreter's own shutdown after an interrupt
+        # that landed mid-import (commands import what they run) could still end the
+        # process by SIGINT (-2) instead of 130, under load, one run in a few.
+        _exit_interrupted(signal.SIGINT, None)
     sys.exit(code)
 
 
