@@ -23,6 +23,7 @@ from sqlalchemy.pool import NullPool
 from audience_sync import db
 from audience_sync.fakegist import FakeGist
 from audience_sync.models import sync_runs
+from audience_sync.workers import list_workers
 from tests.conftest import API_KEY, Workspace, assert_no_traceback, require_postgres, write_members
 from tests.helpers import KEY, PausableProxy, acknowledged, free_port, users
 
@@ -166,7 +167,15 @@ def test_sigterm_stops_an_idle_daemon_in_seconds_whatever_the_partition(
     workspace, _source = daemon_workspace(tmp_path, through(url, proxy), gist, "1h")
     process = start_daemon(workspace)
     try:
-        wait_for(lambda: statuses(engine) == ["succeeded"], "the start-up run")
+        # Idle: the start-up run recorded, and the daemon no longer running it (its worker
+        # row says so at once); partitioned before that, the sync is not idle but stuck.
+        wait_for(
+            lambda: (
+                statuses(engine) == ["succeeded"]
+                and [w.running for w in list_workers(engine)] == [[]]
+            ),
+            "the start-up run, ended",
+        )
         proxy.partition()
         time.sleep(1)
         took, err = stop(process, STOP_BOUND)
