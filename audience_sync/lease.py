@@ -22,7 +22,7 @@ from functools import cache
 
 from sqlalchemy import ColumnElement, Engine, literal_column, select, update
 from sqlalchemy.engine import Connection
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 
 from audience_sync.errors import FencedError, LockHeldError, StateError
 from audience_sync.models import leases
@@ -30,6 +30,14 @@ from audience_sync.models import leases
 log = logging.getLogger(__name__)
 
 LEASE_SECONDS = 60
+
+# (state database, owner, key) of every lease a holder of this process holds now. The
+# database knows owners, not holders: a live lease of an owner of ours that no holder here
+# holds is one whose release could not be recorded (the state database was down as its run
+# ended), and its owner's next run takes it back at once, as it would a released one; a
+# second holder of one owner in this process waits like any other.
+_holding: set[tuple[str, str, str]] = set()
+_holding_lock = threading.Lock()
 
 
 def new_owner() -> str:
@@ -61,8 +69,9 @@ def acquire(
 
     A lease expires ``seconds`` after its last renewal (database time), so a process
     killed with ``kill -9`` blocks others for at most that long; on the same machine a dead
-    holder is recognised at once. Returns the previous owner when it took over an expired
-    or dead holder's lease, else None.
+    holder is recognised at once. A live lease of ``owner`` itself is taken back (``Holder``
+    keeps two holders of one owner apart). Returns the previous owner when it took over an
+    expired or dead holder's lease, else None.
     """
     now, expires = _now(engine), _now(engine, seconds)
     with engine.begin() as connection:
@@ -76,7 +85,12 @@ def acquire(
         ).first()
         if held is not None:
             owner_then, expires_then, live, released = held
-            if live and not released and not is_dead_local_owner(owner_then):
+            if (
+                live
+                and not released
+                and owner_then != owner
+                and not is_dead_local_owner(owner_then)
+            ):
                 raise LockHeldError(audience_key, owner_then)
             # Compare-and-swap on the old holder, so of two takers only one wins.
             taken = connection.execute(
@@ -226,12 +240,14 @@ class Holder:
         if request_seconds >= seconds:
             raise ValueError("a request's deadline must be shorter than the lease")
         self._engine = engine
+        self._database = engine.url.render_as_string(hide_password=True)
         self.owner = owner
         self.seconds = seconds
         self.request_seconds = request_seconds
         self._monotonic = monotonic
         self._confirmed: dict[str, float] = {}  # key → monotonic time its renewal was sent
         self._lost: dict[str, str] = {}  # key → why
+        self._taken: set[str] = set()  # every key acquired, until released
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, name="lease-heartbeat", daemon=True)
@@ -251,9 +267,20 @@ class Holder:
 
     def acquire(self, key: str) -> str | None:
         """Take ``key``'s lease (see ``acquire``); raises LockHeldError when it is held."""
+        mine = (self._database, self.owner, key)
+        with _holding_lock:
+            if mine in _holding:
+                raise LockHeldError(key, self.owner)
+            _holding.add(mine)
         started = self._monotonic()
-        previous = acquire(self._engine, key, self.owner, self.seconds)
+        try:
+            previous = acquire(self._engine, key, self.owner, self.seconds)
+        except BaseException:
+            with _holding_lock:
+                _holding.discard(mine)
+            raise
         with self._lock:
+            self._taken.add(key)
             self._confirmed[key] = started
             self._lost.pop(key, None)
         return previous
@@ -310,11 +337,24 @@ class Holder:
             self._thread.join()
 
     def release(self) -> None:
-        """Give up every lease still held."""
+        """Give up every lease still held. When the database cannot record it, the leases
+        stay live in it until they expire, for others; this owner takes them back at once."""
         with self._lock:
             keys = [k for k in self._confirmed if k not in self._lost]
+            taken, self._taken = self._taken, set()
             self._confirmed.clear()
-        release(self._engine, keys, self.owner)
+        try:
+            release(self._engine, keys, self.owner)
+        except (SQLAlchemyError, StateError) as exc:
+            # Not worth failing a run whose work is saved, nor hiding why it failed.
+            log.warning(
+                "could not release the leases of %s: %s; other processes wait until they "
+                "expire, this one takes them back at once",
+                ", ".join(sorted(keys)), exc,
+            )  # fmt: skip
+        finally:
+            with _holding_lock:
+                _holding.difference_update((self._database, self.owner, k) for k in taken)
 
     def _lose(self, losses: dict[str, str]) -> None:
         if not losses:

@@ -9,15 +9,18 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from unittest import mock
 
 import pytest
 from sqlalchemy import Engine, select, update
+from sqlalchemy.exc import OperationalError
 
 from audience_sync import lease
 from audience_sync.errors import FencedError, LockHeldError
 from audience_sync.fakegist import FakeGist
 from audience_sync.models import leases, sync_runs
 from audience_sync.sync import run_once
+from audience_sync.workers import Presence
 from tests.conftest import API_KEY, Workspace, write_members
 from tests.helpers import KEY, acknowledged, in_gist, users
 
@@ -174,3 +177,37 @@ def test_a_request_deadline_longer_than_half_the_lease_is_a_config_error(
 
     with pytest.raises(ConfigError, match=r"gist.timeout_seconds \(31\) must be at most half"):
         workspace.settings()
+
+
+def test_two_holders_of_one_owner_in_one_process_exclude_each_other(engine: Engine) -> None:
+    first, second = (lease.Holder(engine, "me:1:a") for _ in range(2))
+    first.acquire("vip")
+    with pytest.raises(LockHeldError, match="'vip' is being synced by me:1:a"):
+        second.acquire("vip")
+    second.acquire("other")  # a key of its own is free
+    first.release()
+    assert second.acquire("vip") is None
+    second.release()
+
+
+def test_a_lease_whose_release_went_unrecorded_is_its_workers_again_at_once(
+    workspace: Workspace, engine: Engine, gist: FakeGist, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Before: a daemon whose state database went down as a run ended skipped its own
+    audience ("being synced by" itself) until the lease expired, a minute later."""
+    source = workspace.add_file_audience("Vip")
+    write_members(source, range(2))
+    settings = workspace.settings()
+    down = OperationalError("UPDATE leases", {}, OSError("the state database went away"))
+    with Presence(engine, "daemon") as worker:
+        with mock.patch.object(lease, "release", side_effect=down):
+            [first] = run_once(settings, engine, worker=worker)
+        assert first.status == "succeeded"  # its work is saved: the release is not the run's
+        assert "could not release the leases of vip: " in caplog.text
+        assert "the state database went away" in caplog.text
+        write_members(source, range(3))
+        [elsewhere] = run_once(settings, engine)  # another worker waits for the lease to expire
+        assert elsewhere.status == "skipped", elsewhere
+        [again] = run_once(settings, engine, worker=worker)
+    assert (again.status, again.entered) == ("succeeded", 1), again
+    assert acknowledged(engine, "vip") == users(0, 1, 2)

@@ -82,6 +82,18 @@ def wait_for(condition: object, what: str, seconds: float = 30) -> None:
         time.sleep(0.1)
 
 
+def wait_for_daemon(
+    process: subprocess.Popen[str], condition: object, what: str, seconds: float = 30
+) -> None:
+    """``wait_for``, and on a timeout the daemon's log in the failure: what it was doing."""
+    try:
+        wait_for(condition, what, seconds)
+    except AssertionError as exc:
+        process.kill()
+        _out, err = process.communicate()
+        raise AssertionError(f"{exc}; the daemon's log:\n{err}") from None
+
+
 def statuses(engine: Engine) -> list[str]:
     with engine.connect() as connection:
         return list(connection.scalars(select(sync_runs.c.status).order_by(sync_runs.c.id)))
@@ -200,12 +212,12 @@ def test_a_state_database_outage_logs_one_line_per_failed_tick(
     workspace, _source = daemon_workspace(tmp_path, through(url, proxy), gist, "1s")
     process = start_daemon(workspace, *(["-v"] if verbose else []))
     try:
-        wait_for(lambda: "succeeded" in statuses(engine), "a first sync")
+        wait_for_daemon(process, lambda: "succeeded" in statuses(engine), "a first sync")
         proxy.refuse()
         time.sleep(4)  # about four ticks
         proxy.heal()
         runs = len(statuses(engine))
-        wait_for(lambda: len(statuses(engine)) > runs + 1, "syncs after the outage")
+        wait_for_daemon(process, lambda: len(statuses(engine)) > runs + 1, "syncs after the outage")
         _took, err = stop(process, STOP_BOUND)
     finally:
         process.kill()
