@@ -15,7 +15,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import uuid
 from collections.abc import Generator, Iterable, Iterator
 from functools import cache
 from pathlib import Path
@@ -24,7 +23,6 @@ from typing import Any
 import pytest
 from hypothesis import settings
 from sqlalchemy import Engine, create_engine, text
-from sqlalchemy.pool import NullPool
 
 from audience_sync import db, lease
 from audience_sync.config import Settings, load_settings
@@ -114,21 +112,10 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
 def state_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """An empty state database URL: a SQLite file, or a fresh schema on PostgreSQL."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'state.db'}"
-        return
-    admin = require_postgres()
-    schema = f"t_{uuid.uuid4().hex[:12]}"
-    engine = create_engine(admin, poolclass=NullPool)  # survives tests that kill connections
-    with engine.begin() as connection:
-        connection.execute(text(f'CREATE SCHEMA "{schema}"'))
-    try:
-        # application_name lets a test kill this test's connections and no one else's.
-        yield f"{admin}?options=-csearch_path%3D{schema}&application_name={schema}"
-    finally:
-        with engine.begin() as connection:
-            connection.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-        engine.dispose()
+    from tests.helpers import fresh_state_url
+
+    with fresh_state_url(request.param, tmp_path) as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

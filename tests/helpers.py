@@ -353,10 +353,11 @@ def fresh_state_url(store: str, folder: Path) -> Iterator[str]:
 
     admin = require_postgres()
     schema = f"t_{uuid.uuid4().hex[:12]}"
-    engine = create_engine(admin, poolclass=NullPool)
+    engine = create_engine(admin, poolclass=NullPool)  # survives tests that kill connections
     with engine.begin() as connection:
         connection.execute(text(f'CREATE SCHEMA "{schema}"'))
     try:
+        # application_name lets a test kill this test's connections and no one else's.
         yield f"{admin}?options=-csearch_path%3D{schema}&application_name={schema}"
     finally:
         with engine.begin() as connection:

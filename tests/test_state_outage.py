@@ -10,22 +10,20 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-from sqlalchemy import Engine, create_engine, select, text
+from sqlalchemy import Engine, select
 from sqlalchemy.engine import make_url
-from sqlalchemy.pool import NullPool
 
 from audience_sync import db
 from audience_sync.fakegist import FakeGist
 from audience_sync.models import sync_runs
 from audience_sync.workers import list_workers
-from tests.conftest import API_KEY, Workspace, assert_no_traceback, require_postgres, write_members
-from tests.helpers import KEY, PausableProxy, acknowledged, free_port, users
+from tests.conftest import API_KEY, Workspace, assert_no_traceback, write_members
+from tests.helpers import KEY, PausableProxy, acknowledged, free_port, fresh_state_url, users
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 
@@ -34,23 +32,15 @@ STOP_BOUND = TIMEOUT + 10
 
 
 @pytest.fixture
-def state() -> Iterator[tuple[str, Engine]]:
+def state(tmp_path: Path) -> Iterator[tuple[str, Engine]]:
     """A fresh schema on the local PostgreSQL, migrated: its URL and a direct engine."""
-    admin = require_postgres()
-    schema = f"t_{uuid.uuid4().hex[:12]}"
-    owner = create_engine(admin, poolclass=NullPool)
-    with owner.begin() as connection:
-        connection.execute(text(f'CREATE SCHEMA "{schema}"'))
-    url = f"{admin}?options=-csearch_path%3D{schema}"
-    engine = db.make_engine(url)
-    db.upgrade(engine)
-    try:
-        yield url, engine
-    finally:
-        engine.dispose()
-        with owner.begin() as connection:
-            connection.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-        owner.dispose()
+    with fresh_state_url("postgresql", tmp_path) as url:
+        engine = db.make_engine(url)
+        db.upgrade(engine)
+        try:
+            yield url, engine
+        finally:
+            engine.dispose()
 
 
 @pytest.fixture
