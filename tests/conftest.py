@@ -131,12 +131,17 @@ def migrated_sqlite(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def engine(state_url: str, request: pytest.FixtureRequest) -> Iterator[Engine]:
-    """A state database migrated to head by running the Alembic migrations (on SQLite, a
-    copy of a file they built; ``upgrade`` then finds it at head)."""
+    """A state database migrated to head by running the Alembic migrations (a copy of what
+    they built: on SQLite a file, on PostgreSQL what ``pg_dump`` wrote of a schema; ``upgrade``
+    then finds it at head)."""
     if state_url.startswith("sqlite:///"):
         path = Path(state_url.removeprefix("sqlite:///"))
         if not path.exists():  # shutil.copy keeps the owner-only mode the tool gave it
             shutil.copy(request.getfixturevalue("migrated_sqlite"), path)
+    else:
+        from tests.helpers import clone_migrated_postgres
+
+        clone_migrated_postgres(state_url)
     engine = db.make_engine(state_url)
     db.upgrade(engine)
     yield engine

@@ -25,6 +25,7 @@ from audience_sync.errors import StateError
 from audience_sync.fakegist import FakeGist
 from audience_sync.models import metadata
 from tests.conftest import API_KEY
+from tests.helpers import clone_migrated_postgres, fresh_state_url, migrated_postgres_script
 
 
 def test_single_head() -> None:
@@ -318,3 +319,47 @@ def test_a_state_file_readable_by_others_is_warned_about_once(
     assert len(warnings) == 1
     assert str(state) in warnings[0]
     assert "chmod 600" in warnings[0]
+
+
+@pytest.mark.postgres
+def test_the_postgres_schema_tests_start_from_is_the_one_the_migrations_build(
+    tmp_path: Path,
+) -> None:
+    """The ``engine`` fixture replays what ``pg_dump`` wrote of a migrated schema: it must
+    hold every table, column, index, constraint and the revision the migrations leave."""
+    if migrated_postgres_script() is None:
+        pytest.skip("no pg_dump of the server's version here: the fixture migrates instead")
+
+    def described(url: str) -> dict[str, object]:
+        engine = db.make_engine(url)
+        try:
+            found = inspect(engine)
+            return {
+                "revision": db.current_revision(engine),
+                "tables": {
+                    table: (
+                        [
+                            (c["name"], str(c["type"]), c["nullable"], str(c.get("default")))
+                            for c in found.get_columns(table)
+                        ],
+                        found.get_pk_constraint(table),
+                        sorted(found.get_foreign_keys(table), key=str),
+                        sorted(found.get_indexes(table), key=str),
+                        sorted(found.get_unique_constraints(table), key=str),
+                        sorted(found.get_check_constraints(table), key=str),
+                    )
+                    for table in sorted(found.get_table_names())
+                },
+            }
+        finally:
+            engine.dispose()
+
+    with (
+        fresh_state_url("postgresql", tmp_path) as migrated,
+        fresh_state_url("postgresql", tmp_path) as cloned,
+    ):
+        engine = db.make_engine(migrated)
+        db.upgrade(engine)
+        engine.dispose()
+        assert clone_migrated_postgres(cloned)
+        assert described(cloned) == described(migrated)
