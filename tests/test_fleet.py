@@ -183,7 +183,7 @@ def test_three_daemons_share_the_audiences_and_one_rate_limit(
         )
     assert "Traceback" not in fleet.logs()
     stopped = list_workers(engine)
-    assert [w.state for w in stopped] == ["stopped"] * 3
+    assert [w.state for w in stopped] == ["stopped"] * 3, fleet.logs()[-3000:]
 
 
 def test_kill_9_of_a_daemon_mid_delivery_is_finished_by_the_others(
