@@ -56,9 +56,19 @@ from scenarios import (
     measure_size,
     measure_warehouse,
 )
-from targets import measure_sql_postgresql, measure_sql_sqlite, measure_startup
+from targets import (
+    SCALE_BATCHES,
+    measure_scale,
+    measure_sql_postgresql,
+    measure_sql_sqlite,
+    measure_startup,
+    project_scale,
+)
 
-SCENARIOS = ("size", "warehouse", "delivery", "rate", "sql-sqlite", "sql-postgresql", "startup")
+SCENARIOS = (
+    "size", "warehouse", "delivery", "rate", "sql-sqlite", "sql-postgresql", "startup", "scale",
+)  # fmt: skip
+DELIVERY_LATENCIES_MS = (0, 50, 200)  # issue 27's target 4 is judged at 50 and 200
 BASELINE_REV = "e3b5e42"  # main before issue 10's load path and warehouse-native mode
 
 
@@ -108,6 +118,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--rate-seconds", type=float, default=30.0,
         help="length of each rate-limit hold run at 50/s (default 30 s = 1500 changes)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--scale-seconds", type=float, default=60.0,
+        help="length of each scale run at 10 requests/s (default 60 s: 10 x batch_size x "
+        "seconds members)",
     )  # fmt: skip
     parser.add_argument("--seed", type=int, default=20240601, help="seed of the churned snapshot")
     parser.add_argument(
@@ -270,7 +285,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     emit({"scenario": "startup", "case": "startup", "store": "sqlite",
                           "error": str(exc) or type(exc).__name__})  # fmt: skip
             for store in stores:
-                for latency_ms in (0, 50) if "delivery" in scenarios else ():
+                for latency_ms in DELIVERY_LATENCIES_MS if "delivery" in scenarios else ():
                     delivery = DeliveryResult(store, latency_ms, args.delivery_changes)
                     try:
                         measure_delivery(delivery, root, args.repeat, store)
@@ -286,6 +301,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                     except Exception as exc:
                         failed(rate, exc, f"{store} rate-limit run {run}")
                     emit(rate_record(rate))
+                scaled: list[Record] = []
+                for batch_size in SCALE_BATCHES if "scale" in scenarios else ():
+                    try:
+                        scaled.append(measure_scale(store, batch_size, args.scale_seconds, root))
+                    except Exception as exc:
+                        say(f"{store} scale, batch_size {batch_size}: FAILED: {exc}")
+                        scaled.append({"scenario": "scale", "store": store,
+                                       "case": f"scale.{store}.batch={batch_size}",
+                                       "batch_size": batch_size,
+                                       "error": str(exc) or type(exc).__name__})  # fmt: skip
+                for record in project_scale(scaled):
+                    emit(record)
         for record in store_records([r for r in records if r["scenario"] == "size"]):
             emit(record)
         checks = derive_checks(records)

@@ -13,6 +13,9 @@ measured in the same run, back to back, medians of ``repeat``.
 - ``startup``: ``history``, ``audiences`` and ``run --dry-run`` on a 10-member audience
   synced once (unchanged), each the whole process's wall time, against ``python -c "import
   sqlalchemy, httpx"``.
+- ``scale``: a real first sync at ``requests_per_second = 10`` with ``batch_size`` 1 and 100,
+  about ``seconds`` long, projected to 1M members and set against the figure on paper,
+  1,000,000 / (10 x batch_size) seconds.
 """
 
 from __future__ import annotations
@@ -30,7 +33,23 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from harness import API_KEY, NO_MASS_EXIT_GUARD, fake_gist, say
+from harness import (
+    API_KEY,
+    CURRENT,
+    NO_MASS_EXIT_GUARD,
+    Sent,
+    engine_seconds,
+    fake_gist,
+    last_run,
+    run_results,
+    say,
+    scratch,
+    sent_since_clear,
+    state_store,
+    write_config,
+    write_source,
+)
+from scenarios import DELIVERY_CONCURRENCY
 
 Record = dict[str, Any]
 PG_SERVER = "postgres@127.0.0.1:5432"
@@ -312,3 +331,99 @@ def _python(code: str) -> float:
     started = time.perf_counter()
     subprocess.run([sys.executable, "-c", code], check=True)  # noqa: S603  # our own code
     return time.perf_counter() - started
+
+
+# -------------------------------------------------------------------------------- at scale
+
+SCALE_MEMBERS = 1_000_000  # the first sync projected
+SCALE_RATE = 10.0  # requests/s: Gist's documented limit, and the config's default
+SCALE_BATCHES = (1, 100)
+
+
+def scale_members(batch_size: int, seconds: float) -> int:
+    """Members of a ``scale`` run taking about ``seconds`` at 10 requests/s: 10 x batch x
+    seconds (at least two requests' worth)."""
+    return max(2 * batch_size, round(SCALE_RATE * batch_size * seconds))
+
+
+def paper_seconds(batch_size: int, members: int = SCALE_MEMBERS) -> float:
+    """Time to send ``members`` contacts at 10 requests/s, on paper: one slot per request."""
+    return members / (SCALE_RATE * batch_size)
+
+
+def measure_scale(store: str, batch_size: int, seconds: float, root: Path) -> Record:
+    """``scale``: a dry run and then a real first sync of ``scale_members`` members against
+    the fake (no latency, no limit of its own) at ``requests_per_second = 10``; delivery s
+    = real - dry engine time, as in the delivery scenario. What the fake received gives the
+    requests and their pace."""
+    n = scale_members(batch_size, seconds)
+    tag = f"{store}: scale, batch_size {batch_size}, {n:,} members"
+    with (
+        scratch(root, "bench-scale-") as folder,
+        state_store(store, folder) as url,
+        fake_gist() as gist,
+    ):
+        source = folder / "members.csv"
+        write_source(source, n)
+        config = write_config(
+            folder / "scale.toml", url, gist.url, {"file": source},
+            max_concurrency=DELIVERY_CONCURRENCY, requests_per_second=SCALE_RATE,
+            batch_size=batch_size,
+        )  # fmt: skip
+        cfg = ["--config", str(config)]
+        CURRENT.run(folder, ["db", "upgrade", *cfg])
+        say(f"{tag}: dry run")
+        CURRENT.run(folder, ["run", *cfg, "--dry-run", "--quiet"], tag="scale-dry")
+        dry_s = engine_seconds(last_run(CURRENT, folder, config), "dry-run")
+        say(f"{tag}: first sync, about {paper_seconds(batch_size, n):.0f} s on paper")
+        real = CURRENT.run(folder, ["run", *cfg, "--json"], tag="scale-real")
+        busiest = gist.busiest_second()
+        sent = sent_since_clear(gist)
+        delivered = int(run_results(real)[0].get("delivered") or 0)
+        real_s = engine_seconds(last_run(CURRENT, folder, config), "run")
+    if delivered != n or sent.contact_updates != n:
+        raise RuntimeError(f"delivered {delivered}, the fake received {sent.contact_updates}, "
+                           f"of {n}")  # fmt: skip
+    return scale_record(store, batch_size, n, (dry_s, real_s), sent, busiest)
+
+
+def scale_record(
+    store: str, batch_size: int, n: int, engine_s: tuple[float, float], sent: Sent, busiest: int
+) -> Record:
+    """One ``scale`` run as a record: ``engine_s`` are the dry and the real run's engine
+    times, ``sent`` what the fake received, ``busiest`` its busiest second."""
+    dry_s, real_s = engine_s
+    delivery_s = max(real_s - dry_s, 0.001)
+    return {
+        "scenario": "scale", "case": f"scale.{store}.batch={batch_size}", "store": store,
+        "n": n, "batch_size": batch_size, "requests_per_second": SCALE_RATE,
+        "dry_s": dry_s, "real_s": real_s, "delivery_s": delivery_s,
+        "http_requests": sent.http_requests, "contacts_per_s": n / delivery_s,
+        "requests_per_s": sent.ok_rate(), "busiest_second": busiest,
+        "paper_s": paper_seconds(batch_size, n), "paper_1m_s": paper_seconds(batch_size),
+        "load_avg": round(os.getloadavg()[0], 2), "samples": {},
+    }  # fmt: skip
+
+
+def project_scale(records: list[Record]) -> list[Record]:
+    """``records`` (one store's ``scale`` runs) with the time to a first sync of 1M members:
+    1M / the contacts/s achieved, plus the load + plan of 1M, extrapolated linearly from the
+    largest of the runs' dry runs (the same for any batch size), and how far that lies from
+    the figure on paper."""
+    done = [r for r in records if not r.get("error")]
+    largest = max(done, key=lambda r: r["n"], default=None)
+    load_plan = None if largest is None else largest["dry_s"] * SCALE_MEMBERS / largest["n"]
+    out = []
+    for rec in records:
+        if rec.get("error"):
+            out.append(rec)
+            continue
+        delivery = SCALE_MEMBERS / rec["contacts_per_s"]
+        projected = delivery + (load_plan or 0.0)
+        ratio = projected / rec["paper_1m_s"]
+        out.append({
+            **rec, "load_plan_1m_s": load_plan, "load_plan_from_n": largest and largest["n"],
+            "delivery_1m_s": delivery, "projected_1m_s": projected,
+            "projection_ratio": ratio, "paper_deviation": abs(ratio - 1),
+        })  # fmt: skip
+    return out
