@@ -227,7 +227,7 @@ class GistClient:
     async def _request(self, endpoint: str, method: str, url: str, **kwargs: Any) -> httpx.Response:
         started = time.monotonic()
         status: int | None = None
-        if "json" in kwargs:
+        if "json" in kwargs and log.isEnabledFor(logging.DEBUG):
             # -vv shows what is sent; the key travels in a header and is never logged.
             log.debug("%s %s %s", method, url, json.dumps(kwargs["json"], default=str))
         if guard := _GUARD.get():
