@@ -208,3 +208,15 @@ def test_console_script_and_module_entry_points() -> None:
         done = subprocess.run(command, capture_output=True, text=True, check=False)
         assert done.returncode == 0, done.stderr
         assert "history" in done.stdout
+
+
+def test_vv_logs_each_body_sent_and_less_verbose_runs_do_not(
+    workspace: Workspace, gist: FakeGist, cli: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    source = workspace.add_file_audience("Order Completed Last 30days")
+    write_members(source, range(2))
+    cli("run", "-v")
+    assert '"user_id": "u0"' not in caplog.text  # -v logs no bodies
+    write_members(source, range(3))
+    cli("run", "-vv")
+    assert 'POST /contacts {"user_id": "u2"' in caplog.text
