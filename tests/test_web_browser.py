@@ -20,11 +20,14 @@ from urllib.parse import quote, urlsplit
 
 import pytest
 from selenium import webdriver
-from selenium.common.exceptions import NoAlertPresentException
+from selenium.common.exceptions import (
+    NoAlertPresentException,
+    StaleElementReferenceException,
+    WebDriverException,
+)
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.remote.webelement import WebElement
-from selenium.webdriver.support.expected_conditions import staleness_of
 from selenium.webdriver.support.ui import Select, WebDriverWait
 from sqlalchemy import Engine
 
@@ -117,7 +120,22 @@ def follow(browser: WebDriver, element: WebElement, *, submit: bool = False) -> 
         element.submit()
     else:
         element.click()
-    WebDriverWait(browser, 10).until(staleness_of(page))
+    WebDriverWait(browser, 10).until(lambda _: replaced(page))
+
+
+def replaced(page: WebElement) -> bool:
+    """Whether ``page`` (a document's root) is gone. Asked mid-navigation, chromedriver may
+    answer that the node "does not belong to the document" instead of calling it stale:
+    the same answer, in other words (Selenium's ``staleness_of`` raised it)."""
+    try:
+        page.is_enabled()
+    except StaleElementReferenceException:
+        return True
+    except WebDriverException as exc:
+        if "does not belong to the document" in str(exc):
+            return True
+        raise
+    return False
 
 
 def texts(browser: WebDriver, selector: str) -> list[str]:
