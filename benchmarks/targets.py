@@ -196,17 +196,25 @@ def measure_sql_postgresql(n: int, repeat: int, folder: Path) -> Record:
                 for row in _rows(n):
                     copy.write_row(row)
             source.execute("ANALYZE members")
+
+        def pg_floor() -> float:
+            with _pg_database("bench_state") as state_db:
+                return _pg_floor(source_db, state_db)
+
+        def migrated_config(state_db: str) -> Path:
+            config = _config(
+                folder / "pg.toml", f"postgresql://{PG_SERVER}/{state_db}",
+                f"postgresql://{PG_SERVER}/{source_db}", "http://127.0.0.1:9",
+            )  # fmt: skip
+            _cli("db", "upgrade", "--config", str(config))
+            return config
+
         figure, floor = [], []
         for attempt in range(1, repeat + 1):
             say(f"sql-postgresql N={n:,}: round {attempt}/{repeat}")
+            floor.append(pg_floor())
             with _pg_database("bench_state") as state_db:
-                floor.append(_pg_floor(source_db, state_db))
-            with _pg_database("bench_state") as state_db:
-                config = _config(
-                    folder / "pg.toml", f"postgresql://{PG_SERVER}/{state_db}",
-                    f"postgresql://{PG_SERVER}/{source_db}", "http://127.0.0.1:9",
-                )  # fmt: skip
-                _cli("db", "upgrade", "--config", str(config))
+                config = migrated_config(state_db)
                 figure.append(_cli("run", "--dry-run", "--quiet", "--config", str(config)))
         record = _record("sql-postgresql", f"sql-postgresql.n{n}", "postgresql", n, figure, floor)
 
@@ -215,16 +223,8 @@ def measure_sql_postgresql(n: int, repeat: int, folder: Path) -> Record:
                 source.execute(_CHURN.format(n=n, step=CHURN_STEP, concat="||"))
                 source.execute("ANALYZE members")
 
-        def pg_floor() -> float:
-            with _pg_database("bench_state") as state_db:
-                return _pg_floor(source_db, state_db)
-
         with _pg_database("bench_state") as state_db:
-            config = _config(
-                folder / "pg.toml", f"postgresql://{PG_SERVER}/{state_db}",
-                f"postgresql://{PG_SERVER}/{source_db}", "http://127.0.0.1:9",
-            )  # fmt: skip
-            _cli("db", "upgrade", "--config", str(config))
+            config = migrated_config(state_db)
             churned = _churn_runs(config, churn, pg_floor, repeat, f"sql-postgresql N={n:,}")
     return {**record, **churned}
 

@@ -356,12 +356,9 @@ def migrated_postgres_script() -> tuple[str, str] | None:
     dump = shutil.which("pg_dump")
     if dump is None:
         return None
-    template = f"template_{uuid.uuid4().hex[:12]}"
-    owner = create_engine(admin, poolclass=NullPool)
-    try:
-        with owner.begin() as connection:
-            connection.execute(text(f'CREATE SCHEMA "{template}"'))
-        engine = db.make_engine(f"{admin}?options=-csearch_path%3D{template}")
+    with fresh_state_url("postgresql", Path()) as url:
+        template = schema_of(url)
+        engine = db.make_engine(url)
         db.upgrade(engine)
         engine.dispose()
         server = make_url(admin)
@@ -371,10 +368,6 @@ def migrated_postgres_script() -> tuple[str, str] | None:
              "--schema", template, "--no-owner", "--no-privileges", "--inserts"],
             capture_output=True, text=True, check=False,
         )  # fmt: skip
-    finally:
-        with owner.begin() as connection:
-            connection.execute(text(f'DROP SCHEMA "{template}" CASCADE'))
-        owner.dispose()
     if done.returncode != 0:  # e.g. a pg_dump older than the server
         return None
     # psql's meta-commands (\restrict) are not SQL; the schema is made by the caller.
@@ -390,8 +383,7 @@ def clone_migrated_postgres(url: str) -> bool:
     if dumped is None:
         return False
     script, template = dumped
-    schema = make_url(url).query["application_name"]
-    assert isinstance(schema, str)
+    schema = schema_of(url)
     engine = create_engine(url, poolclass=NullPool)
     try:
         connection = engine.raw_connection()
@@ -405,6 +397,13 @@ def clone_migrated_postgres(url: str) -> bool:
     finally:
         engine.dispose()
     return True
+
+
+def schema_of(url: str) -> str:
+    """The schema of a PostgreSQL ``fresh_state_url`` (its application_name names it)."""
+    schema = make_url(url).query["application_name"]
+    assert isinstance(schema, str)
+    return schema
 
 
 @contextlib.contextmanager
