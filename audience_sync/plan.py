@@ -174,19 +174,33 @@ def save_plan(connection: Connection, target: PlanTarget) -> Diff:
             ).first()
             is not None
         )
-        diff = _full_diff(target) if postgres else _merged_diff(connection, target, acked)
-        for query in [*diff, _unsure_members(target), unsure_exits]:
-            _insert(connection, query)
+        if not acked:
+            diff = _first_sync(target)
+        elif postgres:
+            diff = _full_diff(target)
+        else:
+            diff = _merged_diff(connection, target)
+        # What each statement plans is known (None: entries and exits together), so the
+        # plan is counted from the statements' row counts, not read again (0.7 s per 1M).
+        by_value = {True: 0, False: 0}
+        mixed = False
+        for query, value in [*diff, (_unsure_members(target), True), (unsure_exits, False)]:
+            planned = _insert(connection, query)
+            if value is None:
+                mixed = True
+            else:
+                by_value[value] += planned
+        if mixed:
+            by_value = {True: 0, False: 0} | dict(
+                connection.execute(
+                    select(changes.c.value, func.count())
+                    .where(*_planned(target))
+                    .group_by(changes.c.value)
+                ).all()
+            )
         if not postgres:
             for name in DIFF_TABLES:
                 connection.exec_driver_sql(f"DROP TABLE IF EXISTS {name}")
-        by_value: dict[bool, int] = dict(
-            connection.execute(
-                select(changes.c.value, func.count())
-                .where(*_planned(target))
-                .group_by(changes.c.value)
-            ).all()
-        )
         resent = 0
         if acked:
             resent = _count(
@@ -206,12 +220,13 @@ def save_plan(connection: Connection, target: PlanTarget) -> Diff:
                 uncertain.c.audience_key == key, ~_member(key, uncertain.c.user_id)
             ),
         )
-    sent_true, exits = by_value.get(True, 0), by_value.get(False, 0)
+    sent_true, exits = by_value[True], by_value[False]
     return Diff(members, held, sent_true - resent, exits, resent)
 
 
-def _full_diff(target: PlanTarget) -> list[Any]:
-    """Entries, new emails and exits in one full outer join (PostgreSQL)."""
+def _full_diff(target: PlanTarget) -> list[tuple[Any, bool | None]]:
+    """Entries, new emails and exits in one full outer join (PostgreSQL), each statement
+    with the value it plans (None: both)."""
     key, s = target.key, target.snapshot
     m = (
         select(memberships.c.user_id, memberships.c.email)
@@ -232,25 +247,25 @@ def _full_diff(target: PlanTarget) -> list[Any]:
     # By user, as SQLite's merges plan entries and exits (a hash join's order is arbitrary):
     # the changes' ids, and so delivery and "first failed" in reports, follow the users.
     # Only the changed rows are sorted.
-    return [select(*row).select_from(joined).where(owed).order_by(user)]
+    return [(select(*row).select_from(joined).where(owed).order_by(user), None)]
 
 
-def _merged_diff(connection: Connection, target: PlanTarget, acked: bool) -> list[Any]:
+def _first_sync(target: PlanTarget) -> list[tuple[Any, bool | None]]:
+    """Nothing acknowledged for the key: a diff would find every staged member entering and
+    nobody gone. Each enters, owing its event, in the snapshot's key order, with no join
+    (SQLite: without the copy of the whole snapshot the merge writes)."""
+    s = target.snapshot
+    row = _row(target, s.c.user_id, s.c.email, true(), event=true())
+    return [(select(*row).select_from(s).order_by(s.c.user_id), True)]
+
+
+def _merged_diff(connection: Connection, target: PlanTarget) -> list[tuple[Any, bool | None]]:
     """Entries and new emails, then exits, each found by one merge of two sorted inputs:
     SQLite walks the snapshot's primary key and the acknowledged members' index side by side
     for an ordered EXCEPT at the top of a statement (nested in a query it would build a
     temporary B-tree of the whole snapshot instead). The few rows found go to temporary
     tables the plan rows are then made from."""
     key, s = target.key, target.snapshot
-    if not acked:
-        # A first sync (nothing acknowledged for the key): the merge would find every staged
-        # member moved and nobody gone. Each enters, owing its event, in the snapshot's key
-        # order (its primary key), without the copy of the whole snapshot the merge writes.
-        return [
-            select(*_row(target, s.c.user_id, s.c.email, true(), event=true()))
-            .select_from(s)
-            .order_by(s.c.user_id)
-        ]
     acked_rows = memberships.c.audience_key == key
     moved, gone = _diff_table(DIFF_TABLES[0], "email"), _diff_table(DIFF_TABLES[1])
     for table in (moved, gone):
@@ -278,7 +293,7 @@ def _merged_diff(connection: Connection, target: PlanTarget, acked: bool) -> lis
         .select_from(gone.join(m, and_(m.c.audience_key == key, m.c.user_id == gone.c.user_id)))
         .where(~glitch)
     )
-    return [entered, exited]
+    return [(entered, True), (exited, False)]
 
 
 def _unsure_members(target: PlanTarget) -> Any:
@@ -392,24 +407,37 @@ def resolve_emails(
     (``email_drift`` holds none of its members, or it would not have taken it)."""
     if not run_ids:
         return
-    open_change = and_(changes.c.run_id.in_(run_ids), changes.c.status.in_(OPEN_STATUSES))
+    open_status = changes.c.status.in_(OPEN_STATUSES)
     with connection.begin():
         for snapshot in snapshots:
+            # A run's own plan rows of users its snapshot holds were made from that
+            # snapshot, email included (entries, values, resends, backfills): only the
+            # other runs' rows can differ. One audience's first sync plans a million rows
+            # that this skips (1 s on SQLite, 3 s on PostgreSQL per 1M).
+            others = [run_id for run_id in run_ids if run_id != snapshot.run_id]
+            if not others:
+                continue
             s = snapshot.table
             connection.execute(
                 update(changes)
                 .where(
-                    open_change, staged_user(s) == changes.c.user_id, changes.c.email != s.c.email
+                    changes.c.run_id.in_(others),
+                    open_status,
+                    staged_user(s) == changes.c.user_id,
+                    changes.c.email != s.c.email,
                 )
                 .values(email=s.c.email)
             )
+        if connection.execute(select(literal(1)).select_from(contacts).limit(1)).first() is None:
+            return  # Gist acknowledged nobody yet: no contact's email to fall back on
         staged_anywhere = [
             exists().where(staged_user(s.table) == changes.c.user_id) for s in snapshots
         ]
         connection.execute(
             update(changes)
             .where(
-                open_change,
+                changes.c.run_id.in_(run_ids),
+                open_status,
                 *(~present for present in staged_anywhere),
                 changes.c.user_id == contacts.c.user_id,
                 changes.c.email != contacts.c.email,

@@ -26,7 +26,7 @@ from audience_sync.config import (
     scrub,
     source_url,
 )
-from audience_sync.db import driver_hint, normalize_url
+from audience_sync.db import driver_hint, normalize_url, sqlite_path
 from audience_sync.engage import read_engage
 from audience_sync.errors import SourceError
 from audience_sync.plaincsv import PlainCsv
@@ -94,6 +94,16 @@ class SqlSource:
                 f"{_names(self.columns)}; it is a {statement}"
             )
 
+    def check_columns(self, columns: Sequence[str]) -> None:
+        """Refuse a result that lacks a column the audience needs, naming what it has."""
+        missing = [c for c in self.columns if c not in columns]
+        if missing:
+            raise SourceError(
+                f"{self.description}: the query must return columns "
+                f"{_names(self.columns)}; missing {', '.join(missing)} "
+                f"(got {', '.join(columns) or 'none'})"
+            )
+
     def failure(self, exc: SQLAlchemyError) -> SourceError:
         """This audience's error for the database's answer to the query (passwords out)."""
         message = scrub(_first_line(exc), self.url)
@@ -153,13 +163,7 @@ class SqlSource:
                 if cursor.description is None:
                     raise SourceError(f"{self.description}: the query returned no result set")
                 columns = [column[0] for column in cursor.description]
-                missing = [c for c in self.columns if c not in columns]
-                if missing:
-                    raise SourceError(
-                        f"{self.description}: the query must return columns "
-                        f"{_names(self.columns)}; missing {', '.join(missing)} "
-                        f"(got {', '.join(columns) or 'none'})"
-                    )
+                self.check_columns(columns)
                 user_index, email_index = columns.index("user_id"), columns.index("email")
                 value_index = columns.index("value") if "value" in self.columns else None
                 indexes = (user_index, email_index, value_index)
@@ -447,6 +451,34 @@ def is_warehouse_native(settings: Settings, audience: Computation) -> bool:
         return make_url(normalize_url(url)) == state
     except (ArgumentError, ValueError):
         return False
+
+
+def attachable_file(settings: Settings, audience: Computation) -> Path | None:
+    """The SQLite file an audience's query reads, when the state is a SQLite file too, so
+    that the state database can attach it and stage the rows with SQL (``Staging.
+    stage_attached``): an audience (not a trait) whose source URL is a plain file path
+    (no query string: its options are the Python reader's) that exists and is not the
+    state's own file. None otherwise: the rows are read through Python."""
+    url = source_url(settings, audience)
+    if url is None or audience.is_trait:
+        return None
+    try:
+        source, state = make_url(url), make_url(settings.state.url)
+    except (ArgumentError, ValueError):
+        return None
+    if state.get_backend_name() != "sqlite" or source.get_backend_name() != "sqlite":
+        return None
+    if source.query or not source.database or source.database == ":memory:":
+        return None
+    path, state_file = Path(source.database), sqlite_path(settings.state.url)
+    if state_file is None or not path.is_file():
+        return None
+    try:
+        if path.resolve() == state_file.resolve():
+            return None
+    except OSError:
+        return None
+    return path
 
 
 def _names(columns: tuple[str, ...]) -> str:

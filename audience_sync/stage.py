@@ -21,17 +21,19 @@ transaction, so staging never holds a write lock on the state database itself.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
+from pathlib import Path
 
 from sqlalchemy import Column, ColumnElement, MetaData, Table, Text
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import SQLAlchemyError
 
 from audience_sync.errors import SourceError, StopRequestedError
-from audience_sync.native import checked_rows, column_families
-from audience_sync.rows import Staged
+from audience_sync.native import checked_rows, column_families, embedded
+from audience_sync.rows import CHUNK_SIZE, MAX_EMAIL, MAX_USER_ID, Staged, split_chunk
 from audience_sync.sources import Source, SqlSource
 
 REJECTED = "staged_rejected"
@@ -199,6 +201,127 @@ class Staging:
         self._keep_rejected(run_id, rejected)
         return Snapshot(run_id, table, total, rejected, first, staged_in="database")
 
+    def stage_attached(
+        self,
+        run_id: int,
+        source: SqlSource,
+        database: Path,
+        on_rows: Callable[[int], None] = lambda rows: None,
+    ) -> Snapshot | None:
+        """Stage an audience's query on a SQLite file into a SQLite state by attaching the
+        file (read-only) and running the query inside the state database: the rows go from
+        one file to the other without crossing into Python, as the rows of a bare
+        ``INSERT … SELECT`` do. Each row is marked plain when ``split_chunk`` would stage it
+        as it stands (``PLAIN_ROW``: an integer id or ASCII text with nothing to trim, an
+        email the contract's pattern accepts); the others, rare, are read back in the
+        query's order and checked by ``split_chunk`` itself, so the contract has one
+        implementation and the SQL only says when it has nothing to do.
+
+        None, with nothing staged, when the query could name a table of the state rather
+        than of the source (a name both hold, or ``main``/``temp``/``sqlite_`` in the
+        query: unqualified names look in the state's schemas first), or when SQLite cannot
+        attach the file read-only: the caller then reads it through Python."""
+        source.check_statement()
+        if _ATTACH_UNSAFE.search(source.query) or not self._uri_filenames():
+            return None
+        # ATTACH and DETACH run outside any transaction (SQLite refuses them inside one).
+        driver = self._connection.connection.driver_connection
+        assert driver is not None
+        uri = database.absolute().as_uri() + "?mode=ro"
+        try:
+            driver.execute(f"ATTACH DATABASE ? AS {_ATTACHED}", (uri,))
+        except self._connection.dialect.loaded_dbapi.Error:
+            return None  # another text encoding, not a database: Python reads it or says why
+        try:
+            if self._shared_names(run_id):
+                return None
+            return self._stage_attached(run_id, source, on_rows)
+        finally:
+            driver.execute(f"DETACH DATABASE {_ATTACHED}")
+
+    def _stage_attached(
+        self, run_id: int, source: SqlSource, on_rows: Callable[[int], None]
+    ) -> Snapshot:
+        connection = self._connection
+        table = self._create(run_id)
+        arrived = f"arrived_{run_id}"
+        total = rejected = 0
+        first: str | None = None
+        with connection.begin():
+            # No declared types: each value keeps the type the query gave it (an integer
+            # stays an integer, a float a float) for the checks of the rows not plain.
+            connection.exec_driver_sql(
+                f'CREATE TEMPORARY TABLE "{arrived}" (user_id, email, plain INTEGER)'
+            )
+            try:
+                query = embedded(source.query)
+                names = connection.exec_driver_sql(f"SELECT * FROM {query} AS q LIMIT 0").keys()
+                source.check_columns(list(names))
+                total = connection.exec_driver_sql(
+                    f'INSERT INTO "{arrived}" (user_id, email, plain) SELECT CASE WHEN '
+                    "typeof(q.user_id) = 'integer' THEN CAST(q.user_id AS TEXT) ELSE q.user_id "
+                    f"END, q.email, {PLAIN_ROW} FROM {query} AS q"
+                ).rowcount
+                on_rows(total)
+                # rowid: the query's order, numbering the rows from 1 as the source does.
+                after = 0
+                while page := connection.exec_driver_sql(
+                    f'SELECT rowid, user_id, email FROM "{arrived}" WHERE plain = 0 '
+                    "AND rowid > ? ORDER BY rowid LIMIT ?",
+                    (after, CHUNK_SIZE),
+                ).all():
+                    after = page[-1][0]
+                    good, bad = split_chunk([(n, u, e, None) for n, u, e in page])
+                    refused = {row[0] for row in bad}
+                    kept = [n for n, _, _ in page if n not in refused]
+                    if good:
+                        connection.exec_driver_sql(
+                            f'UPDATE "{arrived}" SET user_id = ?, email = ? WHERE rowid = ?',
+                            [(*row, n) for row, n in zip(good, kept, strict=True)],
+                        )
+                    if bad:
+                        first = first or f"row {bad[0][0]}: {bad[0][3]}"
+                        rejected += len(bad)
+                        connection.exec_driver_sql(
+                            f"INSERT INTO {REJECTED} VALUES (?, ?, ?, ?, ?)",
+                            [(run_id, *row) for row in bad],
+                        )
+                        connection.exec_driver_sql(
+                            f'DELETE FROM "{arrived}" WHERE rowid = ?', [(n,) for n in refused]
+                        )
+            except SQLAlchemyError as exc:
+                raise source.failure(exc) from exc
+            connection.exec_driver_sql(
+                f'INSERT OR IGNORE INTO "{table.name}" SELECT user_id, email, NULL '
+                f'FROM "{arrived}" ORDER BY user_id, rowid'
+            )
+            connection.exec_driver_sql(f'DROP TABLE "{arrived}"')
+        self._keep_rejected(run_id, rejected)
+        return Snapshot(run_id, table, total, rejected, first, staged_in="database")
+
+    def _uri_filenames(self) -> bool:
+        """Whether this SQLite reads ``file:`` URIs in ATTACH (built with ``USE_URI``), which
+        attaching read-only (``mode=ro``) needs: without, it would create a file so named."""
+        with self._connection.begin():
+            options = self._connection.exec_driver_sql("PRAGMA compile_options").scalars()
+            return "USE_URI" in set(options)
+
+    def _shared_names(self, run_id: int) -> bool:
+        """Whether a name of the attached source is also one of the state's schemas, now or
+        while run ``run_id``'s query runs (its tables; case-insensitive, as SQLite's names
+        are), where an unqualified name in the query would find the state's."""
+        with self._connection.begin():
+            names = [
+                set(
+                    self._connection.exec_driver_sql(
+                        f"SELECT lower(name) FROM {schema}.sqlite_master"
+                    ).scalars()
+                )
+                for schema in ("main", "temp", _ATTACHED)
+            ]
+        ours = {REJECTED, f"staged_{run_id}", f"arrived_{run_id}"}
+        return bool(names[2] & (names[0] | names[1] | ours))
+
     def drop(self) -> None:
         """Drop every table this staging made (the connection may go back to a pool)."""
         with self._connection.begin():
@@ -274,6 +397,38 @@ class Staging:
                 f"WHERE run_id = {self._mark}",
                 (run_id,),
             )
+
+
+_ATTACHED = "audience_sync_source"
+# A query that might name the state's schemas (or the attached one) itself: read through
+# Python instead. Unqualified names are all the attached path allows.
+_ATTACH_UNSAFE = re.compile(r"\b(main|temp|temporary|audience_sync_source)\b|sqlite_|pragma", re.I)
+
+
+def _plain_text(column: str, *, longest: int, spaces: bool) -> str:
+    """SQLite: ``column`` is text of 1 to ``longest`` printable ASCII characters (a NUL
+    would end ``length`` early: the byte count must match), without white space at either
+    end (``spaces``) or anywhere (not ``spaces``)."""
+    low = " " if spaces else "!"
+    ends = f" AND {column} NOT GLOB ' *' AND {column} NOT GLOB '* '" if spaces else ""
+    return (
+        f"typeof({column}) = 'text' AND length({column}) BETWEEN 1 AND {longest} "
+        f"AND length(CAST({column} AS BLOB)) = length({column}) "
+        f"AND {column} NOT GLOB '*[^{low}-~]*'{ends}"
+    )
+
+
+# A row split_chunk stages exactly as it stands (its user id an integer's decimal digits):
+# a user id that is an integer, or plain text with nothing to trim; an email of printable
+# ASCII with no white space, one "@", something before it, and after it a dot with
+# something on either side and none at the end (rows.EMAIL_PATTERN for such text). Held to
+# split_chunk by tests/test_contract.py and tests/test_stage.py.
+_PLAIN_USER = _plain_text("q.user_id", longest=MAX_USER_ID, spaces=True)
+PLAIN_ROW = (
+    f"((typeof(q.user_id) = 'integer' OR ({_PLAIN_USER})) "
+    f"AND ({_plain_text('q.email', longest=MAX_EMAIL, spaces=False)}) "
+    "AND q.email GLOB '?*@?*.?*' AND q.email NOT GLOB '*@*@*' AND q.email NOT GLOB '*.')"
+)
 
 
 class _Copy:

@@ -59,7 +59,13 @@ from audience_sync.runs import (
     unfinished_backfills,
     utcnow,
 )
-from audience_sync.sources import FileSource, SqlSource, is_warehouse_native, source_for
+from audience_sync.sources import (
+    FileSource,
+    SqlSource,
+    attachable_file,
+    is_warehouse_native,
+    source_for,
+)
 from audience_sync.stage import Snapshot, Staging, analyze_state
 from audience_sync.statuses import DRY_RUN_KINDS, MODES, Mode, RunKind, RunStatus
 from audience_sync.workers import Presence
@@ -459,7 +465,16 @@ def _stage(
         snapshot = staging.stage_query(result.run_id, source)
         ctx.progress.loaded(target.key, snapshot.source_rows)
     else:
-        snapshot = staging.stage(
+        # Both ends SQLite files: the state database reads the source itself, unless
+        # stage_attached finds that unsafe (then None, and Python reads it).
+        database = attachable_file(ctx.settings, audience)
+        attached = None
+        if database is not None:
+            assert isinstance(source, SqlSource)
+            attached = staging.stage_attached(
+                result.run_id, source, database, lambda n: ctx.progress.loaded(target.key, n)
+            )
+        snapshot = attached or staging.stage(
             result.run_id,
             source,
             ctx.stop.is_set,

@@ -13,7 +13,8 @@ and users repeated with other emails. Every path is handed the rows as it can ho
 - JSONL: the value a Python reader of the table gets (NaN and ±Infinity as Python's json
   writes them). Not: a fractional numeric that a JSON float would round to a whole number;
 - a SQLite table (``SqlSource``): text, 64-bit integers, floats, NULL. Not: NaN (SQLite
-  stores NULL), booleans, JSON arrays and objects, numerics beyond 64 bits or rounding;
+  stores NULL), booleans, JSON arrays and objects, numerics beyond 64 bits or rounding.
+  Through Python, and on a SQLite state also attached (``Staging.stage_attached``);
 - CSV: text only, and NULL as an empty field; a whole number as its digits (the id it
   canonicalises to). Not: any other number, boolean or JSON array, a non-text email, or a
   row whose fields are all empty or white space (such a line is no row in a CSV file);
@@ -306,13 +307,24 @@ class Paths:
                     event(f"{name} sits out")
                     continue
                 yield name, self._stage(staging, source)
+                if name == "sqlite" and not postgres:
+                    yield "sqlite-attached", self._stage(staging, source, attached=self.sqlite)
         finally:
             staging.drop()
 
-    def _stage(self, staging: Staging, source: Any, native: bool = False) -> Outcome:
+    def _stage(
+        self, staging: Staging, source: Any, native: bool = False, attached: Path | None = None
+    ) -> Outcome:
         run = open_run(self.engine, "vip", "VIP", source.description, "dry-run", utcnow())
-        snapshot = staging.stage_query(run, source) if native else staging.stage(run, source)
-        assert snapshot.staged_in == ("database" if native else "python")
+        if native:
+            snapshot = staging.stage_query(run, source)
+        elif attached is not None:
+            staged = staging.stage_attached(run, source, attached)
+            assert staged is not None, "the attached path declined"
+            snapshot = staged
+        else:
+            snapshot = staging.stage(run, source)
+        assert snapshot.staged_in == ("database" if native or attached else "python")
         with self.connection.begin():
             members = self.connection.execute(
                 select(snapshot.table.c.user_id, snapshot.table.c.email)
