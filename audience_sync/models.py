@@ -15,6 +15,7 @@ from sqlalchemy import (
     Table,
     Text,
     false,
+    text,
 )
 
 NAMING_CONVENTION = {
@@ -125,7 +126,16 @@ member_changes = Table(
     Column("event_error", Text),
     Index("ix_member_changes_run_id_status_user_id", "run_id", "status", "user_id"),
     Index("ix_member_changes_audience_key_user_id", "audience_key", "user_id"),
-    Index("ix_member_changes_event_status_audience_key", "event_status", "audience_key"),
+    # Only changes that owe an event (ledger.owed_event asks for nothing else): a plan of
+    # changes without one, a dry run's or an audience's without send_track, writes one
+    # index fewer per change.
+    Index(
+        "ix_member_changes_event_status_audience_key",
+        "event_status",
+        "audience_key",
+        postgresql_where=text("event_status IS NOT NULL"),
+        sqlite_where=text("event_status IS NOT NULL"),
+    ),
 )
 
 # A source row that could not be used, with the reason.

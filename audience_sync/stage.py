@@ -31,6 +31,7 @@ from sqlalchemy import Column, ColumnElement, MetaData, Table, Text
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import SQLAlchemyError
 
+from audience_sync.db import sqlite_path
 from audience_sync.errors import SourceError, StopRequestedError
 from audience_sync.native import checked_rows, column_families, embedded
 from audience_sync.rows import CHUNK_SIZE, MAX_EMAIL, MAX_USER_ID, Staged, split_chunk
@@ -323,7 +324,14 @@ class Staging:
         return bool(names[2] & (names[0] | names[1] | ours))
 
     def drop(self) -> None:
-        """Drop every table this staging made (the connection may go back to a pool)."""
+        """Drop every table this staging made (the connection may go back to a pool). A
+        SQLite file's connection is closed instead, taking its temporary database with it
+        at once: dropping a snapshot of 1M rows frees its pages one by one (0.2 s)."""
+        connection = self._connection
+        if not self._postgres and sqlite_path(str(connection.engine.url)) is not None:
+            connection.invalidate()  # closed, never pooled again; the next one is new
+            self._tables.clear()
+            return
         with self._connection.begin():
             for name in reversed(self._tables):
                 self._connection.exec_driver_sql(f'DROP TABLE IF EXISTS "{name}"')
