@@ -17,7 +17,8 @@ backfill; retire and re-adding a key as the other kind; an edit made in Gist beh
 tool's back followed by ``verify --repair``; prune. Keys with and without ``send_track``.
 
 Every key reads one of the source kinds the tool reads, drawn per key and switched by a rule:
-a JSONL or CSV file, a SQL query read through Python (a SQLite warehouse), a
+a JSONL or CSV file, a SQL query on a SQLite warehouse (attached to the state database and
+staged there on a SQLite store, read through Python on a PostgreSQL store), a
 warehouse-native query (PostgreSQL store: staged by SQL in the state database), or a
 Segment Engage export. (Traits read JSONL or Engage exports: the others cannot hold a
 value's JSON type.) Every code path that decides what is sent joins this machine in the
@@ -205,7 +206,7 @@ def machine_for(store: str) -> type[RuleBasedStateMachine]:
             super().__init__()
             self.root = Path(tempfile.mkdtemp(prefix="audience-sync-model-"))
             self.schema: str | None = None
-            self.warehouse = self.root / "warehouse.db"  # SQL sources read through Python
+            self.warehouse = self.root / "warehouse.db"  # SQL sources: attached or via Python
             if store == "sqlite":
                 self.state_url = f"sqlite:///{self.root / 'state.db'}"
             else:
