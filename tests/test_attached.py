@@ -1,8 +1,9 @@
 """A SQLite warehouse read by a SQLite state: the state database attaches the file and stages
 the query's rows with SQL (``Staging.stage_attached``), the checks of the rows that are not
-plain left to ``split_chunk``. Held here to ``split_chunk`` (a differential test aimed at the
-SQL that says a row is plain), and to its refusals: a query that could read the state's own
-tables is read through Python."""
+plain left to ``split_chunk``. Held here to the contract's own answer (``test_contract.expected``:
+``check_row``, the first valid row of a user winning) by a differential test aimed at the SQL
+that says a row is plain, and to its refusals: a query that could read the state's own tables
+is read through Python."""
 
 from __future__ import annotations
 
@@ -19,37 +20,14 @@ from sqlalchemy import Connection, Engine, select
 
 from audience_sync import db
 from audience_sync.fakegist import FakeGist
-from audience_sync.models import member_changes, rejected_rows
-from audience_sync.rows import MAX_EMAIL, MAX_USER_ID, split_chunk
+from audience_sync.models import member_changes
+from audience_sync.rows import MAX_EMAIL, MAX_USER_ID
 from audience_sync.runs import open_run, utcnow
 from audience_sync.sources import SqlSource
 from audience_sync.stage import Staging
 from audience_sync.sync import run_once
 from tests.conftest import Workspace
-
-Outcome = tuple[int, dict[str, str], list[tuple[int, str]]]
-
-
-def expected(rows: list[tuple[Any, Any]]) -> Outcome:
-    """What the contract stages of ``rows``: ``split_chunk``'s answer, the first row of a
-    user winning."""
-    good, bad = split_chunk([(n, u, e, None) for n, (u, e) in enumerate(rows, 1)])
-    members: dict[str, str] = {}
-    for row in good:
-        members.setdefault(row[0], row[1])
-    return len(rows), members, [(n, reason) for n, _, _, reason in bad]
-
-
-def write_warehouse(path: Path, rows: list[tuple[Any, Any]], table: str = "given") -> str:
-    path.unlink(missing_ok=True)
-    with sqlite3.connect(path) as database:
-        database.execute(f"CREATE TABLE {table} (pos INTEGER, user_id, email)")
-        database.executemany(
-            f"INSERT INTO {table} VALUES (?, ?, ?)",
-            [(pos, user, email) for pos, (user, email) in enumerate(rows)],
-        )
-    database.close()
-    return f"SELECT user_id, email FROM {table} ORDER BY pos"
+from tests.test_contract import Outcome, expected, outcome_of, write_sqlite
 
 
 class Attached:
@@ -60,7 +38,7 @@ class Attached:
         self.warehouse = folder / "warehouse.db"
 
     def stage(self, rows: list[tuple[Any, Any]]) -> Outcome:
-        query = write_warehouse(self.warehouse, rows)
+        query = write_sqlite(self.warehouse, rows)
         source = SqlSource(f"sqlite:///{self.warehouse}", query, "warehouse")
         run = open_run(self.engine, "vip", "VIP", source.description, "dry-run", utcnow())
         staging = Staging(self.connection)
@@ -68,18 +46,9 @@ class Attached:
             snapshot = staging.stage_attached(run, source, self.warehouse)
             assert snapshot is not None, "the attached path declined a plain warehouse"
             assert snapshot.staged_in == "database"
-            with self.connection.begin():
-                members = self.connection.execute(
-                    select(snapshot.table.c.user_id, snapshot.table.c.email)
-                ).all()
-                refused = self.connection.execute(
-                    select(rejected_rows.c.row_number, rejected_rows.c.reason)
-                    .where(rejected_rows.c.run_id == run)
-                    .order_by(rejected_rows.c.row_number)
-                ).all()
+            return outcome_of(self.connection, snapshot)
         finally:
             staging.drop()
-        return snapshot.source_rows, dict(members), [(n, r) for n, r in refused]
 
 
 @pytest.fixture
@@ -130,7 +99,7 @@ SAME_USERS = st.sampled_from(["a", "b", 7, "7", 7.0, " a"])
 @example(rows=[(" a", "a@b.co"), ("a ", "x@b.co"), ("a", "first@b.co"), ("a", "second@b.co")])
 @example(rows=[(42, "n@b.co"), ("42", "s@b.co"), (42.0, "f@b.co"), (-(2**63), "m@b.co")])
 @example(rows=[(b"\xff", "b@b.co"), ("\xe9", "e@b.co"), ("g", "\xe9@b.co"), ("h", " h@b.co")])
-def test_attached_staging_stages_what_split_chunk_stages(
+def test_attached_staging_stages_what_the_contract_stages(
     attached: Attached, rows: list[tuple[Any, Any]]
 ) -> None:
     assert attached.stage(rows) == expected(rows)
@@ -139,7 +108,7 @@ def test_attached_staging_stages_what_split_chunk_stages(
 def test_text_that_is_not_utf8_fails_the_source_as_reading_it_through_python_does(
     attached: Attached,
 ) -> None:
-    query = write_warehouse(attached.warehouse, [])
+    query = write_sqlite(attached.warehouse, [])
     with sqlite3.connect(attached.warehouse) as database:
         database.execute("INSERT INTO given VALUES (0, CAST(X'61FF' AS TEXT), 'a@b.co')")
     database.close()
@@ -172,7 +141,7 @@ def test_a_sqlite_warehouse_is_staged_in_a_sqlite_state_and_read_through_python_
     workspace: Workspace, engine: Engine, gist: FakeGist, tmp_path: Path
 ) -> None:
     rows = [(1, "a@b.co"), ("2", "b@b.co"), (" 3", "c@b.co"), ("x", "bad"), (1, "again@b.co")]
-    query = write_warehouse(tmp_path / "warehouse.db", rows)
+    query = write_sqlite(tmp_path / "warehouse.db", rows)
 
     staged_in, planned = run_warehouse(workspace, engine, tmp_path / "warehouse.db", query)
 
@@ -199,7 +168,7 @@ def test_a_query_that_could_read_the_states_own_tables_is_read_through_python(
             "INSERT INTO contacts (user_id, email, updated_at, last_run_id) "
             "VALUES ('state-only', 's@b.co', CURRENT_TIMESTAMP, 0)"
         )
-    write_warehouse(tmp_path / "warehouse.db", [("w1", "w1@b.co"), ("w2", "w2@b.co")], table)
+    write_sqlite(tmp_path / "warehouse.db", [("w1", "w1@b.co"), ("w2", "w2@b.co")], table)
 
     staged_in, planned = run_warehouse(workspace, engine, tmp_path / "warehouse.db", query)
 

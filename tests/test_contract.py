@@ -52,7 +52,7 @@ from audience_sync.models import rejected_rows
 from audience_sync.rows import WHITE_SPACE, canonical_user_id, check_row
 from audience_sync.runs import open_run, utcnow
 from audience_sync.sources import FileSource, Source, SqlSource
-from audience_sync.stage import Staging
+from audience_sync.stage import Snapshot, Staging
 from tests.conftest import require_postgres
 
 LONG = os.environ.get("HYPOTHESIS_PROFILE") == "long"
@@ -212,6 +212,31 @@ def expected(rows: list[tuple[Any, Any]]) -> Outcome:
     return Outcome(len(rows), members, rejected)
 
 
+def outcome_of(connection: Connection, snapshot: Snapshot) -> Outcome:
+    """What staging ``snapshot`` gave: its members and its run's rejections."""
+    with connection.begin():
+        members = connection.execute(select(snapshot.table.c.user_id, snapshot.table.c.email)).all()
+        refused = connection.execute(
+            select(rejected_rows.c.row_number, rejected_rows.c.reason)
+            .where(rejected_rows.c.run_id == snapshot.run_id)
+            .order_by(rejected_rows.c.row_number)
+        ).all()
+    return Outcome(snapshot.source_rows, dict(members), [(n, r) for n, r in refused])
+
+
+def write_sqlite(path: Path, rows: list[tuple[Any, Any]], table: str = "given") -> str:
+    """``rows`` as a SQLite warehouse table (their order kept in ``pos``); its query."""
+    path.unlink(missing_ok=True)
+    with sqlite3.connect(path) as database:
+        database.execute(f"CREATE TABLE {table} (pos INTEGER, user_id, email)")
+        database.executemany(
+            f"INSERT INTO {table} VALUES (?, ?, ?)",
+            [(pos, user, email) for pos, (user, email) in enumerate(rows)],
+        )
+    database.close()
+    return f"SELECT user_id, email FROM {table} ORDER BY pos"
+
+
 def as_json(value: Any) -> Any:
     """A Python reader's value as a JSON file holds it (json.loads gives it back)."""
     if isinstance(value, uuid.UUID):
@@ -325,16 +350,7 @@ class Paths:
         else:
             snapshot = staging.stage(run, source)
         assert snapshot.staged_in == ("database" if native or attached else "python")
-        with self.connection.begin():
-            members = self.connection.execute(
-                select(snapshot.table.c.user_id, snapshot.table.c.email)
-            ).all()
-            refused = self.connection.execute(
-                select(rejected_rows.c.row_number, rejected_rows.c.reason)
-                .where(rejected_rows.c.run_id == run)
-                .order_by(rejected_rows.c.row_number)
-            ).all()
-        return Outcome(snapshot.source_rows, dict(members), [tuple(r) for r in refused])
+        return outcome_of(self.connection, snapshot)
 
     def _fill_postgresql(self, example: Rows) -> str:
         table = f'"{self.schema}".given'
@@ -363,15 +379,7 @@ class Paths:
         converted = held(rows, as_sqlite, as_sqlite)
         if converted is None:
             return None
-        self.sqlite.unlink(missing_ok=True)
-        with sqlite3.connect(self.sqlite) as database:
-            database.execute("CREATE TABLE given (pos INTEGER, user_id, email)")
-            database.executemany(
-                "INSERT INTO given VALUES (?, ?, ?)",
-                [(pos, user, email) for pos, (user, email) in enumerate(converted)],
-            )
-        database.close()
-        query = "SELECT user_id, email FROM given ORDER BY pos"
+        query = write_sqlite(self.sqlite, converted)
         return SqlSource(f"sqlite:///{self.sqlite}", query, "sqlite")
 
     def _csv(self, rows: list[tuple[Any, Any]]) -> Source | None:
