@@ -54,15 +54,29 @@ def through(url: str, proxy: PausableProxy) -> str:
     return make_url(url).set(port=proxy.port).render_as_string(hide_password=False)
 
 
-def start_daemon(workspace: Workspace, *extra: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "audience_sync", "daemon", *extra, "--config",
-         str(workspace.config_path)],
-        env={**os.environ, "GIST_API_KEY": API_KEY},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )  # fmt: skip
+class Daemon:
+    """A daemon process whose stderr goes to a file, so a test can read its log while it
+    runs (and wait for a line instead of guessing how long it takes to be written)."""
+
+    def __init__(self, workspace: Workspace, *extra: str) -> None:
+        self.log = workspace.root / "daemon.log"
+        with self.log.open("w") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "audience_sync", "daemon", *extra, "--config",
+                 str(workspace.config_path)],
+                env={**os.environ, "GIST_API_KEY": API_KEY},
+                stdout=subprocess.DEVNULL,
+                stderr=log,
+                text=True,
+            )  # fmt: skip
+
+    @property
+    def err(self) -> str:
+        return self.log.read_text()
+
+    def kill(self) -> None:
+        self.process.kill()
+        self.process.wait()
 
 
 def wait_for(condition: object, what: str, seconds: float = 30) -> None:
@@ -72,16 +86,13 @@ def wait_for(condition: object, what: str, seconds: float = 30) -> None:
         time.sleep(0.1)
 
 
-def wait_for_daemon(
-    process: subprocess.Popen[str], condition: object, what: str, seconds: float = 30
-) -> None:
+def wait_for_daemon(daemon: Daemon, condition: object, what: str, seconds: float = 30) -> None:
     """``wait_for``, and on a timeout the daemon's log in the failure: what it was doing."""
     try:
         wait_for(condition, what, seconds)
     except AssertionError as exc:
-        process.kill()
-        _out, err = process.communicate()
-        raise AssertionError(f"{exc}; the daemon's log:\n{err}") from None
+        daemon.kill()
+        raise AssertionError(f"{exc}; the daemon's log:\n{daemon.err}") from None
 
 
 def statuses(engine: Engine) -> list[str]:
@@ -100,17 +111,16 @@ def daemon_workspace(
     return workspace, source
 
 
-def stop(process: subprocess.Popen[str], within: float) -> tuple[float, str]:
+def stop(daemon: Daemon, within: float) -> tuple[float, str]:
     """SIGTERM, then the seconds it took to exit and its stderr."""
     asked = time.monotonic()
-    process.send_signal(signal.SIGTERM)
+    daemon.process.send_signal(signal.SIGTERM)
     try:
-        _out, err = process.communicate(timeout=within + 20)
+        daemon.process.wait(timeout=within + 20)
     except subprocess.TimeoutExpired:
-        process.kill()
-        _out, err = process.communicate()
-        pytest.fail(f"SIGTERM did not stop the daemon within {within + 20}s:\n{err}")
-    return time.monotonic() - asked, err
+        daemon.kill()
+        pytest.fail(f"SIGTERM did not stop the daemon within {within + 20}s:\n{daemon.err}")
+    return time.monotonic() - asked, daemon.err
 
 
 def test_a_partition_makes_healthz_503_at_once_sigterm_has_a_bound_and_the_daemon_recovers(
@@ -124,7 +134,7 @@ def test_a_partition_makes_healthz_503_at_once_sigterm_has_a_bound_and_the_daemo
         tmp_path, through(url, proxy), gist, "1s", metrics_port=port
     )
     healthz = f"http://127.0.0.1:{port}/healthz"
-    process = start_daemon(workspace)
+    daemon = Daemon(workspace)
     try:
         wait_for(lambda: acknowledged(engine) == users(0, 1, 2), "a first sync")
         assert httpx.get(healthz).status_code == 200
@@ -143,6 +153,14 @@ def test_a_partition_makes_healthz_503_at_once_sigterm_has_a_bound_and_the_daemo
 
         wait_for(unhealthy, "/healthz to say the state database does not answer")
         assert max(seconds for _status, seconds in answers) < 1, answers  # never held
+        # The log says so too: wait for the line (its watcher wakes every 0.2 s, so it can
+        # come a moment after /healthz), or a quick heal would race it.
+        wait_for_daemon(
+            daemon,
+            lambda: "the state database has not answered for 10s" in daemon.err,
+            "the log to say the state database does not answer",
+            seconds=5,
+        )
 
         proxy.heal()
         wait_for(lambda: httpx.get(healthz).status_code == 200, "/healthz to recover")
@@ -151,13 +169,12 @@ def test_a_partition_makes_healthz_503_at_once_sigterm_has_a_bound_and_the_daemo
 
         proxy.partition()
         time.sleep(2)  # a tick's sync now waits on the database
-        took, err = stop(process, STOP_BOUND)
+        took, err = stop(daemon, STOP_BOUND)
     finally:
-        process.kill()
+        daemon.kill()
     assert took < STOP_BOUND + 2, f"SIGTERM took {took:.1f}s:\n{err}"
-    assert process.returncode == 1, err
+    assert daemon.process.returncode == 1, err
     assert f"not stopped within {STOP_BOUND}s (gist.timeout_seconds + 10 s)" in err
-    assert "the state database has not answered for 10s" in err
     assert "the state database answers again" in err
     assert_no_traceback(err)
 
@@ -167,7 +184,7 @@ def test_sigterm_stops_an_idle_daemon_in_seconds_whatever_the_partition(
 ) -> None:
     url, engine = state
     workspace, _source = daemon_workspace(tmp_path, through(url, proxy), gist, "1h")
-    process = start_daemon(workspace)
+    daemon = Daemon(workspace)
     try:
         # Idle: the start-up run recorded, and the daemon no longer running it (its worker
         # row says so at once); partitioned before that, the sync is not idle but stuck.
@@ -180,10 +197,10 @@ def test_sigterm_stops_an_idle_daemon_in_seconds_whatever_the_partition(
         )
         proxy.partition()
         time.sleep(1)
-        took, err = stop(process, STOP_BOUND)
+        took, err = stop(daemon, STOP_BOUND)
     finally:
-        process.kill()
-    assert process.returncode == 0, err  # nothing was left undone but recording the stop
+        daemon.kill()
+    assert daemon.process.returncode == 0, err  # nothing was left undone but recording the stop
     assert took < 8, f"SIGTERM took {took:.1f}s:\n{err}"  # workers.STOP_RECORD_SECONDS + 3
     assert "could not record this worker's stop" in err
     assert_no_traceback(err)
@@ -200,18 +217,18 @@ def test_a_state_database_outage_logs_one_line_per_failed_tick(
     """Before: a full traceback at every tick (21 in a 20 s outage)."""
     url, engine = state
     workspace, _source = daemon_workspace(tmp_path, through(url, proxy), gist, "1s")
-    process = start_daemon(workspace, *(["-v"] if verbose else []))
+    daemon = Daemon(workspace, *(["-v"] if verbose else []))
     try:
-        wait_for_daemon(process, lambda: "succeeded" in statuses(engine), "a first sync")
+        wait_for_daemon(daemon, lambda: "succeeded" in statuses(engine), "a first sync")
         proxy.refuse()
         time.sleep(4)  # about four ticks
         proxy.heal()
         runs = len(statuses(engine))
-        wait_for_daemon(process, lambda: len(statuses(engine)) > runs + 1, "syncs after the outage")
-        _took, err = stop(process, STOP_BOUND)
+        wait_for_daemon(daemon, lambda: len(statuses(engine)) > runs + 1, "syncs after the outage")
+        _took, err = stop(daemon, STOP_BOUND)
     finally:
-        process.kill()
-    assert process.returncode == 0, err
+        daemon.kill()
+    assert daemon.process.returncode == 0, err
     failed = [line for line in err.splitlines() if f"sync of {KEY} failed: " in line]
     assert len(failed) >= 2, err
     assert all("the state database: OperationalError: " in line for line in failed), failed
