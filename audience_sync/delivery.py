@@ -10,6 +10,7 @@ import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import Engine, select
 
@@ -55,21 +56,21 @@ class DeliveryReport:
 def iter_pages(engine: Engine, run_ids: Sequence[int]) -> Iterator[list[UserUpdate]]:
     """Pending changes of ``run_ids`` grouped by user, a page at a time (never all at once)."""
     after: str | None = None
-    while True:
-        query = (
-            select(
-                changes.c.id,
-                changes.c.run_id,
-                changes.c.audience_key,
-                changes.c.user_id,
-                changes.c.email,
-                changes.c.value,
-                changes.c.value_json,
-            )
-            .where(changes.c.run_id.in_(run_ids), changes.c.status == "pending")
-            .order_by(changes.c.user_id, changes.c.id)
-            .limit(PAGE_ROWS)
+    pending = (
+        select(
+            changes.c.id,
+            changes.c.run_id,
+            changes.c.audience_key,
+            changes.c.user_id,
+            changes.c.email,
+            changes.c.value,
+            changes.c.value_json,
         )
+        .where(changes.c.run_id.in_(run_ids), changes.c.status == "pending")
+        .order_by(changes.c.user_id, changes.c.id)
+    )
+    while True:
+        query = pending.limit(PAGE_ROWS)
         if after is not None:
             query = query.where(changes.c.user_id > after)
         with engine.connect() as connection:
@@ -77,10 +78,14 @@ def iter_pages(engine: Engine, run_ids: Sequence[int]) -> Iterator[list[UserUpda
         if not rows:
             return
         full_page = len(rows) == PAGE_ROWS
-        if full_page and rows[0].user_id != rows[-1].user_id:
-            # The last user's changes may continue on the next page: leave them for it.
+        if full_page:
             last = rows[-1].user_id
-            rows = [r for r in rows if r.user_id != last]
+            if rows[0].user_id != last:
+                # The last user's changes may continue on the next page: leave them for it.
+                rows = [r for r in rows if r.user_id != last]
+            else:  # one user fills the page: all of theirs, however many, go together
+                with engine.connect() as connection:
+                    rows = connection.execute(pending.where(changes.c.user_id == last)).all()
         page: list[UserUpdate] = []
         for row in rows:
             if not page or page[-1].user_id != row.user_id:
@@ -145,14 +150,28 @@ class Deliverer:
         slots = asyncio.Semaphore(self._config.max_concurrency)
         in_flight: set[asyncio.Task[None]] = set()
         pages = iter_pages(self._engine, run_ids)
+
+        def next_page() -> list[UserUpdate] | None:
+            """The next page, marked uncertain (before any of it is sent)."""
+            if (page := next(pages, None)) is not None:
+                mark_uncertain(self._engine, page)
+            return page
+
+        # The state database is read and written from a worker thread, one page ahead: the
+        # event loop only sends, so its pace stalls neither on a query nor between pages.
+        # A page read ahead and never sent is taken back like any other unsent change.
+        ahead: asyncio.Task[list[UserUpdate] | None] | None = None
         try:
-            # The state database is read and written from a worker thread: the event loop
-            # only sends, so its pace never stalls on a query.
-            while (page := await asyncio.to_thread(next, pages, None)) is not None:
+            ahead = asyncio.create_task(asyncio.to_thread(next_page))
+            while True:
+                page = await ahead
+                ahead = None
+                if page is None:
+                    break
+                self._unsent.update((c.id, (c, u.user_id)) for u in page for c in u.changes)
                 if self._report.error is not None:
                     break
-                await asyncio.to_thread(mark_uncertain, self._engine, page)
-                self._unsent.update((c.id, (c, u.user_id)) for u in page for c in u.changes)
+                ahead = asyncio.create_task(asyncio.to_thread(next_page))
                 size = self._config.batch_size
                 for batch in (page[i : i + size] for i in range(0, len(page), size)):
                     await slots.acquire()
@@ -172,9 +191,12 @@ class Deliverer:
         except BaseException:
             # Our own failure (the state database, say): no request may outlive this method
             # and its HTTP client; what they would have acknowledged is simply sent again.
-            for task in in_flight:
-                task.cancel()
-            await asyncio.gather(*in_flight, return_exceptions=True)
+            # A page being read ahead may still be marked uncertain: that only makes the
+            # next run plan its members from "Gist may hold either value".
+            tasks: list[asyncio.Task[Any]] = [*in_flight, *([ahead] if ahead else [])]
+            for pending in tasks:
+                pending.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
             await self._acks.abandon()
             raise
         if self._report.error is not None and not self._report.interrupted:

@@ -15,6 +15,8 @@ before); a kill at a chosen step (loading, planned, after some answers); a real 
 process stopped (SIGSTOP) past a short lease while another takes over, then woken;
 backfill; retire and re-adding a key as the other kind; an edit made in Gist behind the
 tool's back followed by ``verify --repair``; prune. Keys with and without ``send_track``.
+Delivery reads its pages of changes (one page ahead of what it sends) at the default size,
+or at 1 or 3 changes, fewer than a user's can fill.
 
 Every key reads one of the source kinds the tool reads, drawn per key and switched by a rule:
 a JSONL or CSV file, a SQL query on a SQLite warehouse (attached to the state database and
@@ -63,7 +65,7 @@ from sqlalchemy import Engine, create_engine, func, select, text
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.pool import NullPool
 
-from audience_sync import db, lease
+from audience_sync import db, delivery, lease
 from audience_sync.config import load_settings
 from audience_sync.fakegist import FakeGist
 from audience_sync.history import prune
@@ -234,8 +236,11 @@ def machine_for(store: str) -> type[RuleBasedStateMachine]:
             self.may_duplicate = 0  # events Gist may have twice: lost answers and kills
             self.evented_pruned = 0
             self.pauses = 0
+            self.paging: Any = None  # delivery.PAGE_ROWS, as drawn
 
         def teardown(self) -> None:
+            if self.paging is not None:
+                self.paging.stop()
             self.worker.__exit__(None, None, None)
             self.gist.stop()
             self.engine.dispose()
@@ -495,12 +500,22 @@ def machine_for(store: str) -> type[RuleBasedStateMachine]:
 
         # ----------------------------------------------------------------- rules
 
-        @initialize(batch=st.sampled_from([1, 1, 3]), data=st.data())
-        def choose_batches_sources_and_members(self, batch: int, data: st.DataObject) -> None:
+        @initialize(
+            batch=st.sampled_from([1, 1, 3]),
+            page_rows=st.sampled_from([delivery.PAGE_ROWS, 1, 3]),
+            data=st.data(),
+        )
+        def choose_batches_sources_and_members(
+            self, batch: int, page_rows: int, data: st.DataObject
+        ) -> None:
             """Every key starts with its source kind (files twice as likely: only they have
             a fast path) and some members or values, so that short runs reach the states
-            where audiences share users."""
+            where audiences share users. Delivery reads its pages of changes (one page
+            ahead of what it sends) at the default size or at one smaller than a user's
+            changes can fill, so a run's plan spans pages."""
             self.batch_size = batch
+            self.paging = mock.patch.object(delivery, "PAGE_ROWS", page_rows)
+            self.paging.start()
             for model in self.keys.values():
                 kinds = sources[model.kind]
                 model.source = data.draw(st.sampled_from(kinds[:2] + kinds))

@@ -11,13 +11,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import Engine, func, inspect, select
 
-from audience_sync import lease
+from audience_sync import delivery, lease
 from audience_sync.fakegist import FakeGist
 from audience_sync.models import (
     member_changes,
     memberships,
     rejected_rows,
     sync_runs,
+    uncertain_members,
 )
 from audience_sync.rows import Batch, SourceRow, check_chunks, encode_value
 from audience_sync.runs import open_run, utcnow
@@ -81,6 +82,58 @@ def test_user_changed_in_several_audiences_gets_one_request(
         "vip_customers": False,
         "newsletter_signups": False,
     }
+
+
+@pytest.mark.parametrize("page_rows", [1, 2, 3])
+def test_pages_hold_a_users_changes_together_however_small(
+    workspace: Workspace, engine: Engine, gist: FakeGist, page_rows: int, monkeypatch: Any
+) -> None:
+    """Delivery reads pending changes a page at a time, grouped by user, one page ahead of
+    what it sends. Before: a page filled by one user's changes left that user's others
+    behind (they stayed pending, unsent, in a run that succeeded)."""
+    monkeypatch.setattr(delivery, "PAGE_ROWS", page_rows)
+    sources = [workspace.add_file_audience(name) for name in ("VIP", "Newsletter", "Churned")]
+    for source in sources:
+        write_members(source, range(5))
+
+    results = sync(workspace, engine)
+
+    assert [(r.status, r.delivered) for r in results] == [("succeeded", 5)] * 3
+    assert len(gist.requests("/contacts")) == 5  # one request per user, all three values
+    assert all(
+        r.body["custom_properties"] == {"vip": True, "newsletter": True, "churned": True}
+        for r in gist.requests("/contacts")
+    )
+    with engine.connect() as connection:
+        open_changes = connection.scalar(
+            select(func.count()).where(member_changes.c.status == "pending")
+        )
+    assert open_changes == 0
+
+
+def test_a_stop_leaves_a_page_read_ahead_as_gist_holds_it(
+    workspace: Workspace, engine: Engine, gist: FakeGist, monkeypatch: Any
+) -> None:
+    """Gist refuses the key on the first request while the next page is already read and
+    marked uncertain: that page's members are taken back (Gist holds what it held), so
+    nothing is left uncertain and the next run sends exactly what is owed."""
+    monkeypatch.setattr(delivery, "PAGE_ROWS", 2)
+    workspace.gist_options["max_concurrency"] = 1
+    workspace.write_config()
+    source = workspace.add_file_audience("Order Completed Last 30days")
+    write_members(source, range(6))
+    gist.fail_after(0, 401)
+
+    [refused] = sync(workspace, engine)
+
+    assert refused.status == "failed"
+    with engine.connect() as connection:
+        assert connection.scalar(select(func.count()).select_from(uncertain_members)) == 0
+    gist.reset_faults()
+    gist.clear_log()
+    [fine] = sync(workspace, engine)
+    assert (fine.status, fine.delivered) == ("succeeded", 6)
+    assert acknowledged(engine) == in_gist(gist) == users(*range(6))
 
 
 def test_failure_half_way_loses_nothing(
