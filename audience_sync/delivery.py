@@ -26,6 +26,7 @@ from audience_sync.errors import (
 )
 from audience_sync.gist import GistClient, guarded_by
 from audience_sync.ledger import (
+    ACK_SECONDS,
     AckBuffer,
     Change,
     Result,
@@ -138,6 +139,7 @@ class Deliverer:
         self._report = DeliveryReport()
         self._crash: Exception | None = None
         self._unsent: dict[int, tuple[Change, str]] = {}  # marked uncertain, not yet sent
+        self._sending = 0  # batches in flight
 
     async def run(self, run_ids: Sequence[int]) -> DeliveryReport:
         """Deliver every pending change of ``run_ids``.
@@ -147,8 +149,6 @@ class Deliverer:
         ``should_stop`` gives a reason (a signal) or a lease is lost (then nothing more of
         that audience is recorded, and no request of it leaves).
         """
-        slots = asyncio.Semaphore(self._config.max_concurrency)
-        in_flight: set[asyncio.Task[None]] = set()
         pages = iter_pages(self._engine, run_ids)
 
         def next_page() -> list[UserUpdate] | None:
@@ -157,6 +157,14 @@ class Deliverer:
                 mark_uncertain(self._engine, page)
             return page
 
+        # One sender per concurrency slot, each taking the next batch as soon as its last
+        # one is answered (a task per batch left each freed connection idle for a turn of
+        # the event loop); they take batches from a short queue this loop keeps full. A
+        # batch still queued when delivery stops was never sent.
+        queue: asyncio.Queue[list[UserUpdate] | None] = asyncio.Queue(self._config.max_concurrency)
+        senders = [
+            asyncio.create_task(self._sender(queue)) for _ in range(self._config.max_concurrency)
+        ]
         # The state database is read and written from a worker thread, one page ahead: the
         # event loop only sends, so its pace stalls neither on a query nor between pages.
         # A page read ahead and never sent is taken back like any other unsent change.
@@ -174,35 +182,33 @@ class Deliverer:
                 ahead = asyncio.create_task(asyncio.to_thread(next_page))
                 size = self._config.batch_size
                 for batch in (page[i : i + size] for i in range(0, len(page), size)):
-                    await slots.acquire()
-                    if self._report.error is None and (reason := self._stop_reason()):
-                        log.warning("stopping: %s; letting %d finish", reason, len(in_flight))
-                        self._interrupt(reason)
                     if self._report.error is not None:
-                        slots.release()
                         break
-                    for update in batch:
-                        for change in update.changes:
-                            self._unsent.pop(change.id, None)
-                    task = asyncio.create_task(self._send(batch, slots))
-                    in_flight.add(task)
-                    task.add_done_callback(in_flight.discard)
+                    await queue.put(batch)
                     self._acks.flush_if_due()
+            if self._report.error is not None and not self._report.interrupted:
+                for sender in senders:  # Gist refuses the key or stays down: stop at once
+                    sender.cancel()
+            else:
+                for _ in senders:
+                    await queue.put(None)
+                    self._acks.flush_if_due()
+                # The last batches' answers are saved as they come, as the others were.
+                while running := [sender for sender in senders if not sender.done()]:
+                    await asyncio.wait(running, timeout=ACK_SECONDS)
+                    self._acks.flush_if_due()
+            await asyncio.gather(*senders, return_exceptions=True)
         except BaseException:
             # Our own failure (the state database, say): no request may outlive this method
             # and its HTTP client; what they would have acknowledged is simply sent again.
             # A page being read ahead may still be marked uncertain: that only makes the
             # next run plan its members from "Gist may hold either value".
-            tasks: list[asyncio.Task[Any]] = [*in_flight, *([ahead] if ahead else [])]
-            for pending in tasks:
-                pending.cancel()
+            tasks: list[asyncio.Task[Any]] = [*senders, *([ahead] if ahead else [])]
+            for task in tasks:
+                task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             await self._acks.abandon()
             raise
-        if self._report.error is not None and not self._report.interrupted:
-            for task in in_flight:
-                task.cancel()
-        await asyncio.gather(*in_flight, return_exceptions=True)
         await self._acks.flush()
         await asyncio.to_thread(self._take_back_unsent)
         if self._holder is not None:
@@ -211,6 +217,29 @@ class Deliverer:
             raise self._crash
         return self._report
 
+    async def _sender(self, queue: asyncio.Queue[list[UserUpdate] | None]) -> None:
+        """Send the batches taken from ``queue`` one after another until it gives None.
+        Before each, a stop (a signal, a lost lease) is noticed: from then on the batches
+        taken are left unsent, and those in flight finish and are recorded."""
+        while (batch := await queue.get()) is not None:
+            try:
+                if self._report.error is None and (reason := self._stop_reason()):
+                    log.warning("stopping: %s; letting %d finish", reason, self._sending)
+                    self._interrupt(reason)
+                if self._report.error is not None:
+                    continue
+                for update in batch:
+                    for change in update.changes:
+                        self._unsent.pop(change.id, None)
+                self._sending += 1
+                try:
+                    await self._send(batch)
+                finally:
+                    self._sending -= 1
+            except Exception as exc:  # a bug, not Gist: stop, and let run() re-raise it
+                self._crash = self._crash or exc
+                self._stop(f"internal error: {type(exc).__name__}: {exc}", "internal")
+
     def _stop_reason(self) -> str | None:
         if reason := self._should_stop():
             return reason
@@ -218,17 +247,14 @@ class Deliverer:
             return "; ".join(loss.values())
         return None
 
-    async def _send(self, batch: list[UserUpdate], slots: asyncio.Semaphore) -> None:
-        """Send one batch (one user when ``batch_size`` is 1), holding one slot."""
-        try:
-            if len(batch) > 1:
-                batch = await self._send_batch(batch)
-            for update in batch:
-                if self._report.error is not None and not self._report.interrupted:
-                    return
-                await self._send_one(update)
-        finally:
-            slots.release()
+    async def _send(self, batch: list[UserUpdate]) -> None:
+        """Send one batch (one user when ``batch_size`` is 1)."""
+        if len(batch) > 1:
+            batch = await self._send_batch(batch)
+        for update in batch:
+            if self._report.error is not None and not self._report.interrupted:
+                return
+            await self._send_one(update)
 
     def _guard(self, updates: Sequence[UserUpdate]) -> Callable[[], None]:
         """The fence for a request carrying ``updates``: their keys' leases."""

@@ -1066,6 +1066,31 @@ def test_batch_errors_that_name_no_contact_acknowledge_none(
     assert sorted(singles) == ["u0", "u1", "u2"]  # each acknowledged by its own request
 
 
+@pytest.mark.parametrize("batch_size", [1, 10])
+def test_a_bug_while_sending_fails_the_run_and_acknowledges_nothing(
+    workspace: Workspace, engine: Engine, batch_size: int
+) -> None:
+    """An exception that is no answer from Gist (a bug of ours, here raised by the
+    transport) stops delivery and fails the run with it. Before, one raised while sending
+    a batch was lost with its task: the run ended "succeeded" with its changes pending."""
+    import httpx
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        raise RuntimeError("a bug between us and Gist")
+
+    workspace.gist_options["batch_size"] = batch_size
+    workspace.write_config()
+    source = add_audience(workspace)
+    write_members(source, range(3))
+
+    with pytest.raises(RuntimeError, match="a bug between us and Gist"):
+        sync(workspace, engine, transport=httpx.MockTransport(handler))
+
+    with engine.connect() as connection:
+        assert connection.scalar(select(sync_runs.c.status)) == "failed"
+        assert connection.scalar(select(func.count()).select_from(memberships)) == 0
+
+
 def test_migration_0004_records_kinds_and_contacts(state_url: str) -> None:
     from audience_sync import db
 
