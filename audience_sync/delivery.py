@@ -184,6 +184,7 @@ class Deliverer:
                 for batch in (page[i : i + size] for i in range(0, len(page), size)):
                     if self._report.error is not None:
                         break
+                    await self._acks.keep_up()
                     await queue.put(batch)
                     self._acks.flush_if_due()
             if self._report.error is not None and not self._report.interrupted:

@@ -45,6 +45,8 @@ T = TypeVar("T")
 IN_LIST = 10_000  # values in one IN list of the saves' lookups (see _parts)
 ACK_BATCH = 200  # results saved per transaction, at most...
 ACK_SECONDS = 1.0  # ...and at least this often
+# Outcomes that may wait behind a running save before sending pauses for it to end.
+ACK_BACKLOG = 10 * ACK_BATCH
 VACUUM_AFTER = 10_000  # settled changes after which uncertain_members is vacuumed
 
 
@@ -376,6 +378,18 @@ class AckBuffer(Generic[T]):
             items, self._items = self._items, []
             if items:
                 self._saving = asyncio.create_task(asyncio.to_thread(self._save, items))
+
+    async def keep_up(self) -> None:
+        """Wait for the running save while more than ``ACK_BACKLOG`` outcomes wait behind
+        it, then start saving them: sending never outruns recording what it sent. (Saves
+        run in a thread that a busy event loop starves; each save then found more outcomes
+        waiting than the last and took longer, holding the leases' rows it renews, until
+        the lease heartbeat waited 30 s behind one and the fence stopped a 1M delivery.)
+        A failed save raises here."""
+        while len(self._items) > ACK_BACKLOG and self._saving is not None:
+            saving, self._saving = self._saving, None
+            await saving
+            self.flush_if_due()
 
     async def flush(self) -> None:
         """Wait for the running save, then save what is left."""
