@@ -387,8 +387,8 @@ class AckBuffer(Generic[T]):
         the lease heartbeat waited 30 s behind one and the fence stopped a 1M delivery.)
         A failed save raises here."""
         while len(self._items) > ACK_BACKLOG and self._saving is not None:
-            saving, self._saving = self._saving, None
-            await saving
+            # wait() leaves the save in place: cancelled here, ``abandon`` still waits for it.
+            await asyncio.wait([self._saving])
             self.flush_if_due()
 
     async def flush(self) -> None:
