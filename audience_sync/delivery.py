@@ -138,6 +138,9 @@ class Deliverer:
         self._acks: AckBuffer[Result] = AckBuffer(self._save)
         self._report = DeliveryReport()
         self._crash: Exception | None = None
+        # Raised in a sender and not an Exception (a callback's; KeyboardInterrupt and
+        # SystemExit leave the event loop by themselves): run() stops at once and re-raises it.
+        self._fatal: BaseException | None = None
         self._unsent: dict[int, tuple[Change, str]] = {}  # marked uncertain, not yet sent
         self._sending = 0  # batches in flight
 
@@ -162,8 +165,11 @@ class Deliverer:
         # the event loop); they take batches from a short queue this loop keeps full. A
         # batch still queued when delivery stops was never sent.
         queue: asyncio.Queue[list[UserUpdate] | None] = asyncio.Queue(self._config.max_concurrency)
+        this = asyncio.current_task()
+        assert this is not None
         senders = [
-            asyncio.create_task(self._sender(queue)) for _ in range(self._config.max_concurrency)
+            asyncio.create_task(self._sender(queue, this))
+            for _ in range(self._config.max_concurrency)
         ]
         # The state database is read and written from a worker thread, one page ahead: the
         # event loop only sends, so its pace stalls neither on a query nor between pages.
@@ -209,6 +215,8 @@ class Deliverer:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             await self._acks.abandon()
+            if self._fatal is not None:
+                raise self._fatal from None
             raise
         await self._acks.flush()
         await asyncio.to_thread(self._take_back_unsent)
@@ -218,10 +226,15 @@ class Deliverer:
             raise self._crash
         return self._report
 
-    async def _sender(self, queue: asyncio.Queue[list[UserUpdate] | None]) -> None:
+    async def _sender(
+        self, queue: asyncio.Queue[list[UserUpdate] | None], loop: asyncio.Task[Any]
+    ) -> None:
         """Send the batches taken from ``queue`` one after another until it gives None.
         Before each, a stop (a signal, a lost lease) is noticed: from then on the batches
-        taken are left unsent, and those in flight finish and are recorded."""
+        taken are left unsent, and those in flight finish and are recorded. A
+        ``BaseException`` that is no ``Exception`` cancels ``loop`` (``run``), which
+        re-raises it: with its sender gone, the loop could wait for room in the queue for
+        ever."""
         while (batch := await queue.get()) is not None:
             try:
                 if self._report.error is None and (reason := self._stop_reason()):
@@ -240,6 +253,13 @@ class Deliverer:
             except Exception as exc:  # a bug, not Gist: stop, and let run() re-raise it
                 self._crash = self._crash or exc
                 self._stop(f"internal error: {type(exc).__name__}: {exc}", "internal")
+            except asyncio.CancelledError:
+                raise
+            except BaseException as exc:
+                if self._fatal is None:  # once: a second cancel would cut run()'s cleanup
+                    self._fatal = exc
+                    loop.cancel()
+                raise
 
     def _stop_reason(self) -> str | None:
         if reason := self._should_stop():

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
-from sqlalchemy import Engine, bindparam, select
+from sqlalchemy import Engine, and_, bindparam, or_, select
 from sqlalchemy.engine import Connection
 
 from audience_sync import lease
@@ -92,6 +92,7 @@ async def send_events(
     slots = asyncio.Semaphore(max_concurrency)
     in_flight: set[asyncio.Task[None]] = set()
     latest: dict[tuple[str, str], asyncio.Task[None]] = {}  # each user's newest event task
+    refused: set[tuple[str, str]] = set()  # (key, user) of an event Gist refused this run
 
     def save(outcomes: list[dict[str, Any]]) -> None:
         with lease.fenced(engine, holder, names) as (connection, held):
@@ -102,6 +103,7 @@ async def send_events(
     acks: AckBuffer[dict[str, Any]] = AckBuffer(save)
 
     async def send(row: Any, after: asyncio.Task[None] | None) -> None:
+        key = row.audience_key
         try:
             if after is not None:
                 # One user's events of a key go out one after another, in the order of
@@ -110,8 +112,11 @@ async def send_events(
                 await asyncio.wait({after})
                 if stop is not None:
                     return
-            body = build_event(names[row.audience_key], row)
-            key = row.audience_key
+            if (key, row.user_id) in refused:
+                # An older event of this user and key was refused and stays owed: this one
+                # waits for a later run too, to go out after it.
+                return
+            body = build_event(names[key], row)
             try:
                 with guarded_by(lambda: holder.check([key]) if holder else None):
                     await pacer.call(lambda: client.push_event(body), Attempt())
@@ -121,6 +126,7 @@ async def send_events(
             except AuthError as exc:
                 halt(f"Gist refused the API key ({exc}); no more events were sent", exc.failure)
             except FatalApiError as exc:
+                refused.add((key, row.user_id))
                 acks.add({"change_id": row.id, "key": key, "s": "failed", "e": str(exc)})
             except RetriableApiError as exc:
                 halt(f"Gist unavailable for events: {exc}", exc.failure)
@@ -168,17 +174,23 @@ def _forget(
 
 
 def _owed(engine: Engine, names: Mapping[str, EventNames]) -> Iterator[Any]:
-    """The owed events' changes, oldest first, read a page at a time."""
+    """The owed events' changes, oldest first, read a page at a time: of each key, only
+    changes of the kind it is configured as (a trait's value, an audience's entry or exit).
+    An event of the other kind cannot be told in this key's names; it stays owed until the
+    key's next plan drops it (``plan.start_plan``), as when a run refused to switch the
+    key's kind while it still held values of the old one."""
+    audiences = [key for key, named in names.items() if named.trait is None]
+    traits = [key for key, named in names.items() if named.trait is not None]
+    of_its_kind = or_(
+        and_(changes.c.audience_key.in_(audiences), changes.c.value.is_not(None)),
+        and_(changes.c.audience_key.in_(traits), changes.c.value_json.is_not(None)),
+    )
     after = 0
     while True:
         with engine.connect() as connection:
             rows = connection.execute(
                 select(changes)
-                .where(
-                    changes.c.audience_key.in_(list(names)),
-                    owed_event(),
-                    changes.c.id > after,
-                )
+                .where(of_its_kind, owed_event(), changes.c.id > after)
                 .order_by(changes.c.id)
                 .limit(PAGE)
             ).all()

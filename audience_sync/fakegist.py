@@ -233,6 +233,7 @@ class FakeGist(BackgroundServer):
         self._drop_next = 0
         self._drop_applied = 0
         self._fail_users: dict[str, tuple[int, str]] = {}
+        self._refuse_events: dict[str, int] = {}  # user id: how many more of its events
         self._fail_in_batch: dict[str, str] = {}
         self._batch_error_shape = "errors"
         self._fail_after: int | None = None
@@ -437,6 +438,11 @@ class FakeGist(BackgroundServer):
         with self._lock:
             self._fail_users[str(user_id)] = (status, message)
 
+    def refuse_events(self, user_id: str, n: int = 1) -> None:
+        """Refuse (422) the user's next ``n`` ``POST /events``; their contacts go through."""
+        with self._lock:
+            self._refuse_events[str(user_id)] = n
+
     def fail_after(self, n: int, status: int, *, message: str = "Service unavailable") -> None:
         with self._lock:
             self._fail_after = n
@@ -460,6 +466,7 @@ class FakeGist(BackgroundServer):
             self._drop_applied = 0
             self._trickle_next = 0
             self._fail_users.clear()
+            self._refuse_events.clear()
             self._fail_in_batch.clear()
             self._fail_after = None
             self._latency = 0.0
@@ -540,6 +547,9 @@ class FakeGist(BackgroundServer):
             if uid in self._fail_users:
                 status, message = self._fail_users[uid]
                 return status, _errors(message), {}
+            if path == "/events" and self._refuse_events.get(uid, 0) > 0:
+                self._refuse_events[uid] -= 1
+                return 422, _errors("Event refused"), {}
         if bad_json:
             return 400, _errors("Invalid JSON"), {}
         try:

@@ -47,7 +47,9 @@ from audience_sync.ledger import owed_event
 from audience_sync.models import (
     contacts,
     email_conflicts,
+    gist_holdings,
     memberships,
+    reconciles,
     rejected_rows,
     trait_values,
     uncertain_members,
@@ -112,13 +114,20 @@ class Diff:
 
 def start_plan(connection: Connection, target: PlanTarget, kind: str | None) -> None:
     """Before a real run plans a key: older pending rows of it are superseded, since every
-    plan re-plans everything still owed; and events still owed by changes of another kind
-    than the key's ``kind`` now (None: retiring it) are dropped.
+    plan re-plans everything still owed; events still owed by changes of another kind than
+    the key's ``kind`` now (None: retiring it), or by any change while ``send_track`` is
+    off, are dropped; and an unfinished reconcile reading of the key is dropped.
 
     Those events announce values of what the key was: a retire clears them from Gist (an
     ``Audience Entered`` sent after it would start a workflow for an audience gone), and a
     key configured as the other kind cannot describe them (an audience's change is no trait
-    value). ``event_error`` keeps the reason."""
+    value). Without ``send_track`` this run's changes owe no event, so an older one sent
+    once it is back on would arrive after a change it does not describe (an entry announced
+    after the exit that followed it). ``event_error`` keeps the reason.
+
+    A reconcile reading's pages say what Gist held when they were read: continued after
+    this run, they would overwrite in the ledger what this run gets Gist to acknowledge
+    (see ``drop_readings``)."""
     if target.dry_run:
         return
     key = changes.c.audience_key == target.key
@@ -139,6 +148,30 @@ def start_plan(connection: Connection, target: PlanTarget, kind: str | None) -> 
             .where(key, owed_event(), other_kind)
             .values(event_status=None, event_error=f"not sent: {reason}")
         )
+        if kind is not None and not target.track:
+            connection.execute(
+                changes.update()
+                .where(key, owed_event())
+                .values(event_status=None, event_error="not sent: send_track was turned off")
+            )
+        drop_readings(connection, [target.key])
+
+
+def drop_readings(connection: Connection, keys: Sequence[str]) -> None:
+    """Drop the unfinished reconcile readings of any of ``keys`` (``reconciles`` and the
+    pages in ``gist_holdings``). A reading continued later makes its pages the ledger of
+    its keys; once anything else may have moved what Gist holds for one of them (a run
+    that plans it, another reading), those pages are stale, and the next reconcile reads
+    Gist again from its first page."""
+    unfinished = connection.execute(
+        select(reconciles.c.id, reconciles.c.audience_keys).where(
+            reconciles.c.finished_at.is_(None)
+        )
+    ).all()
+    stale = [reading for reading, theirs in unfinished if set(theirs.split(",")) & set(keys)]
+    if stale:
+        connection.execute(delete(gist_holdings).where(gist_holdings.c.reconcile_id.in_(stale)))
+        connection.execute(delete(reconciles).where(reconciles.c.id.in_(stale)))
 
 
 def _a(kind: str) -> str:

@@ -62,7 +62,7 @@ from audience_sync.models import (
 )
 from audience_sync.models import member_changes as changes
 from audience_sync.pacer import Pacer
-from audience_sync.plan import NULL_JSON
+from audience_sync.plan import NULL_JSON, drop_readings
 from audience_sync.rows import canonical_user_id, encode_value
 from audience_sync.runs import Clock, RunResult, open_run, save_key_kind, save_run, utcnow
 from audience_sync.sources import source_for
@@ -236,10 +236,7 @@ def _resume_or_start(engine: Engine, keys: list[str], per_page: int, clock: Cloc
             if their_keys == joined and their_per_page == per_page:
                 log.warning("continuing the reconcile of %s begun before", joined)
                 return int(reading)
-        stale = [r for r, k, _ in unfinished if set(k.split(",")) & set(keys)]
-        if stale:
-            connection.execute(delete(gist_holdings).where(gist_holdings.c.reconcile_id.in_(stale)))
-            connection.execute(delete(reconciles).where(reconciles.c.id.in_(stale)))
+        drop_readings(connection, keys)
         return int(
             connection.execute(
                 insert(reconciles)

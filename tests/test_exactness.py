@@ -1091,6 +1091,40 @@ def test_a_bug_while_sending_fails_the_run_and_acknowledges_nothing(
         assert connection.scalar(select(func.count()).select_from(memberships)) == 0
 
 
+class Halt(BaseException):
+    """Neither an Exception nor KeyboardInterrupt/SystemExit (which leave asyncio's loop by
+    themselves): the model's in-process kill is one."""
+
+
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_a_base_exception_raised_while_sending_ends_the_delivery_at_once(
+    workspace: Workspace, engine: Engine, gist: FakeGist, batch_size: int
+) -> None:
+    """The model's counterexample: its in-process kill, raised by the progress callback in
+    every sender, ended each sender's task; the delivery loop then waited for room in their
+    queue for ever (the CI profile hung). It now stops at once and re-raises it, saving
+    nothing more, as a kill would."""
+
+    class Kill:
+        def loaded(self, audience_key: str, rows: int) -> None: ...
+        def planned(self, changes: int) -> None: ...
+        def sent(self, changes: int) -> None:
+            raise Halt
+
+    workspace.gist_options.update(batch_size=batch_size, max_concurrency=2)
+    write_members(add_audience(workspace), range(40))
+
+    with pytest.raises(Halt):
+        sync(workspace, engine, progress=Kill())
+
+    assert len(gist.requests("/contacts") + gist.requests("/contacts/batch")) <= 2
+    with engine.connect() as connection:
+        assert connection.scalar(select(func.count()).select_from(memberships)) == 0
+    [again] = sync(workspace, engine)
+    assert again.status == "succeeded"
+    assert len(held(gist, VIP)) == 40
+
+
 def test_migration_0004_records_kinds_and_contacts(state_url: str) -> None:
     from audience_sync import db
 
@@ -1242,6 +1276,113 @@ def test_audiences_disagreeing_on_an_email_in_separate_runs_do_not_resend_foreve
         assert (run.entered, run.resent) == (0, 0)
 
     assert gist.requests() == []
+
+
+def test_a_refused_event_holds_back_its_users_later_events(
+    workspace: Workspace, engine: Engine, gist: FakeGist
+) -> None:
+    """A review's counterexample: Gist refused (4xx) u0's `Audience Entered`, which stays
+    owed; u0 left, and the next run had the entry refused again but sent the exit, so the
+    run after that sent the entry last and Gist's timeline ended on "entered" for a contact
+    out of the audience. A refused event now holds back its user's later events of the key
+    for the run: they go out after it, in order, once Gist takes it."""
+    workspace.gist_options["batch_size"] = 100
+    source = add_audience(workspace, send_track=True)
+    write_members(source, [0, 1])
+    gist.refuse_events("u0", 1)
+    [first] = sync(workspace, engine)
+    assert first.status == "succeeded"
+    write_members(source, [1])
+    gist.refuse_events("u0", 1)  # the owed entry again; the exit would be taken
+
+    [second] = sync(workspace, engine, allow_mass_exit=True)
+
+    assert second.status == "succeeded"
+    assert [(e["user_id"], e["event_name"]) for e in gist.events()] == [("u1", "Audience Entered")]
+    [third] = sync(workspace, engine)
+    assert third.status == "succeeded"
+    assert [(e["user_id"], e["event_name"]) for e in gist.events()] == [
+        ("u1", "Audience Entered"), ("u0", "Audience Entered"), ("u0", "Audience Exited"),
+    ]  # fmt: skip
+    assert held(gist, VIP) == {"u0": False, "u1": True}
+
+
+def test_events_owed_when_send_track_is_turned_off_are_not_sent_when_it_is_back_on(
+    workspace: Workspace, engine: Engine, gist: FakeGist
+) -> None:
+    """A review's counterexample: entry events left owed (Gist down for events) outlived
+    `send_track = false`; u0 left while it was off (an exit with no event), and turning it
+    back on sent u0's old `Audience Entered` for a contact out of the audience. A run that
+    plans a key without `send_track` drops the events it still owes, saying why."""
+    workspace.gist_options["batch_size"] = 100
+    source = add_audience(workspace, send_track=True)
+    write_members(source, [0, 1])
+    gist.fail_after(1, 503)  # the contacts go through (one batch), the events do not
+    sync(workspace, engine)
+    gist.reset_faults()
+    workspace.audiences[0]["send_track"] = False
+    workspace.write_config()
+    write_members(source, [1])
+    sync(workspace, engine, allow_mass_exit=True)
+    workspace.audiences[0]["send_track"] = True
+    workspace.write_config()
+
+    [run] = sync(workspace, engine)
+
+    assert run.status == "succeeded"
+    assert gist.events() == []
+    assert held(gist, VIP) == {"u0": False, "u1": True}
+    reasons = table(
+        engine,
+        select(member_changes.c.user_id, member_changes.c.event_error)
+        .where(member_changes.c.value.is_(True))
+        .order_by(member_changes.c.user_id),
+    )
+    assert [tuple(r) for r in reasons] == [
+        ("u0", "not sent: send_track was turned off"),
+        ("u1", "not sent: send_track was turned off"),
+    ]
+
+
+@pytest.mark.parametrize("old", ["trait", "audience"])
+def test_a_run_refusing_to_switch_a_keys_kind_sends_none_of_its_old_events(
+    workspace: Workspace, engine: Engine, gist: FakeGist, old: str
+) -> None:
+    """A review's counterexample: a tracked trait's event was owed (Gist down for events)
+    when the config made its key an audience; the run refused the key (it still holds trait
+    values) yet sent the owed change's event in the audience's names (`Audience Exited`,
+    from a NULL entry), marking it delivered. The other way round the event could not be
+    built and failed every other audience's run. Events go out only from changes of the
+    kind their key is configured as; the old kind's stay owed until a retire drops them."""
+    workspace.gist_options["batch_size"] = 100
+    if old == "trait":
+        values(add_trait(workspace, "k", send_track=True), {"u1": 5})
+    else:
+        write_members(add_audience(workspace, "k", send_track=True), [1])
+    gist.fail_after(1, 503)  # the contact goes through, its event does not
+    sync(workspace, engine)
+    gist.reset_faults()
+    workspace.audiences.clear()
+    workspace.traits.clear()
+    if old == "trait":
+        write_members(add_audience(workspace, "k", send_track=True), [2])
+    else:
+        values(add_trait(workspace, "k", send_track=True), {"u1": 3})
+    write_members(add_audience(workspace, "other", send_track=True), [7])
+
+    results = {r.audience_key: r for r in sync(workspace, engine)}
+
+    assert results["k"].status == "failed"
+    assert "still holds" in (results["k"].error or "")
+    assert results["other"].status == "succeeded", results["other"]
+    assert [(e["user_id"], e["event_name"]) for e in gist.events()] == [("u7", "Audience Entered")]
+    owed = select(func.count()).where(
+        member_changes.c.audience_key == "k",
+        member_changes.c.status == "delivered",
+        member_changes.c.event_status == "pending",
+    )
+    with engine.connect() as connection:
+        assert connection.scalar(owed) == 1  # the old kind's, until a retire drops it
 
 
 def test_an_owed_entry_event_arrives_before_the_exit_that_followed_it(

@@ -208,6 +208,17 @@ def test_fail_user(gist: FakeGist, client: httpx.Client) -> None:
     assert set(gist.contacts()) == {"good"}
 
 
+def test_refuse_events(gist: FakeGist, client: httpx.Client) -> None:
+    gist.refuse_events("u1", 1)
+    event = {"event_name": "Audience Entered", "user_id": "u1", "email": "u1@example.com"}
+    assert client.post("/contacts", json=_contact("u1", a=True)).status_code == 200
+    refused = client.post("/events", json=event)
+    assert refused.status_code == 422
+    assert refused.json() == {"errors": [{"message": "Event refused"}]}
+    assert client.post("/events", json=event).status_code == 200
+    assert [e["user_id"] for e in gist.events()] == ["u1"]
+
+
 @pytest.mark.parametrize("status", [503, 401], ids=["gist-down", "key-revoked"])
 def test_fail_after(gist: FakeGist, client: httpx.Client, status: int) -> None:
     gist.fail_after(2, status)

@@ -9,12 +9,15 @@ source only (so audiences sharing a user disagree on its email); duplicate rows 
 with another email (and value); trait values change type, go null and disappear
 (``on_missing`` null and keep); numeric user ids arrive as ``42``, ``"42"`` or ``42.0``;
 runs of all keys or a subset, of unchanged files too (the no-change fast path), and with
-``--full-diff``; faults per request (5xx, 429, 401, a per-user 422, a batch answer naming a
-failed contact, the answer lost after Gist applied the change, the connection dropped
-before); a kill at a chosen step (loading, planned, after some answers); a real ``run``
-process stopped (SIGSTOP) past a short lease while another takes over, then woken;
-backfill; retire and re-adding a key as the other kind; an edit made in Gist behind the
-tool's back followed by ``verify --repair``; prune. Keys with and without ``send_track``.
+``--full-diff``; faults per request (5xx, 429, 401, a per-user 422, each user's next
+event refused with a 422, a batch answer naming a failed contact, the answer lost after Gist
+applied the change, the connection dropped before); a kill at a chosen step (loading,
+planned, after some answers); a real ``run`` process stopped (SIGSTOP) past a short lease
+while another takes over, then woken; backfill; retire and re-adding a key as the other
+kind; an edit made in Gist behind the tool's back followed by ``verify --repair``; Gist
+changed behind the tool's back and read back by ``reconcile``, which may stop half-way and
+be continued after a run of its keys; prune. Keys with and without ``send_track``, turned
+on and off by a rule.
 Delivery reads its pages of changes (one page ahead of what it sends) at the default size,
 or at 1 or 3 changes, fewer than a user's can fill.
 
@@ -107,6 +110,7 @@ faults = st.sampled_from(
         "429",
         "401",
         "refuse-user",
+        "refuse-events",
         "batch-error",
         "lost-after-apply",
         "lost-before",
@@ -168,7 +172,8 @@ class Key:
     leftover: set[str] = field(default_factory=set)
     # The last reconcile of the key: how many events Gist had then, and what it held. Gist's
     # values read back stand for the events before them (they may have been changed behind
-    # the tool's back): a user with no event since holds the value read then.
+    # the tool's back): a user with no event since holds the value read then. Turning
+    # send_track on does the same with the values Gist acknowledged by then.
     reconciled_at: int = -1
     reconciled: dict[str, Any] = field(default_factory=dict)
 
@@ -488,6 +493,9 @@ def machine_for(store: str) -> type[RuleBasedStateMachine]:
                 self.gist.fail_after(1, 401)
             elif fault == "refuse-user":
                 self.gist.fail_user("u1", 422)
+            elif fault == "refuse-events":  # each user's first event of the run
+                for user in USERS:
+                    self.gist.refuse_events(user, 1)
             elif fault == "batch-error":
                 self.gist.fail_in_batch("u2")
             elif fault == "lost-after-apply":
@@ -649,6 +657,58 @@ def machine_for(store: str) -> type[RuleBasedStateMachine]:
                 self.keys[key].possible[user] |= {"absent", "null", "false"}
             self.retired.discard(key)
 
+        @rule(data=st.data(), flips=st.sets(st.sampled_from(USERS), max_size=3))
+        def events_refused_across_a_change(self, data: st.DataObject, flips: set[str]) -> None:
+            """A run of an audience whose events Gist refuses (each user's first of the
+            run), members coming and going, and another such run: a user's refused event
+            stays owed and must still arrive before the ones after it."""
+            key = data.draw(st.sampled_from(self.configured("audience") or ["-"]))
+            if key not in self.keys:
+                return
+            self.sync((key,), fault="refuse-events")
+            self.keys[key].members ^= flips
+            self.keys[key].ever |= flips
+            self.sync((key,), fault="refuse-events")
+
+        @rule(
+            data=st.data(),
+            spell=st.booleans(),
+            flips=st.sets(st.sampled_from(USERS), max_size=3),
+        )
+        def toggle_send_track(self, data: st.DataObject, spell: bool, flips: set[str]) -> None:
+            """``send_track`` turned off or on for a key. Turned on, events describe the
+            changes from then: a user with no event since holds what Gist acknowledged by
+            then, and an event owed from before it went off must not arrive after a
+            change made while it was off. With ``spell``, a tracked audience is off for a
+            while: a run whose events Gist refuses, ``send_track`` off, members coming and
+            going and a run of the key, then on again."""
+            key = data.draw(st.sampled_from(self.configured()))
+            model = self.keys[key]
+            if spell and model.track and model.kind == "audience":
+                self.sync((key,), fault="refuse-events")
+                model.track = False
+                model.members ^= flips
+                model.ever |= flips
+                self.sync((key,))
+            model.track = not model.track
+            if not model.track:
+                return
+            with self.engine.connect() as connection:
+                if model.kind == "audience":
+                    held = connection.scalars(
+                        select(memberships.c.user_id).where(memberships.c.audience_key == key)
+                    )
+                    acknowledged: dict[str, Any] = dict.fromkeys(held, True)
+                else:
+                    rows = connection.execute(
+                        select(trait_values.c.user_id, trait_values.c.value).where(
+                            trait_values.c.trait_key == key
+                        )
+                    )
+                    acknowledged = {user: json.loads(value) for user, value in rows}
+            model.reconciled_at = len(self.gist.events())
+            model.reconciled = acknowledged
+
         @precondition(lambda self: bool(self.configured("audience")))
         @rule(data=st.data(), user=st.sampled_from(USERS))
         def edit_in_gist_then_verify_repair(self, data: st.DataObject, user: str) -> None:
@@ -688,14 +748,22 @@ def machine_for(store: str) -> type[RuleBasedStateMachine]:
                 max_size=4,
             ),
             per_page=st.integers(1, 4),
+            stopped_after=st.sampled_from([None, None, 1, 2]),
         )
         def tamper_with_gist_then_reconcile(
-            self, data: st.DataObject, edits: list[tuple[str, str]], per_page: int
+            self,
+            data: st.DataObject,
+            edits: list[tuple[str, str]],
+            per_page: int,
+            stopped_after: int | None,
         ) -> None:
             """Gist is changed behind the tool's back in any way (values flipped or dropped,
             emails changed, contacts deleted, leads added), then ``reconcile`` reads it back
             as the ledger for the keys it was changed on: the next clean run must leave Gist
-            equal to the sources again."""
+            equal to the sources again. With ``stopped_after``, a first reconcile stops
+            when Gist goes down after that many pages, a run of its keys sends what the
+            ledger says is owed, and the reconcile is run again (it would continue the
+            reading it left, were its pages not stale)."""
             keys = sorted(data.draw(st.sets(st.sampled_from(self.configured()), min_size=1)))
             if any(edit in ("remove", "email") for _, edit in edits):
                 keys = self.configured()  # a contact's removal or email is every key's
@@ -722,12 +790,36 @@ def machine_for(store: str) -> type[RuleBasedStateMachine]:
                     self.gist.edit_contact(user, {key: "tampered"})
                     model.possible[user].add(canonical("tampered"))
             config = self.write("str")
+            if stopped_after is not None:
+                self.gist.fail_after(stopped_after, 503)
+                try:
+                    reconcile(
+                        load_settings(config, {}), self.engine, keys, per_page=per_page,
+                        worker=self.worker,
+                    )  # fmt: skip
+                finally:
+                    self.gist.reset_faults()
+                self.sync(tuple(keys))
             report = reconcile(
                 load_settings(config, {}), self.engine, keys, per_page=per_page, worker=self.worker
             )
             assert report.error is None, report
             assert all(r.status == "succeeded" for r in report.results), report
             held = self.users_in_gist()
+            with self.engine.connect() as connection:
+                for key in keys:  # the ledger now says what Gist holds
+                    if self.keys[key].kind == "audience":
+                        ledger = set(
+                            connection.scalars(
+                                select(memberships.c.user_id).where(
+                                    memberships.c.audience_key == key
+                                )
+                            )
+                        )
+                        members = {
+                            u for u, c in held.items() if c["custom_properties"].get(key) is True
+                        }
+                        assert ledger == members, (key, ledger, members)
             for key in keys:
                 model = self.keys[key]
                 model.reconciled_at = len(self.gist.events())

@@ -211,6 +211,38 @@ def test_a_reconcile_killed_half_way_continues_where_it_stopped(
     assert acknowledged(engine, VIP) == {f"u{n}" for n in range(0, 400, 2)}
 
 
+def test_a_reading_stopped_half_way_is_read_again_after_a_run_of_its_keys(
+    workspace: Workspace, engine: Engine, gist: FakeGist
+) -> None:
+    """A review's counterexample: a reconcile stopped by an outage after its first page
+    (u1: a member) was continued after a run had sent u1's exit, and made that old page the
+    ledger: u1 "a member", Gist holding `false`, so u1's return was never sent. A run that
+    plans a key drops the unfinished readings of it; the next reconcile reads Gist anew."""
+    path = workspace.add_file_audience("VIP", key=VIP)
+    write_members(path, [1, 2, 3, 4])
+    run_once(workspace.settings(), engine)
+    gist.fail_after(1, 503)  # page 1 (u1, u2) answers, then Gist is down
+    first = reconcile(workspace.settings(), engine, per_page=2)
+    assert first.error is not None
+    assert first.pages == 1
+    gist.reset_faults()
+    write_members(path, [2, 3, 4])
+    run_once(workspace.settings(), engine)  # u1's exit, acknowledged
+    with engine.connect() as connection:
+        assert connection.scalar(select(func.count()).select_from(reconciles)) == 0
+    gist.clear_log()
+
+    again = reconcile(workspace.settings(), engine, per_page=2)
+
+    assert again.error is None
+    assert paging(gist)[0] == 1  # read from the start
+    assert acknowledged(engine, VIP) == users(2, 3, 4)
+    write_members(path, [1, 2, 3, 4])
+    [back] = run_once(workspace.settings(), engine)
+    assert back.entered == 1
+    assert in_gist(gist, VIP) == users(1, 2, 3, 4)
+
+
 def test_the_reconcile_command_prints_what_gist_holds_and_what_differs(
     workspace: Workspace, engine: Engine, gist: FakeGist, source: Path, cli: Any
 ) -> None:
