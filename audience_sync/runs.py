@@ -16,7 +16,7 @@ from audience_sync.ledger import owed_event
 from audience_sync.models import audiences
 from audience_sync.models import member_changes as changes
 from audience_sync.models import sync_runs as runs
-from audience_sync.statuses import FAILED_STATUSES, RunKind, RunStatus
+from audience_sync.statuses import DRY_RUN_KINDS, FAILED_STATUSES, RunKind, RunStatus
 
 log = logging.getLogger(__name__)
 
@@ -282,16 +282,24 @@ def change_counts(engine: Engine, run_id: int | None) -> dict[str, int]:
 
 
 def unfinished_backfills(engine: Engine, key: str, run_id: int) -> list[int]:
-    """The backfill runs since the audience's last successful one: what a backfill resumes."""
+    """The backfill runs that did not succeed since the key's last run of any other kind
+    (dry runs aside) or its last successful backfill: what a backfill resumes. A run of
+    another kind in between (a run, a retire, a reconcile) may have moved what Gist holds
+    for the users those backfills reached — an exit sent, the ledger read anew after Gist
+    was reset — so the backfill after it starts over."""
     with engine.connect() as connection:
         rows = connection.execute(
-            select(runs.c.id, runs.c.status)
-            .where(runs.c.audience_key == key, runs.c.kind == "backfill", runs.c.id != run_id)
+            select(runs.c.id, runs.c.kind, runs.c.status)
+            .where(
+                runs.c.audience_key == key,
+                runs.c.id != run_id,
+                runs.c.kind.not_in([*DRY_RUN_KINDS.values(), "dry-reconcile"]),
+            )
             .order_by(runs.c.id.desc())
         ).all()
     chain: list[int] = []
     for row in rows:
-        if row.status == "succeeded":
+        if row.kind != "backfill" or row.status == "succeeded":
             break
         chain.append(row.id)
     return chain

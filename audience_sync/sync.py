@@ -256,7 +256,11 @@ def audience_keys(keys: str | Sequence[str]) -> list[str]:
 
 def _targets(settings: Settings, engine: Engine, keys: Sequence[str], mode: Mode) -> list[_Target]:
     if mode != "retire":
-        chosen = [settings.audience(k) for k in keys] if keys else list(settings.computations)
+        # In config order, however the keys were named: of a user's emails in several
+        # sources, the first configured source's is sent (plan.unify_emails); in the order
+        # named, `run b a` and `run a b` would each move the contact's email in Gist.
+        wanted = {settings.audience(k).property_key for k in keys}  # unknown: a ConfigError
+        chosen = [a for a in settings.computations if not keys or a.property_key in wanted]
         return [_Target(a.property_key, a.name, a) for a in chosen]
     configured = {a.property_key for a in settings.computations}
     still = [k for k in keys if k in configured]

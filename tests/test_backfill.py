@@ -59,6 +59,39 @@ def test_backfill_after_a_crash_resumes_instead_of_starting_over(
     assert fresh.delivered == 30  # the last backfill finished: a new one starts over
 
 
+@pytest.mark.parametrize("between", ["gist-reset", "left-and-came-back"])
+def test_a_backfill_after_another_run_of_its_key_starts_over(
+    workspace: Workspace, engine: Engine, gist: FakeGist, between: str
+) -> None:
+    """A review's counterexample: a backfill that stopped was "resumed" by one much later,
+    after regular runs, skipping the users it had reached. Gist reset in between (what a
+    backfill is for), they stayed without the property for good (the ledger says members,
+    so no run sends them); a user who left (its exit sent) and came back was left `false`.
+    A run of another kind of the key ends what a backfill resumes."""
+    workspace.gist_options.update(max_concurrency=1, max_retries=0)
+    source = workspace.add_file_audience("Order Completed Last 30days")
+    write_members(source, range(10))
+    run_once(workspace.settings(), engine)
+    gist.fail_after(4, 503)  # the backfill stops after 4
+    [stopped] = run_once(workspace.settings(), engine, [KEY], mode="backfill")
+    assert (stopped.status, stopped.delivered) == ("failed", 4)
+    gist.reset_faults()
+    if between == "gist-reset":
+        run_once(workspace.settings(), engine)  # a regular run, nothing to send
+        for n in range(10):
+            gist.drop_property(f"u{n}", KEY)
+    else:
+        write_members(source, range(1, 10))
+        [left] = run_once(workspace.settings(), engine)  # u0 (reached by the backfill) leaves
+        assert left.exited == 1
+        write_members(source, range(10))
+
+    [backfill] = run_once(workspace.settings(), engine, [KEY], mode="backfill")
+
+    assert (backfill.status, backfill.delivered) == ("succeeded", 10)
+    assert in_gist(gist) == acknowledged(engine) == users(*range(10))
+
+
 def test_backfill_dry_run_sends_nothing(
     workspace: Workspace, engine: Engine, gist: FakeGist
 ) -> None:

@@ -347,6 +347,26 @@ def test_two_audiences_disagreeing_on_an_email_use_the_first_and_report_it(
     assert gist.requests() == []  # stable: the conflict does not re-send every run
 
 
+def test_keys_named_out_of_config_order_still_send_the_first_configured_email(
+    workspace: Workspace, engine: Engine, gist: FakeGist
+) -> None:
+    """A review's counterexample: `run other vip` staged in the order named, so the second
+    configured source's email won, and the next plain run (config order) moved it back:
+    each differently ordered invocation changed the contact's email in Gist."""
+    vip = add_audience(workspace)
+    other = add_audience(workspace, "other")
+    write_members(vip, [("u1", "first@example.com")])
+    write_members(other, [("u1", "second@example.com")])
+
+    results = sync(workspace, engine, keys=["other", VIP])
+
+    assert [r.audience_key for r in results] == [VIP, "other"]
+    assert gist.contacts()["u1"]["email"] == "first@example.com"
+    gist.clear_log()
+    sync(workspace, engine)
+    assert gist.requests() == []
+
+
 # 4 ----------------------------------------------------------------------------------------
 
 

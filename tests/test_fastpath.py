@@ -302,8 +302,10 @@ DOUBTS: list[Any] = [
     pytest.param(_pending_change, id="change-pending"),
 ]
 # Doubts that stay while their cause does: the full diff that follows them does not lift
-# them (the next run of the same file diffs again, and sends nothing).
-LASTING = {"unfinished-backfill", "last-run-rejected-rows", "last-run-had-email-conflicts"}
+# them (the next run of the same file diffs again, and sends nothing). A stopped backfill
+# is no longer one once a run of its key came after it: the next backfill starts over
+# (runs.unfinished_backfills), so that full diff lifts it.
+LASTING = {"last-run-rejected-rows", "last-run-had-email-conflicts"}
 # What the full diff records that the fast path would not have.
 RECORDED = {"last-run-rejected-rows": {"rejected": 1}, "last-run-had-email-conflicts": {
     "email_conflicts": 1}}  # fmt: skip

@@ -14,7 +14,8 @@ event refused with a 422, a batch answer naming a failed contact, the answer los
 applied the change, the connection dropped before); a kill at a chosen step (loading,
 planned, after some answers); a real ``run`` process stopped (SIGSTOP) past a short lease
 while another takes over, then woken; backfill; retire and re-adding a key as the other
-kind; an edit made in Gist behind the tool's back followed by ``verify --repair``; Gist
+kind; Gist losing an audience's values then ``backfill`` (stopped and run again until it
+succeeds); an edit made in Gist behind the tool's back followed by ``verify --repair``; Gist
 changed behind the tool's back and read back by ``reconcile``, which may stop half-way and
 be continued after a run of its keys; prune. Keys with and without ``send_track``, turned
 on and off by a rule.
@@ -622,6 +623,35 @@ def machine_for(store: str) -> type[RuleBasedStateMachine]:
         def backfill(self, data: st.DataObject, fault: str) -> None:
             key = data.draw(st.sampled_from(self.configured()))
             self.sync((key,), mode="backfill", fault=fault)
+
+        @precondition(lambda self: bool(self.configured("audience")))
+        @rule(data=st.data(), fault=faults, earlier=st.booleans())
+        def reset_gist_then_backfill(self, data: st.DataObject, fault: str, earlier: bool) -> None:
+            """Gist loses an audience's values (a workspace reset), and ``backfill`` — what
+            it is for — sends them again, run until it succeeds (the first try under a
+            fault). With ``earlier``, a backfill under that fault and a run of the key came
+            before the reset: a backfill that stopped then must not be "resumed" across the
+            run since, its users left without the property."""
+            key = data.draw(st.sampled_from(self.configured("audience")))
+            if earlier:
+                self.sync((key,), mode="backfill", fault=fault)
+                self.sync((key,))
+            for user, contact in self.users_in_gist().items():
+                if key in contact["custom_properties"]:
+                    self.gist.drop_property(user, key)
+            results = self.sync((key,), mode="backfill", fault="none" if earlier else fault)
+            for _ in range(3):
+                if results is not None and all(r.status == "succeeded" for r in results):
+                    break
+                results = self.sync((key,), mode="backfill")
+            else:
+                raise AssertionError(f"the backfill of {key} never succeeded: {results}")
+            members = {
+                u
+                for u, c in self.users_in_gist().items()
+                if c["custom_properties"].get(key) is True
+            }
+            assert members == self.keys[key].members, (key, members)
 
         @rule(data=st.data())
         def retire_and_add_back_as_the_other_kind(self, data: st.DataObject) -> None:

@@ -89,7 +89,8 @@ def register(commands: Commands) -> None:
         "backfill", "resend every member's value",
         "Send every current member of the audience or trait its value again (true for an "
         "audience, the computed value for a trait), whatever Gist acknowledged before (for a "
-        "new or reset Gist workspace). An unfinished backfill is resumed.",
+        "new or reset Gist workspace). An unfinished backfill is resumed, unless another run "
+        "of the key came between (it then starts over).",
         syncing,
         handler=cmd_backfill,
     )  # fmt: skip
