@@ -187,10 +187,14 @@ def _reconcile(
     for key, result in list(results.items()):
         if result.status != "running":
             continue
+        # Its own error: its source could not be read (Gist's reading is recorded all the
+        # same, but how the source differs from it is unknown).
+        unread = error is None and result.error is not None
         finished = replace(
             result,
-            status="succeeded" if error is None else status,
-            error=error,
+            status="failed" if unread else "succeeded" if error is None else status,
+            error=f"{result.error}; what Gist holds was recorded" if unread else error,
+            failure="source" if unread else result.failure,
             contacts_read=progress.contacts,
             pages_read=progress.pages,
             leads=progress.leads,

@@ -146,6 +146,25 @@ def test_429s_and_5xx_while_paging_are_retried(
     assert acknowledged(engine, VIP) == users(*range(7))
 
 
+def test_a_source_that_cannot_be_read_fails_its_key_and_says_so(
+    workspace: Workspace, engine: Engine, gist: FakeGist, source: Path
+) -> None:
+    """A review's find: the source's read error was recorded on the key's result and then
+    overwritten, so a reconcile whose source could not be read said "succeeded" with no
+    differences at all. Gist's reading is still recorded (it does not come from the
+    source); the key fails, saying why."""
+    segment_left(gist)
+    source.unlink()
+
+    report = reconcile(workspace.settings(), engine)
+
+    [result] = report.results
+    assert (result.status, result.failure) == ("failed", "source")
+    assert "the source could not be read" in (result.error or "")
+    assert "what Gist holds was recorded" in (result.error or "")
+    assert acknowledged(engine, VIP) == users(0, 1, 2, 3, 4, 5, 6)
+
+
 def test_a_wrong_key_fails_at_once_with_a_clear_error(
     workspace: Workspace, engine: Engine, gist: FakeGist, source: Path
 ) -> None:
