@@ -30,7 +30,7 @@ from audience_sync.models import (
     uncertain_members,
 )
 from audience_sync.plan import NULL_JSON
-from audience_sync.statuses import DRY_RUN_KINDS
+from audience_sync.statuses import CHANGED_NOTHING_KINDS, DRY_RUN_KINDS
 
 CHART_RUNS = 120  # runs an audience's chart draws, the newest
 USER_CHANGES = 200  # changes the user page lists, the newest
@@ -159,7 +159,7 @@ def load_growth(engine: Engine, key: str, limit: int = CHART_RUNS) -> list[RunPo
         )
         .where(
             sync_runs.c.audience_key == key,
-            sync_runs.c.kind.not_in([*DRY_RUN_KINDS.values(), "dry-reconcile"]),
+            sync_runs.c.kind.not_in(CHANGED_NOTHING_KINDS),
             sync_runs.c.status != "running",
         )
         .order_by(sync_runs.c.id.desc())

@@ -16,7 +16,7 @@ from audience_sync.ledger import owed_event
 from audience_sync.models import audiences
 from audience_sync.models import member_changes as changes
 from audience_sync.models import sync_runs as runs
-from audience_sync.statuses import DRY_RUN_KINDS, FAILED_STATUSES, RunKind, RunStatus
+from audience_sync.statuses import CHANGED_NOTHING_KINDS, FAILED_STATUSES, RunKind, RunStatus
 
 log = logging.getLogger(__name__)
 
@@ -293,7 +293,7 @@ def unfinished_backfills(engine: Engine, key: str, run_id: int) -> list[int]:
             .where(
                 runs.c.audience_key == key,
                 runs.c.id != run_id,
-                runs.c.kind.not_in([*DRY_RUN_KINDS.values(), "dry-reconcile"]),
+                runs.c.kind.not_in(CHANGED_NOTHING_KINDS),
             )
             .order_by(runs.c.id.desc())
         ).all()

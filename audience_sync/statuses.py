@@ -45,6 +45,10 @@ DRY_RUN_KINDS: Final[dict[Mode, RunKind]] = {
     "retire": "retire-dry-run",
 }
 """The kind a dry run of each mode is recorded as; its values are the kinds that sent nothing."""
+CHANGED_NOTHING_KINDS: Final[frozenset[RunKind]] = frozenset(
+    {*DRY_RUN_KINDS.values(), "dry-reconcile"}
+)
+"""Kinds of runs that moved neither Gist nor the ledger: the dry runs and dry reconciles."""
 RUN_STATUSES: Final[tuple[RunStatus, ...]] = get_args(RunStatus)
 FAILED_STATUSES: Final[frozenset[RunStatus]] = frozenset(
     {"partial", "failed", "guarded", "interrupted"}
