@@ -53,13 +53,16 @@ def build_event(names: EventNames, row: Any) -> dict[str, Any]:
         value = bool(row.value)
         name = names.entered if value else names.exited
         properties = {"audience_key": key, key: value}
-    return {
+    event = {
         "event_name": name,
         "user_id": row.user_id,
         "email": row.email,
         "occurred_at": occurred_at,
         "properties": properties,
     }
+    if not row.email:
+        del event["email"]  # not known (see ``gist.build_contact``): the user id names them
+    return event
 
 
 async def send_events(

@@ -7,6 +7,7 @@ import bisect
 import contextlib
 import json
 import math
+import re
 import signal
 import socket
 import threading
@@ -31,6 +32,7 @@ _Headers = dict[str, str]
 _Answer = tuple[int, Any, _Headers]
 DEFAULT_PER_PAGE = 50  # contacts per page of GET /contacts when none is asked
 MAX_PER_PAGE = 100  # the most the list endpoint gives per page, whatever is asked
+EMAIL = re.compile(r"[^@\s]+@[^@\s]+")  # what the fake takes for an address: loose on purpose
 
 
 @dataclass(frozen=True)
@@ -610,6 +612,7 @@ class FakeGist(BackgroundServer):
         if path == "/events" and method == "POST":
             if not isinstance(body, dict) or not body.get("event_name"):
                 raise _ApiError(400, "event_name is required")
+            _valid_email(body)
             event = {"id": len(self._events) + 1, **body}
             self._events.append(event)
             return {"event": dict(event)}
@@ -645,7 +648,7 @@ class FakeGist(BackgroundServer):
         if not isinstance(body, dict):
             raise _ApiError(400, "Body must be a JSON object")
         user_id = body.get("user_id")
-        email = body.get("email")
+        email = _valid_email(body)
         if (user_id is None or user_id == "") and not email:
             raise _ApiError(400, "user_id or email is required")
         props = body.get("custom_properties", {})
@@ -698,6 +701,17 @@ class FakeGist(BackgroundServer):
             "email": contact["email"],
             "custom_properties": dict(contact["custom_properties"]),
         }
+
+
+def _valid_email(body: dict[str, Any]) -> str | None:
+    """The body's email, if it has one; an email that is there but no address (empty, not
+    text, no ``@``) is refused, as a strict Gist would (what it does is not documented)."""
+    if "email" not in body or body["email"] is None:
+        return None
+    email = body["email"]
+    if not isinstance(email, str) or not EMAIL.fullmatch(email):
+        raise _ApiError(400, f"email is invalid: {email!r}")
+    return email
 
 
 def _interrupt(signum: int, frame: FrameType | None) -> None:

@@ -56,7 +56,11 @@ def _tls() -> ssl.SSLContext:
 
 
 def build_contact(user_id: str, email: str, properties: dict[str, Any]) -> dict[str, Any]:
-    """The ``POST /contacts`` body that sets ``properties`` on one contact."""
+    """The ``POST /contacts`` body that sets ``properties`` on one contact. An email not
+    known (``""``: a contact ``reconcile`` found in Gist without one) is left out, not sent
+    empty: the user id names the contact, and an empty email is no address Gist accepts."""
+    if not email:
+        return {"user_id": user_id, "custom_properties": properties}
     return {"user_id": user_id, "email": email, "custom_properties": properties}
 
 
@@ -269,7 +273,7 @@ def batch_failures(
     if not isinstance(body, dict):
         return frozenset()
     by_user = {str(user_id): i for i, (user_id, _, _) in enumerate(contacts)}
-    by_email = {email: i for i, (_, email, _) in enumerate(contacts)}
+    by_email = {email: i for i, (_, email, _) in enumerate(contacts) if email}
     failed: set[int] = set()
     errors = body.get("errors")
     if errors:

@@ -19,6 +19,7 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from functools import cache
+from typing import TYPE_CHECKING
 
 from sqlalchemy import ColumnElement, Engine, literal_column, select, update
 from sqlalchemy.engine import Connection
@@ -26,6 +27,9 @@ from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 
 from audience_sync.errors import FencedError, LockHeldError, StateError
 from audience_sync.models import leases
+
+if TYPE_CHECKING:
+    from audience_sync.config import Settings
 
 log = logging.getLogger(__name__)
 
@@ -379,6 +383,16 @@ class Holder:
                 # A busy or briefly unreachable database: the next beat tries again; the
                 # fence stops sending if none succeeds in time.
                 log.warning("could not renew the leases of %s: %s", ", ".join(sorted(keys)), exc)
+
+
+def holder_for(engine: Engine, owner: str, settings: Settings) -> Holder:
+    """A ``Holder`` with the config's lease length, fencing requests of its timeout."""
+    return Holder(
+        engine,
+        owner,
+        seconds=settings.state.lease_seconds,
+        request_seconds=settings.gist.timeout_seconds,
+    )
 
 
 @contextmanager

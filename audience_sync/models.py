@@ -76,6 +76,8 @@ sync_runs = Table(
     Column("config_fingerprint", String(64)),
     # True when the run skipped load and diff (unchanged file, nothing owed: see fastpath.py).
     Column("fast_path", Boolean, default=False, server_default=false(), nullable=False),
+    # True when a backfill skipped whom the unfinished backfills before it reached (--resume).
+    Column("resumed", Boolean, default=False, server_default=false(), nullable=False),
     # A reconcile's reading of Gist: contacts and pages read, leads (no user_id) skipped.
     Column("contacts_read", Integer),
     Column("pages_read", Integer),

@@ -34,7 +34,19 @@ from functools import partial
 from typing import Any
 
 import httpx
-from sqlalchemy import Engine, and_, delete, exists, func, insert, literal, or_, select, update
+from sqlalchemy import (
+    Engine,
+    and_,
+    case,
+    delete,
+    exists,
+    func,
+    insert,
+    literal,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.engine import Connection
 
 from audience_sync import lease
@@ -110,12 +122,7 @@ def reconcile(
     stop = stop or threading.Event()
     registered = nullcontext(worker) if worker is not None else Presence(engine, "reconcile")
     with registered as worker:
-        holder = lease.Holder(
-            engine,
-            worker.id,
-            seconds=settings.state.lease_seconds,
-            request_seconds=settings.gist.timeout_seconds,
-        )
+        holder = lease.holder_for(engine, worker.id, settings)
         results: dict[str, RunResult] = {}
         held: list[Computation] = []
         kind: RunKind = "dry-reconcile" if dry_run else "reconcile"
@@ -389,6 +396,7 @@ def _finish(
         if held_keys != set(keys):
             return "; ".join(holder.loss().values()) or "a lease was lost"
         for key, audience in settings_by_key.items():
+            _settle_applied(connection, reading, audience, now)
             _record(connection, engine, reading, key, audience.is_trait, results[key], now)
         _recompute_drift(connection)
         connection.execute(
@@ -454,6 +462,57 @@ def _compare(
         entered=int(entered or 0),
         exited=int(exited or 0),
         resent=int(resent or 0),
+    )
+
+
+def _settle_applied(connection: Connection, reading: int, audience: Computation, now: Any) -> None:
+    """An uncertain user's latest change whose value the reading finds in Gist was applied,
+    its answer lost (a timeout, a dropped connection, a kill): it becomes ``delivered``, and
+    owes the event a run would have owed it (``send_track`` on, and the change moved the
+    acknowledged value). Without this the reading would make it the ledger with no event
+    ever sent: the next run re-sends an uncertain entry *with* its ``Audience Entered``, and
+    after a reconcile no run sends one at all. Runs before ``_record`` replaces the ledger,
+    whose old values say which changes moved it."""
+    key = audience.property_key
+    h = gist_holdings
+    unsure = select(uncertain_members.c.user_id).where(uncertain_members.c.audience_key == key)
+    latest = (
+        select(func.max(changes.c.id))
+        .where(changes.c.audience_key == key, changes.c.user_id.in_(unsure))
+        .group_by(changes.c.user_id)
+    )
+    held = (h.c.reconcile_id == reading, h.c.key == key, h.c.user_id == changes.c.user_id)
+    if audience.is_trait:
+        gist_value = select(h.c.value).where(*held).scalar_subquery()
+        old_value = (
+            select(trait_values.c.value)
+            .where(trait_values.c.trait_key == key, trait_values.c.user_id == changes.c.user_id)
+            .scalar_subquery()
+        )
+        sent = func.coalesce(changes.c.value_json, NULL_JSON)
+        applied = func.coalesce(gist_value, NULL_JSON) == sent
+        moved = func.coalesce(old_value, NULL_JSON) != sent
+    else:
+        in_gist = exists().where(*held)
+        member = exists().where(
+            memberships.c.audience_key == key, memberships.c.user_id == changes.c.user_id
+        )
+        entry, exit_ = changes.c.value.is_(True), changes.c.value.is_(False)
+        applied = or_(and_(entry, in_gist), and_(exit_, ~in_gist))
+        moved = or_(and_(entry, ~member), and_(exit_, member))
+    connection.execute(
+        update(changes)
+        .where(
+            changes.c.id.in_(latest),
+            changes.c.status.in_(["failed", "pending"]),
+            applied,
+        )
+        .values(
+            status="delivered",
+            delivered_at=now,
+            event_status=case((and_(moved, literal(audience.send_track)), "pending"), else_=None),
+            event_error=None,
+        )
     )
 
 

@@ -50,6 +50,7 @@ class RunResult:
     email_conflicts: int = 0  # rows whose email lost to another audience's for the same user
     staged_in: str | None = None  # where the source rows were checked: "python" or "database"
     fast_path: bool = False  # load and diff skipped: an unchanged file, nothing owed
+    resumed: bool = False  # a backfill that skipped whom the unfinished ones before it reached
     source_digest: str | None = None  # the file's bytes as read (CSV/JSONL sources)
     config_fingerprint: str | None = None  # a hash of the settings deciding what is sent
     contacts_read: int | None = None  # a reconcile's: Gist contacts read,
@@ -59,12 +60,14 @@ class RunResult:
 
 def result_fields(result: RunResult) -> dict[str, Any]:
     """The result as a dict for output and alerts: without the digest and fingerprint, which
-    are ``sync_runs`` bookkeeping for the fast path, and with a reconcile's counts of what it
-    read only for a reconcile."""
+    are ``sync_runs`` bookkeeping for the fast path, with a reconcile's counts of what it
+    read only for a reconcile, and whether it resumed only for a backfill."""
     fields = asdict(result)
     del fields["source_digest"], fields["config_fingerprint"]
     if result.contacts_read is None:
         del fields["contacts_read"], fields["pages_read"], fields["leads"]
+    if result.kind not in ("backfill", "backfill-dry-run"):
+        del fields["resumed"]
     return fields
 
 
@@ -163,6 +166,7 @@ def save_run(engine: Engine, result: RunResult, finished_at: datetime | None) ->
                 email_conflicts=result.email_conflicts,
                 error=result.error,
                 fast_path=result.fast_path,
+                resumed=result.resumed,
                 source_digest=result.source_digest,
                 config_fingerprint=result.config_fingerprint,
                 contacts_read=result.contacts_read,
@@ -283,13 +287,15 @@ def change_counts(engine: Engine, run_id: int | None) -> dict[str, int]:
 
 def unfinished_backfills(engine: Engine, key: str, run_id: int) -> list[int]:
     """The backfill runs that did not succeed since the key's last run of any other kind
-    (dry runs aside) or its last successful backfill: what a backfill resumes. A run of
-    another kind in between (a run, a retire, a reconcile) may have moved what Gist holds
-    for the users those backfills reached — an exit sent, the ledger read anew after Gist
-    was reset — so the backfill after it starts over."""
+    (dry runs aside), its last successful backfill or its last backfill that started over
+    (that one included): what ``backfill --resume`` resumes. A run of another kind in
+    between (a run, a retire, a reconcile) may have moved what Gist holds for the users
+    those backfills reached — an exit sent, the ledger read anew after Gist was reset — so
+    the backfill after it starts over; one that started over did not skip whom the earlier
+    ones reached, and may have followed a reset of Gist that made them moot."""
     with engine.connect() as connection:
         rows = connection.execute(
-            select(runs.c.id, runs.c.kind, runs.c.status)
+            select(runs.c.id, runs.c.kind, runs.c.status, runs.c.resumed)
             .where(
                 runs.c.audience_key == key,
                 runs.c.id != run_id,
@@ -302,4 +308,6 @@ def unfinished_backfills(engine: Engine, key: str, run_id: int) -> list[int]:
         if row.kind != "backfill" or row.status == "succeeded":
             break
         chain.append(row.id)
+        if not row.resumed:
+            break
     return chain

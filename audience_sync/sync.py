@@ -117,6 +117,7 @@ class SyncContext:
     transport: httpx.AsyncBaseTransport | None = None
     observer: RequestObserver | None = None
     full_diff: bool = False  # never take the no-change fast path
+    resume: bool = False  # a backfill skips whom the unfinished backfills before it reached
 
     @property
     def dry_run(self) -> bool:
@@ -139,6 +140,7 @@ def run_once(
     dry_run: bool = False,
     allow_mass_exit: bool = False,
     full_diff: bool = False,
+    resume: bool = False,
     transport: httpx.AsyncBaseTransport | None = None,
     clock: Clock = utcnow,
     stop: threading.Event | None = None,
@@ -150,12 +152,12 @@ def run_once(
     empty, except for ``retire``, which needs them named) once.
 
     ``mode`` is ``run`` (send what changed), ``backfill`` (send ``true`` to every current
-    member, resuming an unfinished backfill) or ``retire`` (clear a key no longer configured
-    for everyone Gist may hold a value of it for). ``memberships`` moves only for changes
-    Gist acknowledged, so whatever is not delivered (failure, crash, stop) is planned again
-    by the next run. A dry run writes its plan as ``planned`` changes and sends nothing.
-    A run of an unchanged file with nothing owed skips load and diff (``fastpath``) unless
-    ``full_diff``.
+    member; with ``resume``, but those an unfinished backfill reached) or ``retire`` (clear
+    a key no longer configured for everyone Gist may hold a value of it for).
+    ``memberships`` moves only for changes Gist acknowledged, so whatever is not delivered
+    (failure, crash, stop) is planned again by the next run. A dry run writes its plan as
+    ``planned`` changes and sends nothing. A run of an unchanged file with nothing owed
+    skips load and diff (``fastpath``) unless ``full_diff``.
     Setting ``stop`` (e.g. from a signal handler) ends the run gracefully: requests in
     flight finish and are recorded, and the runs are marked ``interrupted``.
 
@@ -183,14 +185,10 @@ def run_once(
             transport=transport,
             observer=observer,
             full_diff=full_diff,
+            resume=resume,
         )
         targets = _targets(settings, engine, keys, mode)
-        holder = lease.Holder(
-            engine,
-            ctx.owner,
-            seconds=settings.state.lease_seconds,
-            request_seconds=settings.gist.timeout_seconds,
-        )
+        holder = lease.holder_for(engine, ctx.owner, settings)
         held: list[_Target] = []
         results: dict[str, RunResult] = {}
         try:
@@ -542,12 +540,21 @@ def _plan(
         save_key_kind(engine, key, kind)
     start_plan(connection, plan, kind)
     if ctx.mode == "backfill":
-        resumed = unfinished_backfills(engine, key, plan.run_id)
+        unfinished = unfinished_backfills(engine, key, plan.run_id)
+        runs_text = ", ".join(map(str, unfinished))
+        # Resuming trusts Gist to still hold what those backfills sent; only the operator
+        # knows whether it was reset since (what a backfill is for), so it is asked for.
+        resumed = unfinished if ctx.resume else []
         if resumed:
-            log.warning("%s: resuming the backfill of runs %s", key, ", ".join(map(str, resumed)))
+            log.warning("%s: resuming the backfill of runs %s", key, runs_text)
+        elif unfinished:
+            log.warning(
+                "%s: the backfill of runs %s did not finish; starting over (--resume skips "
+                "whom it reached, when Gist was not reset since)", key, runs_text,
+            )  # fmt: skip
         entered = save_backfill_plan(connection, plan, resumed, trait=audience.is_trait)
         members = count_staged(connection, snapshot)
-        return replace(result, members=members, entered=entered, status=done)
+        return replace(result, members=members, entered=entered, status=done, resumed=bool(resumed))
     if isinstance(audience, TraitConfig):
         diff = save_trait_plan(connection, plan, audience.on_missing)
     else:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from typing import Any
@@ -16,15 +17,17 @@ from typing import Any
 import httpx
 from sqlalchemy import Connection, Engine, Select, exists, false, func, select
 
+from audience_sync import lease
 from audience_sync.budget import workspace_budget
 from audience_sync.config import Settings
 from audience_sync.db import upsert
-from audience_sync.errors import ApiError, AuthError
+from audience_sync.errors import ApiError, AuthError, FencedError
 from audience_sync.gist import GistClient, make_http_client
 from audience_sync.models import audiences, memberships, trait_values, uncertain_members
 from audience_sync.models import member_changes as changes
 from audience_sync.models import sync_runs as runs
 from audience_sync.pacer import Pacer
+from audience_sync.workers import Presence
 
 MISSING = "missing"  # Drift.actual when Gist has no contact with that user_id
 STREAM_ROWS = 1000
@@ -82,6 +85,7 @@ def verify_audience(
     repair: bool = False,
     transport: httpx.AsyncBaseTransport | None = None,
     seed: int | None = None,
+    worker: Presence | None = None,
 ) -> VerifyReport:
     """Fetch up to ``sample`` random members of audience ``key`` (plus up to ``sample // 4``
     users whose exit was delivered) — or, for a computed trait, up to ``sample`` users with
@@ -93,15 +97,51 @@ def verify_audience(
     ``max_concurrency`` workers. ``AuthError`` propagates, and so does ``ApiError`` when
     Gist cannot be reached at all; a user Gist answers with another error is listed in
     ``errors``, neither drift nor repaired.
+
+    A repair holds the key's lease from the sample to the save, as a run does: a run of the
+    key in between could otherwise settle (or take back, when Gist refused it) the
+    uncertainty the repair records, and the drift would stay in Gist. ``LockHeldError``
+    when another process holds it; ``FencedError``, nothing saved, when it was lost.
+    ``worker`` is the calling process's row in ``workers`` (as for ``run_once``), whose
+    leases it takes back; without one, a repair registers itself for its length.
     """
     if sample < 0:
         raise ValueError("sample must be 0 or more")
+    if not repair:
+        return _verify(settings, engine, key, sample, transport, seed, None)
+    registered = nullcontext(worker) if worker is not None else Presence(engine, "verify")
+    with registered as worker:
+        holder = lease.holder_for(engine, worker.id, settings)
+        holder.acquire(key)
+        try:
+            worker.running([key])
+            holder.start()
+            return _verify(settings, engine, key, sample, transport, seed, holder)
+        finally:
+            holder.stop()
+            holder.release()
+            worker.running(())
+
+
+def _verify(
+    settings: Settings,
+    engine: Engine,
+    key: str,
+    sample: int,
+    transport: httpx.AsyncBaseTransport | None,
+    seed: int | None,
+    holder: lease.Holder | None,
+) -> VerifyReport:
+    """Sample, read back and compare; with ``holder`` (a repair), save the drifted users as
+    uncertain under its lease."""
     samples = load_sample(settings, engine, key, sample, seed)
     drifted, errors = asyncio.run(_fetch_all(settings, engine, key, samples, transport))
     repaired = 0
-    if repair:
+    if holder is not None:
         emails = {s.user_id: s.email for s in samples}
-        repaired = save_repairs(engine, key, [(d.user_id, emails[d.user_id]) for d in drifted])
+        repaired = save_repairs(
+            engine, key, [(d.user_id, emails[d.user_id]) for d in drifted], holder
+        )
     matching = len(samples) - len(drifted) - len(errors)
     return VerifyReport(key, len(samples), matching, drifted, repaired, errors)
 
@@ -161,11 +201,18 @@ def load_sample(
     return chosen
 
 
-def save_repairs(engine: Engine, key: str, users: list[tuple[str, str]]) -> int:
-    """Mark ``(user_id, email)`` uncertain in audience ``key``; returns how many were given."""
+def save_repairs(
+    engine: Engine, key: str, users: list[tuple[str, str]], holder: lease.Holder | None = None
+) -> int:
+    """Mark ``(user_id, email)`` uncertain in audience ``key``; returns how many were given.
+    With ``holder``, only while it still holds the key's lease (else ``FencedError``)."""
     if not users:
         return 0
-    with engine.begin() as connection:
+    with lease.fenced(engine, holder, [key]) as (connection, held):
+        if key not in held:
+            raise FencedError(
+                key, f"the lease of {key} was taken over or expired: nothing repaired"
+            )
         run_id = connection.scalar(select(func.max(runs.c.id)).where(runs.c.audience_key == key))
         rows = [
             {"audience_key": key, "user_id": u, "email": e, "run_id": run_id or 0} for u, e in users

@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 BEAT_SECONDS = 10.0
 KEEP_DAYS = 7
 STOP_RECORD_SECONDS = 5.0  # the longest a clean exit waits to record itself
-ONE_SHOT_COMMANDS = ("run", "backfill", "retire")
+ONE_SHOT_COMMANDS = ("run", "backfill", "retire", "verify")
 ONE_SHOT_KEEP_SECONDS = 3600  # a finished one-shot sync's row, for `workers --all`
 WorkerState = Literal["alive", "dead", "stopped"]
 

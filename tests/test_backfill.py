@@ -36,7 +36,7 @@ def test_backfill_resends_every_member(
     assert all(r.body["custom_properties"] == {KEY: True} for r in gist.requests("/contacts"))
 
 
-def test_backfill_after_a_crash_resumes_instead_of_starting_over(
+def test_backfill_after_a_crash_resumes_when_asked_instead_of_starting_over(
     workspace: Workspace, engine: Engine, gist: FakeGist
 ) -> None:
     workspace.gist_options.update(max_concurrency=1, max_retries=0)
@@ -48,15 +48,66 @@ def test_backfill_after_a_crash_resumes_instead_of_starting_over(
     assert (first.status, first.delivered) == ("failed", 12)
 
     gist.reset_faults()
-    [second] = run_once(workspace.settings(), engine, [KEY], mode="backfill")
+    [second] = run_once(workspace.settings(), engine, [KEY], mode="backfill", resume=True)
 
     assert (second.status, second.entered, second.delivered) == ("succeeded", 18, 18)
     assert sends(gist) == Counter({f"u{n}": 1 for n in range(30)})  # nobody twice
     assert acknowledged(engine) == in_gist(gist) == users(*range(30))
 
     gist.clear_log()
-    [fresh] = run_once(workspace.settings(), engine, [KEY], mode="backfill")
+    [fresh] = run_once(workspace.settings(), engine, [KEY], mode="backfill", resume=True)
     assert fresh.delivered == 30  # the last backfill finished: a new one starts over
+
+
+def test_a_backfill_starts_over_unless_told_to_resume(
+    workspace: Workspace, engine: Engine, gist: FakeGist, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Found by the model: a backfill stopped (the key revoked after its first request),
+    Gist was reset — what a backfill is for — and the next backfill, "resuming", skipped the
+    user the stopped one had reached, leaving it without the property for good (the ledger
+    says member, so no run sends it). Nothing the tool can see tells a reset happened: a
+    backfill resumes only when the operator says so (``--resume``)."""
+    workspace.gist_options.update(max_concurrency=1, max_retries=0)
+    source = workspace.add_file_audience("Order Completed Last 30days")
+    write_members(source, range(10))
+    gist.fail_after(4, 401)
+    [stopped] = run_once(workspace.settings(), engine, [KEY], mode="backfill")
+    assert (stopped.status, stopped.delivered) == ("failed", 4)
+    gist.reset_faults()
+    for user in gist.contacts():  # the four it reached
+        gist.drop_property(user, KEY)
+
+    [backfill] = run_once(workspace.settings(), engine, [KEY], mode="backfill")
+
+    assert (backfill.status, backfill.delivered) == ("succeeded", 10)
+    assert in_gist(gist) == acknowledged(engine) == users(*range(10))
+    assert f"the backfill of runs {stopped.run_id} did not finish; starting over" in caplog.text
+
+
+def test_a_resumed_backfill_reaches_back_no_further_than_one_that_started_over(
+    workspace: Workspace, engine: Engine, gist: FakeGist
+) -> None:
+    """A backfill stopped, Gist was reset, a backfill started over and stopped too: resuming
+    it skips whom *it* reached, not whom the one before the reset reached."""
+    workspace.gist_options.update(max_concurrency=1, max_retries=0)
+    source = workspace.add_file_audience("Order Completed Last 30days")
+    write_members(source, range(10))
+    gist.fail_after(6, 401)
+    run_once(workspace.settings(), engine, [KEY], mode="backfill")  # reaches u0-u5
+    gist.reset_faults()
+    for user in gist.contacts():
+        gist.drop_property(user, KEY)
+    gist.fail_after(3, 401)
+    [over] = run_once(workspace.settings(), engine, [KEY], mode="backfill")  # u0-u2 again
+    assert (over.resumed, over.delivered) == (False, 3)
+    gist.reset_faults()
+    gist.clear_log()
+
+    [resumed] = run_once(workspace.settings(), engine, [KEY], mode="backfill", resume=True)
+
+    assert (resumed.status, resumed.resumed, resumed.delivered) == ("succeeded", True, 7)
+    assert sends(gist) == Counter({f"u{n}": 1 for n in range(3, 10)})
+    assert in_gist(gist) == acknowledged(engine) == users(*range(10))
 
 
 @pytest.mark.parametrize("between", ["gist-reset", "left-and-came-back"])

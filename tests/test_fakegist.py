@@ -208,6 +208,24 @@ def test_fail_user(gist: FakeGist, client: httpx.Client) -> None:
     assert set(gist.contacts()) == {"good"}
 
 
+@pytest.mark.parametrize("email", ["", "no-at-sign", 7], ids=["empty", "no-at", "number"])
+def test_an_email_that_is_no_address_is_refused(
+    gist: FakeGist, client: httpx.Client, email: object
+) -> None:
+    contact = {"user_id": "u1", "email": email, "custom_properties": {"a": True}}
+    event = {"event_name": "Audience Entered", "user_id": "u1", "email": email}
+    for path, body in [("/contacts", contact), ("/contacts/batch", {"contacts": [contact]}),
+                       ("/events", event)]:  # fmt: skip
+        refused = client.post(path, json=body)
+        assert (refused.status_code, refused.json()) == (
+            400, {"errors": [{"message": f"email is invalid: {email!r}"}]},
+        )  # fmt: skip
+    assert (gist.contacts(), gist.events()) == ({}, [])
+    without = client.post("/contacts", json={"user_id": "u1", "custom_properties": {"a": True}})
+    assert without.status_code == 200
+    assert gist.properties("a") == {"u1": True}
+
+
 def test_refuse_events(gist: FakeGist, client: httpx.Client) -> None:
     gist.refuse_events("u1", 1)
     event = {"event_name": "Audience Entered", "user_id": "u1", "email": "u1@example.com"}

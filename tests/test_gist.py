@@ -131,6 +131,10 @@ def test_build_contact() -> None:
     }
 
 
+def test_build_contact_leaves_out_an_email_not_known() -> None:
+    assert build_contact("7", "", {"x": 1}) == {"user_id": "7", "custom_properties": {"x": 1}}
+
+
 @pytest.mark.parametrize("status", [200, 201, 204], ids=["200", "201", "204"])
 def test_success_statuses(status: int) -> None:
     assert _push(_answer(status)) == status

@@ -171,12 +171,11 @@ class Key:
     # Users holding the `false` that retiring the key's old audience kind left in Gist,
     # which the trait's state never tracked.
     leftover: set[str] = field(default_factory=set)
-    # The last reconcile of the key: how many events Gist had then, and what it held. Gist's
-    # values read back stand for the events before them (they may have been changed behind
-    # the tool's back): a user with no event since holds the value read then. Turning
-    # send_track on does the same with the values Gist acknowledged by then.
-    reconciled_at: int = -1
-    reconciled: dict[str, Any] = field(default_factory=dict)
+    # When send_track was last turned on: how many events Gist had then, and the values
+    # Gist acknowledged by then, which stand for the events before them (changes made while
+    # it was off owe none): a user with no event since holds the value acknowledged then.
+    baseline_at: int = -1
+    baseline: dict[str, Any] = field(default_factory=dict)
 
 
 def wait_until_stopped(pid: int) -> None:
@@ -435,6 +434,7 @@ def machine_for(store: str) -> type[RuleBasedStateMachine]:
             kill_after: int = 1,
             form: str = "str",
             full_diff: bool = False,
+            resume: bool = False,
         ) -> list[RunResult] | None:
             config = self.write(form)
             self.inject(fault)
@@ -456,6 +456,7 @@ def machine_for(store: str) -> type[RuleBasedStateMachine]:
                         mode=mode,
                         allow_mass_exit=True,
                         full_diff=full_diff,
+                        resume=resume,
                         progress=progress,
                         worker=self.worker,
                     )
@@ -619,19 +620,23 @@ def machine_for(store: str) -> type[RuleBasedStateMachine]:
             assert results is not None
             assert all(r.status == "succeeded" for r in results), results
 
-        @rule(data=st.data(), fault=faults)
-        def backfill(self, data: st.DataObject, fault: str) -> None:
+        @rule(data=st.data(), fault=faults, resume=st.booleans())
+        def backfill(self, data: st.DataObject, fault: str, resume: bool) -> None:
+            """A backfill, resuming an unfinished one or not: either way, Gist not having
+            been reset since, the next clean run must leave Gist equal to the sources."""
             key = data.draw(st.sampled_from(self.configured()))
-            self.sync((key,), mode="backfill", fault=fault)
+            self.sync((key,), mode="backfill", fault=fault, resume=resume)
 
         @precondition(lambda self: bool(self.configured("audience")))
         @rule(data=st.data(), fault=faults, earlier=st.booleans())
         def reset_gist_then_backfill(self, data: st.DataObject, fault: str, earlier: bool) -> None:
             """Gist loses an audience's values (a workspace reset), and ``backfill`` — what
             it is for — sends them again, run until it succeeds (the first try under a
-            fault). With ``earlier``, a backfill under that fault and a run of the key came
-            before the reset: a backfill that stopped then must not be "resumed" across the
-            run since, its users left without the property."""
+            fault, the tries after it resuming it). With ``earlier``, a backfill under that
+            fault and a run of the key came before the reset: a backfill that stopped then
+            must not be "resumed" across the run since, its users left without the property.
+            A backfill that stopped before the reset with no run since (a ``backfill`` rule
+            just before) is not resumed either: only ``--resume`` does that."""
             key = data.draw(st.sampled_from(self.configured("audience")))
             if earlier:
                 self.sync((key,), mode="backfill", fault=fault)
@@ -643,7 +648,7 @@ def machine_for(store: str) -> type[RuleBasedStateMachine]:
             for _ in range(3):
                 if results is not None and all(r.status == "succeeded" for r in results):
                     break
-                results = self.sync((key,), mode="backfill")
+                results = self.sync((key,), mode="backfill", resume=True)
             else:
                 raise AssertionError(f"the backfill of {key} never succeeded: {results}")
             members = {
@@ -736,8 +741,8 @@ def machine_for(store: str) -> type[RuleBasedStateMachine]:
                         )
                     )
                     acknowledged = {user: json.loads(value) for user, value in rows}
-            model.reconciled_at = len(self.gist.events())
-            model.reconciled = acknowledged
+            model.baseline_at = len(self.gist.events())
+            model.baseline = acknowledged
 
         @precondition(lambda self: bool(self.configured("audience")))
         @rule(data=st.data(), user=st.sampled_from(USERS))
@@ -762,8 +767,9 @@ def machine_for(store: str) -> type[RuleBasedStateMachine]:
             self.gist.edit_contact(user, {key: False})
             config = self.write("str")
             report = verify_audience(
-                load_settings(config, {}), self.engine, key, sample=100, repair=True
-            )
+                load_settings(config, {}), self.engine, key, sample=100, repair=True,
+                worker=self.worker,
+            )  # fmt: skip
             # An uncertain member is re-sent by the next run anyway: verify leaves it out.
             found = any(d.user_id == user for d in report.drifted)
             assert found != bool(unsure), report
@@ -773,12 +779,13 @@ def machine_for(store: str) -> type[RuleBasedStateMachine]:
             edits=st.lists(
                 st.tuples(
                     st.sampled_from(USERS),
-                    st.sampled_from(["flip", "drop", "email", "remove", "lead"]),
+                    st.sampled_from(["flip", "drop", "email", "no-email", "remove", "lead"]),
                 ),
                 max_size=4,
             ),
             per_page=st.integers(1, 4),
             stopped_after=st.sampled_from([None, None, 1, 2]),
+            killed=st.sets(st.sampled_from(USERS), max_size=3),
         )
         def tamper_with_gist_then_reconcile(
             self,
@@ -786,17 +793,34 @@ def machine_for(store: str) -> type[RuleBasedStateMachine]:
             edits: list[tuple[str, str]],
             per_page: int,
             stopped_after: int | None,
+            killed: set[str],
         ) -> None:
             """Gist is changed behind the tool's back in any way (values flipped or dropped,
-            emails changed, contacts deleted, leads added), then ``reconcile`` reads it back
-            as the ledger for the keys it was changed on: the next clean run must leave Gist
-            equal to the sources again. With ``stopped_after``, a first reconcile stops
+            emails changed or lost, contacts deleted, leads added), then ``reconcile`` reads
+            it back as the ledger for the keys it was changed on: the next clean run must
+            leave Gist equal to the sources again. With ``stopped_after``, a first reconcile stops
             when Gist goes down after that many pages, a run of its keys sends what the
             ledger says is owed, and the reconcile is run again (it would continue the
-            reading it left, were its pages not stale)."""
+            reading it left, were its pages not stale). With ``killed``, those users moved in
+            the keys' sources (in or out, a new value) and a run of the keys was killed while
+            sending them (one key's, at its first answer), before, as a switch-over may
+            follow a run that died: what Gist
+            applied of it without the tool knowing must still fire its events."""
             keys = sorted(data.draw(st.sets(st.sampled_from(self.configured()), min_size=1)))
-            if any(edit in ("remove", "email") for _, edit in edits):
+            if any(edit in ("remove", "email", "no-email") for _, edit in edits):
                 keys = self.configured()  # a contact's removal or email is every key's
+            if killed:  # one key's, so that the first answer, the one Gist applied, is its
+                killed_key = data.draw(st.sampled_from(keys))
+                model = self.keys[killed_key]
+                if model.kind == "audience":
+                    model.members ^= killed
+                    model.ever |= killed
+                else:
+                    for user in killed:
+                        value = data.draw(trait_values_strategy)
+                        model.values[user] = value
+                        model.possible[user].add(canonical(value))
+                self.sync((killed_key,), kill="sending", kill_after=1)
             contacts = self.gist.contacts()
             for n, (user, edit) in enumerate(edits):
                 key = data.draw(st.sampled_from(keys))
@@ -811,6 +835,9 @@ def machine_for(store: str) -> type[RuleBasedStateMachine]:
                     contacts.pop(user)
                 elif edit == "email":
                     self.gist.add_contact(user, f"{user}.elsewhere@example.com")
+                elif edit == "no-email":  # the contact again, by user id alone
+                    self.gist.remove_contact(user)
+                    self.gist.add_contact(user, None, contacts[user]["custom_properties"])
                 elif edit == "drop":
                     self.gist.drop_property(user, key)
                 elif model.kind == "audience":
@@ -850,14 +877,10 @@ def machine_for(store: str) -> type[RuleBasedStateMachine]:
                             u for u, c in held.items() if c["custom_properties"].get(key) is True
                         }
                         assert ledger == members, (key, ledger, members)
-            for key in keys:
-                model = self.keys[key]
-                model.reconciled_at = len(self.gist.events())
-                model.reconciled = {
-                    u: c["custom_properties"][key]
-                    for u, c in held.items()
-                    if key in c["custom_properties"]
-                }
+            # No baseline for events: a value read back that the tool had sent owes the
+            # event a run would have sent (an entry Gist applied without answering, an event
+            # refused), and one changed behind its back is re-sent by the next run, event
+            # and all, or agrees with the source and the event trail already.
 
         @rule()
         def prune_history(self) -> None:
@@ -1102,9 +1125,9 @@ def machine_for(store: str) -> type[RuleBasedStateMachine]:
                 model = self.keys[key]
                 for user in USERS:
                     index, latest = last.get((key, user), (-1, None))
-                    if index < model.reconciled_at:
-                        # No event since the reconcile: Gist's value then is the last word.
-                        value = model.reconciled.get(user, ABSENT)
+                    if index < model.baseline_at:
+                        # No event since send_track went on: the value then is the last word.
+                        value = model.baseline.get(user, ABSENT)
                         where = (key, user, value, latest)
                         if model.kind == "audience":
                             assert (value is True) == (user in model.members), where
@@ -1147,3 +1170,72 @@ def test_gist_converges_under_every_interleaving(store: str) -> None:
             print_blob=True,
         ),
     )
+
+
+class Draws:
+    """A ``DataObject`` stand-in answering each draw from a list, in order: drives the
+    machine's rules by hand through a sequence its search does not reliably reach, so that
+    the model's own checks hold the rule the sequence breaks (each is a named test below)."""
+
+    def __init__(self, *answers: Any) -> None:
+        self.answers = list(answers)
+
+    def draw(self, strategy: Any, label: Any = None) -> Any:
+        return self.answers.pop(0)
+
+
+# Every key from a JSONL file, no member nor value yet: what the sequences start from.
+START: tuple[Any, ...] = ("jsonl", set(), "jsonl", set(), "jsonl", {}, "jsonl", {})
+
+
+def _reconcile_after_a_run_killed_mid_send(machine: Any) -> None:
+    """u0 enters a tracked audience; the run sending it is killed at its answer (Gist
+    applied it, the tool never saved it); a reconcile reads it back: the next run must send
+    its ``Audience Entered`` (``reconcile._settle_applied``)."""
+    machine.clean_run()
+    machine.tamper_with_gist_then_reconcile(
+        data=Draws({"a1"}, "a1"), edits=[], per_page=3, stopped_after=None, killed={"u0"}
+    )
+    machine.clean_run()
+
+
+def _send_track_off_and_on(machine: Any) -> None:
+    """u0 enters a tracked audience and its event is refused; ``send_track`` is turned off,
+    u0 leaves, a run sends the exit, ``send_track`` is on again: the entry's owed event must
+    not arrive after the exit (``plan.start_plan`` drops it)."""
+    machine.enter(data=Draws("a1"), user="u0")
+    machine.toggle_send_track(data=Draws("a1"), spell=True, flips={"u0"})
+    machine.clean_run()
+
+
+def _backfill_stopped_then_gist_reset(machine: Any) -> None:
+    """A backfill stops at a revoked key after its first request; Gist is reset; the next
+    backfill must not resume the stopped one, skipping whom it reached (``--resume`` only)."""
+    machine.enter(data=Draws("a1"), user="u0")
+    machine.enter(data=Draws("a1"), user="u1")
+    machine.clean_run()
+    machine.backfill(data=Draws("a1"), fault="401", resume=False)
+    machine.reset_gist_then_backfill(data=Draws("a1"), fault="none", earlier=False)
+    machine.clean_run()
+
+
+@pytest.mark.parametrize(
+    "sequence",
+    [_reconcile_after_a_run_killed_mid_send, _send_track_off_and_on,
+     _backfill_stopped_then_gist_reset],
+    ids=["reconcile-after-a-killed-run", "send-track-off-and-on", "backfill-across-a-reset"],
+)  # fmt: skip
+@pytest.mark.parametrize(
+    "store", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]
+)
+def test_the_models_checks_hold_on_sequences_its_search_misses(store: str, sequence: Any) -> None:
+    if store == "postgresql":
+        require_postgres()
+    machine: Any = machine_for(store)()
+    try:
+        machine.choose_batches_sources_and_members(
+            batch=1, page_rows=delivery.PAGE_ROWS, data=Draws(*START)
+        )
+        sequence(machine)
+    finally:
+        machine.teardown()

@@ -24,6 +24,7 @@ import pytest
 from sqlalchemy import Engine, func, select, update
 from sqlalchemy.exc import OperationalError
 
+from audience_sync import lease
 from audience_sync.bars import ProgressBars
 from audience_sync.cli import run_cli
 from audience_sync.db import make_engine
@@ -139,7 +140,7 @@ def test_history_filters_show_pages_and_prune(
         cli("prune", "--older-than", "whenever")
 
 
-def test_verify_command(workspace: Workspace, gist: FakeGist, cli: Any) -> None:
+def test_verify_command(workspace: Workspace, engine: Engine, gist: FakeGist, cli: Any) -> None:
     source = workspace.add_file_audience("Order Completed Last 30days")
     write_members(source, range(5))
     cli("run")
@@ -151,6 +152,12 @@ def test_verify_command(workspace: Workspace, gist: FakeGist, cli: Any) -> None:
         json={"user_id": "u2", "custom_properties": {KEY: False}},
         headers={"Authorization": f"Bearer {API_KEY}"},
     )
+    owner = "another-host:1:run"  # a run of the key under way elsewhere
+    lease.acquire(engine, KEY, owner, 60)
+    code, _, err = cli("verify", KEY, "--repair")
+    assert code == 3
+    assert f"audience {KEY!r} is being synced by {owner}: nothing was checked" in err
+    lease.release(engine, [KEY], owner)
     code, out, _ = cli("verify", KEY, "--repair")
     assert code == 1
     assert "1 drifted" in out

@@ -132,6 +132,99 @@ def test_trait_values_are_read_by_value(
     assert sent == {"u2": {SCORE: "gold"}, "u3": {SCORE: None}}
 
 
+@pytest.mark.parametrize("batch_size", [1, 100])
+def test_a_contact_gist_holds_without_an_email_is_sent_its_exit_without_one(
+    workspace: Workspace, engine: Engine, gist: FakeGist, source: Path, batch_size: int
+) -> None:
+    """Reconcile finds members and trait values on contacts that have no email in Gist
+    (created by user id alone). When they leave, their ``false`` (and ``null``) and their
+    ``Audience Exited`` go out by user id: an empty email is no address, and a Gist that
+    refuses it would refuse the exit on every run, leaving the user a member for good."""
+    scores = workspace.root / "score.jsonl"
+    scores.write_text('{"user_id": "u1", "email": "u1@example.com", "value": 3}\n')
+    workspace.traits.append({"name": "Score", "key": SCORE, "file": scores.name})
+    workspace.gist_options["batch_size"] = batch_size
+    workspace.write_config()
+    write_members(source, [1])
+    gist.add_contact("u1", "u1@example.com", {VIP: True, SCORE: 3})
+    gist.add_contact("u2", None, {VIP: True, SCORE: 5})  # no email: left the sources since
+
+    reconcile(workspace.settings(), engine)
+    gist.clear_log()
+    results = run_once(workspace.settings(), engine)
+
+    assert [(r.audience_key, r.status, r.exited) for r in results] == [
+        (VIP, "succeeded", 1), (SCORE, "succeeded", 1),
+    ]  # fmt: skip
+    assert gist.properties(VIP) == {"u1": True, "u2": False}
+    assert gist.properties(SCORE) == {"u1": 3, "u2": None}
+    bodies = [r.body for r in gist.requests("/contacts")] + [
+        c for r in gist.requests("/contacts/batch") for c in r.body["contacts"]
+    ]
+    assert {b["user_id"] for b in bodies} == {"u2"}
+    assert all("email" not in b for b in bodies)
+    [event] = gist.events()
+    assert (event["user_id"], event["event_name"], "email" in event) == (
+        "u2", "Audience Exited", False,
+    )  # fmt: skip
+    gist.clear_log()
+    assert [r.status for r in run_once(workspace.settings(), engine)] == ["succeeded"] * 2
+    assert gist.requests() == []
+
+
+@pytest.mark.parametrize("kind", ["audience", "trait"])
+def test_a_change_gist_applied_without_answering_still_fires_its_event_after_a_reconcile(
+    workspace: Workspace, engine: Engine, gist: FakeGist, kind: str
+) -> None:
+    """An entry (an exit, a new trait value) whose answer was lost after Gist applied it
+    leaves its user uncertain; the next run would send it again with its event. A reconcile
+    in between reads the value in Gist: the change was applied, so it is delivered and its
+    event is owed, sent by the next run once, as the run would have sent it."""
+    if kind == "audience":
+        path = workspace.add_file_audience("VIP", key=VIP, send_track=True)
+        entered, exited = "Audience Entered", "Audience Exited"
+
+        def write(members: list[int]) -> None:
+            write_members(path, members)
+    else:
+        path = workspace.root / "score.jsonl"
+        workspace.traits.append(
+            {"name": "Score", "key": SCORE, "file": path.name, "send_track": True}
+        )
+        entered = exited = "Trait Computed"
+
+        def write(members: list[int]) -> None:
+            path.write_text("".join(
+                f'{{"user_id": "u{n}", "email": "u{n}@example.com", "value": {n}}}\n'
+                for n in members
+            ))  # fmt: skip
+
+    workspace.write_config()
+    write([0, 1])
+    run_once(workspace.settings(), engine)
+    for moved, name in (([0, 1, 2], entered), ([0, 1], exited)):  # u2 enters, then leaves
+        write(moved)
+        before = len(gist.events())
+        gist.drop_after_applying(1)
+        workspace.gist_options.update(max_retries=0)
+        workspace.write_config()
+        [lost] = run_once(workspace.settings(), engine)
+        assert lost.status == "failed", lost
+        gist.reset_faults()
+        workspace.gist_options.update(max_retries=3)
+        workspace.write_config()
+
+        reconcile(workspace.settings(), engine)
+        gist.clear_log()
+        [after] = run_once(workspace.settings(), engine)
+
+        assert (after.status, gist.requests("/contacts")) == ("succeeded", [])
+        sent = [(e["user_id"], e["event_name"]) for e in gist.events()[before:]]
+        assert sent == [("u2", name)]
+        run_once(workspace.settings(), engine)
+        assert len(gist.events()) == before + 1
+
+
 def test_429s_and_5xx_while_paging_are_retried(
     workspace: Workspace, engine: Engine, gist: FakeGist, source: Path
 ) -> None:

@@ -10,11 +10,13 @@ from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import Engine, insert, select
+from sqlalchemy import Engine, insert, select, update
 
-from audience_sync.errors import ApiError, AuthError, ConfigError
+from audience_sync import lease
+from audience_sync import verify as verify_module
+from audience_sync.errors import ApiError, AuthError, ConfigError, FencedError, LockHeldError
 from audience_sync.fakegist import FakeGist
-from audience_sync.models import memberships, uncertain_members
+from audience_sync.models import leases, memberships, uncertain_members
 from audience_sync.sync import run_once
 from audience_sync.verify import MISSING, Drift, VerifyReport, compare, verify_audience
 from tests.conftest import API_KEY, Workspace, write_members
@@ -163,6 +165,47 @@ def test_repair_resends_exactly_the_drifted_users(
     assert sent == {"u3": {KEY: True}, "u5": {KEY: True}}
     assert uncertain(engine) == set()
     assert verify(workspace, engine).drifted == []
+
+
+def test_a_repair_holds_the_keys_lease_and_waits_for_no_run(
+    workspace: Workspace, engine: Engine, gist: FakeGist
+) -> None:
+    """A repair takes the key's lease as a run does: while another process holds it, the
+    repair reads and records nothing (a run in between could settle, or take back when
+    Gist refuses it, the uncertainty it records); a plain verify only reads, and goes on."""
+    setup(workspace, engine, range(4))
+    tamper(gist, "u1", {KEY: False})
+    lease.acquire(engine, KEY, "another-host:1:run", 60)
+    gist.clear_log()
+
+    with pytest.raises(LockHeldError, match="another-host:1:run"):
+        verify(workspace, engine, repair=True)
+    assert (fetches(gist), uncertain(engine)) == ([], set())
+    assert [d.user_id for d in verify(workspace, engine).drifted] == ["u1"]
+
+    lease.release(engine, [KEY], "another-host:1:run")
+    assert verify(workspace, engine, repair=True).repaired == 1
+    assert uncertain(engine) == {"u1"}
+    lease.acquire(engine, KEY, "another-host:1:run", 60)  # the repair gave its lease back
+
+
+def test_a_repair_whose_lease_was_taken_over_saves_nothing(
+    workspace: Workspace, engine: Engine, gist: FakeGist, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    setup(workspace, engine, range(4))
+    tamper(gist, "u1", {KEY: False})
+    fetch_all = verify_module._fetch_all
+
+    async def then_taken_over(*args: Any) -> Any:
+        found = await fetch_all(*args)
+        with engine.begin() as connection:  # expired and taken over while Gist was read
+            connection.execute(update(leases).values(owner="another-host:1:run"))
+        return found
+
+    monkeypatch.setattr(verify_module, "_fetch_all", then_taken_over)
+    with pytest.raises(FencedError, match="nothing repaired"):
+        verify(workspace, engine, repair=True)
+    assert uncertain(engine) == set()
 
 
 def test_an_exit_gist_lost_is_caught_and_repaired(

@@ -11,6 +11,7 @@ from dataclasses import asdict
 from audience_sync.cli.options import MAX_SAMPLE, Commands, int_arg, open_state, settings_for
 from audience_sync.cli.output import (
     EXIT_FAILED,
+    EXIT_LOCKED,
     EXIT_OK,
     EXIT_USAGE,
     count,
@@ -18,7 +19,7 @@ from audience_sync.cli.output import (
     report_error,
     with_old_names,
 )
-from audience_sync.errors import ApiError, AuthError
+from audience_sync.errors import ApiError, AuthError, LockHeldError
 from audience_sync.render import output_json, output_rows, short_time
 
 WORKER_COLUMNS = (
@@ -59,8 +60,10 @@ def register(commands: Commands) -> None:
         help="members to check (default 100)",
     )  # fmt: skip
     verify.add_argument(
-        "--repair", action="store_true", help="re-plan drifted members for the next run"
-    )
+        "--repair", action="store_true",
+        help="re-plan drifted members for the next run; holds the key's lease as a run does "
+        "(exit 3 while another process syncs it)",
+    )  # fmt: skip
 
 
 def cmd_audiences(args: argparse.Namespace) -> int:
@@ -136,6 +139,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
             report = verify_audience(
                 settings, engine, args.key, sample=args.sample, repair=args.repair
             )
+        except LockHeldError as exc:
+            report_error(f"{exc}: nothing was checked; repair once it is done")
+            return EXIT_LOCKED
         except AuthError as exc:
             # Not drift: nothing could be checked.
             report_error(f"Gist refused the API key ({exc}); nothing was checked")

@@ -89,12 +89,17 @@ def register(commands: Commands) -> None:
         "backfill", "resend every member's value",
         "Send every current member of the audience or trait its value again (true for an "
         "audience, the computed value for a trait), whatever Gist acknowledged before (for a "
-        "new or reset Gist workspace). An unfinished backfill is resumed, unless another run "
-        "of the key came between (it then starts over).",
+        "new or reset Gist workspace). It starts over unless told to resume.",
         syncing,
         handler=cmd_backfill,
     )  # fmt: skip
     backfill.add_argument("key", metavar="KEY", help="the audience's or trait's property key")
+    backfill.add_argument(
+        "--resume", action="store_true",
+        help="skip the members an unfinished backfill of the key already reached (one that "
+        "stopped, with no other run of the key since); only when Gist was not reset since, "
+        "or they stay without the value",
+    )  # fmt: skip
 
     retire = commands.add(
         "retire", "clear a removed audience or trait in Gist and forget it",
@@ -124,7 +129,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_backfill(args: argparse.Namespace) -> int:
-    return _sync_command(args, "backfill", [args.key])
+    return _sync_command(args, "backfill", [args.key], resume=args.resume)
 
 
 def cmd_retire(args: argparse.Namespace) -> int:
@@ -138,6 +143,7 @@ def _sync_command(
     *,
     allow_mass_exit: bool = False,
     full_diff: bool = False,
+    resume: bool = False,
 ) -> int:
     # Imported here, not above: the command line loads every command's module to parse its
     # flags, and a command pays only for the modules it runs (tests/test_startup.py).
@@ -173,6 +179,7 @@ def _sync_command(
             dry_run=args.dry_run,
             allow_mass_exit=allow_mass_exit,
             full_diff=full_diff,
+            resume=resume,
             stop=stop,
             observer=None if metrics is None else metrics.observe_request,
             progress=progress,
