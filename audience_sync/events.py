@@ -7,6 +7,7 @@ import asyncio
 import calendar
 import json
 import logging
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -96,6 +97,8 @@ async def send_events(
     in_flight: set[asyncio.Task[None]] = set()
     latest: dict[tuple[str, str], asyncio.Task[None]] = {}  # each user's newest event task
     refused: set[tuple[str, str]] = set()  # (key, user) of an event Gist refused this run
+    first_refusal: dict[str, tuple[str, str]] = {}  # key → the first refused user, and why
+    refusals: Counter[str] = Counter()  # key → events Gist refused this run
 
     def save(outcomes: list[dict[str, Any]]) -> None:
         with lease.fenced(engine, holder, names) as (connection, held):
@@ -130,6 +133,8 @@ async def send_events(
                 halt(f"Gist refused the API key ({exc}); no more events were sent", exc.failure)
             except FatalApiError as exc:
                 refused.add((key, row.user_id))
+                first_refusal.setdefault(key, (row.user_id, str(exc)))
+                refusals[key] += 1
                 acks.add({"change_id": row.id, "key": key, "s": "failed", "e": str(exc)})
             except RetriableApiError as exc:
                 halt(f"Gist unavailable for events: {exc}", exc.failure)
@@ -162,6 +167,14 @@ async def send_events(
         await acks.abandon()
         raise
     await acks.flush()
+    for refused_key, (refused_user, error) in first_refusal.items():
+        # The run still succeeds (Gist holds every value it sent): said here, or a refusal
+        # that recurs on every run would never be seen but in the history tables.
+        n = refusals[refused_key]
+        log.warning(
+            "%s: Gist refused %d event%s (first: user %s: %s); still owed, sent again by "
+            "the next run", refused_key, n, "" if n == 1 else "s", refused_user, error,
+        )  # fmt: skip
     if stop is None:
         return None
     log.error(stop)

@@ -1299,7 +1299,7 @@ def test_audiences_disagreeing_on_an_email_in_separate_runs_do_not_resend_foreve
 
 
 def test_a_refused_event_holds_back_its_users_later_events(
-    workspace: Workspace, engine: Engine, gist: FakeGist
+    workspace: Workspace, engine: Engine, gist: FakeGist, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A review's counterexample: Gist refused (4xx) u0's `Audience Entered`, which stays
     owed; u0 left, and the next run had the entry refused again but sent the exit, so the
@@ -1312,6 +1312,11 @@ def test_a_refused_event_holds_back_its_users_later_events(
     gist.refuse_events("u0", 1)
     [first] = sync(workspace, engine)
     assert first.status == "succeeded"
+    # Succeeded (Gist holds every value), and the refusal said all the same:
+    assert (
+        "vip: Gist refused 1 event (first: user u0: HTTP 422: Event refused); still owed, "
+        "sent again by the next run"
+    ) in caplog.text
     write_members(source, [1])
     gist.refuse_events("u0", 1)  # the owed entry again; the exit would be taken
 
