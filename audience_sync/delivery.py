@@ -270,12 +270,13 @@ class Deliverer:
 
     async def _send(self, batch: list[UserUpdate]) -> None:
         """Send one batch (one user when ``batch_size`` is 1)."""
+        applied = False  # whether a batch request may have applied what is left to send
         if len(batch) > 1:
-            batch = await self._send_batch(batch)
+            batch, applied = await self._send_batch(batch)
         for update in batch:
             if self._report.error is not None and not self._report.interrupted:
                 return
-            await self._send_one(update)
+            await self._send_one(update, applied)
 
     def _guard(self, updates: Sequence[UserUpdate]) -> Callable[[], None]:
         """The fence for a request carrying ``updates``: their keys' leases."""
@@ -285,8 +286,10 @@ class Deliverer:
             return lambda: None
         return lambda: holder.check(keys)
 
-    async def _send_batch(self, batch: list[UserUpdate]) -> list[UserUpdate]:
-        """``POST /contacts/batch``; returns the updates still to send one by one.
+    async def _send_batch(self, batch: list[UserUpdate]) -> tuple[list[UserUpdate], bool]:
+        """``POST /contacts/batch``; returns the updates still to send one by one, and
+        whether a try of the batch may have applied them (then a refusal of one of them
+        alone does not show that Gist holds its old value).
 
         Contacts the batch's 2xx answer names as failed, and every contact of a batch answered
         otherwise (but for a refused key), are sent one by one, so each gets its own answer
@@ -303,30 +306,40 @@ class Deliverer:
                 )
         except FencedError as exc:
             self._fenced(exc, batch)
-            return []
+            return [], True
         except AuthError as exc:
             self._stop(f"Gist refused the API key ({exc}); nothing more was sent", exc.failure)
-            return []
+            return [], True
         except UnreachableError as exc:
             self._stop(f"{exc}; nothing more was sent", exc.failure)
-            return []
+            return [], True
         except (FatalApiError, RetriableApiError) as exc:
             log.info("batch of %d refused (%s): sending one by one", len(batch), exc)
-            return batch
+            # A 4xx to the only try applied nothing; after a retried try, or when Gist
+            # stayed unavailable, any of them may have been applied.
+            return batch, not (isinstance(exc, FatalApiError) and attempt.count == 1)
         finally:
             self._report.requests += attempt.count
         if answer.failed is None:
             log.info("batch answer names errors it does not attribute: sending one by one")
-            return batch
+            return batch, True
         retry = [u for i, u in enumerate(batch) if i in answer.failed]
         for index, update in enumerate(batch):
             if index not in answer.failed:
                 self._acks.add(Result(update, True, False, attempt.count, answer.status, None))
                 self._on_result(len(update.changes))
-        return retry
+        return retry, attempt.count > 1
 
-    async def _send_one(self, update: UserUpdate) -> None:
+    async def _send_one(self, update: UserUpdate, applied: bool = False) -> None:
+        """``POST /contacts`` for one user. A refusal (4xx, a refused key, no way to Gist)
+        shows that Gist holds the user's old value only when it answered the only request
+        that carried the update: after a try whose answer was lost or a 5xx, or a batch
+        that may have applied it (``applied``), the user stays uncertain."""
         attempt = Attempt()
+
+        def refused() -> bool:
+            return attempt.count == 1 and not applied
+
         try:
             with guarded_by(self._guard([update])):
                 status = await self._pacer.call(
@@ -342,15 +355,15 @@ class Deliverer:
             self._fenced(exc, [update])
         except AuthError as exc:
             # The key is refused: every later request would be too; this one was not applied.
-            self._acks.add(Result(update, False, True, attempt.count, exc.status, str(exc)))
+            self._acks.add(Result(update, False, refused(), attempt.count, exc.status, str(exc)))
             self._stop(f"Gist refused the API key ({exc}); nothing more was sent", exc.failure)
         except UnreachableError as exc:
             # A wrong scheme or TLS set-up: no request gets through, so none is retried; this
             # one never reached Gist.
-            self._acks.add(Result(update, False, True, attempt.count, None, str(exc)))
+            self._acks.add(Result(update, False, refused(), attempt.count, None, str(exc)))
             self._stop(f"{exc}; nothing more was sent", exc.failure)
         except FatalApiError as exc:
-            self._acks.add(Result(update, False, True, attempt.count, exc.status, str(exc)))
+            self._acks.add(Result(update, False, refused(), attempt.count, exc.status, str(exc)))
         except RetriableApiError as exc:
             # Still failing after every retry: Gist is down or overloaded. Stop; the next
             # run re-plans whatever was not acknowledged.

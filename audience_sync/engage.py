@@ -91,7 +91,7 @@ def read_engage(
 def _parse(path: Path, line_number: int, line: str) -> dict[str, Any]:
     try:
         event = json.loads(line)
-    except json.JSONDecodeError as exc:
+    except ValueError as exc:  # bad JSON, or an integer too long for Python (4,300 digits)
         raise SourceError(f"{path}: line {line_number}: invalid JSON: {exc}") from exc
     if not isinstance(event, dict):
         raise SourceError(f"{path}: line {line_number}: expected a JSON object")

@@ -235,6 +235,7 @@ class FakeGist(BackgroundServer):
         self._drop_next = 0
         self._drop_applied = 0
         self._fail_users: dict[str, tuple[int, str]] = {}
+        self._lose_then_refuse: dict[str, tuple[int, str]] = {}
         self._refuse_events: dict[str, int] = {}  # user id: how many more of its events
         self._fail_in_batch: dict[str, str] = {}
         self._batch_error_shape = "errors"
@@ -440,6 +441,15 @@ class FakeGist(BackgroundServer):
         with self._lock:
             self._fail_users[str(user_id)] = (status, message)
 
+    def lose_then_refuse(
+        self, user_id: str, status: int = 422, message: str = "Contact is locked"
+    ) -> None:
+        """The user's next contact request (alone or in a batch) is applied and its answer
+        lost; every later one is refused (``status``), so a retry's refusal says nothing of
+        what the first try did."""
+        with self._lock:
+            self._lose_then_refuse[str(user_id)] = (status, message)
+
     def refuse_events(self, user_id: str, n: int = 1) -> None:
         """Refuse (422) the user's next ``n`` ``POST /events``; their contacts go through."""
         with self._lock:
@@ -468,6 +478,7 @@ class FakeGist(BackgroundServer):
             self._drop_applied = 0
             self._trickle_next = 0
             self._fail_users.clear()
+            self._lose_then_refuse.clear()
             self._refuse_events.clear()
             self._fail_in_batch.clear()
             self._fail_after = None
@@ -558,6 +569,12 @@ class FakeGist(BackgroundServer):
             result = self._route(method, path, query, body)
         except _ApiError as err:
             return err.status, _errors(err.message), {}
+        writes = method == "POST" and path.startswith("/contacts")
+        for uid in self._user_ids(body, query) if writes else ():
+            if uid in self._lose_then_refuse:  # applied: its answer is lost, the rest refused
+                self._fail_users[uid] = self._lose_then_refuse.pop(uid)
+                self._drop_applied += 1
+                break
         if self._fail_after is not None:
             self._fail_after -= 1
         return 200, result, {}

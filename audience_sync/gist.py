@@ -260,20 +260,28 @@ def batch_failures(
 ) -> frozenset[int] | None:
     """Positions of the contacts a 2xx batch answer reports errors for.
 
-    Gist does not document the shape, so both common ones are read: an ``errors`` array whose
+    Gist does not document the shape, so the common ones are read: an ``errors`` array whose
     entries name a contact (``index``, ``user_id`` or ``email``), and per-contact entries
-    (``contacts``, in request order or naming their ``user_id``) that carry ``errors`` or
-    ``error``. An error that names no contact returns None: then no contact counts as
-    acknowledged.
+    (``contacts``, or the body itself when it is an array; naming their contact, else in
+    request order when there is one per contact) that carry ``errors`` or ``error``. An
+    error that names no contact, or an email several contacts of the batch share, or JSON of
+    another shape returns None: then no contact counts as acknowledged.
     """
+    if not response.content.strip():
+        return frozenset()  # no body: a bare 2xx acknowledges the whole batch
     try:
         body = response.json()
     except (json.JSONDecodeError, UnicodeDecodeError):
-        return frozenset()  # no JSON body: a bare 2xx acknowledges the whole batch
+        return frozenset()  # not JSON (a bare "OK"): nothing names an error
+    if isinstance(body, list):
+        body = {"contacts": body}
     if not isinstance(body, dict):
-        return frozenset()
+        return None
     by_user = {str(user_id): i for i, (user_id, _, _) in enumerate(contacts)}
-    by_email = {email: i for i, (_, email, _) in enumerate(contacts) if email}
+    by_email: dict[str, int | None] = {}
+    for i, (_, address, _) in enumerate(contacts):
+        if address:  # None: shared by several contacts, so naming none of them for sure
+            by_email[address] = None if address in by_email else i
     failed: set[int] = set()
     errors = body.get("errors")
     if errors:
@@ -288,8 +296,8 @@ def batch_failures(
             if not isinstance(entry, dict) or not (entry.get("errors") or entry.get("error")):
                 continue
             position = _position(entry, by_user, by_email, len(contacts))
-            if position is None:
-                position = i if i < len(contacts) else None
+            if position is None and len(entries) == len(contacts):
+                position = i  # one entry per contact: in request order
             if position is None:
                 return None
             failed.add(position)
@@ -297,7 +305,7 @@ def batch_failures(
 
 
 def _position(
-    item: Any, by_user: dict[str, int], by_email: dict[str, int], size: int
+    item: Any, by_user: dict[str, int], by_email: dict[str, int | None], size: int
 ) -> int | None:
     """Which contact of the batch ``item`` names, if any."""
     if not isinstance(item, dict):
@@ -338,7 +346,9 @@ def _classify(exc: httpx.TransportError, base_url: str) -> RetriableApiError | F
     if isinstance(exc, httpx.TimeoutException):
         return RetriableApiError(f"Gist at {url} timed out: {type(exc).__name__}")
     cause = _root_cause(exc)
-    if isinstance(cause, ssl.SSLError):
+    if isinstance(cause, ssl.SSLError) and isinstance(exc, httpx.ConnectError):
+        # The handshake failed: no request can get through. Read or written after it, a
+        # TLS error is a connection that broke (the request may have been applied).
         reason = cause.reason or str(cause)
         return UnreachableError(
             f"{where}: TLS failed ({reason}), check base_url's scheme (http or https)"

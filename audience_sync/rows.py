@@ -207,6 +207,8 @@ def encode_value(value: Any, value_type: str | None = None) -> str:
     if value_type is not None and isinstance(value, str):
         value = _convert(value.strip(), value_type)
     if isinstance(value, Decimal):
+        if not value.is_finite():  # NaN, Infinity: as a float's, no JSON can carry them
+            raise ValueError(f"value of type {type(value).__name__} cannot be sent")
         value = int(value) if int(value.as_tuple().exponent) >= 0 else float(value)
     elif isinstance(value, date | time):
         value = value.isoformat()

@@ -340,7 +340,7 @@ class FileSource:
                 number += 1
                 try:
                     record = json.loads(line)
-                except json.JSONDecodeError as exc:
+                except ValueError as exc:  # bad JSON, or an integer too long for Python
                     raise SourceError(
                         f"{self.path}: line {line_number}: invalid JSON: {exc}"
                     ) from exc

@@ -226,6 +226,21 @@ def test_an_email_that_is_no_address_is_refused(
     assert gist.properties("a") == {"u1": True}
 
 
+def test_lose_then_refuse(gist: FakeGist, client: httpx.Client) -> None:
+    gist.lose_then_refuse("u1", 409)
+    assert client.post("/contacts", json=_contact("u0", a=True)).status_code == 200
+    with pytest.raises(httpx.RemoteProtocolError):  # applied, the answer lost
+        client.post("/contacts", json=_contact("u1", a=True))
+    assert gist.properties("a") == {"u0": True, "u1": True}
+    retry = client.post("/contacts", json=_contact("u1", a=False))
+    assert retry.status_code == 409
+    assert (
+        client.post("/contacts/batch", json={"contacts": [_contact("u1", a=False)]}).status_code
+        == 409
+    )
+    assert gist.properties("a") == {"u0": True, "u1": True}
+
+
 def test_refuse_events(gist: FakeGist, client: httpx.Client) -> None:
     gist.refuse_events("u1", 1)
     event = {"event_name": "Audience Entered", "user_id": "u1", "email": "u1@example.com"}

@@ -115,6 +115,7 @@ faults = st.sampled_from(
         "batch-error",
         "lost-after-apply",
         "lost-before",
+        "lost-then-refused",
     ]
 )
 kills = st.sampled_from([None, None, "loading", "planned", "sending"])
@@ -504,6 +505,8 @@ def machine_for(store: str) -> type[RuleBasedStateMachine]:
                 self.gist.drop_after_applying(3)
             elif fault == "lost-before":
                 self.gist.drop_next(3)
+            elif fault == "lost-then-refused":  # u1's first try applied unanswered, then 409s
+                self.gist.lose_then_refuse("u1", 409)
 
         def configured(self, kind: str | None = None) -> list[str]:
             return sorted(k for k, m in self.keys.items() if kind in (None, m.kind))
@@ -1208,6 +1211,18 @@ def _send_track_off_and_on(machine: Any) -> None:
     machine.clean_run()
 
 
+def _refused_after_a_lost_answer(machine: Any) -> None:
+    """u1 leaves; the try sending its exit is applied and its answer lost, the retry refused
+    (409); u1 comes back: the refusal says nothing of the first try, so u1 must stay
+    uncertain and be sent again (``delivery._send_one``)."""
+    machine.enter(data=Draws("a1"), user="u1")
+    machine.clean_run()
+    machine.leave(data=Draws("a1"), user="u1")
+    machine.run(data=Draws(()), fault="lost-then-refused", kill=None, kill_after=1, form="str")
+    machine.enter(data=Draws("a1"), user="u1")
+    machine.clean_run()
+
+
 def _backfill_stopped_then_gist_reset(machine: Any) -> None:
     """A backfill stops at a revoked key after its first request; Gist is reset; the next
     backfill must not resume the stopped one, skipping whom it reached (``--resume`` only)."""
@@ -1222,8 +1237,9 @@ def _backfill_stopped_then_gist_reset(machine: Any) -> None:
 @pytest.mark.parametrize(
     "sequence",
     [_reconcile_after_a_run_killed_mid_send, _send_track_off_and_on,
-     _backfill_stopped_then_gist_reset],
-    ids=["reconcile-after-a-killed-run", "send-track-off-and-on", "backfill-across-a-reset"],
+     _backfill_stopped_then_gist_reset, _refused_after_a_lost_answer],
+    ids=["reconcile-after-a-killed-run", "send-track-off-and-on", "backfill-across-a-reset",
+         "refused-after-a-lost-answer"],
 )  # fmt: skip
 @pytest.mark.parametrize(
     "store", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]

@@ -142,8 +142,10 @@ def test_jsonl_blank_lines_are_skipped_and_not_counted(tmp_path: Path) -> None:
         (b'{"user_id": "u1", "email": "u1@example.com"}\n{"user_id": \n', "line 2: invalid JSON"),
         (b'{"user_id": "u1", "email": "u1@example.com"}\n\n[1, 2]\n', "line 3: expected a JSON"),
         (b'{"user_id": "u1", "email": "caf\xe9@example.com"}\n', "not UTF-8 at line 1"),
+        # Python refuses to read an integer this long: the line is named, not an internal error.
+        (b'{"user_id": ' + b"1" * 5000 + b', "email": "a@b.co"}\n', "line 1: invalid JSON"),
     ],
-    ids=["invalid-json", "not-an-object", "not-utf8"],
+    ids=["invalid-json", "not-an-object", "not-utf8", "too-long-an-integer"],
 )
 def test_broken_jsonl_names_the_file_and_line(
     tmp_path: Path, content: bytes, fragment: str

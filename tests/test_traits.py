@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import sqlite3
 from collections import Counter
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ from sqlalchemy import Engine, select
 from audience_sync.engage import read_engage
 from audience_sync.fakegist import FakeGist
 from audience_sync.models import member_changes, rejected_rows
+from audience_sync.rows import encode_value
 from audience_sync.sync import run_once
 from tests.conftest import Workspace, require_postgres
 from tests.helpers import acknowledged, in_gist
@@ -357,3 +359,11 @@ def test_retiring_a_trait_nulls_its_values(
 
     assert (retired.status, retired.exited) == ("succeeded", 2)
     assert gist.properties(REVENUE) == {"u1": None, "u2": None}
+
+
+@pytest.mark.parametrize("text", ["NaN", "Infinity", "-Infinity", "sNaN"])
+def test_a_decimal_no_json_can_carry_is_refused_saying_so(text: str) -> None:
+    """A PostgreSQL ``numeric`` NaN or Infinity, as a float's: the reason says why, not what
+    ``int()`` said of it (a review's find)."""
+    with pytest.raises(ValueError, match=r"^value of type Decimal cannot be sent$"):
+        encode_value(Decimal(text))
