@@ -132,7 +132,9 @@ def is_dead_local_owner(owner: str) -> bool:
         pid = int(pid_text)
     except ValueError:
         return False
-    if place != _place() or place.endswith("?"):
+    # Unknown boot id or pid namespace: another machine (or container) can have the same
+    # place, and its live process no pid here; only a pid whose place is certain is judged.
+    if place != _place() or "?" in (_boot_id(), _pid_namespace()):
         return False
     try:
         os.kill(pid, 0)
@@ -305,6 +307,20 @@ class Holder:
                 if key not in self._lost:
                     self._confirmed[key] = max(self._confirmed.get(key, started), started)
         self._lose(losses)
+
+    def confirm(self, connection: Connection, keys: Iterable[str]) -> None:
+        """Renew the leases of ``keys`` first thing in ``connection``'s transaction, or raise
+        FencedError for one no longer held: what the transaction goes on to write is then
+        written only while they are held (the renewal's row lock on PostgreSQL, the write
+        lock on SQLite, keep a taker out until it ends). For writes that decide what
+        others send, as a plan superseding the pending changes of other runs does."""
+        keys = set(keys)
+        held = renew(connection, keys, self.owner, self.seconds)
+        losses = describe_losses(connection, keys - held, self.owner)
+        if losses:
+            self._lose(losses)
+            key, reason = next(iter(sorted(losses.items())))
+            raise FencedError(key, reason)
 
     def check(self, keys: Iterable[str]) -> None:
         """Raise FencedError unless a request for ``keys`` may leave now."""

@@ -65,6 +65,15 @@ def _literal(characters: str) -> str:
 
 
 _SPACES = _literal(WHITE_SPACE)
+
+
+def _bounded(column: str, limit: int = 500) -> str:
+    """A rejected row's value as ``rows.rejected_text`` shows it (trimmed before): at most
+    ``limit`` characters, and "…" after them when it was longer."""
+    longer = f"length({column}) > {limit}"
+    return f"CASE WHEN {longer} THEN left({column}, {limit}) || '…' ELSE {column} END"
+
+
 # PostgreSQL text holds neither NUL nor a surrogate: the rest of the ranges is left to find.
 _BAD = char_class((max(low, 1), high) for low, high in BAD_RANGES if high < 0xD800)
 _EMAIL = f"^{email_pattern(_BAD, plus='+')}$"
@@ -309,11 +318,13 @@ SELECT seq, user_id, email,
     WHEN email !~ '{_EMAIL}' THEN CASE WHEN email ~ '[{_BAD}]'
       THEN '{BAD_EMAIL}' ELSE '{INVALID_EMAIL}' END
   END AS reason,
-  coalesce(user_id, shown_user) AS shown_user, shown_email
+  {_bounded("coalesce(user_id, shown_user)")} AS shown_user,
+  {_bounded("shown_email")} AS shown_email
 FROM (
   SELECT seq, {user_id} AS user_id, {user_reason} AS user_reason,
-    left({shown_user}, 500) AS shown_user,
-    {email_value} AS email, {email_reason} AS email_reason, left({shown_email}, 500) AS shown_email
+    left(btrim({shown_user}, {_SPACES}), 501) AS shown_user,
+    {email_value} AS email, {email_reason} AS email_reason,
+    left(btrim({shown_email}, {_SPACES}), 501) AS shown_email
   FROM ({given}) AS given
   OFFSET 0
 ) AS cleaned

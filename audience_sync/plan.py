@@ -14,7 +14,7 @@ taken from the (small) plan, not from the snapshot.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -74,6 +74,9 @@ class PlanTarget:
     staged: Table | None = None
     dry_run: bool = False
     track: bool = False  # send_track: changes of the acknowledged value owe an event
+    # Called first in the transaction that supersedes other runs' plans: raises unless this
+    # run still holds the key's lease (``lease.Holder.confirm``).
+    fence: Callable[[Connection], None] | None = None
 
     @property
     def status(self) -> ChangeStatus:
@@ -123,7 +126,9 @@ def start_plan(connection: Connection, target: PlanTarget, kind: str | None) -> 
     key configured as the other kind cannot describe them (an audience's change is no trait
     value). Without ``send_track`` this run's changes owe no event, so an older one sent
     once it is back on would arrive after a change it does not describe (an entry announced
-    after the exit that followed it). ``event_error`` keeps the reason.
+    after the exit that followed it). ``event_error`` keeps the reason. With the target's
+    ``fence``, all of it happens only while the run holds the key's lease: a run paused past
+    it must not supersede the plan of the run that took it over.
 
     A reconcile reading's pages say what Gist held when they were read: continued after
     this run, they would overwrite in the ledger what this run gets Gist to acknowledge
@@ -132,6 +137,8 @@ def start_plan(connection: Connection, target: PlanTarget, kind: str | None) -> 
         return
     key = changes.c.audience_key == target.key
     with connection.begin():
+        if target.fence is not None:
+            target.fence(connection)
         connection.execute(
             changes.update()
             .where(key, changes.c.status == "pending", changes.c.run_id != target.run_id)

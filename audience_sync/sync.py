@@ -13,6 +13,7 @@ import threading
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Protocol
 
 import httpx
@@ -24,7 +25,13 @@ from audience_sync import db, lease
 from audience_sync.budget import workspace_budget
 from audience_sync.config import Computation, Settings, TraitConfig, scrub
 from audience_sync.delivery import Deliverer, DeliveryReport
-from audience_sync.errors import ConfigError, LockHeldError, SourceError, StopRequestedError
+from audience_sync.errors import (
+    ConfigError,
+    FencedError,
+    LockHeldError,
+    SourceError,
+    StopRequestedError,
+)
 from audience_sync.events import EventNames, send_events
 from audience_sync.fastpath import config_fingerprint, judge, overlaps
 from audience_sync.gist import GistClient, RequestObserver, make_http_client
@@ -205,7 +212,7 @@ def run_once(
                 held.append(target)
             worker.running(t.key for t in held)
             holder.start()
-            planned = _prepare(ctx, held, results)
+            planned = _prepare(ctx, held, results, holder)
             report = DeliveryReport()
             # Audiences with track events may owe events from earlier runs even with no change.
             tracked = {
@@ -280,7 +287,10 @@ def _targets(settings: Settings, engine: Engine, keys: Sequence[str], mode: Mode
 
 
 def _prepare(
-    ctx: SyncContext, held: Sequence[_Target], results: dict[str, RunResult]
+    ctx: SyncContext,
+    held: Sequence[_Target],
+    results: dict[str, RunResult],
+    holder: lease.Holder,
 ) -> list[RunResult]:
     """Stage every held target (but those the fast path spares), then plan each; returns
     the runs left ``running`` (planned, to deliver). Every run's result goes into
@@ -329,7 +339,7 @@ def _prepare(
                 result = replace(result, email_conflicts=conflicts.get(result.run_id or 0, 0))
 
                 def plan(c: SyncContext, t: _Target, r: RunResult) -> RunResult:
-                    return _plan(c, connection, snapshots.get(r.run_id or 0), t, r)
+                    return _plan(c, connection, snapshots.get(r.run_id or 0), t, r, holder)
 
                 result = _guarded(ctx, target, result, plan)
                 opened[index] = (target, result)
@@ -421,6 +431,8 @@ def _guarded(
         return replace(result, status="failed", error=str(exc), failure=exc.failure)
     except StopRequestedError as exc:
         return replace(result, status="interrupted", error=str(exc), failure=exc.failure)
+    except FencedError as exc:  # the lease was lost before planning: as when sending
+        return replace(result, status="interrupted", error=exc.reason, failure=exc.failure)
     except Exception as exc:
         error = describe_error(exc, ctx.settings)
         log.error("%s: %s failed: %s", target.key, step.__name__.strip("_"), error)
@@ -508,13 +520,15 @@ def _plan(
     snapshot: Snapshot | None,
     target: _Target,
     result: RunResult,
+    holder: lease.Holder,
 ) -> RunResult:
     """Diff the staged snapshot and write the plan; ``running`` when there is one to send."""
     assert result.run_id is not None
     engine, key, audience = ctx.engine, target.key, target.audience
     track = audience is not None and audience.send_track
     staged = snapshot.table if snapshot is not None else None
-    plan = PlanTarget(result.run_id, key, staged, dry_run=ctx.dry_run, track=track)
+    fence = partial(holder.confirm, keys=[key])
+    plan = PlanTarget(result.run_id, key, staged, dry_run=ctx.dry_run, track=track, fence=fence)
     done: RunStatus = "succeeded" if ctx.dry_run else "running"
     if audience is None:  # retire: clear what the key's recorded kind means
         kind = load_key_kind(engine, key) or held_kind(connection, key)

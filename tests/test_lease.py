@@ -3,19 +3,22 @@ the run that lost its lease ends ``interrupted``, and the fence's bound holds to
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
+from typing import Any
 from unittest import mock
 
 import pytest
 from sqlalchemy import Engine, select, update
 from sqlalchemy.exc import OperationalError
 
-from audience_sync import lease
+from audience_sync import lease, sync
 from audience_sync.errors import FencedError, LockHeldError
 from audience_sync.fakegist import FakeGist
 from audience_sync.models import leases, sync_runs
@@ -211,3 +214,89 @@ def test_a_lease_whose_release_went_unrecorded_is_its_workers_again_at_once(
         [again] = run_once(settings, engine, worker=worker)
     assert (again.status, again.entered) == ("succeeded", 1), again
     assert acknowledged(engine, "vip") == users(0, 1, 2)
+
+
+def test_an_unknown_boot_id_never_makes_another_machines_live_owner_dead(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Two machines with one host name (both in the initial pid namespace, whose inode is
+    the same constant on every Linux kernel) where the boot id cannot be read: an owner of
+    the *other* machine names the same place as ours, so its pid, absent here, makes its
+    live lease "dead" and it is taken over at once while it still sends."""
+    monkeypatch.setattr(lease, "_boot_id", lambda: "?")
+    monkeypatch.setattr(lease, "_pid_namespace", lambda: "4026531836")
+    lease._place.cache_clear()
+    try:
+        other_machine = f"{lease._place()}:999999:abcdef12"  # live, on the other host
+        assert not lease.is_dead_local_owner(other_machine), (
+            f"{other_machine} judged dead though our boot id is unknown"
+        )
+    finally:
+        lease._place.cache_clear()
+
+
+def test_a_stale_planner_never_supersedes_the_new_holders_plan(
+    workspace: Workspace, engine: Engine, gist: FakeGist, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A review's counterexample: a run (A) stages the old file, then freezes past its lease
+    (its heartbeat frozen too). The file gains u10..u19; another worker (B) takes the
+    expired lease over and plans the ten entries. A woke and planned: ``start_plan``
+    superseded B's pending changes, B found nothing pending, ended ``succeeded`` with nothing
+    delivered, and every later run took the fast path (the file unchanged since B): u10..u19
+    never reached Gist. Planning is fenced on the lease now (``lease.Holder.confirm``)."""
+    workspace.state_options.update(lease_seconds=3)
+    workspace.gist_options.update(timeout_seconds=1)
+    source = workspace.add_file_audience("Order Completed Last 30days")
+    write_members(source, range(10))
+    [first] = run_once(workspace.settings(), engine)
+    assert first.status == "succeeded"
+    assert in_gist(gist) == users(*range(10))
+
+    a_staged, go_a, b_planned, go_b = (threading.Event() for _ in range(4))
+    with Presence(engine, "run") as worker_a, Presence(engine, "run") as worker_b:
+        real_start, real_stage, real_deliver = lease.Holder.start, sync._stage, sync._deliver
+
+        def start(self: lease.Holder) -> None:
+            if self.owner != worker_a.id:  # A is frozen: its heartbeat too
+                real_start(self)
+
+        def stage(ctx: Any, *args: Any) -> Any:
+            result = real_stage(ctx, *args)
+            if ctx.owner == worker_a.id:
+                a_staged.set()
+                assert go_a.wait(30)
+            return result
+
+        async def deliver(ctx: Any, *args: Any) -> Any:
+            if ctx.owner == worker_b.id:
+                b_planned.set()
+                assert await asyncio.to_thread(go_b.wait, 30)
+            return await real_deliver(ctx, *args)
+
+        monkeypatch.setattr(lease.Holder, "start", start)
+        monkeypatch.setattr(sync, "_stage", stage)
+        monkeypatch.setattr(sync, "_deliver", deliver)
+        out: dict[str, Any] = {}
+
+        def run(name: str, worker: Presence, **options: Any) -> None:
+            out[name] = run_once(workspace.settings(), engine, worker=worker, **options)
+
+        thread_a = threading.Thread(target=run, args=("a", worker_a), kwargs={"full_diff": True})
+        thread_a.start()
+        assert a_staged.wait(30)
+        time.sleep(3.5)  # A frozen past its lease
+        write_members(source, range(20))
+        thread_b = threading.Thread(target=run, args=("b", worker_b))
+        thread_b.start()
+        assert b_planned.wait(30)
+        go_a.set()
+        thread_a.join(30)
+        go_b.set()
+        thread_b.join(30)
+    monkeypatch.undo()
+    [a], [b] = out["a"], out["b"]
+    assert (a.status, a.failure) == ("interrupted", "interrupted"), a  # fenced at planning
+    assert (b.status, b.entered, b.delivered) == ("succeeded", 10, 10), b
+
+    run_once(workspace.settings(), engine)
+    assert in_gist(gist) == users(*range(20))

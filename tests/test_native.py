@@ -236,6 +236,39 @@ def test_native_and_python_paths_check_white_space_controls_floats_and_jsonb_ali
 
 
 @postgres_state
+def test_rejected_rows_are_recorded_as_python_records_them(
+    workspace: Workspace, engine: Engine, gist: FakeGist, warehouse: str
+) -> None:
+    """A review's find: native staging recorded a rejected row's email untrimmed and a long
+    user id whole, where Python trims and cuts at 500 characters with "…"."""
+    fill(warehouse, [("u1", "  not an email  "), ("x" * 600, "a@example.com"),
+                     ("  u3  ", " " + "y" * 700 + " "), ("u4", None)])  # fmt: skip
+    admin = require_postgres()
+    workspace.sources["warehouse"] = admin.replace("127.0.0.1", "localhost")  # through Python
+    for name, source in (("Native", "state"), ("Python", "warehouse")):
+        workspace.audiences.append({"name": name, "source": source, "query": query(warehouse)})
+    workspace.write_config()
+
+    native, python = run_once(workspace.settings(), engine, dry_run=True)
+
+    def recorded(run: RunResult) -> list[tuple[Any, ...]]:
+        with engine.connect() as connection:
+            return [tuple(r) for r in connection.execute(
+                select(rejected_rows.c.row_number, rejected_rows.c.user_id,
+                       rejected_rows.c.email, rejected_rows.c.reason)
+                .where(rejected_rows.c.run_id == run.run_id)
+                .order_by(rejected_rows.c.row_number)
+            )]  # fmt: skip
+
+    assert (native.staged_in, python.staged_in) == ("database", "python")
+    assert recorded(native) == recorded(python)
+    assert [(u, e) for _, u, e, _ in recorded(native)] == [
+        ("u1", "not an email"), ("x" * 500 + "…", "a@example.com"),
+        ("u3", "y" * 500 + "…"), ("u4", None),
+    ]  # fmt: skip
+
+
+@postgres_state
 def test_numbers_and_uuids_are_canonical_ids_in_sql_too(
     workspace: Workspace, engine: Engine, gist: FakeGist, warehouse: str
 ) -> None:
