@@ -25,8 +25,10 @@ of one key never overlap; the reading is applied in one transaction fenced on th
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import threading
+from collections import Counter
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
@@ -272,6 +274,7 @@ async def _read(
     """Read the pages from where the reading stands, saving each with its progress."""
     gist = settings.gist
     page = _progress(engine, reading).next_page
+    odd = Odd()
     async with make_http_client(gist, transport) as http:
         client = GistClient(http, deadline=gist.timeout_seconds)
         pacer = Pacer(gist, budget=workspace_budget(engine, gist))
@@ -282,7 +285,7 @@ async def _read(
                 answer = await pacer.call(partial(client.fetch_contacts, page, per_page))
                 if not answer.contacts:
                     return
-                holdings, leads = _holdings(answer.contacts, keys, traits)
+                holdings, leads = _holdings(answer.contacts, keys, traits, odd)
                 await asyncio.to_thread(
                     _save_page, engine, reading, page, holdings, len(answer.contacts), leads,
                     keys, holder,
@@ -292,10 +295,37 @@ async def _read(
                 page += 1
         finally:
             await pacer.close()
+            odd.say()
+
+
+class Odd:
+    """Audience properties read that are neither ``true``, ``false`` nor null (``"true"``,
+    ``1``): read as not members, as Gist's workflows comparing with ``true`` would, but said,
+    once per key and reading. A Gist (or a tool before this one) that held members as
+    ``"true"`` would otherwise have the next run enter all of them again, ``Audience Entered``
+    and all, with no word of why."""
+
+    def __init__(self) -> None:
+        self.count: Counter[str] = Counter()
+        self.first: dict[str, tuple[str, Any]] = {}
+
+    def add(self, key: str, user_id: str, value: Any) -> None:
+        self.count[key] += 1
+        self.first.setdefault(key, (user_id, value))
+
+    def say(self) -> None:
+        for key, (user_id, value) in self.first.items():
+            n = self.count[key]
+            log.warning(
+                "%s: %d contact%s hold%s a value that is neither true nor false (first: user "
+                "%s: %s), read as not members: the next run sends them true if the source "
+                "has them", key, n, "" if n == 1 else "s", "s" if n == 1 else "",
+                user_id, json.dumps(value),
+            )  # fmt: skip
 
 
 def _holdings(
-    page: list[dict[str, Any]], keys: list[str], traits: set[str]
+    page: list[dict[str, Any]], keys: list[str], traits: set[str], odd: Odd | None = None
 ) -> tuple[dict[tuple[str, str], dict[str, Any]], int]:
     """What one page's contacts hold for ``keys``: members of audiences and trait values;
     and how many contacts were leads (no usable user id)."""
@@ -322,6 +352,8 @@ def _holdings(
             elif value is True:
                 encoded = None
             else:
+                if value is not False and value is not None and odd is not None:
+                    odd.add(key, user_id, value)
                 continue
             found[(key, user_id)] = {"key": key, "user_id": user_id, "email": email,
                                      "value": encoded}  # fmt: skip

@@ -225,6 +225,28 @@ def test_a_change_gist_applied_without_answering_still_fires_its_event_after_a_r
         assert len(gist.events()) == before + 1
 
 
+def test_audience_values_neither_true_nor_false_are_said_not_taken_for_members(
+    workspace: Workspace, engine: Engine, gist: FakeGist, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A Gist (or a tool before this one) holding members as "true" or 1: read as not
+    members, as a workflow comparing with true would, and said, or the next run would enter
+    them all again, events and all, with no word of why."""
+    workspace.add_file_audience("VIP", key=VIP, send_track=True)
+    gist.add_contact("u0", "u0@example.com", {VIP: True})
+    gist.add_contact("u1", "u1@example.com", {VIP: "true"})
+    gist.add_contact("u2", "u2@example.com", {VIP: 1})
+    gist.add_contact("u3", "u3@example.com", {VIP: False})
+    gist.add_contact("u4", "u4@example.com", {VIP: 0})
+
+    [result] = reconcile(workspace.settings(), engine, per_page=2).results
+
+    assert (result.status, result.members) == ("succeeded", 1)
+    assert (
+        'vip: 3 contacts hold a value that is neither true nor false (first: user u1: "true"), '
+        "read as not members: the next run sends them true if the source has them"
+    ) in caplog.text
+
+
 def test_429s_and_5xx_while_paging_are_retried(
     workspace: Workspace, engine: Engine, gist: FakeGist, source: Path
 ) -> None:
