@@ -49,6 +49,21 @@ def forward_body(request: httpx.Request, body: Any) -> httpx.Request:
                          extensions=request.extensions)  # fmt: skip
 
 
+def batch_applied_but(user: str, answer: Callable[[list[Any]], Any]) -> Hooked:
+    """A Gist that applies each batch but ``user``'s contact and answers 200 with the JSON
+    ``answer(contacts)`` makes of the contacts sent."""
+
+    async def hook(inner: httpx.AsyncHTTPTransport, request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/contacts/batch":
+            contacts = json.loads(request.content)["contacts"]
+            rest = [c for c in contacts if c["user_id"] != user]
+            await apply(inner, forward_body(request, {"contacts": rest}))
+            return httpx.Response(200, json=answer(contacts))
+        return await inner.handle_async_request(request)
+
+    return Hooked(hook)
+
+
 def acked(engine: Engine) -> set[str]:
     return {u for (u,) in table(engine, select(memberships.c.user_id))}
 
@@ -58,9 +73,9 @@ def true_in_gist(gist: FakeGist) -> set[str]:
 
 
 # 1 ---------------------------------------------------------------------------------------
-# A try whose answer was lost (Gist applied it), then a 4xx on the retry: the 4xx says only
-# that the *retry* was not applied, yet the change is recorded as "refused" and the
-# uncertainty about the member is taken back.
+# A try whose answer was lost (Gist applied it), then a 4xx on the retry (the fake's
+# ``lose_then_refuse``): the 4xx says only that the *retry* was not applied, yet the change
+# was recorded as "refused" and the uncertainty about the member taken back.
 
 
 def test_4xx_on_a_retry_after_a_lost_answer_keeps_the_member_uncertain(
@@ -71,22 +86,12 @@ def test_4xx_on_a_retry_after_a_lost_answer_keeps_the_member_uncertain(
     sync(workspace, engine)
     assert true_in_gist(gist) == {"u1", "u2"}
 
-    tries = 0
-
-    async def hook(inner: httpx.AsyncHTTPTransport, request: httpx.Request) -> httpx.Response:
-        nonlocal tries
-        if request.url.path == "/contacts" and json.loads(request.content)["user_id"] == "u1":
-            tries += 1
-            if tries == 1:  # applied by Gist, the connection drops before the answer
-                await apply(inner, request)
-                raise httpx.RemoteProtocolError("Server disconnected without sending a response")
-            # the retry: Gist refuses it (say a conflict with the contact just written)
-            return httpx.Response(409, json={"errors": [{"message": "Contact already exists"}]})
-        return await inner.handle_async_request(request)
-
     write_members(source, [2])  # u1 leaves: `false`
-    [run] = sync(workspace, engine, transport=Hooked(hook))
-    assert tries == 2
+    gist.clear_log()
+    gist.lose_then_refuse("u1", 409)  # applied, the answer lost; the retry refused
+    [run] = sync(workspace, engine)
+    gist.reset_faults()
+    assert [r.body["user_id"] for r in gist.requests("/contacts")] == ["u1", "u1"]
     assert held(gist, VIP)["u1"] is False  # the first try was applied
 
     # Gist holds `false`, the ledger still `true`: only uncertainty can tell the next run.
@@ -101,20 +106,10 @@ def test_4xx_on_a_retry_after_a_lost_answer_leaves_gist_wrong_for_good(
     write_members(source, [1, 2])
     sync(workspace, engine)
 
-    tries = 0
-
-    async def hook(inner: httpx.AsyncHTTPTransport, request: httpx.Request) -> httpx.Response:
-        nonlocal tries
-        if request.url.path == "/contacts" and json.loads(request.content)["user_id"] == "u1":
-            tries += 1
-            if tries == 1:
-                await apply(inner, request)
-                raise httpx.RemoteProtocolError("Server disconnected without sending a response")
-            return httpx.Response(409, json={"errors": [{"message": "Contact already exists"}]})
-        return await inner.handle_async_request(request)
-
     write_members(source, [2])
-    sync(workspace, engine, transport=Hooked(hook))
+    gist.lose_then_refuse("u1", 409)
+    sync(workspace, engine)
+    gist.reset_faults()
 
     write_members(source, [1, 2])  # u1 is back before the exit was ever acknowledged
     sync(workspace, engine)
@@ -168,20 +163,13 @@ def test_batch_error_naming_a_shared_email_acknowledges_the_refused_contact(
     shared = "family@example.com"
     write_members(source, [("u1", shared), ("u2", shared), ("u3", "u3@example.com")])
 
-    async def hook(inner: httpx.AsyncHTTPTransport, request: httpx.Request) -> httpx.Response:
-        if request.url.path == "/contacts/batch":
-            contacts = json.loads(request.content)["contacts"]
-            # Gist applies all but u1, and names the failed contact by its email.
-            rest = [c for c in contacts if c["user_id"] != "u1"]
-            await apply(inner, forward_body(request, {"contacts": rest}))
-            failed = [c for c in contacts if c["user_id"] == "u1"]
-            return httpx.Response(200, json={
-                "contacts": [],
-                "errors": [{"email": c["email"], "message": "Email is taken"} for c in failed],
-            })  # fmt: skip
-        return await inner.handle_async_request(request)
-
-    [run] = sync(workspace, engine, transport=Hooked(hook))
+    # Gist applies all but u1, and names the failed contact by its email.
+    answer = batch_applied_but("u1", lambda contacts: {
+        "contacts": [],
+        "errors": [{"email": c["email"], "message": "Email is taken"}
+                   for c in contacts if c["user_id"] == "u1"],
+    })  # fmt: skip
+    [run] = sync(workspace, engine, transport=answer)
 
     # Whatever was acknowledged, Gist holds (acknowledged ⊆ in Gist), for good.
     assert acked(engine) <= true_in_gist(gist), (run.delivered, acked(engine), held(gist, VIP))
@@ -201,17 +189,10 @@ def test_batch_failure_entries_are_not_read_by_position_when_they_are_not_one_pe
     source = add_audience(workspace)
     write_members(source, [(f"u{n}", f"U{n}@Example.com") for n in range(4)])
 
-    async def hook(inner: httpx.AsyncHTTPTransport, request: httpx.Request) -> httpx.Response:
-        if request.url.path == "/contacts/batch":
-            contacts = json.loads(request.content)["contacts"]
-            rest = [c for c in contacts if c["user_id"] != "u3"]
-            await apply(inner, forward_body(request, {"contacts": rest}))
-            return httpx.Response(200, json={"contacts": [
-                {"email": "u3@example.com", "errors": [{"message": "Email is invalid"}]}
-            ]})  # fmt: skip
-        return await inner.handle_async_request(request)
-
-    [run] = sync(workspace, engine, transport=Hooked(hook))
+    answer = batch_applied_but("u3", lambda contacts: {"contacts": [
+        {"email": "u3@example.com", "errors": [{"message": "Email is invalid"}]}
+    ]})  # fmt: skip
+    [run] = sync(workspace, engine, transport=answer)
 
     assert acked(engine) <= true_in_gist(gist), (run.delivered, acked(engine), held(gist, VIP))
 
@@ -260,18 +241,11 @@ def test_batch_answer_as_a_list_of_results_with_an_error_acknowledges_none_it_na
     source = add_audience(workspace)
     write_members(source, range(4))
 
-    async def hook(inner: httpx.AsyncHTTPTransport, request: httpx.Request) -> httpx.Response:
-        if request.url.path == "/contacts/batch":
-            contacts = json.loads(request.content)["contacts"]
-            rest = [c for c in contacts if c["user_id"] != "u3"]
-            await apply(inner, forward_body(request, {"contacts": rest}))
-            return httpx.Response(200, json=[
-                {"user_id": c["user_id"], "errors": [{"message": "Email is invalid"}]}
-                if c["user_id"] == "u3" else {"user_id": c["user_id"], "id": 1}
-                for c in contacts
-            ])  # fmt: skip
-        return await inner.handle_async_request(request)
-
-    [run] = sync(workspace, engine, transport=Hooked(hook))
+    answer = batch_applied_but("u3", lambda contacts: [
+        {"user_id": c["user_id"], "errors": [{"message": "Email is invalid"}]}
+        if c["user_id"] == "u3" else {"user_id": c["user_id"], "id": 1}
+        for c in contacts
+    ])  # fmt: skip
+    [run] = sync(workspace, engine, transport=answer)
 
     assert acked(engine) <= true_in_gist(gist), (run.delivered, acked(engine), held(gist, VIP))
