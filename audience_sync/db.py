@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 # The newest migration in migrations/versions: a constant, so that checking a state database
 # is at head needs no Alembic (a test holds it equal to the script directory's head).
-HEAD_REVISION = "0010"
+HEAD_REVISION = "0011"
 VERSION_TABLE = "alembic_version"
 UPGRADE_WAIT_SECONDS = 120  # how long a second upgrader waits for the first (PostgreSQL)
 

@@ -112,7 +112,8 @@ member_changes = Table(
     "member_changes",
     metadata,
     Column("id", Integer, primary_key=True, autoincrement=True),
-    Column("run_id", Integer, ForeignKey("sync_runs.id"), nullable=False),
+    # No foreign key: PostgreSQL would check the one run once per plan row (migration 0011).
+    Column("run_id", Integer, nullable=False),
     Column("audience_key", KEY, nullable=False),
     Column("user_id", USER_ID, nullable=False),
     Column("email", EMAIL, nullable=False),
