@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
-from sqlalchemy import Engine, and_, bindparam, or_, select
+from sqlalchemy import Engine, and_, bindparam, func, or_, select
 from sqlalchemy.engine import Connection
 
 from audience_sync import lease
@@ -26,6 +26,7 @@ from audience_sync.errors import (
 )
 from audience_sync.gist import GistClient, guarded_by
 from audience_sync.ledger import AckBuffer, owed_event
+from audience_sync.models import contacts
 from audience_sync.models import member_changes as changes
 from audience_sync.pacer import Attempt, Pacer
 
@@ -194,18 +195,26 @@ def _owed(engine: Engine, names: Mapping[str, EventNames]) -> Iterator[Any]:
     changes of the kind it is configured as (a trait's value, an audience's entry or exit).
     An event of the other kind cannot be told in this key's names; it stays owed until the
     key's next plan drops it (``plan.start_plan``), as when a run refused to switch the
-    key's kind while it still held values of the old one."""
+    key's kind while it still held values of the old one.
+
+    Each carries the user's email as Gist last acknowledged it (``contacts``), not as it
+    was when the change was planned: a change whose event is still owed when the source
+    gives its user another email (Gist refused the event for the old one, say) announces it
+    for the contact as Gist holds it now."""
     audiences = [key for key, named in names.items() if named.trait is None]
     traits = [key for key, named in names.items() if named.trait is not None]
     of_its_kind = or_(
         and_(changes.c.audience_key.in_(audiences), changes.c.value.is_not(None)),
         and_(changes.c.audience_key.in_(traits), changes.c.value_json.is_not(None)),
     )
+    email = func.coalesce(contacts.c.email, changes.c.email).label("email")
+    columns = [email if column.name == "email" else column for column in changes.c]
     after = 0
     while True:
         with engine.connect() as connection:
             rows = connection.execute(
-                select(changes)
+                select(*columns)
+                .outerjoin_from(changes, contacts, contacts.c.user_id == changes.c.user_id)
                 .where(of_its_kind, owed_event(), changes.c.id > after)
                 .order_by(changes.c.id)
                 .limit(PAGE)

@@ -493,18 +493,29 @@ def discard_plan(connection: Connection, run_id: int) -> None:
 
 
 def save_backfill_plan(
-    connection: Connection, target: PlanTarget, resumed_runs: Sequence[int], *, trait: bool
+    connection: Connection,
+    target: PlanTarget,
+    resumed_runs: Sequence[int],
+    *,
+    trait: bool,
+    keep: bool = False,
 ) -> int:
     """Plan ``true`` (or the value) for every staged member, except those already delivered
     by the unfinished backfill runs in ``resumed_runs`` (so a backfill resumes, not restarts).
-    A member Gist had not acknowledged owes its event like any entry. Returns how many
+    A member Gist had not acknowledged owes its event like any entry. With ``keep`` (a
+    trait's ``on_missing = "keep"``), the values kept for users gone from the source are
+    sent again too, as a run would send them (``_trait_kept``): Gist holds them as much as
+    the source's, and after a reset no run would send them otherwise. Returns how many
     changes were planned."""
     key, s = target.key, target.snapshot
-    done = exists().where(
-        changes.c.run_id.in_(resumed_runs),
-        changes.c.user_id == s.c.user_id,
-        changes.c.status == "delivered",
-    )
+
+    def done(user_id: Any) -> ColumnElement[bool]:
+        return exists().where(
+            changes.c.run_id.in_(resumed_runs),
+            changes.c.user_id == user_id,
+            changes.c.status == "delivered",
+        )
+
     if trait:
         same = exists().where(
             trait_values.c.trait_key == key,
@@ -515,7 +526,23 @@ def save_backfill_plan(
     else:
         row = _row(target, s.c.user_id, s.c.email, true(), event=~_member(key, s.c.user_id))
     with connection.begin():
-        return _insert(connection, select(*row).where(~done))
+        planned = _insert(connection, select(*row).where(~done(s.c.user_id)))
+        if keep:
+            # Acknowledged values of users gone and settled (an uncertain one is
+            # ``_trait_kept``'s: the value last attempted), sent again unchanged.
+            kept = _row(target, trait_values.c.user_id, trait_values.c.email, _NO_VALUE,
+                        trait_values.c.value, event=false())  # fmt: skip
+            acknowledged = select(*kept).where(
+                trait_values.c.trait_key == key,
+                trait_values.c.value != NULL_JSON,
+                _gone(target, trait_values.c.user_id),
+                ~_uncertain(key, trait_values.c.user_id),
+                ~done(trait_values.c.user_id),
+            )
+            planned += _insert(connection, acknowledged)
+            unsure = _trait_kept(target).where(~done(uncertain.c.user_id))
+            planned += _insert(connection, unsure)
+        return planned
 
 
 def save_retire_plan(connection: Connection, target: PlanTarget, *, trait: bool) -> int:

@@ -566,7 +566,8 @@ def _plan(
                 "%s: the backfill of runs %s did not finish; starting over (--resume skips "
                 "whom it reached, when Gist was not reset since)", key, runs_text,
             )  # fmt: skip
-        entered = save_backfill_plan(connection, plan, resumed, trait=audience.is_trait)
+        keep = isinstance(audience, TraitConfig) and audience.on_missing == "keep"
+        entered = save_backfill_plan(connection, plan, resumed, trait=audience.is_trait, keep=keep)
         members = count_staged(connection, snapshot)
         return replace(result, members=members, entered=entered, status=done, resumed=bool(resumed))
     if isinstance(audience, TraitConfig):

@@ -12,6 +12,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import time_machine
 from sqlalchemy import Engine, create_engine, func, inspect, select, text, update
@@ -1460,3 +1461,74 @@ def test_an_owed_entry_event_arrives_before_the_exit_that_followed_it(
     assert [tuple(r) for r in statuses] == [
         ("u0", True, "delivered"), ("u1", True, "delivered"), ("u0", False, "delivered"),
     ]  # fmt: skip
+
+
+def test_an_owed_event_sent_after_an_email_change_carries_the_current_email(
+    workspace: Workspace, engine: Engine, gist: FakeGist
+) -> None:
+    """u0 enters with old@; its contact is acknowledged but Gist is down for events, so the
+    `Audience Entered` stays owed. The source then gives u0 new@: the next run re-sends the
+    contact with new@ (Gist's contact email follows the source), then sends the owed event
+    built from the old change row, i.e. with old@ — a request that does not carry the
+    user's current email (DESIGN: "Every request carries the user's current email"). Owed
+    events now carry the email Gist last acknowledged for the contact."""
+    source = add_audience(workspace, send_track=True)
+    write_members(source, [("u0", "old@example.com")])
+    gist.fail_after(1, 503)  # the contact goes through, the event does not
+    sync(workspace, engine)
+    gist.reset_faults()
+    assert gist.events() == []
+
+    write_members(source, [("u0", "new@example.com")])
+    [run] = sync(workspace, engine)
+
+    assert run.status == "succeeded"
+    assert gist.contacts()["u0"]["email"] == "new@example.com"
+    [event] = gist.events()
+    assert (event["event_name"], event["email"]) == ("Audience Entered", "new@example.com")
+
+
+def test_an_event_refused_for_its_email_goes_out_once_the_source_fixes_the_email(
+    workspace: Workspace, engine: Engine
+) -> None:
+    """docs/troubleshooting.md: Gist refused track events with a 4xx, "often the email":
+    "fix what Gist refuses ...; each run tries again". Here Gist refuses events carrying
+    bad@ (it takes the contact). The operator fixes u0's email in the source; the contact is
+    re-sent with the fixed email, but the owed event is rebuilt from its change row, still
+    carrying bad@, so Gist refuses it on every run for ever — and because a refused event
+    holds back the user's later events of the key, u0's `Audience Exited` is never sent
+    either. Nothing the operator could do in the source released them; now the fixed email,
+    once Gist acknowledges the contact with it, is the one the owed event carries."""
+    contacts: dict[str, dict[str, Any]] = {}
+    accepted: list[tuple[str, str, str]] = []
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        if request.url.path == "/contacts":
+            contacts[body["user_id"]] = body
+            return httpx.Response(200, json={"contact": body})
+        if body.get("email") == "bad@example.com":
+            return httpx.Response(422, json={"errors": [{"message": "Email is not allowed"}]})
+        accepted.append((body["user_id"], body["event_name"], body.get("email", "")))
+        return httpx.Response(200, json={"event": body})
+
+    transport = httpx.MockTransport(handler)
+    source = add_audience(workspace, send_track=True)
+    write_members(source, [("u0", "bad@example.com"), 1])
+    sync(workspace, engine, transport=transport)
+    assert accepted == [("u1", "Audience Entered", "u1@example.com")]
+
+    write_members(source, [("u0", "good@example.com"), 1])  # the operator's fix
+    sync(workspace, engine, transport=transport)
+    sync(workspace, engine, transport=transport)  # "each run tries again"
+    assert contacts["u0"]["email"] == "good@example.com"
+
+    write_members(source, [1])  # u0 leaves
+    sync(workspace, engine, transport=transport)
+    sync(workspace, engine, transport=transport)
+
+    assert contacts["u0"]["custom_properties"] == {VIP: False}
+    assert [a for a in accepted if a[0] == "u0"] == [
+        ("u0", "Audience Entered", "good@example.com"),
+        ("u0", "Audience Exited", "good@example.com"),
+    ]

@@ -630,17 +630,19 @@ def machine_for(store: str) -> type[RuleBasedStateMachine]:
             key = data.draw(st.sampled_from(self.configured()))
             self.sync((key,), mode="backfill", fault=fault, resume=resume)
 
-        @precondition(lambda self: bool(self.configured("audience")))
         @rule(data=st.data(), fault=faults, earlier=st.booleans())
         def reset_gist_then_backfill(self, data: st.DataObject, fault: str, earlier: bool) -> None:
-            """Gist loses an audience's values (a workspace reset), and ``backfill`` — what
-            it is for — sends them again, run until it succeeds (the first try under a
-            fault, the tries after it resuming it). With ``earlier``, a backfill under that
-            fault and a run of the key came before the reset: a backfill that stopped then
-            must not be "resumed" across the run since, its users left without the property.
-            A backfill that stopped before the reset with no run since (a ``backfill`` rule
-            just before) is not resumed either: only ``--resume`` does that."""
-            key = data.draw(st.sampled_from(self.configured("audience")))
+            """Gist loses a key's values (a workspace reset), and ``backfill`` — what it is
+            for — sends them again, run until it succeeds (the first try under a fault, the
+            tries after it resuming it): an audience's members, a trait's values, and the
+            values an ``on_missing = "keep"`` trait keeps for users gone from its source.
+            With ``earlier``, a backfill under that fault and a run of the key came before
+            the reset: a backfill that stopped then must not be "resumed" across the run
+            since, its users left without the property. A backfill that stopped before the
+            reset with no run since (a ``backfill`` rule just before) is not resumed either:
+            only ``--resume`` does that."""
+            key = data.draw(st.sampled_from(self.configured()))
+            model = self.keys[key]
             if earlier:
                 self.sync((key,), mode="backfill", fault=fault)
                 self.sync((key,))
@@ -654,12 +656,22 @@ def machine_for(store: str) -> type[RuleBasedStateMachine]:
                 results = self.sync((key,), mode="backfill", resume=True)
             else:
                 raise AssertionError(f"the backfill of {key} never succeeded: {results}")
-            members = {
-                u
-                for u, c in self.users_in_gist().items()
-                if c["custom_properties"].get(key) is True
+            held = {
+                u: c["custom_properties"].get(key, ABSENT) for u, c in self.users_in_gist().items()
             }
-            assert members == self.keys[key].members, (key, members)
+            if model.kind == "audience":
+                members = {u for u, v in held.items() if v is True}
+                assert members == model.members, (key, members)
+                return
+            for user in USERS:
+                value = canonical(held.get(user, ABSENT))
+                if user in model.values:
+                    assert value == canonical(model.values[user]), (key, user, value)
+                elif model.on_missing == "keep" and model.possible[user]:
+                    # A kept null may be absent (nothing is sent for it); a value may not.
+                    kept = model.possible[user]
+                    allowed = kept | ({"absent"} if "null" in kept else set())
+                    assert value in allowed, (key, user, value, allowed)
 
         @rule(data=st.data())
         def retire_and_add_back_as_the_other_kind(self, data: st.DataObject) -> None:
@@ -899,6 +911,7 @@ def machine_for(store: str) -> type[RuleBasedStateMachine]:
 
         @rule()
         def clean_run(self) -> None:
+            announced = len(self.gist.events())
             results = self.sync()
             for _ in range(3):
                 # A loaded machine may stall a request past its deadline (2 s): a run that
@@ -915,6 +928,13 @@ def machine_for(store: str) -> type[RuleBasedStateMachine]:
             self.check_gist()
             self.check_state()
             self.check_events()
+            # Its events came after its contacts, which it left as they are now: each event
+            # carries its contact's email (an owed one too, planned under an older email).
+            contacts = self.users_in_gist()
+            for event in self.gist.events()[announced:]:
+                contact = contacts.get(event["user_id"])
+                if contact is not None:
+                    assert (event.get("email") or None) == (contact["email"] or None), event
             for model in self.keys.values():
                 for user, value in model.values.items():
                     model.possible[user] = {canonical(value)}
@@ -1234,12 +1254,36 @@ def _backfill_stopped_then_gist_reset(machine: Any) -> None:
     machine.clean_run()
 
 
+def _event_owed_across_an_email_change(machine: Any) -> None:
+    """u1 enters a tracked audience; Gist refuses its ``Audience Entered`` (still owed); the
+    source gives u1 another email: the next run sends the contact with it, then the owed
+    event, which must carry it too (``events._owed``), not the one it was planned with."""
+    machine.enter(data=Draws("a1"), user="u1")
+    machine.run(data=Draws(()), fault="refuse-events", kill=None, kill_after=1, form="str")
+    machine.change_email(user="u1")
+    machine.clean_run()
+
+
+def _kept_value_across_a_reset(machine: Any) -> None:
+    """u1 leaves an ``on_missing = "keep"`` trait's source, Gist keeping its value; Gist is
+    reset and backfilled: the kept value must be sent again (``plan.save_backfill_plan``),
+    or Gist lacks it for good while the state says Gist holds it."""
+    machine.set_value(data=Draws("t2"), user="u1", value=2)
+    machine.clean_run()
+    machine.drop_value(data=Draws("t2"), user="u1")
+    machine.clean_run()
+    machine.reset_gist_then_backfill(data=Draws("t2"), fault="none", earlier=False)
+    machine.clean_run()
+
+
 @pytest.mark.parametrize(
     "sequence",
     [_reconcile_after_a_run_killed_mid_send, _send_track_off_and_on,
-     _backfill_stopped_then_gist_reset, _refused_after_a_lost_answer],
+     _backfill_stopped_then_gist_reset, _refused_after_a_lost_answer,
+     _event_owed_across_an_email_change, _kept_value_across_a_reset],
     ids=["reconcile-after-a-killed-run", "send-track-off-and-on", "backfill-across-a-reset",
-         "refused-after-a-lost-answer"],
+         "refused-after-a-lost-answer", "event-owed-across-an-email-change",
+         "kept-value-across-a-reset"],
 )  # fmt: skip
 @pytest.mark.parametrize(
     "store", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]

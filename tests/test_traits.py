@@ -90,6 +90,35 @@ def test_on_missing_keep(workspace: Workspace, engine: Engine, gist: FakeGist) -
     assert gist.properties(REVENUE)["u2"] == 2
 
 
+def test_a_backfill_sends_again_the_values_kept_for_users_gone_from_the_source(
+    workspace: Workspace, engine: Engine, gist: FakeGist
+) -> None:
+    """With ``on_missing = "keep"`` Gist keeps a value for a user gone from the source, and
+    the state says it does. A backfill after a Gist reset (what it is for) sent only the
+    source's users: the kept value was gone from Gist for good, while the state said Gist
+    held it, so no run ever sent it again. It is sent again, unchanged, owing no event."""
+    source = add_trait(workspace, on_missing="keep", send_track=True)
+    write_values(source, {1: 5, 2: 7})
+    run_once(workspace.settings(), engine)
+    write_values(source, {2: 7})  # u1 leaves: Gist keeps 5 for u1
+    run_once(workspace.settings(), engine)
+    assert gist.properties(REVENUE) == {"u1": 5, "u2": 7}
+    for user in ("u1", "u2"):  # the workspace is reset
+        gist.drop_property(user, REVENUE)
+    gist.clear_log()
+    announced = len(events(gist))
+
+    [backfill] = run_once(workspace.settings(), engine, [REVENUE], mode="backfill")
+
+    assert (backfill.status, backfill.entered, backfill.delivered) == ("succeeded", 2, 2)
+    assert sent(gist, REVENUE) == {"u1": 5, "u2": 7}
+    assert gist.properties(REVENUE) == {"u1": 5, "u2": 7}
+    assert len(events(gist)) == announced  # nothing Gist acknowledged changed
+    gist.clear_log()
+    [after] = run_once(workspace.settings(), engine)
+    assert (after.entered, after.exited, gist.requests()) == (0, 0, [])
+
+
 @pytest.mark.parametrize(
     ("trait_type", "cell", "expected"),
     [
