@@ -502,11 +502,14 @@ def save_backfill_plan(
 ) -> int:
     """Plan ``true`` (or the value) for every staged member, except those already delivered
     by the unfinished backfill runs in ``resumed_runs`` (so a backfill resumes, not restarts).
-    A member Gist had not acknowledged owes its event like any entry. With ``keep`` (a
-    trait's ``on_missing = "keep"``), the values kept for users gone from the source are
-    sent again too, as a run would send them (``_trait_kept``): Gist holds them as much as
-    the source's, and after a reset no run would send them otherwise. Returns how many
-    changes were planned."""
+    A member Gist had not acknowledged owes its event like any entry.
+
+    What a run leaves alone for users the snapshot lacks is sent again too, unchanged and
+    owing no event: the acknowledged value of a user whose row this run rejected (a glitch
+    is not a departure), and with ``keep`` (a trait's ``on_missing = "keep"``) the values
+    kept for users gone from the source (``_trait_kept``'s for an uncertain one). Gist
+    holds them as much as the source's values, and after a reset no run would send them
+    again. Returns how many changes were planned."""
     key, s = target.key, target.snapshot
 
     def done(user_id: Any) -> ColumnElement[bool]:
@@ -516,6 +519,14 @@ def save_backfill_plan(
             changes.c.status == "delivered",
         )
 
+    def left_alone(user_id: Any) -> ColumnElement[bool]:
+        """Not staged, settled, not yet resent, and rejected (or, with ``keep``, gone)."""
+        rejected = exists().where(
+            rejected_rows.c.run_id == target.run_id, rejected_rows.c.user_id == user_id
+        )
+        why = [] if keep else [rejected]
+        return and_(~_present(target, user_id), *why, ~_uncertain(key, user_id), ~done(user_id))
+
     if trait:
         same = exists().where(
             trait_values.c.trait_key == key,
@@ -523,25 +534,24 @@ def save_backfill_plan(
             trait_values.c.value == s.c.value,
         )
         row = _row(target, s.c.user_id, s.c.email, _NO_VALUE, s.c.value, event=~same)
+        value = trait_values.c.value
+        kept = _row(target, trait_values.c.user_id, trait_values.c.email, _NO_VALUE, value,
+                    event=false())  # fmt: skip
+        held = select(*kept).where(
+            trait_values.c.trait_key == key,
+            trait_values.c.value != NULL_JSON,
+            left_alone(trait_values.c.user_id),
+        )
     else:
         row = _row(target, s.c.user_id, s.c.email, true(), event=~_member(key, s.c.user_id))
+        held = select(
+            *_row(target, memberships.c.user_id, memberships.c.email, true(), event=false())
+        ).where(memberships.c.audience_key == key, left_alone(memberships.c.user_id))
     with connection.begin():
         planned = _insert(connection, select(*row).where(~done(s.c.user_id)))
+        planned += _insert(connection, held)
         if keep:
-            # Acknowledged values of users gone and settled (an uncertain one is
-            # ``_trait_kept``'s: the value last attempted), sent again unchanged.
-            kept = _row(target, trait_values.c.user_id, trait_values.c.email, _NO_VALUE,
-                        trait_values.c.value, event=false())  # fmt: skip
-            acknowledged = select(*kept).where(
-                trait_values.c.trait_key == key,
-                trait_values.c.value != NULL_JSON,
-                _gone(target, trait_values.c.user_id),
-                ~_uncertain(key, trait_values.c.user_id),
-                ~done(trait_values.c.user_id),
-            )
-            planned += _insert(connection, acknowledged)
-            unsure = _trait_kept(target).where(~done(uncertain.c.user_id))
-            planned += _insert(connection, unsure)
+            planned += _insert(connection, _trait_kept(target).where(~done(uncertain.c.user_id)))
         return planned
 
 

@@ -36,6 +36,36 @@ def test_backfill_resends_every_member(
     assert all(r.body["custom_properties"] == {KEY: True} for r in gist.requests("/contacts"))
 
 
+def test_a_backfill_resends_a_member_whose_row_it_rejected(
+    workspace: Workspace, engine: Engine, gist: FakeGist
+) -> None:
+    """A rejected row keeps its user's membership (a broken email is no exit). A backfill
+    after a Gist reset sent only the staged members: the one whose row was broken that day
+    was left without the property for good, the state saying Gist holds it. It is sent
+    again with the email Gist acknowledged, owing no event."""
+    source = workspace.add_file_audience("Order Completed Last 30days", send_track=True)
+    write_members(source, range(3))
+    run_once(workspace.settings(), engine)
+    for user in ("u0", "u1", "u2"):  # the workspace is reset
+        gist.drop_property(user, KEY)
+    write_members(source, [0, ("u1", "not an email"), 2])
+    announced = len(gist.events())
+    gist.clear_log()
+
+    [backfill] = run_once(workspace.settings(), engine, [KEY], mode="backfill")
+
+    assert (backfill.status, backfill.rejected, backfill.delivered) == ("succeeded", 1, 3)
+    assert in_gist(gist) == acknowledged(engine) == users(0, 1, 2)
+    assert {r.body["user_id"]: r.body["email"] for r in gist.requests("/contacts")}["u1"] == (
+        "u1@example.com"
+    )
+    assert len(gist.events()) == announced
+    write_members(source, range(3))  # the row mended
+    gist.clear_log()
+    [run] = run_once(workspace.settings(), engine)
+    assert (run.entered, run.exited, gist.requests()) == (0, 0, [])
+
+
 def test_backfill_after_a_crash_resumes_when_asked_instead_of_starting_over(
     workspace: Workspace, engine: Engine, gist: FakeGist
 ) -> None:

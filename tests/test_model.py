@@ -163,6 +163,9 @@ class Key:
     # Users with a second row after theirs (an earlier event, for Engage) carrying another
     # email (and value): the first row (the latest event) must win.
     decoys: set[str] = field(default_factory=set)
+    # Users whose row carries an email no request may carry: the row is rejected, and its
+    # user left as Gist holds them (a glitch is no departure), until the row is mended.
+    broken: set[str] = field(default_factory=set)
     ever: set[str] = field(default_factory=set)  # members ever: an Engage export's exits
     epoch: int = 0  # events Gist had before this key was (re)configured belong to no one
     members: set[str] = field(default_factory=set)
@@ -270,10 +273,31 @@ def machine_for(store: str) -> type[RuleBasedStateMachine]:
             that has the user decides (audiences before traits, each in config order)."""
             for kind in ("audience", "trait"):
                 for key in self.configured_in_order(kind):
-                    model = self.keys[key]
-                    if user in (model.members if kind == "audience" else model.values):
+                    if user in self.present(key) - self.keys[key].broken:
                         return self.email(user, key)
             return None
+
+        def present(self, key: str) -> set[str]:
+            """The users ``key``'s source has a row for."""
+            model = self.keys[key]
+            return model.members if model.kind == "audience" else set(model.values)
+
+        def left_alone(self, key: str) -> set[str]:
+            """The users whose row in ``key``'s source is rejected: no run changes them."""
+            return self.present(key) & self.keys[key].broken
+
+        def clean(self, result: RunResult) -> bool:
+            """A run that went through: succeeded, or failed for a source whose every row
+            is rejected (every user it has is broken)."""
+            if result.status == "succeeded":
+                return True
+            key = result.audience_key
+            everyone = self.present(key)
+            return (
+                bool(everyone)
+                and everyone <= self.keys[key].broken
+                and ("were rejected" in (result.error or ""))
+            )
 
         def configured_in_order(self, kind: str) -> list[str]:
             return [k for k, m in self.keys.items() if m.kind == kind]
@@ -288,12 +312,15 @@ def machine_for(store: str) -> type[RuleBasedStateMachine]:
                 return {"int": NUMERIC[user], "float": float(NUMERIC[user]), "str": user}[form]
 
             model = self.keys[key]
-            present = model.members if model.kind == "audience" else set(model.values)
+            present = self.present(key)
             rows: list[tuple[Any, str, Any, bool]] = []
             for user in USERS:
                 if user not in present:
                     continue
                 value = model.values.get(user) if model.kind == "trait" else None
+                if user in model.broken:  # alone: a decoy after it would be the user's row
+                    rows.append((user_id(user), "not an email", value, False))
+                    continue
                 rows.append((user_id(user), self.email(user, key), value, False))
                 if user in model.decoys:
                     decoy = "decoy" if model.kind == "trait" else None
@@ -574,6 +601,14 @@ def machine_for(store: str) -> type[RuleBasedStateMachine]:
             model = self.keys[data.draw(st.sampled_from(self.configured()))]
             model.decoys ^= {user}
 
+        @rule(data=st.data(), user=st.sampled_from(USERS))
+        def toggle_broken_row(self, data: st.DataObject, user: str) -> None:
+            """The user's row in one source gets an email no request may carry (or is
+            mended): it is rejected, and the user left as Gist holds them — no exit, no
+            change — by runs and backfills alike, until it is mended."""
+            model = self.keys[data.draw(st.sampled_from(self.configured()))]
+            model.broken ^= {user}
+
         @rule(data=st.data())
         def switch_source(self, data: st.DataObject) -> None:
             model = self.keys[data.draw(st.sampled_from(self.configured()))]
@@ -621,7 +656,7 @@ def machine_for(store: str) -> type[RuleBasedStateMachine]:
             chosen = st.sets(st.sampled_from(self.configured()), min_size=1, max_size=2)
             results = self.sync(tuple(data.draw(chosen)))
             assert results is not None
-            assert all(r.status == "succeeded" for r in results), results
+            assert all(self.clean(r) for r in results), results
 
         @rule(data=st.data(), fault=faults, resume=st.booleans())
         def backfill(self, data: st.DataObject, fault: str, resume: bool) -> None:
@@ -651,7 +686,7 @@ def machine_for(store: str) -> type[RuleBasedStateMachine]:
                     self.gist.drop_property(user, key)
             results = self.sync((key,), mode="backfill", fault="none" if earlier else fault)
             for _ in range(3):
-                if results is not None and all(r.status == "succeeded" for r in results):
+                if results is not None and all(self.clean(r) for r in results):
                     break
                 results = self.sync((key,), mode="backfill", resume=True)
             else:
@@ -659,11 +694,12 @@ def machine_for(store: str) -> type[RuleBasedStateMachine]:
             held = {
                 u: c["custom_properties"].get(key, ABSENT) for u, c in self.users_in_gist().items()
             }
+            alone = self.left_alone(key)  # held as before: check_state compares the ledger
             if model.kind == "audience":
-                members = {u for u, v in held.items() if v is True}
-                assert members == model.members, (key, members)
+                members = {u for u, v in held.items() if v is True} - alone
+                assert members == model.members - alone, (key, members)
                 return
-            for user in USERS:
+            for user in set(USERS) - alone:
                 value = canonical(held.get(user, ABSENT))
                 if user in model.values:
                     assert value == canonical(model.values[user]), (key, user, value)
@@ -924,7 +960,7 @@ def machine_for(store: str) -> type[RuleBasedStateMachine]:
                 results = self.sync()
             assert results is not None
             outcomes = [(r.audience_key, r.status, r.failure, r.error) for r in results]
-            assert all(r.status == "succeeded" for r in results), outcomes
+            assert all(self.clean(r) for r in results), outcomes
             self.check_gist()
             self.check_state()
             self.check_events()
@@ -935,9 +971,10 @@ def machine_for(store: str) -> type[RuleBasedStateMachine]:
                 contact = contacts.get(event["user_id"])
                 if contact is not None:
                     assert (event.get("email") or None) == (contact["email"] or None), event
-            for model in self.keys.values():
+            for key, model in self.keys.items():
                 for user, value in model.values.items():
-                    model.possible[user] = {canonical(value)}
+                    if user not in self.left_alone(key):  # Gist holds what it held
+                        model.possible[user] = {canonical(value)}
             # The same sources again: unchanged files may take the fast path, and it must
             # plan what a full diff plans, which is nothing.
             again = self.sync()
@@ -1053,7 +1090,7 @@ def machine_for(store: str) -> type[RuleBasedStateMachine]:
         def check_gist(self) -> None:
             contacts = self.gist.contacts()
             for key, model in self.keys.items():
-                for user in USERS:
+                for user in set(USERS) - self.left_alone(key):  # theirs: see check_state
                     props = contacts.get(user, {}).get("custom_properties", {})
                     value = props.get(key, ABSENT)
                     where = f"{key}/{user}: Gist holds {value!r}"
@@ -1084,7 +1121,11 @@ def machine_for(store: str) -> type[RuleBasedStateMachine]:
         def check_state(self) -> None:
             contacts = self.users_in_gist()
             with self.engine.connect() as connection:
-                assert connection.scalar(select(func.count()).select_from(uncertain_members)) == 0
+                unsure = connection.execute(
+                    select(uncertain_members.c.audience_key, uncertain_members.c.user_id)
+                ).all()
+                # Only a user whose row is rejected may stay uncertain: no run sends them.
+                assert all(u in self.left_alone(k) for k, u in unsure), unsure
                 for key, model in self.keys.items():
                     held = {
                         u: c["custom_properties"][key]
@@ -1146,7 +1187,7 @@ def machine_for(store: str) -> type[RuleBasedStateMachine]:
                     last[(key, event["user_id"])] = (index, event)
             for key in tracked:
                 model = self.keys[key]
-                for user in USERS:
+                for user in set(USERS) - self.left_alone(key):  # held as before
                     index, latest = last.get((key, user), (-1, None))
                     if index < model.baseline_at:
                         # No event since send_track went on: the value then is the last word.
@@ -1276,14 +1317,28 @@ def _kept_value_across_a_reset(machine: Any) -> None:
     machine.clean_run()
 
 
+def _broken_row_across_a_reset(machine: Any) -> None:
+    """u1's row in a1's source is broken (rejected: u1 left as Gist holds them) when Gist is
+    reset and backfilled: the backfill must send u1's acknowledged membership again
+    (``plan.save_backfill_plan``), or Gist lacks it for good once the row is mended."""
+    machine.enter(data=Draws("a1"), user="u0")
+    machine.enter(data=Draws("a1"), user="u1")
+    machine.clean_run()
+    machine.toggle_broken_row(data=Draws("a1"), user="u1")
+    machine.reset_gist_then_backfill(data=Draws("a1"), fault="none", earlier=False)
+    machine.toggle_broken_row(data=Draws("a1"), user="u1")
+    machine.clean_run()
+
+
 @pytest.mark.parametrize(
     "sequence",
     [_reconcile_after_a_run_killed_mid_send, _send_track_off_and_on,
      _backfill_stopped_then_gist_reset, _refused_after_a_lost_answer,
-     _event_owed_across_an_email_change, _kept_value_across_a_reset],
+     _event_owed_across_an_email_change, _kept_value_across_a_reset,
+     _broken_row_across_a_reset],
     ids=["reconcile-after-a-killed-run", "send-track-off-and-on", "backfill-across-a-reset",
          "refused-after-a-lost-answer", "event-owed-across-an-email-change",
-         "kept-value-across-a-reset"],
+         "kept-value-across-a-reset", "broken-row-across-a-reset"],
 )  # fmt: skip
 @pytest.mark.parametrize(
     "store", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]

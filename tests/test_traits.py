@@ -119,6 +119,24 @@ def test_a_backfill_sends_again_the_values_kept_for_users_gone_from_the_source(
     assert (after.entered, after.exited, gist.requests()) == (0, 0, [])
 
 
+def test_a_backfill_resends_the_value_of_a_user_whose_row_it_rejected(
+    workspace: Workspace, engine: Engine, gist: FakeGist
+) -> None:
+    """As for an audience's member: a rejected row keeps its user's value, and a backfill
+    after a reset sends the acknowledged one again (``on_missing = "null"`` too)."""
+    source = add_trait(workspace)
+    write_values(source, {1: 5, 2: 7})
+    run_once(workspace.settings(), engine)
+    for user in ("u1", "u2"):
+        gist.drop_property(user, REVENUE)
+    source.write_text(source.read_text().replace('"u1@example.com"', '"broken"'))
+
+    [backfill] = run_once(workspace.settings(), engine, [REVENUE], mode="backfill")
+
+    assert (backfill.status, backfill.rejected, backfill.delivered) == ("succeeded", 1, 2)
+    assert gist.properties(REVENUE) == {"u1": 5, "u2": 7}
+
+
 @pytest.mark.parametrize(
     ("trait_type", "cell", "expected"),
     [
