@@ -37,6 +37,7 @@ from typing import Any
 
 import httpx
 from sqlalchemy import (
+    ColumnElement,
     Engine,
     and_,
     case,
@@ -498,47 +499,54 @@ def _compare(
 
 
 def _settle_applied(connection: Connection, reading: int, audience: Computation, now: Any) -> None:
-    """An uncertain user's latest change whose value the reading finds in Gist was applied,
-    its answer lost (a timeout, a dropped connection, a kill): it becomes ``delivered``, and
-    owes the event a run would have owed it (``send_track`` on, and the change moved the
-    acknowledged value). Without this the reading would make it the ledger with no event
-    ever sent: the next run re-sends an uncertain entry *with* its ``Audience Entered``, and
-    after a reconcile no run sends one at all. Runs before ``_record`` replaces the ledger,
-    whose old values say which changes moved it."""
+    """Of an uncertain user's changes since it became uncertain, the latest whose value the
+    reading finds in Gist was applied, its answer lost (a timeout, a dropped connection, a
+    kill): it becomes ``delivered``, and owes the event a run would have owed it
+    (``send_track`` on, and the change moved the acknowledged value). Without this the
+    reading would make it the ledger with no event ever sent: the next run re-sends an
+    uncertain entry *with* its ``Audience Entered``, and after a reconcile no run sends one
+    at all. Not only the latest change: an entry applied unanswered and an exit refused
+    after it leave Gist holding the entry, and the exit the next run sends would announce
+    leaving an audience never announced entered. Runs before ``_record`` replaces the
+    ledger, whose old values say which changes moved it."""
     key = audience.property_key
-    h = gist_holdings
-    unsure = select(uncertain_members.c.user_id).where(uncertain_members.c.audience_key == key)
+    c = changes.alias("c")
+    applied_here = _applied(c, reading, audience)
     latest = (
-        select(func.max(changes.c.id))
-        .where(changes.c.audience_key == key, changes.c.user_id.in_(unsure))
-        .group_by(changes.c.user_id)
+        select(func.max(c.c.id))
+        .join(
+            uncertain_members,
+            and_(
+                uncertain_members.c.audience_key == key,
+                uncertain_members.c.user_id == c.c.user_id,
+            ),
+        )
+        .where(
+            c.c.audience_key == key,
+            c.c.run_id >= uncertain_members.c.run_id,
+            c.c.status.in_(["failed", "pending"]),
+            applied_here,
+        )
+        .group_by(c.c.user_id)
     )
-    held = (h.c.reconcile_id == reading, h.c.key == key, h.c.user_id == changes.c.user_id)
     if audience.is_trait:
-        gist_value = select(h.c.value).where(*held).scalar_subquery()
         old_value = (
             select(trait_values.c.value)
             .where(trait_values.c.trait_key == key, trait_values.c.user_id == changes.c.user_id)
             .scalar_subquery()
         )
-        sent = func.coalesce(changes.c.value_json, NULL_JSON)
-        applied = func.coalesce(gist_value, NULL_JSON) == sent
-        moved = func.coalesce(old_value, NULL_JSON) != sent
+        moved = func.coalesce(old_value, NULL_JSON) != func.coalesce(
+            changes.c.value_json, NULL_JSON
+        )
     else:
-        in_gist = exists().where(*held)
         member = exists().where(
             memberships.c.audience_key == key, memberships.c.user_id == changes.c.user_id
         )
         entry, exit_ = changes.c.value.is_(True), changes.c.value.is_(False)
-        applied = or_(and_(entry, in_gist), and_(exit_, ~in_gist))
         moved = or_(and_(entry, ~member), and_(exit_, member))
     connection.execute(
         update(changes)
-        .where(
-            changes.c.id.in_(latest),
-            changes.c.status.in_(["failed", "pending"]),
-            applied,
-        )
+        .where(changes.c.id.in_(latest))
         .values(
             status="delivered",
             delivered_at=now,
@@ -546,6 +554,21 @@ def _settle_applied(connection: Connection, reading: int, audience: Computation,
             event_error=None,
         )
     )
+
+
+def _applied(c: Any, reading: int, audience: Computation) -> ColumnElement[bool]:
+    """The reading finds in Gist the value change ``c`` sent."""
+    h = gist_holdings
+    held = (
+        h.c.reconcile_id == reading,
+        h.c.key == audience.property_key,
+        h.c.user_id == c.c.user_id,
+    )
+    if audience.is_trait:
+        gist_value = select(h.c.value).where(*held).scalar_subquery()
+        return func.coalesce(gist_value, NULL_JSON) == func.coalesce(c.c.value_json, NULL_JSON)
+    in_gist = exists().where(*held)
+    return or_(and_(c.c.value.is_(True), in_gist), and_(c.c.value.is_(False), ~in_gist))
 
 
 def _record(

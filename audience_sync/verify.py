@@ -27,6 +27,7 @@ from audience_sync.models import audiences, memberships, trait_values, uncertain
 from audience_sync.models import member_changes as changes
 from audience_sync.models import sync_runs as runs
 from audience_sync.pacer import Pacer
+from audience_sync.plan import drop_readings
 from audience_sync.workers import Presence
 
 MISSING = "missing"  # Drift.actual when Gist has no contact with that user_id
@@ -218,6 +219,9 @@ def save_repairs(
             {"audience_key": key, "user_id": u, "email": e, "run_id": run_id or 0} for u, e in users
         ]
         connection.execute(upsert(engine, uncertain_members).on_conflict_do_nothing(), rows)
+        # A reconcile reading continued later would make its pages, read before this
+        # repair, the ledger: the drift found here would be settled as never there.
+        drop_readings(connection, [key])
     return len(users)
 
 

@@ -80,6 +80,7 @@ from audience_sync.models import (
     trait_values,
     uncertain_members,
 )
+from audience_sync.models import contacts as contacts_table
 from audience_sync.reconcile import reconcile
 from audience_sync.runs import utcnow
 from audience_sync.statuses import Mode
@@ -837,6 +838,7 @@ def machine_for(store: str) -> type[RuleBasedStateMachine]:
             per_page=st.integers(1, 4),
             stopped_after=st.sampled_from([None, None, 1, 2]),
             killed=st.sets(st.sampled_from(USERS), max_size=3),
+            others=st.booleans(),
         )
         def tamper_with_gist_then_reconcile(
             self,
@@ -845,13 +847,15 @@ def machine_for(store: str) -> type[RuleBasedStateMachine]:
             per_page: int,
             stopped_after: int | None,
             killed: set[str],
+            others: bool = False,
         ) -> None:
             """Gist is changed behind the tool's back in any way (values flipped or dropped,
             emails changed or lost, contacts deleted, leads added), then ``reconcile`` reads
             it back as the ledger for the keys it was changed on: the next clean run must
             leave Gist equal to the sources again. With ``stopped_after``, a first reconcile stops
-            when Gist goes down after that many pages, a run of its keys sends what the
-            ledger says is owed, and the reconcile is run again (it would continue the
+            when Gist goes down after that many pages, a run of its keys (with ``others``,
+            of the other keys, whose requests may carry a contact's new email) sends what
+            the ledger says is owed, and the reconcile is run again (it would continue the
             reading it left, were its pages not stale). With ``killed``, those users moved in
             the keys' sources (in or out, a new value) and a run of the keys was killed while
             sending them (one key's, at its first answer), before, as a switch-over may
@@ -907,7 +911,8 @@ def machine_for(store: str) -> type[RuleBasedStateMachine]:
                     )  # fmt: skip
                 finally:
                     self.gist.reset_faults()
-                self.sync(tuple(keys))
+                rest = tuple(k for k in self.configured() if k not in keys)
+                self.sync(rest if others and rest else tuple(keys))
             report = reconcile(
                 load_settings(config, {}), self.engine, keys, per_page=per_page, worker=self.worker
             )
@@ -928,6 +933,11 @@ def machine_for(store: str) -> type[RuleBasedStateMachine]:
                             u for u, c in held.items() if c["custom_properties"].get(key) is True
                         }
                         assert ledger == members, (key, ledger, members)
+                known = select(contacts_table.c.user_id, contacts_table.c.email)
+                emails = {user: email for user, email in connection.execute(known)}
+            for user, contact in held.items():  # and each contact's email, what Gist holds
+                if user in emails:
+                    assert emails[user] == (contact["email"] or ""), (user, emails[user], contact)
             # No baseline for events: a value read back that the tool had sent owes the
             # event a run would have sent (an entry Gist applied without answering, an event
             # refused), and one changed behind its back is re-sent by the next run, event
@@ -1330,15 +1340,33 @@ def _broken_row_across_a_reset(machine: Any) -> None:
     machine.clean_run()
 
 
+def _reading_continued_after_a_run_of_another_key(machine: Any) -> None:
+    """u0 is in a1 and a2; its email changes; a reconcile of a1 stops after its first page
+    (u0, the old email); a run of a2 sends u0's new email; the reconcile is run again: the
+    stale page must not be continued into the ledger (``plan.start_plan`` drops every
+    unfinished reading), or the state says the old email while Gist holds the new one."""
+    machine.enter(data=Draws("a1"), user="u0")
+    machine.enter(data=Draws("a2"), user="u0")
+    machine.clean_run()  # u0 is Gist's first contact, its first page
+    machine.enter(data=Draws("a1"), user="u1")
+    machine.clean_run()
+    machine.change_email(user="u0")
+    machine.tamper_with_gist_then_reconcile(
+        data=Draws({"a1"}), edits=[], per_page=1, stopped_after=1, killed=set(), others=True
+    )
+    machine.clean_run()
+
+
 @pytest.mark.parametrize(
     "sequence",
     [_reconcile_after_a_run_killed_mid_send, _send_track_off_and_on,
      _backfill_stopped_then_gist_reset, _refused_after_a_lost_answer,
      _event_owed_across_an_email_change, _kept_value_across_a_reset,
-     _broken_row_across_a_reset],
+     _broken_row_across_a_reset, _reading_continued_after_a_run_of_another_key],
     ids=["reconcile-after-a-killed-run", "send-track-off-and-on", "backfill-across-a-reset",
          "refused-after-a-lost-answer", "event-owed-across-an-email-change",
-         "kept-value-across-a-reset", "broken-row-across-a-reset"],
+         "kept-value-across-a-reset", "broken-row-across-a-reset",
+         "reading-continued-after-another-keys-run"],
 )  # fmt: skip
 @pytest.mark.parametrize(
     "store", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]
