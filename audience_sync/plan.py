@@ -47,6 +47,7 @@ from audience_sync.ledger import owed_event
 from audience_sync.models import (
     contacts,
     email_conflicts,
+    email_drift,
     gist_holdings,
     memberships,
     reconciles,
@@ -77,6 +78,9 @@ class PlanTarget:
     # Called first in the transaction that supersedes other runs' plans: raises unless this
     # run still holds the key's lease (``lease.Holder.confirm``).
     fence: Callable[[Connection], None] | None = None
+    # Keys configured before this one whose sources this invocation did not stage: a user
+    # one of them holds gets its email from that source, not from a resend of this key's.
+    earlier: tuple[str, ...] = ()
 
     @property
     def status(self) -> ChangeStatus:
@@ -230,7 +234,9 @@ def save_plan(connection: Connection, target: PlanTarget) -> Diff:
         # plan is counted from the statements' row counts, not read again (0.7 s per 1M).
         by_value = {True: 0, False: 0}
         mixed = False
-        for query, value in [*diff, (_unsure_members(target), True), (unsure_exits, False)]:
+        drifted = [(_drifted(target), True)] if acked else []
+        owed = [*diff, *drifted, (_unsure_members(target), True), (unsure_exits, False)]
+        for query, value in owed:
             planned = _insert(connection, query)
             if value is None:
                 mixed = True
@@ -340,6 +346,40 @@ def _merged_diff(connection: Connection, target: PlanTarget) -> list[tuple[Any, 
         .where(~glitch)
     )
     return [(entered, True), (exited, False)]
+
+
+def _drifted(target: PlanTarget) -> Any:
+    """``true`` again, owing no event, for members the diff left alone whose contact's email
+    in Gist (``contacts``: another key's request moved it since, as ``email_drift`` says) is
+    not the one this run's sources give: Gist's contact email follows the source. Unless a
+    key configured earlier and not staged by this run holds the user: its source decides the
+    email, and a resend with ours would move the contact away from it (only to be moved
+    back by that key's next run, for ever)."""
+    key, s = target.key, target.snapshot
+    d = email_drift
+    planned = exists().where(*_planned(target), changes.c.user_id == d.c.user_id)
+    deferred = []
+    if target.earlier:
+        deferred = [
+            ~exists().where(
+                memberships.c.audience_key.in_(target.earlier),
+                memberships.c.user_id == d.c.user_id,
+            ),
+            ~exists().where(
+                trait_values.c.trait_key.in_(target.earlier),
+                trait_values.c.user_id == d.c.user_id,
+                trait_values.c.value != NULL_JSON,
+            ),
+        ]
+    return (
+        select(*_row(target, d.c.user_id, s.c.email, true(), event=false()))
+        .select_from(
+            d.join(s, staged_user(s) == d.c.user_id).join(
+                contacts, contacts.c.user_id == d.c.user_id
+            )
+        )
+        .where(d.c.audience_key == key, contacts.c.email != s.c.email, ~planned, *deferred)
+    )
 
 
 def _unsure_members(target: PlanTarget) -> Any:

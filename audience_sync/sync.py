@@ -328,6 +328,9 @@ def _prepare(
                 for _, r in opened
                 if r.status == "running" and r.run_id in snapshots
             ]
+            staged_keys = {
+                t.key for t, r in opened if r.status == "running" and r.run_id in snapshots
+            }
             # From here on every transaction reads the state and then writes it.
             connection.execution_options(**{db.WRITE_LOCK: True})
             conflicts = unify_emails(connection, staged)
@@ -339,7 +342,8 @@ def _prepare(
                 result = replace(result, email_conflicts=conflicts.get(result.run_id or 0, 0))
 
                 def plan(c: SyncContext, t: _Target, r: RunResult) -> RunResult:
-                    return _plan(c, connection, snapshots.get(r.run_id or 0), t, r, holder)
+                    unified = _earlier_unstaged(c.settings, t.key, staged_keys)
+                    return _plan(c, connection, snapshots.get(r.run_id or 0), t, r, holder, unified)
 
                 result = _guarded(ctx, target, result, plan)
                 opened[index] = (target, result)
@@ -514,6 +518,14 @@ def _stage(
     return result
 
 
+def _earlier_unstaged(settings: Settings, key: str, staged: set[str]) -> tuple[str, ...]:
+    """The keys configured before ``key`` (audiences before traits, each in config order)
+    whose sources this invocation did not stage."""
+    order = [c.property_key for c in settings.computations]
+    before = order[: order.index(key)] if key in order else []
+    return tuple(k for k in before if k not in staged)
+
+
 def _plan(
     ctx: SyncContext,
     connection: Connection,
@@ -521,14 +533,19 @@ def _plan(
     target: _Target,
     result: RunResult,
     holder: lease.Holder,
+    earlier: tuple[str, ...] = (),
 ) -> RunResult:
-    """Diff the staged snapshot and write the plan; ``running`` when there is one to send."""
+    """Diff the staged snapshot and write the plan; ``running`` when there is one to send.
+    ``earlier``: the keys configured before this one whose sources were not staged."""
     assert result.run_id is not None
     engine, key, audience = ctx.engine, target.key, target.audience
     track = audience is not None and audience.send_track
     staged = snapshot.table if snapshot is not None else None
     fence = partial(holder.confirm, keys=[key])
-    plan = PlanTarget(result.run_id, key, staged, dry_run=ctx.dry_run, track=track, fence=fence)
+    plan = PlanTarget(
+        result.run_id, key, staged, dry_run=ctx.dry_run, track=track, fence=fence,
+        earlier=earlier,
+    )  # fmt: skip
     done: RunStatus = "succeeded" if ctx.dry_run else "running"
     if audience is None:  # retire: clear what the key's recorded kind means
         kind = load_key_kind(engine, key) or held_kind(connection, key)

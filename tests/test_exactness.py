@@ -1532,3 +1532,35 @@ def test_an_event_refused_for_its_email_goes_out_once_the_source_fixes_the_email
         ("u0", "Audience Entered", "good@example.com"),
         ("u0", "Audience Exited", "good@example.com"),
     ]
+
+
+def test_an_exit_sent_by_a_run_of_one_key_leaves_no_email_the_first_source_does_not_give(
+    workspace: Workspace, engine: Engine, gist: FakeGist
+) -> None:
+    """u1 is in a (configured first, email A) and b (email B); the daemon runs each key in
+    its own invocation: a's run sends A, b's sends B (its source alone). u1 leaves b: b's run
+    sends the exit with the contact's last acknowledged email, B. Only a has u1 now, saying
+    A, yet no run sent A again — a's diff compared its source with its own record of u1
+    (A), never with the contact's. A member whose contact's email another key moved is now
+    sent again when it is not the one this run's sources give."""
+    a, b = add_audience(workspace, "a"), add_audience(workspace, "b")
+    u1 = {"user_id": "u1", "email": "A@example.com"}
+    others = [{"user_id": u, "email": f"{u}@example.com"} for u in ("u2", "u3")]
+    write_rows(a, [u1])
+    write_rows(b, [{**u1, "email": "B@example.com"}, *others])
+    run_once(workspace.settings(), engine, ["a"])
+    run_once(workspace.settings(), engine, ["b"])
+    write_rows(b, others)
+    run_once(workspace.settings(), engine, ["b"])
+    assert gist.contacts()["u1"]["custom_properties"] == {"a": True, "b": False}
+    assert gist.contacts()["u1"]["email"] == "B@example.com"
+
+    [run, _] = sync(workspace, engine)
+
+    assert (run.audience_key, run.resent, run.entered) == ("a", 1, 0)
+    assert gist.contacts()["u1"]["email"] == "A@example.com"
+    gist.clear_log()
+    sync(workspace, engine, full_diff=True)
+    run_once(workspace.settings(), engine, ["a"], full_diff=True)
+    run_once(workspace.settings(), engine, ["b"], full_diff=True)
+    assert gist.requests() == []

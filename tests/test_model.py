@@ -1357,16 +1357,32 @@ def _reading_continued_after_a_run_of_another_key(machine: Any) -> None:
     machine.clean_run()
 
 
+def _exit_by_a_run_of_some_keys(machine: Any) -> None:
+    """u0 is in a1 and a2; a2's source gives u0 an email of its own, and a run of a2 alone
+    sends it; u0 leaves a2, and a run of a2 alone sends the exit: the next run of every key
+    must bring u0's contact back to a1's email, the first configured source's, though a1's
+    own record of it never changed (``plan._drifted``)."""
+    machine.enter(data=Draws("a1"), user="u0")
+    machine.enter(data=Draws("a2"), user="u0")
+    machine.clean_run()
+    machine.change_email_in_one_source(data=Draws("a2"), user="u0", own=True)
+    machine.run_some_keys_cleanly(data=Draws({"a2"}))
+    machine.leave(data=Draws("a2"), user="u0")
+    machine.run_some_keys_cleanly(data=Draws({"a2"}))
+    machine.clean_run()
+
+
 @pytest.mark.parametrize(
     "sequence",
     [_reconcile_after_a_run_killed_mid_send, _send_track_off_and_on,
      _backfill_stopped_then_gist_reset, _refused_after_a_lost_answer,
      _event_owed_across_an_email_change, _kept_value_across_a_reset,
-     _broken_row_across_a_reset, _reading_continued_after_a_run_of_another_key],
+     _broken_row_across_a_reset, _reading_continued_after_a_run_of_another_key,
+     _exit_by_a_run_of_some_keys],
     ids=["reconcile-after-a-killed-run", "send-track-off-and-on", "backfill-across-a-reset",
          "refused-after-a-lost-answer", "event-owed-across-an-email-change",
          "kept-value-across-a-reset", "broken-row-across-a-reset",
-         "reading-continued-after-another-keys-run"],
+         "reading-continued-after-another-keys-run", "exit-by-a-run-of-some-keys"],
 )  # fmt: skip
 @pytest.mark.parametrize(
     "store", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]
