@@ -435,7 +435,8 @@ def test_an_exit_elsewhere_carries_the_email_of_the_unread_file(
     # u2 leaves the first audience; the second, unchanged, still has u2: the exit carries
     # its email. (Gist holds the first's email for u2 since the first ran alone, so the
     # second's stored email drifted from Gist's: it is read, not spared, and the full diff
-    # that puts Gist right takes the fast path's place until then.)
+    # that puts Gist right — sending u2 again in the same request, its contact's email
+    # not the second's — takes the fast path's place until then.)
     first = workspace.add_file_audience("VIP Customers")
     second = workspace.add_file_audience("Newsletter Signups")
     write_members(first, [1])
@@ -448,9 +449,10 @@ def test_an_exit_elsewhere_carries_the_email_of_the_unread_file(
 
     vip, news = run_once(workspace.settings(), engine)
 
-    assert (vip.exited, news.fast_path, news.resent) == (1, False, 0)
+    assert (vip.exited, news.fast_path, news.resent) == (1, False, 1)
     [request] = gist.requests("/contacts")
     assert request.body["email"] == "second@example.com"
+    assert request.body["custom_properties"] == {"vip_customers": False, "newsletter_signups": True}
     assert [r.fast_path for r in run_once(workspace.settings(), engine)] == [True, True]
 
 
