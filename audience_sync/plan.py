@@ -123,7 +123,7 @@ def start_plan(connection: Connection, target: PlanTarget, kind: str | None) -> 
     """Before a real run plans a key: older pending rows of it are superseded, since every
     plan re-plans everything still owed; events still owed by changes of another kind than
     the key's ``kind`` now (None: retiring it), or by any change while ``send_track`` is
-    off, are dropped; and every unfinished reconcile reading is dropped.
+    off, are dropped; and an unfinished reconcile reading of the key is dropped.
 
     Those events announce values of what the key was: a retire clears them from Gist (an
     ``Audience Entered`` sent after it would start a workflow for an audience gone), and a
@@ -135,9 +135,10 @@ def start_plan(connection: Connection, target: PlanTarget, kind: str | None) -> 
     it must not supersede the plan of the run that took it over.
 
     A reconcile reading's pages say what Gist held when they were read: continued after
-    this run, they would overwrite in the ledger what this run gets Gist to acknowledge —
-    for the run's key, and, since a contact's email is one for every key, the emails of
-    any reading (see ``drop_readings``)."""
+    this run, they would overwrite in the ledger what this run gets Gist to acknowledge
+    (see ``drop_readings``). A reading of other keys is left to go on (it may be live, its
+    process reading the next page): the emails this run gets Gist to acknowledge are newer
+    than its pages, and it keeps them (``reconcile._record``)."""
     if target.dry_run:
         return
     key = changes.c.audience_key == target.key
@@ -166,26 +167,22 @@ def start_plan(connection: Connection, target: PlanTarget, kind: str | None) -> 
                 .where(key, owed_event())
                 .values(event_status=None, event_error="not sent: send_track was turned off")
             )
-        drop_readings(connection)
+        drop_readings(connection, [target.key])
 
 
-def drop_readings(connection: Connection, keys: Sequence[str] | None = None) -> None:
-    """Drop the unfinished reconcile readings of any of ``keys`` (of every key: None) —
-    ``reconciles`` and the pages in ``gist_holdings``. A reading continued later makes its
-    pages the ledger of its keys (and their emails the contacts'); once anything else may
-    have moved what Gist holds for one of them or what the state says of it (a run of any
-    key, which may send a contact's new email; another reading; ``verify --repair``),
-    those pages are stale, and the next reconcile reads Gist again from its first page."""
+def drop_readings(connection: Connection, keys: Sequence[str]) -> None:
+    """Drop the unfinished reconcile readings of any of ``keys`` (``reconciles`` and the
+    pages in ``gist_holdings``). A reading continued later makes its pages the ledger of
+    its keys; once anything else may have moved what Gist holds for one of them or what the
+    state says of it (a run that plans it, another reading, ``verify --repair``), those
+    pages are stale, and the next reconcile reads Gist again from its first page. Only a
+    stopped reading can be dropped so: a live one holds its keys' leases, as all three do."""
     unfinished = connection.execute(
         select(reconciles.c.id, reconciles.c.audience_keys).where(
             reconciles.c.finished_at.is_(None)
         )
     ).all()
-    stale = [
-        reading
-        for reading, theirs in unfinished
-        if keys is None or set(theirs.split(",")) & set(keys)
-    ]
+    stale = [reading for reading, theirs in unfinished if set(theirs.split(",")) & set(keys)]
     if stale:
         connection.execute(delete(gist_holdings).where(gist_holdings.c.reconcile_id.in_(stale)))
         connection.execute(delete(reconciles).where(reconciles.c.id.in_(stale)))

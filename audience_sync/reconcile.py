@@ -524,7 +524,8 @@ def _settle_applied(connection: Connection, reading: int, audience: Computation,
         .where(
             c.c.audience_key == key,
             c.c.run_id >= uncertain_members.c.run_id,
-            c.c.status.in_(["failed", "pending"]),
+            # superseded: a pending change of a run killed after sending it, re-planned since
+            c.c.status.in_(["failed", "pending", "superseded"]),
             applied_here,
         )
         .group_by(c.c.user_id)
@@ -582,11 +583,19 @@ def _record(
 ) -> None:
     """Make the reading ``key``'s acknowledged ledger: what Gist holds replaces what the
     state said, uncertainty is gone (Gist's value is known), and plans made against the old
-    ledger are superseded (the next run plans afresh)."""
+    ledger are superseded (the next run plans afresh).
+
+    A contact's email acknowledged since the reading started (a run of another key sent
+    it, between its pages or while it was stopped) is newer than the page that read it:
+    it is kept in ``contacts``, and is the email of the key's ledger rows."""
     h = gist_holdings
     mine = and_(h.c.reconcile_id == reading, h.c.key == key)
     run_id = result.run_id
     held_now = select(h.c.user_id).where(mine)
+    started = select(reconciles.c.started_at).where(reconciles.c.id == reading).scalar_subquery()
+    since = contacts.c.updated_at > started
+    newer = select(contacts.c.email).where(contacts.c.user_id == h.c.user_id, since)
+    email = func.coalesce(newer.scalar_subquery(), h.c.email, "")
     if trait:
         connection.execute(delete(memberships).where(memberships.c.audience_key == key))
         connection.execute(
@@ -598,8 +607,8 @@ def _record(
         connection.execute(
             statement.from_select(
                 ["trait_key", "user_id", "email", "value", "since", "last_run_id"],
-                select(h.c.key, h.c.user_id, func.coalesce(h.c.email, ""), h.c.value,
-                       literal(now), literal(run_id)).where(mine),
+                select(h.c.key, h.c.user_id, email, h.c.value, literal(now),
+                       literal(run_id)).where(mine),
             ).on_conflict_do_update(
                 index_elements=[trait_values.c.trait_key, trait_values.c.user_id],
                 set_={c: statement.excluded[c] for c in ("email", "value", "last_run_id")},
@@ -616,8 +625,7 @@ def _record(
         connection.execute(
             statement.from_select(
                 ["audience_key", "user_id", "email", "since", "last_run_id"],
-                select(h.c.key, h.c.user_id, func.coalesce(h.c.email, ""), literal(now),
-                       literal(run_id)).where(mine),
+                select(h.c.key, h.c.user_id, email, literal(now), literal(run_id)).where(mine),
             ).on_conflict_do_update(
                 index_elements=[memberships.c.audience_key, memberships.c.user_id],
                 set_={c: statement.excluded[c] for c in ("email", "last_run_id")},
@@ -641,6 +649,7 @@ def _record(
         ).on_conflict_do_update(
             index_elements=[contacts.c.user_id],
             set_={c: statement.excluded[c] for c in ("email", "updated_at", "last_run_id")},
+            where=~since,
         )
     )
 

@@ -1342,9 +1342,9 @@ def _broken_row_across_a_reset(machine: Any) -> None:
 
 def _reading_continued_after_a_run_of_another_key(machine: Any) -> None:
     """u0 is in a1 and a2; its email changes; a reconcile of a1 stops after its first page
-    (u0, the old email); a run of a2 sends u0's new email; the reconcile is run again: the
-    stale page must not be continued into the ledger (``plan.start_plan`` drops every
-    unfinished reading), or the state says the old email while Gist holds the new one."""
+    (u0, the old email); a run of a2 sends u0's new email; the reconcile is continued: the
+    email acknowledged since it started must be kept (``reconcile._record``), or the state
+    says the old email while Gist holds the new one."""
     machine.enter(data=Draws("a1"), user="u0")
     machine.enter(data=Draws("a2"), user="u0")
     machine.clean_run()  # u0 is Gist's first contact, its first page

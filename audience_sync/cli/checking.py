@@ -40,8 +40,8 @@ def register(commands: Commands) -> None:
         "member, false or absent is not; a trait's property is its value. Sends no contact "
         "write and no event: the next run sends only where the source differs from Gist. For "
         "switching over from Segment's Gist destination, or after a lost state. Resumable: "
-        "a reconcile killed half-way continues where it stopped, unless a run of any key or "
-        "a `verify --repair` of its keys came between (it then reads Gist again from the "
+        "a reconcile killed half-way continues where it stopped, unless a run or a "
+        "`verify --repair` of its keys came between (it then reads Gist again from the "
         "first page).",
         handler=cmd_reconcile, json="print each audience's result as a JSON array",
     )  # fmt: skip
