@@ -355,19 +355,7 @@ def _drifted(target: PlanTarget) -> Any:
     key, s = target.key, target.snapshot
     d = email_drift
     planned = exists().where(*_planned(target), changes.c.user_id == d.c.user_id)
-    deferred = []
-    if target.earlier:
-        deferred = [
-            ~exists().where(
-                memberships.c.audience_key.in_(target.earlier),
-                memberships.c.user_id == d.c.user_id,
-            ),
-            ~exists().where(
-                trait_values.c.trait_key.in_(target.earlier),
-                trait_values.c.user_id == d.c.user_id,
-                trait_values.c.value != NULL_JSON,
-            ),
-        ]
+    deferred = _held_earlier(target, d.c.user_id)
     return (
         select(*_row(target, d.c.user_id, s.c.email, true(), event=false()))
         .select_from(
@@ -377,6 +365,22 @@ def _drifted(target: PlanTarget) -> Any:
         )
         .where(d.c.audience_key == key, contacts.c.email != s.c.email, ~planned, *deferred)
     )
+
+
+def _held_earlier(target: PlanTarget, user_id: Any) -> list[ColumnElement[bool]]:
+    """Conditions: no key of ``target.earlier`` holds the user (a member, a non-null value)."""
+    if not target.earlier:
+        return []
+    return [
+        ~exists().where(
+            memberships.c.audience_key.in_(target.earlier), memberships.c.user_id == user_id
+        ),
+        ~exists().where(
+            trait_values.c.trait_key.in_(target.earlier),
+            trait_values.c.user_id == user_id,
+            trait_values.c.value != NULL_JSON,
+        ),
+    ]
 
 
 def _unsure_members(target: PlanTarget) -> Any:
@@ -419,9 +423,24 @@ def save_trait_plan(connection: Connection, target: PlanTarget, on_missing: str)
         *_row(target, s.c.user_id, s.c.email, _NO_VALUE, s.c.value, event=~same)
     ).select_from(joined)
     owed = owed.where(or_(~same, u.c.user_id.is_not(None), tv.c.email != s.c.email))
+    # A value unchanged, its email too, whose contact's email another key's request moved:
+    # sent again so that Gist's contact email follows the source (as ``_drifted``).
+    drifted = (
+        select(*_row(target, s.c.user_id, s.c.email, _NO_VALUE, s.c.value, event=false()))
+        .select_from(joined.join(contacts, contacts.c.user_id == s.c.user_id))
+        .where(
+            same,
+            u.c.user_id.is_(None),
+            tv.c.email == s.c.email,
+            s.c.value != NULL_JSON,
+            contacts.c.email != s.c.email,
+            *_held_earlier(target, s.c.user_id),
+        )
+    )
     with connection.begin():
         _joins_in_memory(connection)
         planned = _insert(connection, owed)
+        planned += _insert(connection, drifted)
         exits = resent = 0
         if on_missing == "null":
             exits += _insert(connection, _trait_missing(target))

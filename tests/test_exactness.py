@@ -1571,3 +1571,32 @@ def test_an_exit_sent_by_a_run_of_one_key_leaves_no_email_the_first_source_does_
     run_once(workspace.settings(), engine, ["a"], full_diff=True)
     run_once(workspace.settings(), engine, ["b"], full_diff=True)
     assert gist.requests() == []
+
+
+def test_an_exit_sent_by_a_run_of_one_trait_leaves_no_email_the_first_source_does_not_give(
+    workspace: Workspace, engine: Engine, gist: FakeGist
+) -> None:
+    """The traits' version (a review found the first fix covered audiences only): t1
+    (configured first) gives u1 A, t2 gives B; each runs alone, then u1 leaves t2 (its
+    `null` goes out with the contact's email, B). Only t1 has u1 now, saying A: its next
+    run sends A again, its value unchanged; after it, nothing more."""
+    t1, t2 = add_trait(workspace, "t1"), add_trait(workspace, "t2")
+    write_rows(t1, [{"user_id": "u1", "email": "A@example.com", "value": 1}])
+    others = [{"user_id": u, "email": f"{u}@example.com", "value": 1} for u in ("u2", "u3")]
+    write_rows(t2, [{"user_id": "u1", "email": "B@example.com", "value": 1}, *others])
+    run_once(workspace.settings(), engine, ["t1"])
+    run_once(workspace.settings(), engine, ["t2"])
+    write_rows(t2, others)
+    run_once(workspace.settings(), engine, ["t2"])
+    assert gist.contacts()["u1"]["custom_properties"] == {"t1": 1, "t2": None}
+    assert gist.contacts()["u1"]["email"] == "B@example.com"
+
+    [run, _] = sync(workspace, engine)
+
+    assert (run.audience_key, run.resent, run.entered) == ("t1", 1, 0)
+    assert gist.contacts()["u1"]["email"] == "A@example.com"
+    gist.clear_log()
+    sync(workspace, engine, full_diff=True)
+    run_once(workspace.settings(), engine, ["t1"])
+    run_once(workspace.settings(), engine, ["t2"])
+    assert gist.requests() == []
