@@ -24,13 +24,12 @@ def _two_audiences(workspace: Workspace) -> tuple[Path, Path]:
     return vip, other
 
 
-def test_a_resumed_reading_does_not_record_an_email_a_run_of_another_key_changed_since(
+def _resumed_after_another_key_ran(
     workspace: Workspace, engine: Engine, gist: FakeGist
-) -> None:
+) -> tuple[Path, Path]:
     """A reconcile of VIP stops after its first page (u1, email old). A run of OTHER, a key
     the reading does not cover (so it does not drop it), moves u1's email in Gist to the
-    source's new one. The reconcile is continued: page 1's stale email becomes the ledger's
-    and the contact's. Gist holds the new email; the state says the old one."""
+    sources' new one. The reconcile is continued to its end. Returns the two sources."""
     vip, other = _two_audiences(workspace)
     old, new = ("u1", "u1@example.com"), ("u1", "u1.new@example.com")
     gist.add_contact("u1", "u1@example.com")  # page 1 is u1's, page 2 u2's
@@ -45,43 +44,35 @@ def test_a_resumed_reading_does_not_record_an_email_a_run_of_another_key_changed
     assert first.pages == 1
     gist.reset_faults()
 
-    # u1's email changes in the sources; only OTHER runs before the reconcile continues
     write_members(vip, [new, 2])
     write_members(other, [new, 2])
     [o] = run_once(workspace.settings(), engine, [OTHER])
     assert o.status == "succeeded"
     assert gist.contacts()["u1"]["email"] == "u1.new@example.com"
+    assert reconcile(workspace.settings(), engine, [VIP], per_page=1).error is None
+    return vip, other
 
-    again = reconcile(workspace.settings(), engine, [VIP], per_page=1)
-    assert again.error is None
+
+def test_a_resumed_reading_does_not_record_an_email_a_run_of_another_key_changed_since(
+    workspace: Workspace, engine: Engine, gist: FakeGist
+) -> None:
+    """Page 1's stale email became the ledger's and the contact's: Gist held the new email,
+    the state said the old one. The email acknowledged since the reading started is kept."""
+    _resumed_after_another_key_ran(workspace, engine, gist)
 
     with engine.connect() as connection:
         contact_email = connection.scalar(
             select(contacts.c.email).where(contacts.c.user_id == "u1")
         )
-    # What Gist holds for u1's email, as the state now records it
-    assert contact_email == gist.contacts()["u1"]["email"]
+    assert contact_email == gist.contacts()["u1"]["email"] == "u1.new@example.com"
 
 
 def test_after_a_resumed_reading_the_next_run_resends_nothing_gist_holds(
     workspace: Workspace, engine: Engine, gist: FakeGist
 ) -> None:
-    """Same sequence: the next run of both keys, sources unchanged, re-sends u1 (vip true,
-    the new email) though Gist holds exactly that already."""
-    vip, other = _two_audiences(workspace)
-    old, new = ("u1", "u1@example.com"), ("u1", "u1.new@example.com")
-    gist.add_contact("u1", "u1@example.com")  # page 1 is u1's, page 2 u2's
-    gist.add_contact("u2", "u2@example.com")
-    write_members(vip, [old, 2])
-    write_members(other, [old, 2])
-    run_once(workspace.settings(), engine)
-    gist.fail_after(1, 503)
-    reconcile(workspace.settings(), engine, [VIP], per_page=1)
-    gist.reset_faults()
-    write_members(vip, [new, 2])
-    write_members(other, [new, 2])
-    run_once(workspace.settings(), engine, [OTHER])
-    assert reconcile(workspace.settings(), engine, [VIP], per_page=1).error is None
+    """The next run of both keys, sources unchanged, re-sent u1 (vip true, the new email)
+    though Gist held exactly that already."""
+    _resumed_after_another_key_ran(workspace, engine, gist)
     gist.clear_log()
 
     run_once(workspace.settings(), engine)
@@ -92,23 +83,10 @@ def test_after_a_resumed_reading_the_next_run_resends_nothing_gist_holds(
 def test_after_a_resumed_reading_an_exit_carries_a_stale_email_into_gist(
     workspace: Workspace, engine: Engine, gist: FakeGist
 ) -> None:
-    """Same sequence, then u1 leaves both sources: its exits carry the last acknowledged
-    email as ``contacts`` has it, which the resumed reading set back to the old one: Gist's
-    contact email, the source's last (new), is overwritten with the old one."""
-    vip, other = _two_audiences(workspace)
-    old, new = ("u1", "u1@example.com"), ("u1", "u1.new@example.com")
-    gist.add_contact("u1", "u1@example.com")  # page 1 is u1's, page 2 u2's
-    gist.add_contact("u2", "u2@example.com")
-    write_members(vip, [old, 2])
-    write_members(other, [old, 2])
-    run_once(workspace.settings(), engine)
-    gist.fail_after(1, 503)
-    reconcile(workspace.settings(), engine, [VIP], per_page=1)
-    gist.reset_faults()
-    write_members(vip, [new, 2])
-    write_members(other, [new, 2])
-    run_once(workspace.settings(), engine, [OTHER])
-    assert reconcile(workspace.settings(), engine, [VIP], per_page=1).error is None
+    """Then u1 leaves both sources: its exits carry the last acknowledged email as
+    ``contacts`` has it, which the resumed reading had set back to the old one: Gist's
+    contact email, the sources' last (new), was overwritten with the old one."""
+    vip, other = _resumed_after_another_key_ran(workspace, engine, gist)
     write_members(vip, [2])
     write_members(other, [2])
 
