@@ -291,9 +291,10 @@ def _save_drift(
     settled: Sequence[dict[str, str]],
     changed: dict[str, str],
 ) -> None:
-    """Keep ``email_drift`` true: a member acknowledged now carries the contact's email;
-    when a contact's email changed, its members under other keys drift from it (or agree
-    with it again). Those are looked up through the memberships' key, one key at a time."""
+    """Keep ``email_drift`` true: a member (or a trait's value) acknowledged now carries the
+    contact's email; when a contact's email changed, its members and values under other
+    keys drift from it (or agree with it again). Those are looked up through the
+    memberships' and the trait values' keys."""
     if settled:
         connection.execute(
             delete(email_drift).where(
@@ -305,14 +306,19 @@ def _save_drift(
     if not changed:
         return
     keys = list(connection.scalars(select(audiences.c.key)))
+    valued = trait_values.c.value != "null"  # a JSON null is no value: nothing to send again
     held = [
         row
         for part in _parts(list(changed))
-        for row in connection.execute(
+        for query in (
             select(memberships.c.audience_key, memberships.c.user_id, memberships.c.email).where(
                 memberships.c.audience_key.in_(keys), memberships.c.user_id.in_(part)
-            )
+            ),
+            select(trait_values.c.trait_key, trait_values.c.user_id, trait_values.c.email).where(
+                trait_values.c.trait_key.in_(keys), trait_values.c.user_id.in_(part), valued
+            ),
         )
+        for row in connection.execute(query)
     ]
     drifted = [{"audience_key": k, "user_id": u} for k, u, e in held if e != changed[u]]
     agreed = [{"k": k, "u": u} for k, u, e in held if e == changed[u]]

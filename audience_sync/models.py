@@ -180,10 +180,11 @@ trait_values = Table(
     Column("last_run_id", Integer, nullable=False),
 )
 
-# A member whose acknowledged email (``memberships.email``) is not the one Gist last acknowledged
-# for the user (``contacts.email``): another key's request changed the contact's email since. While
-# a key has such a member, a full diff of several sources may send that member again, so the key
-# never takes the no-change fast path.
+# A member (or a trait's non-null value) whose acknowledged email (``memberships.email``,
+# ``trait_values.email``) is not the one Gist last acknowledged for the user (``contacts.email``):
+# another key's request changed the contact's email since. While a key has such a member, a full
+# diff sends it again when the contact's email is not its source's, so the key never takes the
+# no-change fast path.
 email_drift = Table(
     "email_drift",
     metadata,

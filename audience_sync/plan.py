@@ -423,18 +423,25 @@ def save_trait_plan(connection: Connection, target: PlanTarget, on_missing: str)
         *_row(target, s.c.user_id, s.c.email, _NO_VALUE, s.c.value, event=~same)
     ).select_from(joined)
     owed = owed.where(or_(~same, u.c.user_id.is_not(None), tv.c.email != s.c.email))
-    # A value unchanged, its email too, whose contact's email another key's request moved:
-    # sent again so that Gist's contact email follows the source (as ``_drifted``).
+    # A value unchanged, its email too, whose contact's email another key's request moved
+    # (``email_drift``): sent again so that Gist's contact email follows the source (as
+    # ``_drifted``).
+    d = email_drift
     drifted = (
         select(*_row(target, s.c.user_id, s.c.email, _NO_VALUE, s.c.value, event=false()))
-        .select_from(joined.join(contacts, contacts.c.user_id == s.c.user_id))
+        .select_from(
+            d.join(s, staged_user(s) == d.c.user_id)
+            .join(tv, and_(tv.c.trait_key == key, tv.c.user_id == d.c.user_id))
+            .join(contacts, contacts.c.user_id == d.c.user_id)
+        )
         .where(
-            same,
-            u.c.user_id.is_(None),
+            d.c.audience_key == key,
+            tv.c.value == s.c.value,
             tv.c.email == s.c.email,
             s.c.value != NULL_JSON,
             contacts.c.email != s.c.email,
-            *_held_earlier(target, s.c.user_id),
+            ~_uncertain(key, d.c.user_id),
+            *_held_earlier(target, d.c.user_id),
         )
     )
     with connection.begin():

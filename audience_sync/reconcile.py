@@ -48,6 +48,7 @@ from sqlalchemy import (
     literal,
     or_,
     select,
+    union,
     update,
 )
 from sqlalchemy.engine import Connection
@@ -700,9 +701,16 @@ def _recompute_drift(connection: Connection) -> None:
     connection.execute(
         insert(email_drift).from_select(
             ["audience_key", "user_id"],
-            select(memberships.c.audience_key, memberships.c.user_id).where(
-                memberships.c.user_id == contacts.c.user_id,
-                memberships.c.email != contacts.c.email,
+            union(  # not union all: each pair once, should a key hold both kinds
+                select(memberships.c.audience_key, memberships.c.user_id).where(
+                    memberships.c.user_id == contacts.c.user_id,
+                    memberships.c.email != contacts.c.email,
+                ),
+                select(trait_values.c.trait_key, trait_values.c.user_id).where(
+                    trait_values.c.user_id == contacts.c.user_id,
+                    trait_values.c.email != contacts.c.email,
+                    trait_values.c.value != NULL_JSON,
+                ),
             ),
         )
     )

@@ -342,8 +342,8 @@ def _prepare(
                 result = replace(result, email_conflicts=conflicts.get(result.run_id or 0, 0))
 
                 def plan(c: SyncContext, t: _Target, r: RunResult) -> RunResult:
-                    unified = _earlier_unstaged(c.settings, t.key, staged_keys)
-                    return _plan(c, connection, snapshots.get(r.run_id or 0), t, r, holder, unified)
+                    earlier = _earlier_unstaged(c.settings, t.key, staged_keys)
+                    return _plan(c, connection, snapshots.get(r.run_id or 0), t, r, holder, earlier)
 
                 result = _guarded(ctx, target, result, plan)
                 opened[index] = (target, result)
