@@ -24,6 +24,7 @@ from sqlalchemy import (
 
 from audience_sync.ledger import owed_event
 from audience_sync.models import (
+    NULL_JSON,
     audiences,
     email_conflicts,
     member_changes,
@@ -33,7 +34,6 @@ from audience_sync.models import (
     trait_values,
     uncertain_members,
 )
-from audience_sync.plan import NULL_JSON
 from audience_sync.statuses import DRY_RUN_KINDS, RunKind, RunStatus
 
 SCAN_ROWS = 20_000  # changes one page of entered or exited ones looks through, at most

@@ -30,6 +30,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from audience_sync import lease
 from audience_sync.db import upsert
 from audience_sync.models import (
+    NULL_JSON,
     audiences,
     contacts,
     email_drift,
@@ -306,7 +307,7 @@ def _save_drift(
     if not changed:
         return
     keys = list(connection.scalars(select(audiences.c.key)))
-    valued = trait_values.c.value != "null"  # a JSON null is no value: nothing to send again
+    valued = trait_values.c.value != NULL_JSON  # no value: nothing to send again
     held = [
         row
         for part in _parts(list(changed))

@@ -167,6 +167,9 @@ email_conflicts = Table(
     Index("ix_email_conflicts_run_id_user_id", "run_id", "user_id"),
 )
 
+# A trait's value that is JSON null: no value (a user gone from an on_missing = "null" trait).
+NULL_JSON = "null"
+
 # A computed trait's value Gist acknowledged for a user (canonical JSON, so 1, 1.0 and "1" stay
 # different); written only after a 2xx, like ``memberships``.
 trait_values = Table(

@@ -20,6 +20,7 @@ from audience_sync.budget import database_seconds
 from audience_sync.history import _iso
 from audience_sync.ledger import owed_event
 from audience_sync.models import (
+    NULL_JSON,
     audiences,
     contacts,
     member_changes,
@@ -29,7 +30,6 @@ from audience_sync.models import (
     trait_values,
     uncertain_members,
 )
-from audience_sync.plan import NULL_JSON
 from audience_sync.statuses import CHANGED_NOTHING_KINDS, DRY_RUN_KINDS
 
 CHART_RUNS = 120  # runs an audience's chart draws, the newest

@@ -45,6 +45,7 @@ from sqlalchemy.engine import Connection
 
 from audience_sync.ledger import owed_event
 from audience_sync.models import (
+    NULL_JSON,
     contacts,
     email_conflicts,
     email_drift,
@@ -60,7 +61,6 @@ from audience_sync.stage import WORK_MEM, Snapshot, staged_user
 from audience_sync.statuses import ChangeStatus
 
 uncertain = uncertain_members
-NULL_JSON = "null"
 OPEN_STATUSES: tuple[ChangeStatus, ...] = ("pending", "planned")
 DIFF_TABLES = ("diff_moved", "diff_gone")  # SQLite: what the two merges found
 
@@ -231,7 +231,7 @@ def save_plan(connection: Connection, target: PlanTarget) -> Diff:
         # plan is counted from the statements' row counts, not read again (0.7 s per 1M).
         by_value = {True: 0, False: 0}
         mixed = False
-        drifted = [(_drifted(target), True)] if acked else []
+        drifted = [(_drifted(target, true()), True)] if acked else []
         owed = [*diff, *drifted, (_unsure_members(target), True), (unsure_exits, False)]
         for query, value in owed:
             planned = _insert(connection, query)
@@ -345,19 +345,20 @@ def _merged_diff(connection: Connection, target: PlanTarget) -> list[tuple[Any, 
     return [(entered, True), (exited, False)]
 
 
-def _drifted(target: PlanTarget) -> Any:
-    """``true`` again, owing no event, for members the diff left alone whose contact's email
-    in Gist (``contacts``: another key's request moved it since, as ``email_drift`` says) is
-    not the one this run's sources give: Gist's contact email follows the source. Unless a
-    key configured earlier and not staged by this run holds the user: its source decides the
-    email, and a resend with ours would move the contact away from it (only to be moved
-    back by that key's next run, for ever)."""
+def _drifted(target: PlanTarget, *value: Any) -> Any:
+    """``value`` again (an audience's ``true``; a trait's unchanged value: ``_NO_VALUE``,
+    ``s.value``), owing no event, for members (users with a value) the diff left alone whose
+    contact's email in Gist (``contacts``: another key's request moved it since, as
+    ``email_drift`` says) is not the one this run's sources give: Gist's contact email
+    follows the source. Unless a key configured earlier and not staged by this run holds
+    the user: its source decides the email, and a resend with ours would move the contact
+    away from it (only to be moved back by that key's next run, for ever)."""
     key, s = target.key, target.snapshot
     d = email_drift
     planned = exists().where(*_planned(target), changes.c.user_id == d.c.user_id)
     deferred = _held_earlier(target, d.c.user_id)
     return (
-        select(*_row(target, d.c.user_id, s.c.email, true(), event=false()))
+        select(*_row(target, d.c.user_id, s.c.email, *value, event=false()))
         .select_from(
             d.join(s, staged_user(s) == d.c.user_id).join(
                 contacts, contacts.c.user_id == d.c.user_id
@@ -423,31 +424,10 @@ def save_trait_plan(connection: Connection, target: PlanTarget, on_missing: str)
         *_row(target, s.c.user_id, s.c.email, _NO_VALUE, s.c.value, event=~same)
     ).select_from(joined)
     owed = owed.where(or_(~same, u.c.user_id.is_not(None), tv.c.email != s.c.email))
-    # A value unchanged, its email too, whose contact's email another key's request moved
-    # (``email_drift``): sent again so that Gist's contact email follows the source (as
-    # ``_drifted``).
-    d = email_drift
-    drifted = (
-        select(*_row(target, s.c.user_id, s.c.email, _NO_VALUE, s.c.value, event=false()))
-        .select_from(
-            d.join(s, staged_user(s) == d.c.user_id)
-            .join(tv, and_(tv.c.trait_key == key, tv.c.user_id == d.c.user_id))
-            .join(contacts, contacts.c.user_id == d.c.user_id)
-        )
-        .where(
-            d.c.audience_key == key,
-            tv.c.value == s.c.value,
-            tv.c.email == s.c.email,
-            s.c.value != NULL_JSON,
-            contacts.c.email != s.c.email,
-            ~_uncertain(key, d.c.user_id),
-            *_held_earlier(target, d.c.user_id),
-        )
-    )
     with connection.begin():
         _joins_in_memory(connection)
         planned = _insert(connection, owed)
-        planned += _insert(connection, drifted)
+        planned += _insert(connection, _drifted(target, _NO_VALUE, s.c.value))
         exits = resent = 0
         if on_missing == "null":
             exits += _insert(connection, _trait_missing(target))

@@ -67,6 +67,7 @@ from audience_sync.errors import (
 from audience_sync.gist import GistClient, make_http_client
 from audience_sync.ledger import owed_event
 from audience_sync.models import (
+    NULL_JSON,
     contacts,
     email_drift,
     gist_holdings,
@@ -78,7 +79,7 @@ from audience_sync.models import (
 )
 from audience_sync.models import member_changes as changes
 from audience_sync.pacer import Pacer
-from audience_sync.plan import NULL_JSON, drop_readings
+from audience_sync.plan import drop_readings
 from audience_sync.rows import canonical_user_id, encode_value
 from audience_sync.runs import Clock, RunResult, open_run, save_key_kind, save_run, utcnow
 from audience_sync.sources import source_for
